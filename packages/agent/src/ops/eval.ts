@@ -1,0 +1,102 @@
+import { createRequire } from "node:module";
+import { inspect } from "node:util";
+import vm from "node:vm";
+import type { EvalRequest, EvalResult } from "../protocol.js";
+import { AgentOpError } from "./errors.js";
+
+const DEFAULT_EVAL_TIMEOUT_MS = 30_000;
+
+/**
+ * One persistent JavaScript context per agent: variables defined by one call are
+ * there for the next, and because the agent is snapshotted with the VM, a child
+ * forked from a warm parent inherits whatever the warm-up loaded.
+ */
+export class JsEvaluator {
+  private readonly context: vm.Context;
+
+  constructor() {
+    const sandboxRequire = createRequire("/root/");
+    this.context = vm.createContext({
+      console,
+      require: sandboxRequire,
+      process,
+      Buffer,
+      setTimeout,
+      clearTimeout,
+      setInterval,
+      clearInterval,
+      setImmediate,
+      queueMicrotask,
+      structuredClone,
+      TextEncoder,
+      TextDecoder,
+      URL,
+      fetch: globalThis.fetch,
+      performance,
+    });
+  }
+
+  async evaluate(request: EvalRequest, signal: AbortSignal): Promise<EvalResult> {
+    if (typeof request.code !== "string") throw new AgentOpError("bad_request", "`code` must be a string");
+    if (request.language !== undefined && request.language !== "javascript") {
+      throw new AgentOpError("bad_request", `language '${String(request.language)}' is not available in this image; it has: javascript`);
+    }
+    const timeoutMs = request.timeoutMs ?? DEFAULT_EVAL_TIMEOUT_MS;
+    if (!Number.isInteger(timeoutMs) || timeoutMs <= 0) {
+      throw new AgentOpError("bad_request", "`timeoutMs` must be a positive integer");
+    }
+    const started = performance.now();
+    let value: unknown;
+    try {
+      const script = new vm.Script(request.code, { filename: "eval.js" });
+      // `timeout` interrupts synchronous loops; awaited promises are raced below.
+      value = script.runInContext(this.context, { timeout: timeoutMs, breakOnSigint: false });
+      if (isThenable(value)) value = await raceTimeout(value, timeoutMs, signal);
+    } catch (err) {
+      if (err instanceof AgentOpError) throw err;
+      const e = err as Error & { code?: string };
+      if (e?.code === "ERR_SCRIPT_EXECUTION_TIMEOUT") {
+        throw new AgentOpError("timeout", `eval ran longer than ${timeoutMs} ms and was interrupted`);
+      }
+      throw new AgentOpError("eval_error", `${e?.name ?? "Error"}: ${e?.message ?? String(err)}`, {
+        name: e?.name ?? "Error",
+        stack: typeof e?.stack === "string" ? e.stack : undefined,
+      });
+    }
+    return { ...toWire(value), durationMs: performance.now() - started };
+  }
+}
+
+function isThenable(value: unknown): value is PromiseLike<unknown> {
+  return typeof (value as { then?: unknown } | null)?.then === "function";
+}
+
+function raceTimeout(value: PromiseLike<unknown>, timeoutMs: number, signal: AbortSignal): Promise<unknown> {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new AgentOpError("timeout", `eval's promise did not settle within ${timeoutMs} ms`)), timeoutMs);
+    const onAbort = () => reject(new AgentOpError("cancelled", "eval was cancelled by the host"));
+    signal.addEventListener("abort", onAbort, { once: true });
+    Promise.resolve(value)
+      .then(resolve, reject)
+      .finally(() => {
+        clearTimeout(timer);
+        signal.removeEventListener("abort", onAbort);
+      });
+  });
+}
+
+/** JSON when the value survives a round trip, otherwise its inspected text. */
+export function toWire(value: unknown): { value: unknown; type: string } {
+  const type = value === null ? "null" : Array.isArray(value) ? "array" : typeof value;
+  if (value === undefined) return { value: null, type };
+  if (typeof value === "function" || typeof value === "symbol" || typeof value === "bigint") {
+    return { value: inspect(value), type };
+  }
+  try {
+    const json = JSON.stringify(value);
+    if (json === undefined) return { value: inspect(value), type };
+    return { value: JSON.parse(json), type };
+  } catch {
+    return { value: inspect(value, { depth: 4 }), type };
+  }
+}

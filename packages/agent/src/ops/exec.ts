@@ -1,0 +1,131 @@
+import { spawn } from "node:child_process";
+import { statSync } from "node:fs";
+import { type ExecRequest, type ExecResult, MAX_EXEC_TIMEOUT_MS } from "../protocol.js";
+import { AgentOpError } from "./errors.js";
+
+const DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+export type ChunkSink = (stream: "stdout" | "stderr", data: Buffer) => void;
+
+export function validateExec(request: ExecRequest): { file: string; args: string[] } {
+  const { argv, cmd } = request;
+  if ((argv === undefined) === (cmd === undefined)) {
+    throw new AgentOpError("bad_request", "exec takes exactly one of `argv` (array) or `cmd` (shell string)");
+  }
+  if (argv !== undefined) {
+    if (!Array.isArray(argv) || argv.length === 0 || !argv.every((a) => typeof a === "string")) {
+      throw new AgentOpError("bad_request", "`argv` must be a non-empty array of strings");
+    }
+    if (argv[0] === "") throw new AgentOpError("bad_request", "`argv[0]` must name a program");
+    return { file: argv[0]!, args: argv.slice(1) };
+  }
+  if (typeof cmd !== "string" || cmd.trim() === "") {
+    throw new AgentOpError("bad_request", "`cmd` must be a non-empty shell string");
+  }
+  return { file: "/bin/sh", args: ["-c", cmd] };
+}
+
+function validateTimeout(timeoutMs: unknown): number | undefined {
+  if (timeoutMs === undefined) return undefined;
+  if (typeof timeoutMs !== "number" || !Number.isInteger(timeoutMs) || timeoutMs <= 0 || timeoutMs > MAX_EXEC_TIMEOUT_MS) {
+    throw new AgentOpError("bad_request", `\`timeoutMs\` must be an integer from 1 to ${MAX_EXEC_TIMEOUT_MS}`);
+  }
+  return timeoutMs;
+}
+
+function validateEnv(env: unknown): Record<string, string> {
+  if (env === undefined) return {};
+  if (typeof env !== "object" || env === null || Array.isArray(env)) {
+    throw new AgentOpError("bad_request", "`env` must be an object of string values");
+  }
+  for (const [key, value] of Object.entries(env)) {
+    if (typeof value !== "string" || key === "" || key.includes("=") || key.includes("\0")) {
+      throw new AgentOpError("bad_request", `env entry '${key}' must have a name without '=' and a string value`);
+    }
+  }
+  return env as Record<string, string>;
+}
+
+/**
+ * Run a process in its own process group so a timeout or cancel kills everything it
+ * started. Output streams back as chunks while it runs.
+ */
+export function runExec(request: ExecRequest, signal: AbortSignal, onChunk: ChunkSink): Promise<ExecResult> {
+  const { file, args } = validateExec(request);
+  const timeoutMs = validateTimeout(request.timeoutMs);
+  const env = { PATH: DEFAULT_PATH, HOME: "/root", TERM: "dumb", LANG: "C.UTF-8", ...validateEnv(request.env) };
+  const started = performance.now();
+  return new Promise((resolve, reject) => {
+    let timedOut = false;
+    let settled = false;
+    const child = spawn(file, args, {
+      cwd: request.cwd ?? "/root",
+      env,
+      detached: true,
+      stdio: ["pipe", "pipe", "pipe"],
+    });
+    const killGroup = () => {
+      if (child.pid === undefined) return;
+      try {
+        process.kill(-child.pid, "SIGKILL");
+      } catch {
+        child.kill("SIGKILL");
+      }
+    };
+    const timer =
+      timeoutMs === undefined
+        ? undefined
+        : setTimeout(() => {
+            timedOut = true;
+            killGroup();
+          }, timeoutMs);
+    const onAbort = () => killGroup();
+    signal.addEventListener("abort", onAbort, { once: true });
+    const finish = (result: ExecResult | Error) => {
+      if (settled) return;
+      settled = true;
+      if (timer) clearTimeout(timer);
+      signal.removeEventListener("abort", onAbort);
+      if (result instanceof Error) reject(result);
+      else resolve(result);
+    };
+    child.stdout.on("data", (data: Buffer) => onChunk("stdout", data));
+    child.stderr.on("data", (data: Buffer) => onChunk("stderr", data));
+    child.on("error", (err: NodeJS.ErrnoException) => {
+      const durationMs = performance.now() - started;
+      // Mirror a shell: a missing program is exit 127, an unexecutable one 126.
+      if (err.code === "ENOENT" && request.cwd !== undefined && !cwdExists(request.cwd)) {
+        finish(new AgentOpError("not_found", `working directory does not exist: ${request.cwd}`));
+      } else if (err.code === "ENOENT") {
+        onChunk("stderr", Buffer.from(`forkd: ${file}: command not found\n`));
+        finish({ exitCode: 127, signal: null, timedOut: false, durationMs });
+      } else if (err.code === "EACCES") {
+        onChunk("stderr", Buffer.from(`forkd: ${file}: permission denied\n`));
+        finish({ exitCode: 126, signal: null, timedOut: false, durationMs });
+      } else {
+        finish(new AgentOpError("io_error", `could not start ${file}: ${err.message}`));
+      }
+    });
+    child.on("close", (code, sig) => {
+      const durationMs = performance.now() - started;
+      if (signal.aborted && !timedOut) {
+        finish(new AgentOpError("cancelled", "exec was cancelled by the host"));
+        return;
+      }
+      finish({ exitCode: code, signal: sig, timedOut, durationMs });
+    });
+    child.stdin.on("error", () => {
+      // The process may exit without reading its stdin; that is not our error.
+    });
+    if (request.stdin !== undefined) child.stdin.end(Buffer.from(request.stdin, "base64"));
+    else child.stdin.end();
+  });
+}
+
+function cwdExists(cwd: string): boolean {
+  try {
+    return statSync(cwd).isDirectory();
+  } catch {
+    return false;
+  }
+}

@@ -1,0 +1,103 @@
+import { randomBytes } from "node:crypto";
+import { constants } from "node:fs";
+import fs from "node:fs/promises";
+import path from "node:path";
+import { type FileEntry, type FilesRequest, MAX_FILE_BYTES } from "../protocol.js";
+import { AgentOpError, fsError, requireString } from "./errors.js";
+
+function absolute(p: unknown): string {
+  const value = requireString(p, "path");
+  if (!path.isAbsolute(value)) throw new AgentOpError("bad_request", `path must be absolute, got '${value}'`);
+  if (value.includes("\0")) throw new AgentOpError("bad_request", "path must not contain NUL bytes");
+  return path.normalize(value);
+}
+
+function entryType(stat: { isFile(): boolean; isDirectory(): boolean; isSymbolicLink(): boolean }): FileEntry["type"] {
+  if (stat.isFile()) return "file";
+  if (stat.isDirectory()) return "dir";
+  if (stat.isSymbolicLink()) return "symlink";
+  return "other";
+}
+
+export async function runFiles(request: FilesRequest): Promise<unknown> {
+  const target = absolute(request.path);
+  try {
+    switch (request.action) {
+      case "read": {
+        const stat = await fs.stat(target);
+        if (stat.isDirectory()) throw new AgentOpError("is_a_directory", `is a directory: ${target}`);
+        if (stat.size > MAX_FILE_BYTES) {
+          throw new AgentOpError(
+            "too_large",
+            `${target} is ${stat.size} bytes; one read returns at most ${MAX_FILE_BYTES} (use exec with head/tail or split it)`,
+          );
+        }
+        const data = await fs.readFile(target);
+        return { path: target, size: data.length, data: data.toString("base64") };
+      }
+      case "write":
+        return await writeFileAtomic(target, request.data, request.mode, request.append === true);
+      case "list": {
+        const names = await fs.readdir(target);
+        const entries: FileEntry[] = [];
+        for (const name of names.sort()) {
+          try {
+            const stat = await fs.lstat(path.join(target, name));
+            entries.push({ name, type: entryType(stat), size: stat.size, mode: stat.mode & 0o7777, mtimeMs: stat.mtimeMs });
+          } catch {
+            // Removed between readdir and lstat: skip it.
+          }
+        }
+        return { path: target, entries };
+      }
+      case "stat": {
+        const stat = await fs.lstat(target);
+        return { path: target, type: entryType(stat), size: stat.size, mode: stat.mode & 0o7777, mtimeMs: stat.mtimeMs };
+      }
+      case "mkdir":
+        await fs.mkdir(target, { recursive: true });
+        return { path: target };
+      case "remove":
+        if (target === "/") throw new AgentOpError("bad_request", "refusing to remove /");
+        await fs.rm(target, { recursive: request.recursive === true });
+        return { path: target };
+      default:
+        throw new AgentOpError("bad_request", `unknown files action '${(request as { action: string }).action}'`);
+    }
+  } catch (err) {
+    if (err instanceof AgentOpError) throw err;
+    if ((err as NodeJS.ErrnoException).code === "ERR_FS_EISDIR") throw fsError({ code: "EISDIR" }, target);
+    throw fsError(err, target);
+  }
+}
+
+/** Write to a temp file beside the target, fsync, rename: a reader never sees half a file. */
+async function writeFileAtomic(target: string, base64: unknown, mode: unknown, append: boolean) {
+  if (typeof base64 !== "string") throw new AgentOpError("bad_request", "`data` must be a base64 string");
+  const data = Buffer.from(base64, "base64");
+  if (data.length > MAX_FILE_BYTES) {
+    throw new AgentOpError("too_large", `one write takes at most ${MAX_FILE_BYTES} bytes, got ${data.length}`);
+  }
+  if (mode !== undefined && (typeof mode !== "number" || !Number.isInteger(mode) || mode < 0 || mode > 0o7777)) {
+    throw new AgentOpError("bad_request", "`mode` must be an integer permission mode such as 420 (0o644)");
+  }
+  if (append) {
+    await fs.appendFile(target, data, { mode: (mode as number | undefined) ?? 0o644 });
+    return { path: target, size: (await fs.stat(target)).size };
+  }
+  const temp = path.join(path.dirname(target), `.${path.basename(target)}.forkd-${randomBytes(6).toString("hex")}`);
+  const handle = await fs.open(temp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, (mode as number | undefined) ?? 0o644);
+  try {
+    await handle.writeFile(data);
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+  try {
+    await fs.rename(temp, target);
+  } catch (err) {
+    await fs.rm(temp, { force: true });
+    throw err;
+  }
+  return { path: target, size: data.length };
+}

@@ -1,0 +1,114 @@
+// Transport-independent agent core: takes decoded request frames, runs them, and
+// sends response frames through a callback. The guest main wires it to the
+// virtio-serial port; tests wire it to an in-memory pair.
+
+import { AgentOpError } from "./ops/errors.js";
+import { JsEvaluator } from "./ops/eval.js";
+import { runExec } from "./ops/exec.js";
+import { runFiles } from "./ops/files.js";
+import { applyIdentity, type IdentityDeps } from "./ops/identity.js";
+import { AGENT_VERSION, type AgentErrorCode, MAX_CONCURRENT_CALLS, type RequestFrame, type ResponseFrame } from "./protocol.js";
+
+export type Send = (frame: ResponseFrame) => void;
+
+export type AgentServerOpts = {
+  maxConcurrentCalls?: number;
+  identity?: IdentityDeps;
+  hostname?: () => string;
+};
+
+type Running = { controller: AbortController };
+
+export class AgentServer {
+  private readonly running = new Map<number, Running>();
+  private readonly startedAt = Date.now();
+  private readonly evaluator = new JsEvaluator();
+  private readonly maxConcurrentCalls: number;
+
+  constructor(
+    private readonly send: Send,
+    private readonly opts: AgentServerOpts = {},
+  ) {
+    this.maxConcurrentCalls = opts.maxConcurrentCalls ?? MAX_CONCURRENT_CALLS;
+  }
+
+  get inFlight(): number {
+    return this.running.size;
+  }
+
+  /** A frame that failed to decode: answer it without an id we could trust. */
+  rejectFrame(reason: string): void {
+    this.send({ id: 0, kind: "error", code: "bad_frame", message: reason });
+  }
+
+  handle(message: unknown): void {
+    if (!isObject(message) || typeof message.id !== "number" || !Number.isSafeInteger(message.id)) {
+      this.rejectFrame("a request needs an integer `id` and an `op`");
+      return;
+    }
+    const id = message.id;
+    if (typeof message.op !== "string") {
+      this.fail(id, "bad_request", "a request needs a string `op`");
+      return;
+    }
+    const request = message as RequestFrame;
+    if (request.op === "cancel") {
+      const target = this.running.get(request.target);
+      target?.controller.abort();
+      this.send({ id, kind: "result", value: { cancelled: Boolean(target) } });
+      return;
+    }
+    if (this.running.has(id)) {
+      this.fail(id, "bad_request", `request id ${id} is already in flight`);
+      return;
+    }
+    if (this.running.size >= this.maxConcurrentCalls) {
+      this.fail(id, "agent_busy", `the agent already runs ${this.running.size} calls; retry when one finishes`);
+      return;
+    }
+    const controller = new AbortController();
+    this.running.set(id, { controller });
+    this.dispatch(id, request, controller.signal)
+      .then((value) => this.send({ id, kind: "result", value }))
+      .catch((err: unknown) => {
+        if (err instanceof AgentOpError) this.fail(id, err.code, err.message, err.details);
+        else this.fail(id, "io_error", err instanceof Error ? err.message : String(err));
+      })
+      .finally(() => this.running.delete(id));
+  }
+
+  private async dispatch(id: number, request: RequestFrame, signal: AbortSignal): Promise<unknown> {
+    switch (request.op) {
+      case "ping":
+        return {
+          version: AGENT_VERSION,
+          uptimeMs: Date.now() - this.startedAt,
+          runtimes: ["javascript"],
+          hostname: this.opts.hostname?.() ?? "",
+        };
+      case "exec":
+        return runExec(request, signal, (stream, data) => this.send({ id, kind: "chunk", stream, data: data.toString("base64") }));
+      case "eval":
+        return this.evaluator.evaluate(request, signal);
+      case "files":
+        return runFiles(request);
+      case "identity":
+        return applyIdentity(request, this.opts.identity);
+      default:
+        throw new AgentOpError("unknown_op", `unknown op '${(request as { op: string }).op}'`);
+    }
+  }
+
+  private fail(id: number, code: AgentErrorCode, message: string, details?: Record<string, unknown>): void {
+    this.send(details ? { id, kind: "error", code, message, details } : { id, kind: "error", code, message });
+  }
+
+  /** Abort everything in flight: used when the host side disconnects. */
+  abortAll(): void {
+    for (const { controller } of this.running.values()) controller.abort();
+  }
+}
+
+export function isObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
+}

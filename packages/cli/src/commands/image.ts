@@ -1,0 +1,43 @@
+import { buildImage, listImages } from "@forkd/core";
+import Table from "cli-table3";
+import type { Command } from "commander";
+import { fmtBytes, fmtMs, withSpinner } from "../ui.js";
+
+export function registerImage(program: Command): void {
+  const image = program.command("image").description("build and list guest images");
+  image
+    .command("build")
+    .description("build a guest image (cached: rebuilt only when an input changes)")
+    .option("--name <name>", "image name", "base")
+    .option("--force", "rebuild even if the cache is current")
+    .action(async (opts: { name: string; force?: boolean }) => {
+      const started = performance.now();
+      const { manifest, cached } = await withSpinner(
+        `building image '${opts.name}'`,
+        (s) => buildImage({ name: opts.name, force: opts.force, onProgress: (step) => (s.text = `image '${opts.name}': ${step}`) }),
+        (r) =>
+          `image '${r.manifest.name}' ${r.cached ? "is up to date" : "built"} (${r.manifest.digest.slice(0, 12)}, kernel ${r.manifest.kernelVersion}) in ${fmtMs(performance.now() - started)}`,
+      );
+      if (!process.stderr.isTTY) {
+        process.stdout.write(
+          `image ${manifest.name} ${cached ? "cached" : "built"} ${manifest.digest.slice(0, 12)} kernel ${manifest.kernelVersion}\n`,
+        );
+      }
+    });
+  image
+    .command("ls")
+    .description("list guest images")
+    .option("--json", "machine-readable output")
+    .action(async (opts: { json?: boolean }) => {
+      const images = await listImages();
+      if (opts.json) {
+        process.stdout.write(`${JSON.stringify(images, null, 2)}\n`);
+        return;
+      }
+      const table = new Table({ head: ["NAME", "DIGEST", "KERNEL", "ROOTFS", "RUNTIMES", "CREATED"] });
+      for (const m of images) {
+        table.push([m.name, m.digest.slice(0, 12), m.kernelVersion, fmtBytes(m.rootfsBytes), m.runtimes.join(","), m.createdAt]);
+      }
+      process.stdout.write(images.length ? `${table.toString()}\n` : "no images; build one with `forkd image build`\n");
+    });
+}

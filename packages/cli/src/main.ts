@@ -1,0 +1,31 @@
+#!/usr/bin/env node
+import { Command, CommanderError } from "commander";
+import { registerBench } from "./commands/bench.js";
+import { registerDoctor } from "./commands/doctor.js";
+import { registerImage } from "./commands/image.js";
+import { registerQuickstart } from "./commands/quickstart.js";
+import { registerRun } from "./commands/run.js";
+import { reportError } from "./ui.js";
+
+const program = new Command()
+  .name("forkd")
+  .description("microVM sandboxes: warm snapshots, copy-on-write fork, BRANCH")
+  .version("0.1.0")
+  .exitOverride()
+  .showHelpAfterError();
+
+registerRun(program);
+registerImage(program);
+registerDoctor(program);
+registerBench(program);
+registerQuickstart(program);
+
+try {
+  await program.parseAsync(process.argv);
+} catch (err) {
+  if (err instanceof CommanderError) {
+    process.exitCode = err.exitCode === 0 ? 0 : 2;
+  } else {
+    process.exitCode = reportError(err);
+  }
+}

@@ -1,0 +1,59 @@
+import { ForkdError } from "@forkd/core";
+import ora, { type Ora } from "ora";
+
+/** A spinner on stderr for anything that may take over a second; silent when stderr is not a terminal. */
+export function spinner(text: string): Ora {
+  return ora({ text, stream: process.stderr, isEnabled: process.stderr.isTTY === true }).start();
+}
+
+export async function withSpinner<T>(text: string, work: (s: Ora) => Promise<T>, done?: (value: T) => string): Promise<T> {
+  const s = spinner(text);
+  try {
+    const value = await work(s);
+    if (done) s.succeed(done(value));
+    else s.stop();
+    return value;
+  } catch (err) {
+    s.fail(text);
+    throw err;
+  }
+}
+
+export function fmtMs(ms: number): string {
+  return ms >= 1000 ? `${(ms / 1000).toFixed(2)} s` : `${ms.toFixed(1)} ms`;
+}
+
+export function fmtBytes(bytes: number): string {
+  if (bytes >= 2 ** 30) return `${(bytes / 2 ** 30).toFixed(1)} GiB`;
+  if (bytes >= 2 ** 20) return `${(bytes / 2 ** 20).toFixed(1)} MiB`;
+  if (bytes >= 2 ** 10) return `${(bytes / 2 ** 10).toFixed(1)} KiB`;
+  return `${bytes} B`;
+}
+
+/** Print an error the way every command does, and pick the exit status. */
+export function reportError(err: unknown): number {
+  if (err instanceof ForkdError) {
+    process.stderr.write(`forkd: ${err.message} [${err.code}]\n`);
+    return err.code === "bad_request" || err.code === "invalid_tag" || err.code === "invalid_id" ? 2 : 1;
+  }
+  process.stderr.write(`forkd: unexpected error: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+  return 1;
+}
+
+export function parseIntOption(name: string) {
+  return (value: string): number => {
+    if (!/^-?\d+$/.test(value)) throw new ForkdError("bad_request", `${name} must be a whole number, got '${value}'`);
+    return Number(value);
+  };
+}
+
+export function percentile(values: number[], p: number): number {
+  if (values.length === 0) return Number.NaN;
+  const sorted = [...values].sort((a, b) => a - b);
+  const rank = Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1));
+  return sorted[rank]!;
+}
+
+export function round1(value: number): number {
+  return Math.round(value * 10) / 10;
+}

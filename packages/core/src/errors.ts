@@ -1,0 +1,54 @@
+// One error type for every failure forkd reports, with a stable code. The HTTP
+// status of each code lives in this one table so the daemon, CLI and SDK agree.
+
+export const ERROR_STATUS = {
+  bad_request: 400,
+  invalid_tag: 400,
+  invalid_id: 400,
+  invalid_path: 400,
+  unauthorized: 401,
+  not_found: 404,
+  image_not_found: 404,
+  snapshot_not_found: 404,
+  sandbox_not_found: 404,
+  conflict: 409,
+  invalid_state: 409,
+  too_large: 413,
+  unsupported_media_type: 415,
+  validation_failed: 422,
+  over_limit: 503,
+  missing_dependency: 500,
+  not_supported: 501,
+  vm_start_failed: 500,
+  vm_timeout: 504,
+  agent_error: 502,
+  qmp_error: 502,
+  io_error: 500,
+  internal: 500,
+} as const;
+
+export type ErrorCode = keyof typeof ERROR_STATUS;
+
+export class ForkdError extends Error {
+  override readonly name = "ForkdError";
+  constructor(
+    readonly code: ErrorCode,
+    message: string,
+    readonly details: Record<string, unknown> = {},
+    opts?: { cause?: unknown },
+  ) {
+    super(message, opts);
+  }
+
+  get httpStatus(): number {
+    return ERROR_STATUS[this.code];
+  }
+
+  toJSON() {
+    return { code: this.code, message: this.message, ...(Object.keys(this.details).length ? { details: this.details } : {}) };
+  }
+}
+
+export function isForkdError(err: unknown, code?: ErrorCode): err is ForkdError {
+  return err instanceof ForkdError && (code === undefined || err.code === code);
+}

@@ -1,0 +1,85 @@
+// The two shell scripts that bring a guest up. Pure text, unit-tested; the image
+// builder writes them into the initramfs and the root image.
+
+/** Modules the cloud kernel builds as modules, in load order (dependencies first). */
+export const GUEST_MODULES = [
+  "virtio_ring",
+  "virtio",
+  "virtio_mmio",
+  "virtio_console",
+  "virtio_blk",
+  "failover",
+  "net_failover",
+  "virtio_net",
+  "virtio-rng",
+  "overlay",
+] as const;
+
+export const GUEST_NODE = "/opt/forkd/bin/node";
+export const GUEST_AGENT = "/opt/forkd/agent.js";
+export const GUEST_STAGE2 = "/opt/forkd/init";
+
+/**
+ * Stage 1 (initramfs /init): load the virtio modules, mount the read-only root
+ * image, put a tmpfs-backed overlay on top so every write lives in guest RAM
+ * (and so is captured by a memory snapshot), then switch to it.
+ */
+export function initramfsInit(modules: readonly string[]): string {
+  return `#!/bin/busybox sh
+BB=/bin/busybox
+$BB mount -t proc proc /proc
+$BB mount -t sysfs sysfs /sys
+$BB mount -t devtmpfs devtmpfs /dev
+for m in ${modules.join(" ")}; do
+  [ -f /lib/modules/$m.ko ] && { $BB insmod /lib/modules/$m.ko || echo "forkd-init: insmod $m failed" >/dev/console; }
+done
+i=0
+while [ ! -b /dev/vda ]; do
+  i=$((i+1)); [ $i -gt 1000 ] && { echo "forkd-init: no /dev/vda after 10 s" >/dev/console; $BB poweroff -f; }
+  $BB usleep 10000
+done
+$BB mount -t ext4 -o ro /dev/vda /ro || { echo "forkd-init: cannot mount the root image" >/dev/console; $BB poweroff -f; }
+$BB mount -t tmpfs -o mode=0755 tmpfs /rw
+$BB mkdir -p /rw/upper /rw/work
+$BB mount -t overlay overlay -o lowerdir=/ro,upperdir=/rw/upper,workdir=/rw/work /newroot || { echo "forkd-init: overlay mount failed" >/dev/console; $BB poweroff -f; }
+$BB mount --move /dev /newroot/dev
+$BB mount --move /proc /newroot/proc
+$BB mount --move /sys /newroot/sys
+exec $BB switch_root /newroot ${GUEST_STAGE2}
+`;
+}
+
+/**
+ * Stage 2 (PID 1 on the real root): basic mounts, loopback and user-mode
+ * networking, then the agent, restarted if it ever exits. ash as PID 1 reaps
+ * orphaned children, which Node would not.
+ */
+export function stage2Init(): string {
+  return `#!/bin/sh
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+mkdir -p /dev/pts /dev/shm /tmp /run
+mount -t devpts devpts /dev/pts 2>/dev/null
+mount -t tmpfs -o mode=1777 tmpfs /dev/shm 2>/dev/null
+chmod 1777 /tmp
+hostname forkd
+ip link set lo up 2>/dev/null
+if ip link show eth0 >/dev/null 2>&1; then
+  # QEMU user-mode networking: fixed addresses, private to each VMM process.
+  ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up && ip route add default via 10.0.2.2
+fi
+export UV_THREADPOOL_SIZE=8 HOME=/root
+cd /root
+while true; do
+  ${GUEST_NODE} ${GUEST_AGENT} </dev/null >/dev/console 2>&1
+  echo "forkd-init: agent exited with status $?; restarting" >/dev/console
+  sleep 0.2
+done
+`;
+}
+
+/** Run the host's node with the loader and libraries it was linked against, whatever libc the image has. */
+export function nodeWrapper(): string {
+  return `#!/bin/sh
+exec /opt/forkd/lib/ld-linux-x86-64.so.2 --library-path /opt/forkd/lib /opt/forkd/bin/node.bin "$@"
+`;
+}

@@ -1,0 +1,359 @@
+// Guest images: a kernel, an initramfs and a read-only ext4 root, cached by a
+// digest of every input so a rebuild happens only when one of them changes.
+import { createHash } from "node:crypto";
+import fs from "node:fs/promises";
+import { createRequire } from "node:module";
+import path from "node:path";
+import { imagesDir } from "./config.js";
+import { type CpioEntry, writeCpio } from "./cpio.js";
+import { ForkdError } from "./errors.js";
+import { exists, fsyncDir, readJson, sha256File, writeFileAtomic } from "./fsutil.js";
+import { GUEST_MODULES, initramfsInit, nodeWrapper, stage2Init } from "./guest-init.js";
+import { runChecked, runProgram } from "./run.js";
+import { validateName } from "./validate.js";
+
+/** Bump when the layout of what we build changes, so old caches are not reused. */
+const RECIPE_VERSION = 1;
+
+export type ImageManifest = {
+  schema: 1;
+  name: string;
+  digest: string;
+  createdAt: string;
+  kernelVersion: string;
+  kernel: string;
+  initrd: string;
+  rootfs: string;
+  rootfsBytes: number;
+  runtimes: string[];
+};
+
+export type ImageProgress = (step: string) => void;
+
+export type KernelInfo = { version: string; vmlinuz: string; modulesDir: string };
+
+/** Compare Debian kernel versions like 6.1.0-56 numerically, part by part. */
+export function compareKernelVersions(a: string, b: string): number {
+  const pa = a.split(/[.-]/).map((x) => (/^\d+$/.test(x) ? Number(x) : x));
+  const pb = b.split(/[.-]/).map((x) => (/^\d+$/.test(x) ? Number(x) : x));
+  for (let i = 0; i < Math.max(pa.length, pb.length); i++) {
+    const x = pa[i];
+    const y = pb[i];
+    if (x === y) continue;
+    if (x === undefined) return -1;
+    if (y === undefined) return 1;
+    if (typeof x === "number" && typeof y === "number") return x - y;
+    return String(x) < String(y) ? -1 : 1;
+  }
+  return 0;
+}
+
+/** The newest Debian cloud kernel in /boot with its modules; its version is discovered, never assumed. */
+export async function discoverKernel(bootDir = "/boot", modulesRoot = "/lib/modules"): Promise<KernelInfo> {
+  const override = process.env.FORKD_KERNEL;
+  let names: string[] = [];
+  try {
+    names = await fs.readdir(bootDir);
+  } catch {
+    // handled below
+  }
+  const versions = names
+    .map((n) => /^vmlinuz-(.+-cloud-amd64)$/.exec(n)?.[1])
+    .filter((v): v is string => v !== undefined)
+    .sort(compareKernelVersions);
+  const version = override ?? versions.at(-1);
+  if (!version) {
+    throw new ForkdError(
+      "missing_dependency",
+      `no Debian cloud kernel (vmlinuz-*-cloud-amd64) in ${bootDir}; install it with: apt-get install linux-image-cloud-amd64`,
+    );
+  }
+  const modulesDir = path.join(modulesRoot, version);
+  if (!(await exists(modulesDir))) {
+    throw new ForkdError("missing_dependency", `kernel ${version} has no modules in ${modulesDir}; reinstall linux-image-${version}`);
+  }
+  return { version, vmlinuz: path.join(bootDir, `vmlinuz-${version}`), modulesDir };
+}
+
+/** Map module names to their .ko files using modules.dep; built-in modules are left out. */
+export function resolveModules(modulesDep: string, wanted: readonly string[]): Map<string, string> {
+  const byName = new Map<string, string>();
+  for (const line of modulesDep.split("\n")) {
+    const file = line.split(":")[0]?.trim();
+    if (!file) continue;
+    const base = path.basename(file).replace(/\.ko(\.(xz|zst|gz))?$/, "");
+    byName.set(base.replace(/-/g, "_"), file);
+  }
+  const out = new Map<string, string>();
+  for (const name of wanted) {
+    const file = byName.get(name.replace(/-/g, "_"));
+    if (file) out.set(name, file);
+  }
+  return out;
+}
+
+type Inputs = {
+  kernel: KernelInfo;
+  modules: Map<string, string>;
+  busybox: string;
+  node: string;
+  nodeLibs: string[];
+  agentBundle: string;
+  guestctlSource: string;
+};
+
+const require = createRequire(import.meta.url);
+
+async function gatherInputs(): Promise<Inputs> {
+  const kernel = await discoverKernel();
+  const modulesDep = await fs.readFile(path.join(kernel.modulesDir, "modules.dep"), "utf8");
+  const modules = resolveModules(modulesDep, GUEST_MODULES);
+  for (const file of modules.values()) {
+    if (!file.endsWith(".ko")) {
+      throw new ForkdError("not_supported", `module ${file} is compressed; busybox insmod needs plain .ko modules`);
+    }
+  }
+  const busybox = process.env.FORKD_BUSYBOX ?? "/bin/busybox";
+  if (!(await exists(busybox))) {
+    throw new ForkdError("missing_dependency", `${busybox} not found; install it with: apt-get install busybox-static`);
+  }
+  const busyboxBytes = await fs.readFile(busybox);
+  if (busyboxBytes.includes(Buffer.from("/lib64/ld-linux"))) {
+    throw new ForkdError(
+      "missing_dependency",
+      `${busybox} is dynamically linked; the initramfs needs the static one: apt-get install busybox-static`,
+    );
+  }
+  const node = await fs.realpath(process.execPath);
+  const ldd = await runChecked("ldd", [node]);
+  const nodeLibs = [...ldd.stdout.matchAll(/(\/\S+\.so[^\s]*)/g)].map((m) => m[1]!);
+  if (!nodeLibs.some((l) => l.includes("ld-linux"))) {
+    throw new ForkdError("not_supported", `could not find the dynamic loader of ${node} in ldd's output`);
+  }
+  const agentBundle = require.resolve("@forkd/agent/bundle");
+  if (!(await exists(agentBundle))) {
+    throw new ForkdError("missing_dependency", `the agent bundle ${agentBundle} is not built; run \`npm run build\``);
+  }
+  const guestctlSource = require.resolve("@forkd/agent/guestctl.c");
+  return { kernel, modules, busybox, node, nodeLibs, agentBundle, guestctlSource };
+}
+
+async function digestInputs(inputs: Inputs): Promise<string> {
+  const hash = createHash("sha256");
+  hash.update(`recipe ${RECIPE_VERSION}\n`);
+  hash.update(initramfsInit([...inputs.modules.keys()]));
+  hash.update(stage2Init());
+  hash.update(nodeWrapper());
+  const files = [
+    inputs.kernel.vmlinuz,
+    inputs.busybox,
+    inputs.node,
+    inputs.agentBundle,
+    inputs.guestctlSource,
+    ...inputs.nodeLibs,
+    ...[...inputs.modules.values()].map((m) => path.join(inputs.kernel.modulesDir, m)),
+  ];
+  for (const file of files) hash.update(`${path.basename(file)} ${await sha256File(file)}\n`);
+  return hash.digest("hex");
+}
+
+function imageRoot(name: string): string {
+  return path.join(imagesDir(), name);
+}
+
+export async function getImage(name: string): Promise<ImageManifest> {
+  validateName(name, "image name");
+  const manifest = await readJson<ImageManifest>(path.join(imageRoot(name), "current.json"));
+  if (!manifest) {
+    const names = (await listImages()).map((m) => m.name);
+    throw new ForkdError(
+      "image_not_found",
+      `no image '${name}'; images that exist: ${names.length ? names.join(", ") : "none"} (build one with \`forkd image build --name ${name}\`)`,
+      { images: names },
+    );
+  }
+  return manifest;
+}
+
+export async function listImages(): Promise<ImageManifest[]> {
+  let names: string[] = [];
+  try {
+    names = await fs.readdir(imagesDir());
+  } catch {
+    return [];
+  }
+  const out: ImageManifest[] = [];
+  for (const name of names.sort()) {
+    const manifest = await readJson<ImageManifest>(path.join(imageRoot(name), "current.json")).catch(() => undefined);
+    if (manifest) out.push(manifest);
+  }
+  return out;
+}
+
+export type BuildImageOpts = { name?: string; force?: boolean; onProgress?: ImageProgress };
+
+/**
+ * Build (or find in the cache) the image. Everything is assembled in a temp dir
+ * and renamed into place, and `current.json` is switched last, so an interrupted
+ * build never leaves an image that looks valid.
+ */
+export async function buildImage(opts: BuildImageOpts = {}): Promise<{ manifest: ImageManifest; cached: boolean }> {
+  const name = opts.name ?? "base";
+  validateName(name, "image name");
+  if (name !== "base") {
+    throw new ForkdError("not_supported", `only the 'base' image recipe exists so far; '${name}' is not buildable yet`);
+  }
+  const progress = opts.onProgress ?? (() => {});
+  progress("hashing inputs");
+  const inputs = await gatherInputs();
+  const digest = await digestInputs(inputs);
+  const root = imageRoot(name);
+  const finalDir = path.join(root, digest);
+  const current = await readJson<ImageManifest>(path.join(root, "current.json"));
+  if (!opts.force && current?.digest === digest && (await exists(path.join(finalDir, "rootfs.ext4")))) {
+    return { manifest: current, cached: true };
+  }
+  await fs.mkdir(root, { recursive: true, mode: 0o755 });
+  const work = await fs.mkdtemp(path.join(root, ".build-"));
+  try {
+    progress("compiling the guest helper");
+    const guestctl = path.join(work, "forkd-guestctl");
+    const cc = await runProgram("cc", ["-static", "-O2", "-o", guestctl, inputs.guestctlSource]);
+    if (cc.code !== 0) {
+      throw new ForkdError("missing_dependency", `cc -static failed (install gcc and libc6-dev): ${cc.stderr.trim().slice(0, 500)}`);
+    }
+    progress("assembling the root tree");
+    const tree = path.join(work, "tree");
+    await assembleRootTree(tree, inputs, guestctl);
+    progress("writing the ext4 root image");
+    const rootfs = path.join(work, "rootfs.ext4");
+    const treeBytes = await duBytes(tree);
+    const sizeMib = Math.ceil((treeBytes * 1.2) / 2 ** 20) + 32;
+    await runChecked("mkfs.ext4", [
+      "-q",
+      "-F",
+      "-L",
+      "forkd-root",
+      "-b",
+      "4096",
+      "-O",
+      "^has_journal",
+      "-E",
+      "root_owner=0:0",
+      "-d",
+      tree,
+      rootfs,
+      `${sizeMib}M`,
+    ]);
+    progress("writing the initramfs");
+    await fs.writeFile(path.join(work, "initrd.cpio"), await buildInitramfs(inputs));
+    await fs.copyFile(inputs.kernel.vmlinuz, path.join(work, "vmlinuz"));
+    await fs.rm(tree, { recursive: true, force: true });
+    await fs.rm(guestctl, { force: true });
+    await fs.chmod(rootfs, 0o444);
+    const stat = await fs.stat(rootfs);
+    for (const f of ["vmlinuz", "initrd.cpio", "rootfs.ext4"]) {
+      const handle = await fs.open(path.join(work, f), "r");
+      await handle.sync();
+      await handle.close();
+    }
+    await fs.rm(finalDir, { recursive: true, force: true });
+    await fs.rename(work, finalDir);
+    await fsyncDir(root);
+    const manifest: ImageManifest = {
+      schema: 1,
+      name,
+      digest,
+      createdAt: new Date().toISOString(),
+      kernelVersion: inputs.kernel.version,
+      kernel: path.join(finalDir, "vmlinuz"),
+      initrd: path.join(finalDir, "initrd.cpio"),
+      rootfs: path.join(finalDir, "rootfs.ext4"),
+      rootfsBytes: stat.size,
+      runtimes: ["javascript"],
+    };
+    await writeFileAtomic(path.join(root, "current.json"), `${JSON.stringify(manifest, null, 2)}\n`);
+    return { manifest, cached: false };
+  } finally {
+    await fs.rm(work, { recursive: true, force: true });
+  }
+}
+
+async function duBytes(dir: string): Promise<number> {
+  let total = 0;
+  for (const entry of await fs.readdir(dir, { withFileTypes: true, recursive: true })) {
+    if (entry.isFile()) total += (await fs.stat(path.join(entry.parentPath, entry.name))).size;
+    else total += 4096;
+  }
+  return total;
+}
+
+async function assembleRootTree(tree: string, inputs: Inputs, guestctl: string): Promise<void> {
+  const dirs = [
+    "bin",
+    "sbin",
+    "usr/bin",
+    "usr/sbin",
+    "etc",
+    "proc",
+    "sys",
+    "dev",
+    "tmp",
+    "run",
+    "root",
+    "mnt",
+    "var/tmp",
+    "opt/forkd/bin",
+    "opt/forkd/lib",
+  ];
+  for (const d of dirs) await fs.mkdir(path.join(tree, d), { recursive: true, mode: 0o755 });
+  await fs.chmod(path.join(tree, "tmp"), 0o1777);
+  await fs.chmod(path.join(tree, "root"), 0o700);
+  await fs.copyFile(inputs.busybox, path.join(tree, "bin/busybox"));
+  await fs.chmod(path.join(tree, "bin/busybox"), 0o755);
+  const applets = (await runChecked(inputs.busybox, ["--list-full"])).stdout.split("\n").filter(Boolean);
+  for (const applet of applets) {
+    const target = path.join(tree, applet);
+    if (applet === "bin/busybox" || (await exists(target))) continue;
+    await fs.mkdir(path.dirname(target), { recursive: true });
+    await fs.symlink("/bin/busybox", target);
+  }
+  await fs.copyFile(inputs.node, path.join(tree, "opt/forkd/bin/node.bin"));
+  // Debug info is most of the host binary's size and the guest never needs it.
+  const strip = await runProgram("strip", ["--strip-debug", path.join(tree, "opt/forkd/bin/node.bin")]).catch(() => undefined);
+  if (strip && strip.code !== 0) await fs.copyFile(inputs.node, path.join(tree, "opt/forkd/bin/node.bin"));
+  await fs.chmod(path.join(tree, "opt/forkd/bin/node.bin"), 0o755);
+  for (const lib of inputs.nodeLibs) {
+    await fs.copyFile(await fs.realpath(lib), path.join(tree, "opt/forkd/lib", path.basename(lib)));
+    await fs.chmod(path.join(tree, "opt/forkd/lib", path.basename(lib)), 0o755);
+  }
+  await fs.writeFile(path.join(tree, "opt/forkd/bin/node"), nodeWrapper(), { mode: 0o755 });
+  await fs.copyFile(inputs.agentBundle, path.join(tree, "opt/forkd/agent.js"));
+  await fs.copyFile(guestctl, path.join(tree, "opt/forkd/bin/forkd-guestctl"));
+  await fs.chmod(path.join(tree, "opt/forkd/bin/forkd-guestctl"), 0o755);
+  await fs.writeFile(path.join(tree, "opt/forkd/init"), stage2Init(), { mode: 0o755 });
+  await fs.writeFile(path.join(tree, "etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n");
+  await fs.writeFile(path.join(tree, "etc/group"), "root:x:0:\nnogroup:x:65534:\n");
+  await fs.writeFile(path.join(tree, "etc/hosts"), "127.0.0.1 localhost\n::1 localhost\n");
+  await fs.writeFile(path.join(tree, "etc/resolv.conf"), "nameserver 10.0.2.3\n");
+  await fs.writeFile(path.join(tree, "etc/hostname"), "forkd\n");
+}
+
+async function buildInitramfs(inputs: Inputs): Promise<Buffer> {
+  const entries: CpioEntry[] = [];
+  for (const d of ["bin", "dev", "proc", "sys", "ro", "rw", "newroot", "lib", "lib/modules"]) {
+    entries.push({ path: d, type: "dir", mode: 0o755 });
+  }
+  entries.push({ path: "bin/busybox", type: "file", mode: 0o755, data: await fs.readFile(inputs.busybox) });
+  entries.push({ path: "bin/sh", type: "symlink", target: "busybox" });
+  for (const [name, file] of inputs.modules) {
+    entries.push({
+      path: `lib/modules/${name}.ko`,
+      type: "file",
+      mode: 0o644,
+      data: await fs.readFile(path.join(inputs.kernel.modulesDir, file)),
+    });
+  }
+  entries.push({ path: "init", type: "file", mode: 0o755, data: Buffer.from(initramfsInit([...inputs.modules.keys()])) });
+  return writeCpio(entries);
+}

@@ -1,0 +1,191 @@
+// Planning a QEMU command line is pure (unit-tested); launching it is a thin layer.
+import { spawn } from "node:child_process";
+import fs from "node:fs";
+import path from "node:path";
+import { qemuBinary } from "./config.js";
+import { ForkdError } from "./errors.js";
+
+export type Accel = "kvm" | "tcg";
+
+export type MemoryBacking =
+  /** Private anonymous RAM: a throwaway VM. */
+  | { kind: "anon" }
+  /** RAM in a file: share=true for a parent whose RAM becomes the snapshot, false for a copy-on-write child. */
+  | { kind: "file"; path: string; share: boolean };
+
+export type VmPlan = {
+  accel: Accel;
+  memoryMib: number;
+  vcpus: number;
+  runDir: string;
+  rootfs: string;
+  memory: MemoryBacking;
+  /** Cold boot: kernel + initrd + command line. Absent for a restore. */
+  boot?: { kernel: string; initrd: string; append: string };
+  /** Restore: start paused, waiting for migrate-incoming. */
+  incoming?: boolean;
+  network: boolean;
+  tbSizeMib?: number;
+};
+
+export const LIMITS = {
+  memoryMib: { min: 128, max: 64 * 1024 },
+  vcpus: { min: 1, max: 64 },
+} as const;
+
+export function runtimePaths(runDir: string) {
+  return {
+    qmp: path.join(runDir, "qmp.sock"),
+    agent: path.join(runDir, "agent.sock"),
+    console: path.join(runDir, "console.log"),
+    qemuLog: path.join(runDir, "qemu.log"),
+    pidfile: path.join(runDir, "qemu.pid"),
+  };
+}
+
+export const BASE_APPEND = "console=ttyS0 panic=-1 quiet reboot=t";
+
+/**
+ * The guest kernel command line. Under TCG the guest's TSC is the host's TSC, but
+ * the guest calibrates it against an emulated PIT, and on a loaded host that
+ * calibration fails and boot stalls ("tsc: Unable to calibrate against PIT").
+ * Telling the guest the host's known TSC rate skips the calibration entirely.
+ */
+export function guestAppend(accel: Accel, hostCpuinfo: string, extra = process.env.FORKD_APPEND): string {
+  if (extra) return extra;
+  const parts = [BASE_APPEND];
+  if (accel === "tcg") {
+    const flags = /^flags\s*:(.*)$/m.exec(hostCpuinfo)?.[1] ?? "";
+    const mhz = Number(/^cpu MHz\s*:\s*([\d.]+)/m.exec(hostCpuinfo)?.[1]);
+    if (/\bconstant_tsc\b/.test(flags) && /\bnonstop_tsc\b/.test(flags) && Number.isFinite(mhz) && mhz > 100) {
+      parts.push(`tsc_early_khz=${Math.round(mhz * 1000)}`, "tsc=reliable");
+    }
+  }
+  return parts.join(" ");
+}
+
+export function validateResources(memoryMib: number, vcpus: number): void {
+  if (!Number.isInteger(memoryMib) || memoryMib < LIMITS.memoryMib.min || memoryMib > LIMITS.memoryMib.max) {
+    throw new ForkdError(
+      "bad_request",
+      `memory must be a whole number of MiB from ${LIMITS.memoryMib.min} to ${LIMITS.memoryMib.max}, got ${memoryMib}`,
+    );
+  }
+  if (!Number.isInteger(vcpus) || vcpus < LIMITS.vcpus.min || vcpus > LIMITS.vcpus.max) {
+    throw new ForkdError("bad_request", `vcpus must be a whole number from ${LIMITS.vcpus.min} to ${LIMITS.vcpus.max}, got ${vcpus}`);
+  }
+}
+
+/** The argv for one VM. Every value comes from forkd itself or was validated; no shell ever sees it. */
+export function buildQemuArgs(plan: VmPlan): string[] {
+  validateResources(plan.memoryMib, plan.vcpus);
+  const paths = runtimePaths(plan.runDir);
+  const size = `${plan.memoryMib}M`;
+  const args = [
+    "-M",
+    "microvm,x-option-roms=off,isa-serial=on,rtc=on",
+    ...(plan.accel === "kvm" ? ["-accel", "kvm", "-cpu", "host"] : ["-accel", `tcg,tb-size=${plan.tbSizeMib ?? 64}`, "-cpu", "max"]),
+    "-smp",
+    String(plan.vcpus),
+    "-m",
+    size,
+    "-nodefaults",
+    "-no-user-config",
+    "-nographic",
+    "-no-reboot",
+    "-serial",
+    `file:${paths.console}`,
+    "-pidfile",
+    paths.pidfile,
+    "-qmp",
+    `unix:${paths.qmp},server=on,wait=off`,
+    "-device",
+    "virtio-serial-device",
+    "-chardev",
+    `socket,id=agent,path=${paths.agent},server=on,wait=off`,
+    "-device",
+    "virtserialport,chardev=agent,name=forkd.agent",
+    "-drive",
+    `file=${plan.rootfs},format=raw,if=none,id=root,readonly=on`,
+    "-device",
+    "virtio-blk-device,drive=root",
+    "-object",
+    "rng-random,id=rng0,filename=/dev/urandom",
+    "-device",
+    "virtio-rng-device,rng=rng0",
+  ];
+  if (plan.memory.kind === "file") {
+    args.push(
+      "-object",
+      `memory-backend-file,id=mem,size=${size},mem-path=${plan.memory.path},share=${plan.memory.share ? "on" : "off"}`,
+      "-numa",
+      "node,memdev=mem",
+    );
+  }
+  if (plan.network) {
+    args.push("-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0");
+  }
+  if (plan.boot) {
+    args.push("-kernel", plan.boot.kernel, "-initrd", plan.boot.initrd, "-append", plan.boot.append);
+  }
+  if (plan.incoming) args.push("-incoming", "defer");
+  return args;
+}
+
+export type LaunchOpts = {
+  plan: VmPlan;
+  /** Kill the VMM when the launching process dies (for `forkd run`); off for sandboxes that outlive the CLI. */
+  dieWithParent: boolean;
+};
+
+export type Launched = { pid: number; exited: Promise<{ code: number | null; signal: string | null }> };
+
+export function launchQemu(opts: LaunchOpts): Launched {
+  const { plan } = opts;
+  const paths = runtimePaths(plan.runDir);
+  const binary = qemuBinary(plan.accel);
+  if (!fs.existsSync(binary)) {
+    throw new ForkdError("missing_dependency", `${binary} not found; install QEMU with: apt-get install qemu-system-x86 qemu-utils`);
+  }
+  const args = buildQemuArgs(plan);
+  const log = fs.openSync(paths.qemuLog, "a", 0o600);
+  // Sockets QEMU creates must be 0600: the umask is inherited at spawn and restored right after.
+  const oldUmask = process.umask(0o077);
+  let child: ReturnType<typeof spawn>;
+  try {
+    const [file, argv] =
+      opts.dieWithParent && fs.existsSync("/usr/bin/setpriv")
+        ? ["/usr/bin/setpriv", ["--pdeathsig", "KILL", "--", binary, ...args]]
+        : [binary, args];
+    child = spawn(file as string, argv as string[], { detached: !opts.dieWithParent, stdio: ["ignore", log, log] });
+  } finally {
+    process.umask(oldUmask);
+    fs.closeSync(log);
+  }
+  if (child.pid === undefined) throw new ForkdError("vm_start_failed", `could not start ${binary}`);
+  const exited = new Promise<{ code: number | null; signal: string | null }>((resolve) => {
+    child.on("exit", (code, signal) => resolve({ code, signal }));
+    child.on("error", () => resolve({ code: null, signal: null }));
+  });
+  if (!opts.dieWithParent) child.unref();
+  return { pid: child.pid, exited };
+}
+
+export function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
+/** True only if `pid` is a QEMU whose command line names this runtime dir: never signal a stranger's process. */
+export function isOurQemu(pid: number, runDir: string): boolean {
+  try {
+    const cmdline = fs.readFileSync(`/proc/${pid}/cmdline`, "utf8");
+    return cmdline.includes("qemu-system") && cmdline.includes(`${runDir}/qmp.sock`);
+  } catch {
+    return false;
+  }
+}

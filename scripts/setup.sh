@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Installs whatever forkd needs on a Debian 12 host, builds it, and builds the
+# base guest image. Idempotent: each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static e2fsprogs zstd gcc libc6-dev binutils util-linux)
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+
+if ((${#missing[@]})); then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    say "this is not a Debian-family system; install these by hand (names are Debian's): ${missing[*]}"
+    say "forkd needs QEMU (qemu-system-x86_64), a Linux kernel with virtio modules, a static busybox, mkfs.ext4, gcc with static libc, and Node.js 20."
+    exit 1
+  fi
+  if [ "$(id -u)" -ne 0 ]; then
+    say "missing Debian packages: ${missing[*]}"
+    say "run as root, or install them first: sudo apt-get install -y ${missing[*]}"
+    exit 1
+  fi
+  say "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+node_major=$(node -p 'process.versions.node.split(".")[0]')
+if [ "$node_major" -lt 20 ]; then
+  say "Node.js 20 or newer is needed (found $(node --version))"
+  exit 1
+fi
+
+if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  say "npm ci"
+  npm ci --no-audit --no-fund
+fi
+
+say "building"
+npm run --silent build
+
+if [ "$(id -u)" -ne 0 ] && [ -z "${FORKD_HOME:-}" ]; then
+  say "not root: set FORKD_HOME and FORKD_RUN_DIR to writable directories, or run as root"
+  exit 1
+fi
+node packages/cli/dist/main.js image build --name base
