@@ -19,7 +19,7 @@ const plan = {
   runDir: "/run/forkd/vms/sb-000000000001",
   rootfs: "/img/rootfs.ext4",
   memory: { kind: "anon" as const },
-  network: true,
+  network: "user" as const,
 };
 
 describe("QEMU command line", () => {
@@ -36,14 +36,20 @@ describe("QEMU command line", () => {
     expect(joined).not.toContain("memory-backend-file");
   });
 
-  it("restores a child: private file-backed RAM, no kernel, incoming deferred, no net when asked", () => {
-    const args = buildQemuArgs({ ...plan, memory: { kind: "file", path: "/dev/shm/m", share: false }, incoming: true, network: false });
+  it("restores a child: private file-backed RAM, no kernel, device state from an inherited fd, no net when asked", () => {
+    const args = buildQemuArgs({ ...plan, memory: { kind: "file", path: "/dev/shm/m", share: false }, incoming: true, network: "none" });
     const joined = args.join(" ");
     expect(joined).toContain("memory-backend-file,id=mem,size=256M,mem-path=/dev/shm/m,share=off");
     expect(joined).toContain("-numa node,memdev=mem");
     expect(joined).toContain("-incoming defer");
     expect(args).not.toContain("-kernel");
     expect(joined).not.toContain("netdev");
+  });
+
+  it("keeps the NIC but cuts it off for an isolated child, so the device set still matches the snapshot", () => {
+    expect(buildQemuArgs({ ...plan, network: "isolated" }).join(" ")).toContain(
+      "-netdev user,id=net0,restrict=on -device virtio-net-device,netdev=net0",
+    );
   });
 
   it("uses KVM flags under KVM and rejects bad resources", () => {

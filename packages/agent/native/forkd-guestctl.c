@@ -2,6 +2,9 @@
  * forkd-guestctl: the two guest operations Node cannot do without ioctl/clock_settime.
  *   forkd-guestctl reseed   < entropy   mix stdin into the pool, credit it, reseed the CRNG
  *   forkd-guestctl settime MS            set CLOCK_REALTIME to MS milliseconds since the epoch
+ *   forkd-guestctl serve                 answer "R <hex entropy>" and "T <ms>" lines on stdin with
+ *                                        "ok" or "err <reason>" lines: the agent starts it once at boot,
+ *                                        so a restored child pays a pipe round trip, not a process spawn
  * Children restored from one snapshot start with identical CRNG state; writing to
  * /dev/urandom only mixes the input pool, so without RNDRESEEDCRNG they would keep
  * producing the same bytes until the kernel's next timed reseed.
@@ -16,23 +19,70 @@
 #include <time.h>
 #include <unistd.h>
 
+struct entropy_req {
+  struct rand_pool_info info;
+  unsigned char buf[512];
+};
+
+static const char *reseed_bytes(struct entropy_req *req, size_t n) {
+  int fd = open("/dev/random", O_WRONLY | O_CLOEXEC);
+  if (fd < 0) return "open /dev/random failed";
+  req->info.entropy_count = (int)n * 8;
+  req->info.buf_size = (int)n;
+  const char *err = NULL;
+  if (ioctl(fd, RNDADDENTROPY, &req->info) < 0) err = "RNDADDENTROPY failed";
+  else if (ioctl(fd, RNDRESEEDCRNG) < 0) err = "RNDRESEEDCRNG failed";
+  close(fd);
+  return err;
+}
+
 static int reseed(void) {
-  struct {
-    struct rand_pool_info info;
-    unsigned char buf[512];
-  } req;
+  struct entropy_req req;
   ssize_t n = read(0, req.buf, sizeof req.buf);
   if (n < 16) {
     fprintf(stderr, "forkd-guestctl: need at least 16 bytes of entropy on stdin\n");
     return 2;
   }
-  int fd = open("/dev/random", O_WRONLY | O_CLOEXEC);
-  if (fd < 0) { perror("open /dev/random"); return 1; }
-  req.info.entropy_count = (int)n * 8;
-  req.info.buf_size = (int)n;
-  if (ioctl(fd, RNDADDENTROPY, &req.info) < 0) { perror("RNDADDENTROPY"); return 1; }
-  if (ioctl(fd, RNDRESEEDCRNG) < 0) { perror("RNDRESEEDCRNG"); return 1; }
-  close(fd);
+  const char *err = reseed_bytes(&req, (size_t)n);
+  if (err) { fprintf(stderr, "forkd-guestctl: %s: %s\n", err, strerror(errno)); return 1; }
+  return 0;
+}
+
+static int hexval(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  return -1;
+}
+
+static int serve(void) {
+  char line[2048];
+  setvbuf(stdout, NULL, _IOLBF, 0);
+  while (fgets(line, sizeof line, stdin)) {
+    line[strcspn(line, "\n")] = '\0';
+    if (line[0] == 'R' && line[1] == ' ') {
+      struct entropy_req req;
+      size_t n = 0;
+      const char *p = line + 2;
+      while (p[0] && p[1] && n < sizeof req.buf) {
+        int hi = hexval(p[0]), lo = hexval(p[1]);
+        if (hi < 0 || lo < 0) break;
+        req.buf[n++] = (unsigned char)(hi << 4 | lo);
+        p += 2;
+      }
+      if (n < 16) { printf("err need at least 16 bytes of hex entropy\n"); continue; }
+      const char *err = reseed_bytes(&req, n);
+      if (err) printf("err %s: %s\n", err, strerror(errno)); else printf("ok\n");
+    } else if (line[0] == 'T' && line[1] == ' ') {
+      char *end = NULL;
+      errno = 0;
+      long long ms = strtoll(line + 2, &end, 10);
+      if (errno != 0 || end == line + 2 || *end != '\0' || ms < 0) { printf("err bad milliseconds\n"); continue; }
+      struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000L};
+      if (clock_settime(CLOCK_REALTIME, &ts) < 0) printf("err clock_settime: %s\n", strerror(errno)); else printf("ok\n");
+    } else {
+      printf("err unknown request\n");
+    }
+  }
   return 0;
 }
 
@@ -52,6 +102,7 @@ static int settime(const char *ms_text) {
 int main(int argc, char **argv) {
   if (argc == 2 && strcmp(argv[1], "reseed") == 0) return reseed();
   if (argc == 3 && strcmp(argv[1], "settime") == 0) return settime(argv[2]);
-  fprintf(stderr, "usage: forkd-guestctl reseed < entropy | forkd-guestctl settime MS\n");
+  if (argc == 2 && strcmp(argv[1], "serve") == 0) return serve();
+  fprintf(stderr, "usage: forkd-guestctl reseed < entropy | settime MS | serve\n");
   return 2;
 }

@@ -2,6 +2,7 @@
 // framed requests on it for the life of the VM.
 import fs from "node:fs";
 import os from "node:os";
+import { GuestCtl } from "./ops/identity.js";
 import { AGENT_PORT_NAME, encodeFrame, FrameDecoder, type ResponseFrame } from "./protocol.js";
 import { AgentServer } from "./server.js";
 
@@ -59,8 +60,10 @@ function send(frame: ResponseFrame): void {
   writeChain = writeChain.then(() => writeAll(bytes));
 }
 
+const guestctl = new GuestCtl("/opt/forkd/bin/forkd-guestctl");
+guestctl.start();
 const server = new AgentServer(send, {
-  identity: { guestctl: "/opt/forkd/bin/forkd-guestctl", hostnameFile: "/proc/sys/kernel/hostname" },
+  identity: { guestctl, hostnameFile: "/proc/sys/kernel/hostname" },
   hostname: () => os.hostname(),
 });
 

@@ -5,6 +5,8 @@ import { registerDoctor } from "./commands/doctor.js";
 import { registerImage } from "./commands/image.js";
 import { registerQuickstart } from "./commands/quickstart.js";
 import { registerRun } from "./commands/run.js";
+import { registerSandboxes } from "./commands/sandboxes.js";
+import { registerSnapshots } from "./commands/snapshots.js";
 import { reportError } from "./ui.js";
 
 const program = new Command()
@@ -15,6 +17,8 @@ const program = new Command()
   .showHelpAfterError();
 
 registerRun(program);
+registerSnapshots(program);
+registerSandboxes(program);
 registerImage(program);
 registerDoctor(program);
 registerBench(program);

@@ -1,4 +1,5 @@
 import { ForkdError } from "@forkd/core";
+import Table from "cli-table3";
 import ora, { type Ora } from "ora";
 
 /** A spinner on stderr for anything that may take over a second; silent when stderr is not a terminal. */
@@ -56,4 +57,13 @@ export function percentile(values: number[], p: number): number {
 
 export function round1(value: number): number {
   return Math.round(value * 10) / 10;
+}
+
+export function collect(value: string, previous: string[]): string[] {
+  return [...previous, value];
+}
+
+/** A table without colour codes, so piped output stays plain. */
+export function plainTable(head: string[]) {
+  return new Table({ head, style: { head: [], border: [] } });
 }

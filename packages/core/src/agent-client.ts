@@ -15,6 +15,8 @@ import {
 } from "@forkd/agent/protocol";
 import { ForkdError } from "./errors.js";
 
+type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;
+
 type Call = {
   resolve: (value: unknown) => void;
   reject: (err: Error) => void;
@@ -150,7 +152,7 @@ export class AgentClient {
     return this.call({ op: "eval", code, ...(opts.evalTimeoutMs ? { timeoutMs: opts.evalTimeoutMs } : {}) }, opts);
   }
 
-  files<T = unknown>(request: FilesRequest extends infer R ? Omit<R & { op: "files" }, "op"> : never, opts?: CallOpts): Promise<T> {
+  files<T = unknown>(request: DistributiveOmit<FilesRequest, "op">, opts?: CallOpts): Promise<T> {
     return this.call({ op: "files", ...(request as Record<string, unknown>) }, opts);
   }
 

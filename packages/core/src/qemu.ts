@@ -22,9 +22,14 @@ export type VmPlan = {
   memory: MemoryBacking;
   /** Cold boot: kernel + initrd + command line. Absent for a restore. */
   boot?: { kernel: string; initrd: string; append: string };
-  /** Restore: start paused, waiting for migrate-incoming. */
+  /**
+   * Restore: start with `-incoming defer`; the caller sets x-ignore-shared and
+   * points migrate-incoming at the device-state stream on an inherited fd (QEMU
+   * 7.2 has no command-line property for that capability).
+   */
   incoming?: boolean;
-  network: boolean;
+  /** none: no NIC; user: outbound user-mode networking; isolated: the NIC exists (a snapshot's device set must match) but reaches nothing. */
+  network: "none" | "user" | "isolated";
   tbSizeMib?: number;
 };
 
@@ -122,8 +127,8 @@ export function buildQemuArgs(plan: VmPlan): string[] {
       "node,memdev=mem",
     );
   }
-  if (plan.network) {
-    args.push("-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0");
+  if (plan.network !== "none") {
+    args.push("-netdev", `user,id=net0${plan.network === "isolated" ? ",restrict=on" : ""}`, "-device", "virtio-net-device,netdev=net0");
   }
   if (plan.boot) {
     args.push("-kernel", plan.boot.kernel, "-initrd", plan.boot.initrd, "-append", plan.boot.append);
@@ -136,6 +141,8 @@ export type LaunchOpts = {
   plan: VmPlan;
   /** Kill the VMM when the launching process dies (for `forkd run`); off for sandboxes that outlive the CLI. */
   dieWithParent: boolean;
+  /** Open fds handed to QEMU as fd 3, 4, …; the caller closes its copies after launch. */
+  inheritFds?: number[];
 };
 
 export type Launched = { pid: number; exited: Promise<{ code: number | null; signal: string | null }> };
@@ -157,7 +164,10 @@ export function launchQemu(opts: LaunchOpts): Launched {
       opts.dieWithParent && fs.existsSync("/usr/bin/setpriv")
         ? ["/usr/bin/setpriv", ["--pdeathsig", "KILL", "--", binary, ...args]]
         : [binary, args];
-    child = spawn(file as string, argv as string[], { detached: !opts.dieWithParent, stdio: ["ignore", log, log] });
+    child = spawn(file as string, argv as string[], {
+      detached: !opts.dieWithParent,
+      stdio: ["ignore", log, log, ...(opts.inheritFds ?? [])],
+    });
   } finally {
     process.umask(oldUmask);
     fs.closeSync(log);

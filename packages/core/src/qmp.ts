@@ -89,6 +89,8 @@ export class QmpClient extends EventEmitter<{ event: [QmpEvent]; close: [] }> {
     readonly socketPath: string,
   ) {
     super();
+    // Errors surface as `close` (which fails pending work); without a listener an error event would throw.
+    socket.on("error", () => {});
   }
 
   /** Connect, read the greeting, and negotiate capabilities. Retries until the socket exists. */

@@ -34,6 +34,8 @@ export type BootOpts = {
   vcpus?: number;
   accel?: Accel;
   network?: boolean;
+  /** RAM in a shared file (a snapshot parent); private anonymous RAM otherwise. */
+  memoryPath?: string;
   /** For `forkd run`: the VMM dies with this process. */
   ephemeral?: boolean;
   bootTimeoutMs?: number;
@@ -71,9 +73,9 @@ export class Vm {
       vcpus: opts.vcpus ?? 1,
       runDir,
       rootfs: image.rootfs,
-      memory: { kind: "anon" },
+      memory: opts.memoryPath ? { kind: "file", path: opts.memoryPath, share: true } : { kind: "anon" },
       boot: { kernel: image.kernel, initrd: image.initrd, append: guestAppend(accel, fs.readFileSync("/proc/cpuinfo", "utf8")) },
-      network: opts.network ?? true,
+      network: (opts.network ?? true) ? "user" : "none",
     };
     const t0 = performance.now();
     let launched: Launched | undefined;

@@ -1,24 +1,60 @@
-import { execFile } from "node:child_process";
+import { type ChildProcessWithoutNullStreams, spawn } from "node:child_process";
 import fs from "node:fs/promises";
+import { createInterface } from "node:readline";
 import type { IdentityRequest } from "../protocol.js";
 import { AgentOpError } from "./errors.js";
 
 export type IdentityDeps = {
-  /** Path of the helper that reseeds the CRNG and sets the clock (needs ioctl / clock_settime). */
-  guestctl: string;
+  /** The helper that reseeds the CRNG and sets the clock (Node has no ioctl or clock_settime). */
+  guestctl: GuestCtl;
   hostnameFile: string;
 };
 
 const HOSTNAME_RE = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/i;
 
-function runHelper(file: string, args: string[], input?: Buffer): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const child = execFile(file, args, { timeout: 5000 }, (err, _stdout, stderr) => {
-      if (err) reject(new AgentOpError("io_error", `${file} ${args[0]} failed: ${stderr || err.message}`));
-      else resolve();
+/**
+ * A long-lived `forkd-guestctl serve` process. The agent starts it at boot, so it
+ * is part of every snapshot: a restored child asks it over a pipe instead of
+ * spawning a process, which under TCG costs hundreds of milliseconds.
+ */
+export class GuestCtl {
+  private child: ChildProcessWithoutNullStreams | undefined;
+  private readonly waiting: ((line: string) => void)[] = [];
+  private chain: Promise<unknown> = Promise.resolve();
+
+  constructor(private readonly path: string) {}
+
+  start(): void {
+    if (this.child && this.child.exitCode === null && !this.child.killed) return;
+    const child = spawn(this.path, ["serve"], { stdio: ["pipe", "pipe", "pipe"] });
+    child.on("error", () => this.fail("the guest helper could not start"));
+    child.on("exit", () => {
+      if (this.child === child) this.child = undefined;
+      this.fail("the guest helper exited");
     });
-    child.stdin?.end(input);
-  });
+    createInterface({ input: child.stdout }).on("line", (line) => this.waiting.shift()?.(line));
+    child.stderr.resume();
+    this.child = child;
+  }
+
+  private fail(reason: string): void {
+    for (const w of this.waiting.splice(0)) w(`err ${reason}`);
+  }
+
+  /** One request at a time: the helper answers strictly in order. */
+  request(line: string): Promise<void> {
+    const run = async () => {
+      this.start();
+      const answer = await new Promise<string>((resolve) => {
+        this.waiting.push(resolve);
+        this.child?.stdin.write(`${line}\n`);
+      });
+      if (answer !== "ok") throw new AgentOpError("io_error", `guest helper: ${answer.replace(/^err /, "")}`);
+    };
+    const next = this.chain.then(run, run);
+    this.chain = next.catch(() => {});
+    return next;
+  }
 }
 
 /** Give a restored child its own hostname, RNG state and wall clock. */
@@ -37,14 +73,14 @@ export async function applyIdentity(request: IdentityRequest, deps?: IdentityDep
     if (entropy.length < 16 || entropy.length > 512) {
       throw new AgentOpError("bad_request", "`entropy` must be 16 to 512 bytes, base64-encoded");
     }
-    await runHelper(deps.guestctl, ["reseed"], entropy);
+    await deps.guestctl.request(`R ${entropy.toString("hex")}`);
     applied.push("entropy");
   }
   if (request.clockMs !== undefined) {
     if (typeof request.clockMs !== "number" || !Number.isFinite(request.clockMs) || request.clockMs <= 0) {
       throw new AgentOpError("bad_request", "`clockMs` must be milliseconds since the epoch");
     }
-    await runHelper(deps.guestctl, ["settime", String(Math.round(request.clockMs))]);
+    await deps.guestctl.request(`T ${Math.round(request.clockMs)}`);
     applied.push("clock");
   }
   return { applied };

@@ -12,7 +12,12 @@ export function registerDoctor(program: Command): void {
       const checks = await runDoctor({ accel: opts.accel });
       if (opts.json) process.stdout.write(`${JSON.stringify(checks, null, 2)}\n`);
       else {
-        const table = new Table({ head: ["CHECK", "STATUS", "DETAIL", "FIX"], colWidths: [14, 8, 70, 40], wordWrap: true });
+        const table = new Table({
+          head: ["CHECK", "STATUS", "DETAIL", "FIX"],
+          colWidths: [14, 8, 70, 40],
+          wordWrap: true,
+          style: { head: [], border: [] },
+        });
         for (const c of checks) table.push([c.name, c.status.toUpperCase(), c.detail, c.fix ?? ""]);
         process.stdout.write(`${table.toString()}\n`);
       }

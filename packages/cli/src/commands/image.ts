@@ -1,7 +1,6 @@
 import { buildImage, listImages } from "@forkd/core";
-import Table from "cli-table3";
 import type { Command } from "commander";
-import { fmtBytes, fmtMs, withSpinner } from "../ui.js";
+import { fmtBytes, fmtMs, plainTable, withSpinner } from "../ui.js";
 
 export function registerImage(program: Command): void {
   const image = program.command("image").description("build and list guest images");
@@ -34,7 +33,7 @@ export function registerImage(program: Command): void {
         process.stdout.write(`${JSON.stringify(images, null, 2)}\n`);
         return;
       }
-      const table = new Table({ head: ["NAME", "DIGEST", "KERNEL", "ROOTFS", "RUNTIMES", "CREATED"] });
+      const table = plainTable(["NAME", "DIGEST", "KERNEL", "ROOTFS", "RUNTIMES", "CREATED"]);
       for (const m of images) {
         table.push([m.name, m.digest.slice(0, 12), m.kernelVersion, fmtBytes(m.rootfsBytes), m.runtimes.join(","), m.createdAt]);
       }

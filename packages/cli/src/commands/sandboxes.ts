@@ -1,0 +1,247 @@
+import fs from "node:fs";
+import {
+  type AgentClient,
+  cleanup,
+  connectSandbox,
+  type ForkChildResult,
+  ForkdError,
+  forkSandboxes,
+  getSandbox,
+  killSandbox,
+  listSandboxes,
+} from "@forkd/core";
+import type { Command } from "commander";
+import { collect, fmtMs, parseIntOption, percentile, plainTable, round1, spinner } from "../ui.js";
+
+type ForkCliOpts = { tag: string; n: number; memoryLimitMib?: number; net: boolean; json?: boolean; concurrency: number };
+
+export function registerSandboxes(program: Command): void {
+  program
+    .command("fork")
+    .description("restore N children from a snapshot, copy-on-write; they keep running after this command exits")
+    .requiredOption("--tag <tag>", "snapshot to fork from")
+    .option("-n, --count <n>", "number of children (1-1000)", parseIntOption("-n"), 1)
+    .option("--memory-limit-mib <m>", "cap each child's host memory with a cgroup", parseIntOption("--memory-limit-mib"))
+    .option("--no-net", "children get no outbound network (the NIC stays, isolated)")
+    .option("--concurrency <n>", "restores in flight at once", parseIntOption("--concurrency"), 16)
+    .option("--json", "print a JSON array of children with timings")
+    .action(async (opts: ForkCliOpts & { count: number }) => {
+      const n = opts.count;
+      if (n < 1 || n > 1000) throw new ForkdError("bad_request", `-n must be from 1 to 1000, got ${n}`);
+      const s = spinner(`forking ${n} from ${opts.tag}`);
+      let done = 0;
+      const started = performance.now();
+      let results: ForkChildResult[];
+      try {
+        results = await forkSandboxes({
+          tag: opts.tag,
+          n,
+          memoryLimitMib: opts.memoryLimitMib,
+          network: opts.net,
+          concurrency: opts.concurrency,
+          onChild: () => {
+            done++;
+            s.text = `forking from ${opts.tag}: ${done}/${n}`;
+          },
+        });
+      } finally {
+        s.stop();
+      }
+      const wallMs = performance.now() - started;
+      const ok = results.filter((r) => r.ok);
+      if (opts.json) {
+        const rows = results.map((r) =>
+          r.ok
+            ? {
+                id: r.id,
+                ok: true,
+                restore_ms: round1(r.timings.restoreMs),
+                vmm_start_ms: round1(r.timings.vmmStartMs),
+                first_answer_ms: round1(r.timings.firstAnswerMs),
+                identity_ms: round1(r.timings.identityMs),
+                total_ms: round1(r.timings.totalMs),
+              }
+            : { id: r.id, ok: false, error: r.error },
+        );
+        process.stdout.write(`${JSON.stringify(rows, null, 2)}\n`);
+      } else {
+        const table = plainTable(["ID", "VMM START", "RESTORE", "FIRST ANSWER", "IDENTITY", "TOTAL"]);
+        for (const r of results) {
+          if (r.ok) {
+            const t = r.timings;
+            table.push([r.id, fmtMs(t.vmmStartMs), fmtMs(t.restoreMs), fmtMs(t.firstAnswerMs), fmtMs(t.identityMs), fmtMs(t.totalMs)]);
+          } else {
+            table.push([
+              r.id,
+              { colSpan: 5, content: `FAILED: ${r.error.message}${r.error.console ? ` (console: ${r.error.console})` : ""}` },
+            ]);
+          }
+        }
+        process.stdout.write(`${table.toString()}\n`);
+        const totals = ok.map((r) => (r.ok ? r.timings.totalMs : 0));
+        process.stdout.write(
+          `${ok.length}/${n} children up in ${fmtMs(wallMs)}${ok.length ? ` (per child p50 ${fmtMs(percentile(totals, 50))}, p99 ${fmtMs(percentile(totals, 99))})` : ""}\n`,
+        );
+      }
+      for (const r of results) if (!r.ok) process.stderr.write(`forkd: child ${r.id} failed: ${r.error.message}\n`);
+      if (ok.length < n) process.exitCode = 1;
+    });
+
+  program
+    .command("ls")
+    .description("list sandboxes")
+    .option("--json", "machine-readable output")
+    .action((opts: { json?: boolean }) => {
+      const rows = listSandboxes();
+      if (opts.json) {
+        process.stdout.write(`${JSON.stringify(rows, null, 2)}\n`);
+        return;
+      }
+      if (rows.length === 0) {
+        process.stdout.write("no sandboxes; start some with `forkd fork --tag TAG -n N`\n");
+        return;
+      }
+      const table = plainTable(["ID", "TAG", "STATE", "PID", "MEMORY", "LIMIT", "NETWORK", "CREATED"]);
+      for (const r of rows) {
+        table.push([
+          r.id,
+          r.tag ?? "-",
+          r.alive ? r.state : "dead",
+          r.pid,
+          `${r.memory_mib} MiB`,
+          r.memory_limit_mib ? `${r.memory_limit_mib} MiB` : "-",
+          r.network,
+          r.created_at,
+        ]);
+      }
+      process.stdout.write(`${table.toString()}\n`);
+    });
+
+  program
+    .command("exec")
+    .description("run a command in a sandbox, stream its output, exit with its status")
+    .argument("<id>")
+    .argument("[command...]", "after --")
+    .usage("[options] ID -- CMD [ARGS...]")
+    .option("--env <k=v>", "environment variable (repeatable)", collect, [])
+    .option("--cwd <dir>", "working directory in the guest")
+    .option("--timeout-ms <n>", "kill the command after this long", parseIntOption("--timeout-ms"))
+    .option("--shell", "run the command words as one /bin/sh -c string")
+    .action(async (id: string, command: string[], opts: { env: string[]; cwd?: string; timeoutMs?: number; shell?: boolean }) => {
+      if (command.length === 0) throw new ForkdError("bad_request", "missing command: usage is `forkd exec ID -- CMD [ARGS...]`");
+      const env: Record<string, string> = {};
+      for (const pair of opts.env) {
+        const eq = pair.indexOf("=");
+        if (eq <= 0) throw new ForkdError("bad_request", `--env wants NAME=VALUE, got '${pair}'`);
+        env[pair.slice(0, eq)] = pair.slice(eq + 1);
+      }
+      await withAgent(id, async (agent) => {
+        const result = await agent.exec(
+          {
+            ...(opts.shell ? { cmd: command.join(" ") } : { argv: command }),
+            env,
+            ...(opts.cwd ? { cwd: opts.cwd } : {}),
+            ...(opts.timeoutMs ? { timeoutMs: opts.timeoutMs } : {}),
+          },
+          { onStdout: (d) => process.stdout.write(d), onStderr: (d) => process.stderr.write(d) },
+        );
+        if (result.timedOut) process.stderr.write(`forkd: command timed out after ${opts.timeoutMs} ms\n`);
+        process.exitCode = result.exitCode ?? 137;
+      });
+    });
+
+  program
+    .command("eval")
+    .description("evaluate JavaScript in the sandbox's warm context (state persists between calls)")
+    .argument("<id>")
+    .argument("<code>")
+    .option("--json", "print the whole result as JSON")
+    .action(async (id: string, code: string, opts: { json?: boolean }) => {
+      await withAgent(id, async (agent) => {
+        const result = await agent.eval(code);
+        if (opts.json) process.stdout.write(`${JSON.stringify(result)}\n`);
+        else process.stdout.write(`${typeof result.value === "string" ? result.value : JSON.stringify(result.value)}\n`);
+      });
+    });
+
+  program
+    .command("files")
+    .description("read, write or list files in a sandbox")
+    .argument("<id>")
+    .argument("<action>", "read | write | ls")
+    .argument("<path>", "absolute path in the guest")
+    .option("--from <file>", "for write: local file to upload (default: stdin)")
+    .action(async (id: string, action: string, guestPath: string, opts: { from?: string }) => {
+      if (!["read", "write", "ls"].includes(action))
+        throw new ForkdError("bad_request", `files action must be read, write or ls, got '${action}'`);
+      const data = action === "write" ? (opts.from ? fs.readFileSync(opts.from) : fs.readFileSync(0)) : undefined;
+      await withAgent(id, async (agent) => {
+        if (action === "read") {
+          const res = await agent.files<{ data: string }>({ action: "read", path: guestPath });
+          process.stdout.write(Buffer.from(res.data, "base64"));
+        } else if (action === "write") {
+          const res = await agent.files<{ size: number }>({ action: "write", path: guestPath, data: data!.toString("base64") });
+          process.stderr.write(`wrote ${res.size} bytes to ${guestPath}\n`);
+        } else {
+          const res = await agent.files<{ entries: { name: string; type: string; size: number }[] }>({ action: "list", path: guestPath });
+          for (const e of res.entries)
+            process.stdout.write(`${e.type === "dir" ? "d" : e.type === "symlink" ? "l" : "-"} ${String(e.size).padStart(10)} ${e.name}\n`);
+        }
+      });
+    });
+
+  program
+    .command("kill")
+    .description("stop sandboxes: by id, all of them, or all children of a snapshot")
+    .argument("[ids...]")
+    .option("--all", "every sandbox")
+    .option("--tag <tag>", "every child of this snapshot")
+    .action(async (ids: string[], opts: { all?: boolean; tag?: string }) => {
+      const targets = opts.all
+        ? listSandboxes().map((s) => s.id)
+        : opts.tag
+          ? listSandboxes()
+              .filter((s) => s.tag === opts.tag)
+              .map((s) => s.id)
+          : ids;
+      if (!opts.all && !opts.tag && ids.length === 0) throw new ForkdError("bad_request", "name sandbox ids, or use --all or --tag TAG");
+      const s = spinner(`killing ${targets.length} sandbox(es)`);
+      try {
+        const results = await Promise.allSettled(targets.map((id) => killSandbox(id)));
+        s.stop();
+        results.forEach((r, i) => {
+          if (r.status === "fulfilled") process.stdout.write(`killed ${targets[i]}\n`);
+          else {
+            process.stderr.write(`forkd: ${(r.reason as Error).message}\n`);
+            process.exitCode = 1;
+          }
+        });
+      } finally {
+        s.stop();
+      }
+    });
+
+  program
+    .command("cleanup")
+    .description("reap dead sandboxes, stray runtime dirs and abandoned snapshot temp dirs (never a live process of someone else)")
+    .option("--json", "machine-readable output")
+    .action(async (opts: { json?: boolean }) => {
+      const report = await cleanup();
+      if (opts.json) process.stdout.write(`${JSON.stringify(report)}\n`);
+      else {
+        process.stdout.write(
+          `reaped ${report.reaped.length} dead sandbox(es), ${report.strayRunDirs.length} stray runtime dir(s), ${report.strayTempDirs.length} abandoned temp dir(s)\n`,
+        );
+      }
+    });
+}
+
+async function withAgent(id: string, work: (agent: AgentClient) => Promise<void>): Promise<void> {
+  getSandbox(id);
+  const agent = await connectSandbox(id);
+  try {
+    await work(agent);
+  } finally {
+    agent.close();
+  }
+}
