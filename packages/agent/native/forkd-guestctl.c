@@ -2,6 +2,9 @@
  * forkd-guestctl: the two guest operations Node cannot do without ioctl/clock_settime.
  *   forkd-guestctl reseed   < entropy   mix stdin into the pool, credit it, reseed the CRNG
  *   forkd-guestctl settime MS            set CLOCK_REALTIME to MS milliseconds since the epoch
+ *   forkd-guestctl fasync FD PID         deliver SIGIO for the inherited fd FD to process PID: the
+ *                                        agent sleeps until virtio-serial signals that a host connected,
+ *                                        instead of polling a port whose read() returns 0 while no host is there
  *   forkd-guestctl serve                 answer "R <hex entropy>" and "T <ms>" lines on stdin with
  *                                        "ok" or "err <reason>" lines: the agent starts it once at boot,
  *                                        so a restored child pays a pipe round trip, not a process spawn
@@ -99,10 +102,21 @@ static int settime(const char *ms_text) {
   return 0;
 }
 
+static int set_fasync(const char *fd_text, const char *pid_text) {
+  int fd = atoi(fd_text);
+  int pid = atoi(pid_text);
+  if (fd < 0 || pid <= 0) { fprintf(stderr, "forkd-guestctl: fasync wants FD PID\n"); return 2; }
+  if (fcntl(fd, F_SETOWN, pid) < 0) { perror("F_SETOWN"); return 1; }
+  int flags = fcntl(fd, F_GETFL);
+  if (flags < 0 || fcntl(fd, F_SETFL, flags | O_ASYNC) < 0) { perror("F_SETFL O_ASYNC"); return 1; }
+  return 0;
+}
+
 int main(int argc, char **argv) {
   if (argc == 2 && strcmp(argv[1], "reseed") == 0) return reseed();
   if (argc == 3 && strcmp(argv[1], "settime") == 0) return settime(argv[2]);
   if (argc == 2 && strcmp(argv[1], "serve") == 0) return serve();
-  fprintf(stderr, "usage: forkd-guestctl reseed < entropy | settime MS | serve\n");
+  if (argc == 4 && strcmp(argv[1], "fasync") == 0) return set_fasync(argv[2], argv[3]);
+  fprintf(stderr, "usage: forkd-guestctl reseed < entropy | settime MS | serve | fasync FD PID\n");
   return 2;
 }

@@ -1,18 +1,25 @@
 // Guest entry point: find the virtio-serial port named forkd.agent, then serve
 // framed requests on it for the life of the VM.
+import { spawn } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
+import { performance as nodePerformance } from "node:perf_hooks";
 import { GuestCtl } from "./ops/identity.js";
 import { AGENT_PORT_NAME, encodeFrame, FrameDecoder, type ResponseFrame } from "./protocol.js";
 import { AgentServer } from "./server.js";
 
 const PORTS_DIR = "/sys/class/virtio-ports";
 const READ_BUFFER_BYTES = 256 * 1024;
-// While no host is connected, read() on the port returns 0 at once; back off
-// between tries so an idle, unattached guest costs little CPU (this matters under TCG),
-// yet a freshly restored child notices its host within a few milliseconds.
+// While no host is connected, read() on the port returns 0 at once (and poll()
+// reports HUP), so there is nothing to block on. The port raises SIGIO when a host
+// connects; we sleep until then. Under TCG an idle guest that polled would burn
+// real host CPU in every one of a hundred children. The slow poll is only a safety net.
 const IDLE_POLL_MIN_MS = 1;
 const IDLE_POLL_MAX_MS = 25;
+const SIGIO_FALLBACK_POLL_MS = 10_000;
+// Right after a disconnect (and so right after a restore) a host usually connects
+// within milliseconds: poll briefly with backoff before settling into SIGIO sleep.
+const EAGER_POLL_WINDOW_MS = 400;
 
 function findPort(): string {
   for (const entry of fs.readdirSync(PORTS_DIR)) {
@@ -33,7 +40,32 @@ function openPort(): number {
   }
 }
 
+let sigioCount = 0;
+let sigioEnabled = false;
+let wakeForHost: (() => void) | undefined;
+let lastSigioAt = 0;
+let lastDataAt = 0;
+process.on("SIGIO", () => {
+  sigioCount++;
+  lastSigioAt = performance.now();
+  const wake = wakeForHost;
+  wakeForHost = undefined;
+  wake?.();
+});
+
 const fd = openPort();
+
+/** Ask the helper to route the port's SIGIO to us (Node cannot fcntl F_SETOWN/O_ASYNC itself). */
+function enableSigio(): void {
+  const helper = spawn("/opt/forkd/bin/forkd-guestctl", ["fasync", "3", String(process.pid)], {
+    stdio: ["ignore", "ignore", "inherit", fd],
+  });
+  helper.on("error", () => {});
+  helper.on("exit", (code) => {
+    sigioEnabled = code === 0;
+    if (!sigioEnabled) console.error("forkd-agent: could not enable SIGIO on the agent port; polling instead");
+  });
+}
 let writeChain: Promise<void> = Promise.resolve();
 
 function writeAll(buffer: Buffer): Promise<void> {
@@ -65,6 +97,21 @@ guestctl.start();
 const server = new AgentServer(send, {
   identity: { guestctl, hostnameFile: "/proc/sys/kernel/hostname" },
   hostname: () => os.hostname(),
+  stats: () => {
+    const usage = process.resourceUsage();
+    const elu = nodePerformance.eventLoopUtilization();
+    return {
+      portReads,
+      sigioCount,
+      sigioEnabled,
+      cpuMs: Math.round((usage.userCPUTime + usage.systemCPUTime) / 1000),
+      voluntarySwitches: usage.voluntaryContextSwitches,
+      loopActiveMs: Math.round(elu.active),
+      loopIdleMs: Math.round(elu.idle),
+      sinceSigioMs: Math.round(performance.now() - lastSigioAt),
+      sinceDataMs: Math.round(performance.now() - lastDataAt),
+    };
+  },
 });
 
 let decoder = new FrameDecoder();
@@ -72,25 +119,58 @@ let connected = false;
 let idleDelayMs = IDLE_POLL_MIN_MS;
 const readBuffer = Buffer.allocUnsafe(READ_BUFFER_BYTES);
 
+function waitForHost(sigiosBeforeRead: number): void {
+  if (sigioCount !== sigiosBeforeRead) {
+    // A host connected while our read was returning 0: try again now.
+    setImmediate(readLoop);
+    return;
+  }
+  if (sigioEnabled && performance.now() - disconnectedAt > EAGER_POLL_WINDOW_MS) {
+    const timer = setTimeout(() => {
+      wakeForHost = undefined;
+      enableSigio();
+      readLoop();
+    }, SIGIO_FALLBACK_POLL_MS);
+    wakeForHost = () => {
+      clearTimeout(timer);
+      enableSigio();
+      readLoop();
+    };
+    return;
+  }
+  setTimeout(readLoop, idleDelayMs);
+  idleDelayMs = Math.min(idleDelayMs * 2, IDLE_POLL_MAX_MS);
+}
+
+let portReads = 0;
+let disconnectedAt = 0;
+
 function readLoop(): void {
+  portReads++;
+  const sigiosBeforeRead = sigioCount;
   fs.read(fd, readBuffer, 0, readBuffer.length, null, (err, bytesRead) => {
     if (err || bytesRead === 0) {
+      if (connected || disconnectedAt === 0) {
+        disconnectedAt = performance.now();
+        idleDelayMs = IDLE_POLL_MIN_MS;
+      }
       if (connected) {
         // The host hung up: nobody will read the answers of what it started.
         connected = false;
         server.abortAll();
         decoder = new FrameDecoder();
       }
-      setTimeout(readLoop, idleDelayMs);
-      idleDelayMs = Math.min(idleDelayMs * 2, IDLE_POLL_MAX_MS);
+      waitForHost(sigiosBeforeRead);
       return;
     }
     connected = true;
+    lastDataAt = performance.now();
     idleDelayMs = IDLE_POLL_MIN_MS;
     for (const frame of decoder.push(Buffer.from(readBuffer.subarray(0, bytesRead)))) {
       if (frame.ok) server.handle(frame.message);
       else server.rejectFrame(frame.error);
     }
+    enableSigio();
     readLoop();
   });
 }
@@ -103,4 +183,5 @@ process.on("unhandledRejection", (err) => {
   console.error("forkd-agent: unhandled rejection", err);
 });
 
+enableSigio();
 readLoop();

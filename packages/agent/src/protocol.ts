@@ -61,7 +61,14 @@ export type IdentityRequest = {
   clockMs?: number;
 };
 
-export type PingResult = { version: string; uptimeMs: number; runtimes: string[]; hostname: string };
+export type PingResult = {
+  version: string;
+  uptimeMs: number;
+  runtimes: string[];
+  hostname: string;
+  inFlight: number;
+  stats?: Record<string, unknown>;
+};
 
 export type CancelRequest = { op: "cancel"; target: number };
 

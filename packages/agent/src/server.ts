@@ -15,6 +15,8 @@ export type AgentServerOpts = {
   maxConcurrentCalls?: number;
   identity?: IdentityDeps;
   hostname?: () => string;
+  /** Counters of the transport, reported by ping for diagnosis. */
+  stats?: () => Record<string, unknown>;
 };
 
 type Running = { controller: AbortController };
@@ -85,6 +87,8 @@ export class AgentServer {
           uptimeMs: Date.now() - this.startedAt,
           runtimes: ["javascript"],
           hostname: this.opts.hostname?.() ?? "",
+          inFlight: this.running.size - 1,
+          ...(this.opts.stats ? { stats: this.opts.stats() } : {}),
         };
       case "exec":
         return runExec(request, signal, (stream, data) => this.send({ id, kind: "chunk", stream, data: data.toString("base64") }));

@@ -70,7 +70,7 @@ fi
 export UV_THREADPOOL_SIZE=8 HOME=/root
 cd /root
 while true; do
-  ${GUEST_NODE} ${GUEST_AGENT} </dev/null >/dev/console 2>&1
+  ${GUEST_NODE} --no-memory-reducer --expose-gc ${GUEST_AGENT} </dev/null >/dev/console 2>&1
   echo "forkd-init: agent exited with status $?; restarting" >/dev/console
   sleep 0.2
 done

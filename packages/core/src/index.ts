@@ -5,6 +5,7 @@ export * from "./config.js";
 export * from "./doctor.js";
 export * from "./errors.js";
 export * from "./image.js";
+export * from "./procmem.js";
 export * from "./qemu.js";
 export * from "./qmp.js";
 export * from "./sandbox.js";
