@@ -139,8 +139,18 @@ async function keepLogs(id: string, runDir: string): Promise<string | undefined>
   }
 }
 
-/** Poll the agent with short pings until one is answered: early pings are queued until the guest opens its port. */
-export async function waitForAgent(socketPath: string, timeoutMs: number, runDir: string, signal?: AbortSignal): Promise<AgentClient> {
+/**
+ * Probe the agent until it answers: early probes are queued until the guest opens
+ * its port. The probe is a ping unless the caller names another idempotent call
+ * (a restored child uses its identity call, saving a round trip under TCG).
+ */
+export async function waitForAgent(
+  socketPath: string,
+  timeoutMs: number,
+  runDir: string,
+  signal?: AbortSignal,
+  probe: (agent: AgentClient, timeoutMs: number) => Promise<unknown> = (agent, ms) => agent.ping({ timeoutMs: ms }),
+): Promise<AgentClient> {
   const deadline = Date.now() + timeoutMs;
   const agent = await AgentClient.connect(socketPath, { timeoutMs });
   for (;;) {
@@ -155,7 +165,7 @@ export async function waitForAgent(socketPath: string, timeoutMs: number, runDir
       );
     }
     try {
-      await agent.ping({ timeoutMs: Math.min(remaining, 1000) });
+      await probe(agent, Math.min(remaining, 2000));
       return agent;
     } catch (err) {
       if (agent.isClosed) throw err;

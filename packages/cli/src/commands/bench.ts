@@ -1,6 +1,78 @@
-import { chooseAccel, ForkdError, parseAccel, Vm } from "@forkd/core";
+import { randomBytes } from "node:crypto";
+import fs from "node:fs";
+import os from "node:os";
+import {
+  chooseAccel,
+  createSnapshot,
+  ensureStaged,
+  ForkdError,
+  forkSandboxes,
+  getSnapshot,
+  killAndWait,
+  killSandbox,
+  launchQemu,
+  makeRunDir,
+  newSandboxId,
+  parseAccel,
+  pssBytes,
+  QmpClient,
+  removeSnapshot,
+  runtimePaths,
+  Vm,
+} from "@forkd/core";
 import type { Command } from "commander";
 import { parseIntOption, percentile, round1, spinner } from "../ui.js";
+
+const MIB = 2 ** 20;
+
+async function coldBootsMs(runs: number, image: string, accel: "kvm" | "tcg", onStep: (i: number) => void): Promise<number[]> {
+  const samples: number[] = [];
+  for (let i = 0; i < runs; i++) {
+    onStep(i);
+    const { vm, timings } = await Vm.boot({ image, accel, ephemeral: true });
+    samples.push(timings.totalMs);
+    await vm.destroy();
+  }
+  return samples;
+}
+
+/** PSS of a QEMU started exactly like a child (same flags, same memory file) but with no guest running. */
+async function vmmFloorBytes(tag: string): Promise<number> {
+  const snapshot = await getSnapshot(tag);
+  const memoryPath = await ensureStaged(snapshot);
+  const id = newSandboxId();
+  const runDir = await makeRunDir(id);
+  const launched = launchQemu({
+    plan: {
+      accel: snapshot.accel,
+      memoryMib: snapshot.memoryMib,
+      vcpus: snapshot.vcpus,
+      runDir,
+      rootfs: snapshot.image.rootfs,
+      memory: { kind: "file", path: memoryPath, share: false },
+      incoming: true,
+      network: "user",
+    },
+    dieWithParent: true,
+  });
+  try {
+    const qmp = await QmpClient.connect(runtimePaths(runDir).qmp);
+    await new Promise((r) => setTimeout(r, 500));
+    const pss = pssBytes(launched.pid) ?? Number.NaN;
+    qmp.close();
+    return pss;
+  } finally {
+    await killAndWait(launched.pid, runDir, launched);
+    fs.rmSync(runDir, { recursive: true, force: true });
+  }
+}
+
+function writeResult(name: string, result: unknown): void {
+  const dir = process.env.FORKD_BENCH_DIR;
+  if (!dir) return;
+  fs.mkdirSync(dir, { recursive: true });
+  fs.writeFileSync(`${dir}/${name}.json`, `${JSON.stringify(result, null, 2)}\n`);
+}
 
 export function registerBench(program: Command): void {
   const bench = program.command("bench").description("benchmarks that print a table or JSON");
@@ -14,15 +86,10 @@ export function registerBench(program: Command): void {
     .action(async (opts: { runs: number; image: string; accel?: string; json?: boolean }) => {
       if (opts.runs < 1 || opts.runs > 100) throw new ForkdError("bad_request", "--runs must be from 1 to 100");
       const accel = opts.accel ? parseAccel(opts.accel) : (await chooseAccel()).accel;
-      const samples: number[] = [];
       const s = spinner("cold boots");
+      let samples: number[];
       try {
-        for (let i = 0; i < opts.runs; i++) {
-          s.text = `cold boot ${i + 1}/${opts.runs}`;
-          const { vm, timings } = await Vm.boot({ image: opts.image, accel, ephemeral: true });
-          samples.push(timings.totalMs);
-          await vm.destroy();
-        }
+        samples = await coldBootsMs(opts.runs, opts.image, accel, (i) => (s.text = `cold boot ${i + 1}/${opts.runs}`));
       } finally {
         s.stop();
       }
@@ -32,8 +99,9 @@ export function registerBench(program: Command): void {
         boot_to_ping_ms_p50: round1(percentile(samples, 50)),
         boot_to_ping_ms_max: round1(Math.max(...samples)),
         boot_to_ping_ms_min: round1(Math.min(...samples)),
-        cpus: (await import("node:os")).cpus().length,
+        cpus: os.cpus().length,
       };
+      writeResult("boot", result);
       if (opts.json) process.stdout.write(`${JSON.stringify(result)}\n`);
       else {
         process.stdout.write(
@@ -41,4 +109,117 @@ export function registerBench(program: Command): void {
         );
       }
     });
+
+  bench
+    .command("spawn")
+    .description("fork N children from a warm snapshot; wall time, per-child timings, memory per child, and cold boots side by side")
+    .option("-n, --count <n>", "children", parseIntOption("-n"), 100)
+    .option("--image <name>", "guest image", "base")
+    .option("--memory-mib <n>", "guest memory", parseIntOption("--memory-mib"), 256)
+    .option("--concurrency <n>", "restores in flight", parseIntOption("--concurrency"), 8)
+    .option("--cold-runs <n>", "cold boots to compare against", parseIntOption("--cold-runs"), 3)
+    .option("--accel <mode>", "kvm or tcg")
+    .option("--json", "print JSON")
+    .action(
+      async (opts: {
+        count: number;
+        image: string;
+        memoryMib: number;
+        concurrency: number;
+        coldRuns: number;
+        accel?: string;
+        json?: boolean;
+      }) => {
+        const n = opts.count;
+        if (n < 1 || n > 1000) throw new ForkdError("bad_request", "-n must be from 1 to 1000");
+        const accel = opts.accel ? parseAccel(opts.accel) : (await chooseAccel()).accel;
+        const tag = `bench-spawn-${randomBytes(4).toString("hex")}`;
+        const s = spinner(`snapshot ${tag}`);
+        const ids: string[] = [];
+        try {
+          await createSnapshot({
+            tag,
+            image: opts.image,
+            memoryMib: opts.memoryMib,
+            accel,
+            onProgress: (step) => (s.text = `snapshot: ${step}`),
+          });
+          s.text = "measuring a bare VMM";
+          const floor = await vmmFloorBytes(tag);
+          s.text = `forking ${n}`;
+          let done = 0;
+          const started = performance.now();
+          const results = await forkSandboxes({
+            tag,
+            n,
+            concurrency: opts.concurrency,
+            onChild: (r) => {
+              if (r.ok) ids.push(r.id);
+              s.text = `forking: ${++done}/${n}`;
+            },
+          });
+          const wallMs = performance.now() - started;
+          const ok = results.flatMap((r) => (r.ok ? [r] : []));
+          s.text = "letting children settle, then reading their memory";
+          await new Promise((r) => setTimeout(r, 2000));
+          const pss = ok.map((r) => pssBytes(r.pid) ?? 0);
+          const pssPerChild = pss.reduce((a, b) => a + b, 0) / Math.max(1, ok.length);
+          s.text = "killing children";
+          await Promise.all(ids.splice(0).map((id) => killSandbox(id)));
+          const cold = await coldBootsMs(opts.coldRuns, opts.image, accel, (i) => (s.text = `cold boot ${i + 1}/${opts.coldRuns}`));
+          const coldMs = percentile(cold, 50);
+          const perChild = ok.map((r) => r.timings.totalMs);
+          const result = {
+            accel,
+            n,
+            ok: ok.length,
+            cpus: os.cpus().length,
+            concurrency: opts.concurrency,
+            memory_mib: opts.memoryMib,
+            wall_ms: round1(wallMs),
+            vmm_start_ms: round1(
+              percentile(
+                ok.map((r) => r.timings.vmmStartMs),
+                50,
+              ),
+            ),
+            restore_ms_p50: round1(
+              percentile(
+                ok.map((r) => r.timings.restoreMs),
+                50,
+              ),
+            ),
+            first_answer_ms_p50: round1(
+              percentile(
+                ok.map((r) => r.timings.firstAnswerMs),
+                50,
+              ),
+            ),
+            per_child_ms_p50: round1(percentile(perChild, 50)),
+            per_child_ms_p99: round1(percentile(perChild, 99)),
+            pss_per_child_mib: round1(pssPerChild / MIB),
+            vmm_floor_mib: round1(floor / MIB),
+            guest_delta_mib: round1((pssPerChild - floor) / MIB),
+            cold_boot_ms: round1(coldMs),
+            // Per VM: one cold boot against one child's restore-to-answer, both measured in this run.
+            speedup_vs_cold: round1(coldMs / percentile(perChild, 50)),
+            // Amortised: n cold boots one after another against the whole fan-out.
+            fanout_speedup_vs_cold: round1((coldMs * n) / wallMs),
+            failures: results.flatMap((r) => (r.ok ? [] : [r.error])),
+          };
+          s.stop();
+          writeResult("spawn", result);
+          if (opts.json) process.stdout.write(`${JSON.stringify(result)}\n`);
+          else {
+            for (const [k, v] of Object.entries(result)) if (k !== "failures") process.stdout.write(`${k.padEnd(24)} ${v}\n`);
+            for (const f of result.failures) process.stdout.write(`failure: ${f.message}\n`);
+          }
+          if (ok.length < n) process.exitCode = 1;
+        } finally {
+          s.stop();
+          await Promise.all(ids.map((id) => killSandbox(id).catch(() => {})));
+          await removeSnapshot(tag, { force: true }).catch(() => {});
+        }
+      },
+    );
 }

@@ -58,22 +58,21 @@ export function registerSandboxes(program: Command): void {
                 restore_ms: round1(r.timings.restoreMs),
                 vmm_start_ms: round1(r.timings.vmmStartMs),
                 first_answer_ms: round1(r.timings.firstAnswerMs),
-                identity_ms: round1(r.timings.identityMs),
                 total_ms: round1(r.timings.totalMs),
               }
             : { id: r.id, ok: false, error: r.error },
         );
         process.stdout.write(`${JSON.stringify(rows, null, 2)}\n`);
       } else {
-        const table = plainTable(["ID", "VMM START", "RESTORE", "FIRST ANSWER", "IDENTITY", "TOTAL"]);
+        const table = plainTable(["ID", "VMM START", "RESTORE", "FIRST ANSWER (IDENTITY)", "TOTAL"]);
         for (const r of results) {
           if (r.ok) {
             const t = r.timings;
-            table.push([r.id, fmtMs(t.vmmStartMs), fmtMs(t.restoreMs), fmtMs(t.firstAnswerMs), fmtMs(t.identityMs), fmtMs(t.totalMs)]);
+            table.push([r.id, fmtMs(t.vmmStartMs), fmtMs(t.restoreMs), fmtMs(t.firstAnswerMs), fmtMs(t.totalMs)]);
           } else {
             table.push([
               r.id,
-              { colSpan: 5, content: `FAILED: ${r.error.message}${r.error.console ? ` (console: ${r.error.console})` : ""}` },
+              { colSpan: 4, content: `FAILED: ${r.error.message}${r.error.console ? ` (console: ${r.error.console})` : ""}` },
             ]);
           }
         }

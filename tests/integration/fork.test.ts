@@ -1,0 +1,220 @@
+// Warm snapshots and copy-on-write children, through the CLI and the core API,
+// against real QEMU: isolation, identity, lifecycle, limits, crash safety.
+import { spawn, spawnSync } from "node:child_process";
+import fs from "node:fs";
+import http from "node:http";
+import path from "node:path";
+import { connectSandbox, listSandboxes, listSnapshots } from "@forkd/core";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { CLI, isolateForkd, qemuPidsUnder } from "../helpers/env.js";
+
+const env = isolateForkd();
+process.env.FORKD_SHM_DIR = path.join(env.runDir, "shm");
+const TAG = "warm-test";
+
+function forkd(args: string[], opts: { input?: string } = {}) {
+  const res = spawnSync(process.execPath, [CLI, ...args], { encoding: "utf8", timeout: 300_000, env: process.env, input: opts.input });
+  return { code: res.status, stdout: res.stdout, stderr: res.stderr };
+}
+
+function forkJson(args: string[]): { id: string; ok: boolean; restore_ms: number }[] {
+  const res = forkd(["fork", ...args, "--json"]);
+  expect(res.code, res.stderr).toBe(0);
+  return JSON.parse(res.stdout);
+}
+
+async function sh(id: string, cmd: string): Promise<{ out: string; code: number | null }> {
+  const agent = await connectSandbox(id);
+  try {
+    let out = "";
+    const res = await agent.exec({ cmd }, { onStdout: (d) => (out += d), onStderr: (d) => (out += d) });
+    return { out, code: res.exitCode };
+  } finally {
+    agent.close();
+  }
+}
+
+async function evalIn(id: string, code: string): Promise<unknown> {
+  const agent = await connectSandbox(id);
+  try {
+    return (await agent.eval(code)).value;
+  } finally {
+    agent.close();
+  }
+}
+
+beforeAll(() => {
+  const res = forkd(["snapshot", "--tag", TAG, "--warm", "echo warm > /root/warm.txt", "--warm-eval", "globalThis.marker = 'warm'"]);
+  expect(res.code, res.stderr).toBe(0);
+});
+
+afterAll(() => {
+  forkd(["kill", "--all"]);
+});
+
+describe("snapshot store", () => {
+  it("lists the snapshot with its manifest, staged on shmem", async () => {
+    const [snap] = await listSnapshots();
+    expect(snap?.tag).toBe(TAG);
+    expect(snap?.memorySha256).toMatch(/^[0-9a-f]{64}$/);
+    expect(snap?.staged).toBe(true);
+    expect(snap?.parent).toBeNull();
+    expect(fs.statSync(snap!.memoryPath).mode & 0o222).toBe(0);
+    const listed = forkd(["images"]);
+    expect(listed.stdout).toContain(TAG);
+  });
+
+  it("refuses bad tags with the rule they broke, unknown tags with a pointer, and duplicates", () => {
+    expect(forkd(["snapshot", "--tag", "../x"]).stderr).toMatch(/must start with a letter, digit or '_'/);
+    expect(forkd(["snapshot", "--tag", "a".repeat(65)]).stderr).toMatch(/limit is 64/);
+    expect(forkd(["fork", "--tag", "nope", "-n", "1"]).stderr).toMatch(/no snapshot nope; `forkd images` lists them/);
+    expect(forkd(["snapshot", "--tag", TAG]).stderr).toMatch(/already exists/);
+    for (const n of ["0", "1001"]) {
+      const res = forkd(["fork", "--tag", TAG, "-n", n]);
+      expect(res.code).toBe(2);
+      expect(res.stderr).toMatch(/-n must be from 1 to 1000/);
+    }
+  });
+});
+
+describe("children", () => {
+  let a: string;
+  let b: string;
+
+  beforeAll(() => {
+    const children = forkJson(["--tag", TAG, "-n", "2"]);
+    expect(children.every((c) => c.ok)).toBe(true);
+    [a, b] = children.map((c) => c.id) as [string, string];
+  });
+
+  it("start warm: the parent's file and JS state are there", async () => {
+    expect((await sh(a, "cat /root/warm.txt")).out).toBe("warm\n");
+    expect(await evalIn(b, "marker")).toBe("warm");
+  });
+
+  it("are isolated: writes in one are invisible in the other and in a fresh child", async () => {
+    await sh(a, "echo mine > /root/a-only.txt");
+    await evalIn(a, "globalThis.secret = 42");
+    expect((await sh(b, "cat /root/a-only.txt")).code).not.toBe(0);
+    expect(await evalIn(b, "typeof secret")).toBe("undefined");
+    const [fresh] = forkJson(["--tag", TAG, "-n", "1"]);
+    expect((await sh(fresh!.id, "test -e /root/a-only.txt; echo $?")).out.trim()).toBe("1");
+    expect(await evalIn(fresh!.id, "typeof secret")).toBe("undefined");
+    expect(forkd(["kill", fresh!.id]).code).toBe(0);
+  });
+
+  it("each get their own hostname and RNG output", async () => {
+    expect((await sh(a, "hostname")).out.trim()).toBe(a);
+    expect((await sh(b, "hostname")).out.trim()).toBe(b);
+    const rand = async (id: string) => (await sh(id, "head -c 32 /dev/urandom | od -An -tx1")).out;
+    expect(await rand(a)).not.toBe(await rand(b));
+    const now = Math.floor(Date.now() / 1000);
+    expect(Math.abs(Number((await sh(a, "date +%s")).out) - now)).toBeLessThan(30);
+  });
+
+  it("work through the CLI: ls, exec, eval, files", () => {
+    expect(forkd(["ls"]).stdout).toContain(a);
+    const exec = forkd(["exec", a, "--", "sh", "-c", "echo out; echo err >&2; exit 3"]);
+    expect(exec.code).toBe(3);
+    expect(exec.stdout).toBe("out\n");
+    expect(exec.stderr).toContain("err");
+    expect(forkd(["exec", a, "--", "no-such-tool"]).code).toBe(127);
+    expect(forkd(["eval", a, "marker + '!'"]).stdout).toBe("warm!\n");
+    expect(forkd(["files", a, "write", "/root/up.txt"], { input: "uploaded" }).code).toBe(0);
+    expect(forkd(["files", a, "read", "/root/up.txt"]).stdout).toBe("uploaded");
+    expect(forkd(["files", a, "ls", "/root"]).stdout).toMatch(/up\.txt/);
+    expect(forkd(["exec", "sb-000000000000", "--", "true"]).stderr).toMatch(/no sandbox sb-000000000000; `forkd ls` lists them/);
+    expect(forkd(["exec", "../etc", "--", "true"]).stderr).toMatch(/not a sandbox id/);
+  });
+
+  it("refuse rmi while alive, unless forced", () => {
+    expect(forkd(["rmi", TAG]).stderr).toMatch(/live sandbox/);
+  });
+});
+
+describe("networking and limits", () => {
+  let server: http.Server;
+  let port: number;
+  beforeAll(async () => {
+    server = http.createServer((_req, res) => res.end("from-host"));
+    await new Promise<void>((r) => server.listen(0, "127.0.0.1", () => r()));
+    port = (server.address() as { port: number }).port;
+  });
+  afterAll(() => server.close());
+
+  it("user networking reaches out; --no-net children reach nothing", async () => {
+    const [netChild] = forkJson(["--tag", TAG, "-n", "1"]);
+    const [offline] = forkJson(["--tag", TAG, "-n", "1", "--no-net"]);
+    // 10.0.2.2 is the host as seen through QEMU user-mode networking.
+    const get = `printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 10.0.2.2 ${port}`;
+    expect((await sh(netChild!.id, get)).out).toContain("from-host");
+    const offlineOut = (await sh(offline!.id, `${get}; echo "exit=$?"`)).out;
+    expect(offlineOut).not.toContain("from-host");
+    expect(offlineOut).toMatch(/exit=[1-9]/);
+    forkd(["kill", netChild!.id, offline!.id]);
+  });
+
+  it("puts a child under a memory cgroup and removes it with the child", () => {
+    const [limited] = forkJson(["--tag", TAG, "-n", "1", "--memory-limit-mib", "512"]);
+    const row = listSandboxes().find((s) => s.id === limited!.id);
+    expect(row?.cgroup).toBeTruthy();
+    const limitFile = ["memory.max", "memory.limit_in_bytes"].map((f) => path.join(row!.cgroup!, f)).find((f) => fs.existsSync(f));
+    expect(Number(fs.readFileSync(limitFile!, "utf8"))).toBe(512 * 2 ** 20);
+    expect(fs.readFileSync(path.join(row!.cgroup!, "cgroup.procs"), "utf8")).toContain(String(row!.pid));
+    forkd(["kill", limited!.id]);
+    expect(fs.existsSync(row!.cgroup!)).toBe(false);
+  });
+});
+
+describe("fan-out and teardown", () => {
+  it("forks 20 children that all answer, then kill --all and cleanup leave nothing", async () => {
+    const children = forkJson(["--tag", TAG, "-n", "20", "--concurrency", "4"]);
+    expect(children.filter((c) => c.ok)).toHaveLength(20);
+    const answers = await Promise.all(children.map(async (c) => (await sh(c.id, "hostname")).out.trim()));
+    expect(new Set(answers).size).toBe(20);
+    expect(forkd(["kill", "--all"]).code).toBe(0);
+    expect(forkd(["cleanup"]).code).toBe(0);
+    expect(qemuPidsUnder(env.runDir)).toEqual([]);
+    expect(fs.readdirSync(path.join(env.runDir, "vms"))).toEqual([]);
+    expect(forkd(["ls", "--json"]).stdout.trim()).toBe("[]");
+  });
+
+  it("reaps a child whose VMM died behind forkd's back", () => {
+    const [child] = forkJson(["--tag", TAG, "-n", "1"]);
+    const row = listSandboxes().find((s) => s.id === child!.id)!;
+    process.kill(row.pid, "SIGKILL");
+    const deadline = Date.now() + 5000;
+    while (qemuPidsUnder(row.run_dir).length > 0 && Date.now() < deadline) spawnSync("sleep", ["0.05"]);
+    const report = JSON.parse(forkd(["cleanup", "--json"]).stdout);
+    expect(report.reaped).toContain(child!.id);
+    expect(fs.existsSync(row.run_dir)).toBe(false);
+  });
+
+  it("never lists a snapshot whose creator was killed -9 midway, and cleanup removes its remains", async () => {
+    const child = spawn(process.execPath, [CLI, "snapshot", "--tag", "crashy"], { env: process.env, stdio: "ignore" });
+    const snapshotsDir = path.join(env.home, "snapshots");
+    const deadline = Date.now() + 60_000;
+    while (Date.now() < deadline && !fs.readdirSync(snapshotsDir).some((n) => n.startsWith(".tmp-"))) {
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    await new Promise((r) => setTimeout(r, 500));
+    child.kill("SIGKILL");
+    await new Promise((r) => child.once("exit", r));
+    expect((await listSnapshots()).map((s) => s.tag)).not.toContain("crashy");
+    expect(JSON.parse(forkd(["images", "--json"]).stdout).map((s: { tag: string }) => s.tag)).not.toContain("crashy");
+    const report = JSON.parse(forkd(["cleanup", "--json"]).stdout);
+    expect(report.strayTempDirs.length).toBeGreaterThan(0);
+    expect(fs.readdirSync(snapshotsDir).filter((n) => n.startsWith("."))).toEqual([]);
+    const gone = Date.now() + 5000;
+    while (qemuPidsUnder(env.runDir).length > 0 && Date.now() < gone) await new Promise((r) => setTimeout(r, 50));
+    expect(qemuPidsUnder(env.runDir)).toEqual([]);
+  });
+
+  it("rmi removes the snapshot and its staged memory", () => {
+    const shm = path.join(process.env.FORKD_SHM_DIR!, "images");
+    expect(fs.readdirSync(shm).some((n) => n.startsWith(`${TAG}@`))).toBe(true);
+    expect(forkd(["rmi", TAG]).code).toBe(0);
+    expect(fs.readdirSync(shm).some((n) => n.startsWith(`${TAG}@`))).toBe(false);
+    expect(forkd(["fork", "--tag", TAG, "-n", "1"]).stderr).toMatch(/no snapshot/);
+  });
+});
