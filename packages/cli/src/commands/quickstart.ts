@@ -1,39 +1,116 @@
-import { buildImage, chooseAccel, Vm } from "@forkd/core";
+import {
+  buildImage,
+  chooseAccel,
+  connectSandbox,
+  createSnapshot,
+  forkSandboxes,
+  getSnapshot,
+  isForkdError,
+  killSandbox,
+  pssBytes,
+  removeSnapshot,
+  Vm,
+} from "@forkd/core";
 import type { Command } from "commander";
-import { fmtMs, withSpinner } from "../ui.js";
+import { fmtMs, plainTable, withSpinner } from "../ui.js";
+
+const QUICKSTART_TAG = "quickstart";
 
 export function registerQuickstart(program: Command): void {
   program
     .command("quickstart")
-    .description("build the base image if needed, boot a VM, run a command and some JavaScript in it, print timings")
-    .action(async () => {
+    .description(
+      "build the base image, boot a VM, snapshot a warm parent, fork 10 children, run a command in each, print timings and memory",
+    )
+    .option("-n, --count <n>", "children to fork", (v) => Number(v), 10)
+    .action(async (opts: { count: number }) => {
       const choice = await chooseAccel();
-      process.stdout.write(`accel: ${choice.accel} (${choice.reason})\n`);
+      process.stdout.write(`accel: ${choice.accel} (${choice.reason})\n\n`);
       const built = await withSpinner(
         "building the base image",
         (s) => buildImage({ name: "base", onProgress: (step) => (s.text = `base image: ${step}`) }),
         (r) => `base image ${r.cached ? "up to date" : "built"} (${r.manifest.digest.slice(0, 12)})`,
       );
+
+      // 1. A cold boot, for comparison.
       const { vm, timings } = await withSpinner(
-        "booting a VM",
+        "cold-booting a VM",
         () => Vm.boot({ image: built.manifest.name, ephemeral: true }),
-        (r) => `VM ${r.vm.id} booted in ${fmtMs(r.timings.totalMs)}`,
+        (r) => `cold boot to first answer: ${fmtMs(r.timings.totalMs)}`,
       );
       try {
         let out = "";
-        const t0 = performance.now();
-        const result = await vm.agent.exec({ argv: ["uname", "-a"] }, { onStdout: (d) => (out += d.toString()) });
-        const execMs = performance.now() - t0;
-        const t1 = performance.now();
-        const evaluated = await vm.agent.eval("globalThis.n = (globalThis.n ?? 0) + 41; n + 1");
-        const evalMs = performance.now() - t1;
-        process.stdout.write(`\n$ uname -a   (exit ${result.exitCode})\n${out}\n`);
-        process.stdout.write(`eval "n + 1" → ${JSON.stringify(evaluated.value)}\n\n`);
-        process.stdout.write(
-          `timings (${choice.accel}): qemu up ${fmtMs(timings.launchMs + timings.qmpMs)} · guest to agent ${fmtMs(timings.agentMs)} · exec uname ${fmtMs(execMs)} · eval ${fmtMs(evalMs)}\n`,
-        );
+        await vm.agent.exec({ argv: ["uname", "-a"] }, { onStdout: (d) => (out += d) });
+        process.stdout.write(`  $ uname -a\n  ${out}`);
       } finally {
         await vm.destroy();
+      }
+
+      // 2. A warm snapshot (reused when it is already there for this image).
+      const existing = await getSnapshot(QUICKSTART_TAG).catch((err) =>
+        isForkdError(err, "snapshot_not_found") ? undefined : Promise.reject(err),
+      );
+      if (existing && existing.image.digest !== built.manifest.digest) await removeSnapshot(QUICKSTART_TAG, { force: true });
+      if (!existing || existing.image.digest !== built.manifest.digest) {
+        await withSpinner(
+          `snapshotting a warm parent as '${QUICKSTART_TAG}'`,
+          (s) =>
+            createSnapshot({
+              tag: QUICKSTART_TAG,
+              warmEval: ["globalThis.warmedAt = new Date().toISOString(); globalThis.greet = (who) => 'hello ' + who + ' from a warm context'"],
+              onProgress: (step) => (s.text = `snapshot: ${step}`),
+            }),
+          (snap) => `snapshot '${snap.tag}': device state saved in ${fmtMs(snap.timings.saveMs)}`,
+        );
+      } else {
+        process.stdout.write(`✔ snapshot '${QUICKSTART_TAG}' already exists\n`);
+      }
+
+      // 3. Fork children, run a command in each, show timings and memory.
+      const started = performance.now();
+      const results = await withSpinner(`forking ${opts.count} children`, () =>
+        forkSandboxes({ tag: QUICKSTART_TAG, n: opts.count, concurrency: 4 }),
+      );
+      const wallMs = performance.now() - started;
+      const table = plainTable(["CHILD", "RESTORE", "FIRST ANSWER", "TOTAL", "EXEC hostname", "EVAL greet()", "HOST MEMORY (PSS)"]);
+      try {
+        for (const r of results) {
+          if (!r.ok) {
+            table.push([r.id, { colSpan: 6, content: `FAILED: ${r.error.message}` }]);
+            continue;
+          }
+          const agent = await connectSandbox(r.id);
+          try {
+            let host = "";
+            const t0 = performance.now();
+            await agent.exec({ argv: ["hostname"] }, { onStdout: (d) => (host += d) });
+            const execMs = performance.now() - t0;
+            const t1 = performance.now();
+            const greeting = await agent.eval(`greet(${JSON.stringify(host.trim())})`);
+            const evalMs = performance.now() - t1;
+            table.push([
+              r.id,
+              fmtMs(r.timings.restoreMs),
+              fmtMs(r.timings.firstAnswerMs),
+              fmtMs(r.timings.totalMs),
+              `${host.trim() === r.id ? "own hostname" : host.trim()} (${fmtMs(execMs)})`,
+              `${String(greeting.value).length > 0 ? "ok" : "?"} (${fmtMs(evalMs)})`,
+              `${((pssBytes(r.pid) ?? 0) / 2 ** 20).toFixed(1)} MiB`,
+            ]);
+          } finally {
+            agent.close();
+          }
+        }
+        process.stdout.write(`${table.toString()}\n`);
+        const ok = results.filter((r) => r.ok).length;
+        process.stdout.write(`${ok}/${opts.count} children up in ${fmtMs(wallMs)} (cold boot: ${fmtMs(timings.totalMs)})\n`);
+        if (ok < opts.count) process.exitCode = 1;
+      } finally {
+        await withSpinner(
+          "cleaning up",
+          () => Promise.all(results.filter((r) => r.ok).map((r) => killSandbox(r.id))),
+          () => "children killed",
+        );
       }
     });
 }
