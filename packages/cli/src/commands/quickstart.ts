@@ -57,7 +57,9 @@ export function registerQuickstart(program: Command): void {
           (s) =>
             createSnapshot({
               tag: QUICKSTART_TAG,
-              warmEval: ["globalThis.warmedAt = new Date().toISOString(); globalThis.greet = (who) => 'hello ' + who + ' from a warm context'"],
+              warmEval: [
+                "globalThis.warmedAt = new Date().toISOString(); globalThis.greet = (who) => 'hello ' + who + ' from a warm context'",
+              ],
               onProgress: (step) => (s.text = `snapshot: ${step}`),
             }),
           (snap) => `snapshot '${snap.tag}': device state saved in ${fmtMs(snap.timings.saveMs)}`,

@@ -1,0 +1,47 @@
+import { listSandboxes, listSnapshots } from "@forkd/core";
+import client from "prom-client";
+
+export type Metrics = ReturnType<typeof createMetrics>;
+
+export function createMetrics(version: string) {
+  const registry = new client.Registry();
+  client.collectDefaultMetrics({ register: registry, prefix: "forkd_daemon_" });
+  new client.Gauge({
+    name: "forkd_sandboxes_active",
+    help: "Sandboxes whose VMM is running",
+    registers: [registry],
+    collect() {
+      this.set(listSandboxes().filter((s) => s.alive).length);
+    },
+  });
+  new client.Gauge({
+    name: "forkd_snapshots_total",
+    help: "Registered snapshots",
+    registers: [registry],
+    async collect() {
+      this.set((await listSnapshots()).length);
+    },
+  });
+  const branchesInFlight = new client.Gauge({
+    name: "forkd_branches_in_flight",
+    help: "BRANCH operations in progress",
+    registers: [registry],
+  });
+  const spawnSeconds = new client.Histogram({
+    name: "forkd_spawn_seconds",
+    help: "Restore of one child, from VMM start to its first answer",
+    buckets: [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30],
+    registers: [registry],
+  });
+  const callSeconds = new client.Histogram({
+    name: "forkd_call_seconds",
+    help: "Agent calls through the API, by kind",
+    labelNames: ["kind"],
+    buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30],
+    registers: [registry],
+  });
+  new client.Gauge({ name: "forkd_build_info", help: "forkd build", labelNames: ["version", "node"], registers: [registry] })
+    .labels(version, process.version)
+    .set(1);
+  return { registry, branchesInFlight, spawnSeconds, callSeconds };
+}

@@ -1,0 +1,43 @@
+import { type AgentClient, connectSandbox } from "@forkd/core";
+
+/**
+ * One persistent agent connection per sandbox. The virtio-serial chardev takes
+ * one client at a time, and a guest with a host attached sleeps in a blocking
+ * read instead of waiting for SIGIO, so the daemon keeps them open.
+ */
+export class AgentPool {
+  private readonly agents = new Map<string, Promise<AgentClient>>();
+
+  get(id: string): Promise<AgentClient> {
+    const existing = this.agents.get(id);
+    if (existing) {
+      return existing.then(
+        (agent) => (agent.isClosed ? this.connect(id) : agent),
+        () => this.connect(id),
+      );
+    }
+    return this.connect(id);
+  }
+
+  private connect(id: string): Promise<AgentClient> {
+    const pending = connectSandbox(id);
+    this.agents.set(id, pending);
+    pending.catch(() => this.agents.delete(id));
+    return pending;
+  }
+
+  /** Adopt a connection someone else opened (the fork path already has one). */
+  adopt(id: string, agent: AgentClient): void {
+    this.agents.set(id, Promise.resolve(agent));
+  }
+
+  drop(id: string): void {
+    const existing = this.agents.get(id);
+    this.agents.delete(id);
+    existing?.then((a) => a.close()).catch(() => {});
+  }
+
+  closeAll(): void {
+    for (const id of [...this.agents.keys()]) this.drop(id);
+  }
+}

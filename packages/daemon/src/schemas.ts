@@ -1,0 +1,140 @@
+// Request and response shapes of REST API v1. The daemon validates with these,
+// the OpenAPI document is generated from them, and the SDK's types are inferred
+// from them: one source of truth.
+import { z } from "zod";
+
+export const MAX_EXEC_TIMEOUT_MS = 3_600_000;
+
+export const ErrorBody = z.object({
+  error: z.object({ code: z.string(), message: z.string(), details: z.record(z.string(), z.unknown()).optional() }),
+});
+
+export const TagParam = z.object({ tag: z.string() }).strict();
+export const IdParam = z.object({ id: z.string() }).strict();
+
+export const CreateSnapshotBody = z
+  .object({
+    tag: z.string(),
+    image: z.string().optional(),
+    warm: z.array(z.string()).max(64).optional(),
+    warm_eval: z.array(z.string()).max(64).optional(),
+    memory_mib: z.number().int().optional(),
+    vcpus: z.number().int().optional(),
+  })
+  .strict();
+
+export const Snapshot = z.object({
+  tag: z.string(),
+  image: z.string(),
+  image_digest: z.string(),
+  created_at: z.string(),
+  memory_mib: z.number(),
+  vcpus: z.number(),
+  memory_bytes: z.number(),
+  resident_bytes: z.number(),
+  vmstate_bytes: z.number(),
+  memory_sha256: z.string(),
+  staged: z.boolean(),
+  parent: z.string().nullable(),
+  branched_from: z.string().nullable(),
+  status: z.literal("ready"),
+});
+export const SnapshotList = z.object({ snapshots: z.array(Snapshot) });
+
+export const CreateSandboxesBody = z
+  .object({
+    snapshot_tag: z.string(),
+    n: z.number().int().optional(),
+    memory_limit_mib: z.number().int().optional(),
+    network: z.boolean().optional(),
+  })
+  .strict();
+
+export const Sandbox = z.object({
+  id: z.string(),
+  snapshot_tag: z.string().nullable(),
+  image: z.string(),
+  state: z.string(),
+  pid: z.number(),
+  created_at: z.string(),
+  memory_mib: z.number(),
+  vcpus: z.number(),
+  network: z.string(),
+  memory_limit_mib: z.number().nullable(),
+});
+export const SandboxList = z.object({ sandboxes: z.array(Sandbox) });
+
+export const ForkResult = z.object({
+  sandboxes: z.array(
+    z.object({
+      id: z.string(),
+      ok: z.boolean(),
+      restore_ms: z.number().optional(),
+      first_answer_ms: z.number().optional(),
+      total_ms: z.number().optional(),
+      error: z.object({ code: z.string(), message: z.string(), console: z.string().optional() }).optional(),
+    }),
+  ),
+  wall_ms: z.number(),
+});
+
+export const ExecBody = z
+  .object({
+    argv: z.array(z.string()).min(1).optional(),
+    cmd: z.string().optional(),
+    env: z.record(z.string(), z.string()).optional(),
+    cwd: z.string().optional(),
+    stdin: z.string().optional(),
+    stdin_encoding: z.enum(["utf8", "base64"]).optional(),
+    timeout_ms: z.number().int().optional(),
+  })
+  .strict();
+
+export const ExecResponse = z.object({
+  exit_code: z.number().nullable(),
+  signal: z.string().nullable(),
+  timed_out: z.boolean(),
+  stdout: z.string(),
+  stderr: z.string(),
+  duration_ms: z.number(),
+});
+
+export const EvalBody = z
+  .object({ code: z.string(), language: z.enum(["javascript", "python"]).optional(), timeout_ms: z.number().int().optional() })
+  .strict();
+export const EvalResponse = z.object({ value: z.unknown(), type: z.string(), duration_ms: z.number() });
+
+export const FilesBody = z.discriminatedUnion("action", [
+  z.object({ action: z.literal("read"), path: z.string() }).strict(),
+  z
+    .object({
+      action: z.literal("write"),
+      path: z.string(),
+      data: z.string(),
+      encoding: z.enum(["utf8", "base64"]).optional(),
+      mode: z.number().int().optional(),
+    })
+    .strict(),
+  z.object({ action: z.literal("list"), path: z.string() }).strict(),
+  z.object({ action: z.literal("stat"), path: z.string() }).strict(),
+  z.object({ action: z.literal("mkdir"), path: z.string() }).strict(),
+  z.object({ action: z.literal("remove"), path: z.string(), recursive: z.boolean().optional() }).strict(),
+]);
+
+export const PingResponse = z.object({ version: z.string(), uptime_ms: z.number(), hostname: z.string(), rtt_ms: z.number() });
+export const Health = z.object({ ok: z.literal(true) });
+export const Version = z.object({ version: z.string(), api: z.literal("v1"), node: z.string(), accel: z.string() });
+
+export type CreateSnapshotBodyT = z.infer<typeof CreateSnapshotBody>;
+export type SnapshotT = z.infer<typeof Snapshot>;
+export type CreateSandboxesBodyT = z.infer<typeof CreateSandboxesBody>;
+export type SandboxT = z.infer<typeof Sandbox>;
+export type ForkResultT = z.infer<typeof ForkResult>;
+export type ExecBodyT = z.infer<typeof ExecBody>;
+export type ExecResponseT = z.infer<typeof ExecResponse>;
+export type EvalBodyT = z.infer<typeof EvalBody>;
+export type EvalResponseT = z.infer<typeof EvalResponse>;
+export type FilesBodyT = z.infer<typeof FilesBody>;
+export type PingResponseT = z.infer<typeof PingResponse>;
+export type VersionT = z.infer<typeof Version>;
+export type ErrorBodyT = z.infer<typeof ErrorBody>;
