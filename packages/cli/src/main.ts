@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import { Command, CommanderError } from "commander";
 import { registerBench } from "./commands/bench.js";
+import { registerDaemon } from "./commands/daemon.js";
 import { registerDoctor } from "./commands/doctor.js";
 import { registerImage } from "./commands/image.js";
 import { registerQuickstart } from "./commands/quickstart.js";
@@ -21,6 +22,7 @@ registerSnapshots(program);
 registerSandboxes(program);
 registerImage(program);
 registerDoctor(program);
+registerDaemon(program);
 registerBench(program);
 registerQuickstart(program);
 

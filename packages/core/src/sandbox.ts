@@ -27,6 +27,11 @@ export type ForkOpts = {
   /** Each child must answer its first ping within this. */
   readyTimeoutMs?: number;
   onChild?: (result: ForkChildResult) => void;
+  /** Kill each child this long after it started (E2B's sandbox timeout); none by default. */
+  ttlMs?: number;
+  metadata?: Record<string, string>;
+  /** Keep the child's agent connection open and hand it over (the daemon pools them); closed otherwise. */
+  keepAgent?: (id: string, agent: AgentClient) => void;
   signal?: AbortSignal;
 };
 
@@ -70,6 +75,12 @@ export async function forkSandboxes(opts: ForkOpts): Promise<ForkChildResult[]> 
   const n = validateForkCount(opts.n);
   if (opts.memoryLimitMib !== undefined && (!Number.isInteger(opts.memoryLimitMib) || opts.memoryLimitMib < 64)) {
     throw new ForkdError("bad_request", `--memory-limit-mib must be a whole number of at least 64, got ${opts.memoryLimitMib}`);
+  }
+  if (opts.ttlMs !== undefined && (!Number.isInteger(opts.ttlMs) || opts.ttlMs < 1000 || opts.ttlMs > 30 * 24 * 3_600_000)) {
+    throw new ForkdError("bad_request", `the sandbox timeout must be a whole number of ms from 1000 to 30 days, got ${opts.ttlMs}`);
+  }
+  if (opts.metadata !== undefined && JSON.stringify(opts.metadata).length > 16_384) {
+    throw new ForkdError("too_large", "metadata is limited to 16 KiB of JSON");
   }
   const snapshot = await getSnapshot(opts.tag);
   const memoryPath = await ensureStaged(snapshot);
@@ -132,6 +143,8 @@ async function restoreChild(snapshot: SnapshotInfo, memoryPath: string, opts: Fo
       network: plan.network,
       memory_limit_mib: opts.memoryLimitMib ?? null,
       cgroup: cgroup ?? null,
+      expires_at_ms: opts.ttlMs !== undefined ? Date.now() + opts.ttlMs : null,
+      metadata: opts.metadata ? JSON.stringify(opts.metadata) : null,
     });
     const exited = launched.exited.then(async ({ code, signal }) => {
       const log = await fsp.readFile(runtimePaths(runDir).qemuLog, "utf8").catch(() => "");
@@ -173,6 +186,10 @@ async function restoreChild(snapshot: SnapshotInfo, memoryPath: string, opts: Fo
       ),
     );
     const t3 = performance.now();
+    if (opts.keepAgent) {
+      opts.keepAgent(id, agent);
+      agent = undefined;
+    }
     return {
       ok: true,
       id,
@@ -257,14 +274,21 @@ async function reapSandbox(row: SandboxRow): Promise<void> {
   sandboxes.remove(row.id);
 }
 
-export type CleanupReport = { reaped: string[]; strayRunDirs: string[]; strayTempDirs: string[] };
+/** Kill sandboxes whose time limit has passed. */
+export async function expireSandboxes(nowMs = Date.now()): Promise<string[]> {
+  const expired = sandboxes.expired(nowMs);
+  for (const row of expired) await killSandbox(row.id).catch(() => {});
+  return expired.map((r) => r.id);
+}
+
+export type CleanupReport = { reaped: string[]; expired: string[]; strayRunDirs: string[]; strayTempDirs: string[] };
 
 /**
  * Reap sandboxes whose VMM is gone, runtime dirs nobody owns, and snapshot temp
  * dirs whose writer died. Never touches a live process that is not provably ours.
  */
 export async function cleanup(): Promise<CleanupReport> {
-  const report: CleanupReport = { reaped: [], strayRunDirs: [], strayTempDirs: [] };
+  const report: CleanupReport = { reaped: [], expired: await expireSandboxes(), strayRunDirs: [], strayTempDirs: [] };
   const known = new Set<string>();
   for (const row of sandboxes.list()) {
     if (sandboxAlive(row)) {

@@ -21,6 +21,10 @@ export type SandboxRow = {
   network: string;
   memory_limit_mib: number | null;
   cgroup: string | null;
+  /** Killed by the daemon's reaper (or `forkd cleanup`) after this time; null: no time limit. */
+  expires_at_ms: number | null;
+  /** User-supplied string pairs, JSON-encoded. */
+  metadata: string | null;
 };
 
 export type StagedRow = { key: string; tag: string; path: string; bytes: number; last_used_ms: number };
@@ -66,16 +70,24 @@ export function openState(): Database.Database {
   db.pragma("busy_timeout = 5000");
   db.pragma("synchronous = NORMAL");
   db.exec(SCHEMA);
+  migrate(db);
   dbPath = file;
   return db;
+}
+
+/** Columns added after the first schema: added in place so older state files keep working. */
+function migrate(database: Database.Database): void {
+  const columns = new Set((database.prepare("PRAGMA table_info(sandboxes)").all() as { name: string }[]).map((c) => c.name));
+  if (!columns.has("expires_at_ms")) database.exec("ALTER TABLE sandboxes ADD COLUMN expires_at_ms INTEGER");
+  if (!columns.has("metadata")) database.exec("ALTER TABLE sandboxes ADD COLUMN metadata TEXT");
 }
 
 export const sandboxes = {
   insert(row: SandboxRow): void {
     openState()
       .prepare(
-        `INSERT INTO sandboxes (id, tag, image, pid, pid_start, run_dir, state, created_at, accel, memory_mib, vcpus, network, memory_limit_mib, cgroup)
-         VALUES (@id, @tag, @image, @pid, @pid_start, @run_dir, @state, @created_at, @accel, @memory_mib, @vcpus, @network, @memory_limit_mib, @cgroup)`,
+        `INSERT INTO sandboxes (id, tag, image, pid, pid_start, run_dir, state, created_at, accel, memory_mib, vcpus, network, memory_limit_mib, cgroup, expires_at_ms, metadata)
+         VALUES (@id, @tag, @image, @pid, @pid_start, @run_dir, @state, @created_at, @accel, @memory_mib, @vcpus, @network, @memory_limit_mib, @cgroup, @expires_at_ms, @metadata)`,
       )
       .run(row);
   },
@@ -93,6 +105,9 @@ export const sandboxes = {
   },
   remove(id: string): void {
     openState().prepare("DELETE FROM sandboxes WHERE id = ?").run(id);
+  },
+  expired(nowMs: number): SandboxRow[] {
+    return openState().prepare("SELECT * FROM sandboxes WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ?").all(nowMs) as SandboxRow[];
   },
 };
 

@@ -47,6 +47,9 @@ export const CreateSandboxesBody = z
     n: z.number().int().optional(),
     memory_limit_mib: z.number().int().optional(),
     network: z.boolean().optional(),
+    /** Kill each sandbox this long after it starts (E2B's timeoutMs). */
+    timeout_ms: z.number().int().optional(),
+    metadata: z.record(z.string(), z.string()).optional(),
   })
   .strict();
 
@@ -61,6 +64,8 @@ export const Sandbox = z.object({
   vcpus: z.number(),
   network: z.string(),
   memory_limit_mib: z.number().nullable(),
+  expires_at: z.string().nullable(),
+  metadata: z.record(z.string(), z.string()),
 });
 export const SandboxList = z.object({ sandboxes: z.array(Sandbox) });
 

@@ -1,0 +1,35 @@
+import { startDaemon } from "@forkd/daemon";
+import type { Command } from "commander";
+import { parseIntOption } from "../ui.js";
+
+type DaemonCliOpts = {
+  socket?: string;
+  listen: string;
+  tokenFile?: string;
+  tlsCert?: string;
+  tlsKey?: string;
+  auditLog?: string;
+  maxSandboxes: number;
+};
+
+export function registerDaemon(program: Command): void {
+  program
+    .command("daemon")
+    .description("serve the REST API v1 on a unix socket (0600) and on loopback TCP; SIGTERM stops it, sandboxes keep running")
+    .option("--socket <path>", "unix socket (default $FORKD_RUN_DIR/forkd.sock)")
+    .option("--listen <host:port>", "TCP address, or 'none'", "127.0.0.1:8889")
+    .option("--token-file <file>", "bearer token (at least 16 bytes); default: a random one kept in $FORKD_HOME/token")
+    .option("--tls-cert <file>", "serve TCP over TLS with this certificate")
+    .option("--tls-key <file>", "… and this key")
+    .option("--audit-log <file>", "append-only JSON lines (default $FORKD_HOME/audit.log); reopened on SIGHUP")
+    .option("--max-sandboxes <n>", "refuse forks beyond this many live sandboxes (503)", parseIntOption("--max-sandboxes"), 1000)
+    .action(async (opts: DaemonCliOpts) => {
+      const daemon = await startDaemon(opts);
+      await new Promise<void>((resolve) => {
+        const stop = () => resolve();
+        process.once("SIGTERM", stop);
+        process.once("SIGINT", stop);
+      });
+      await daemon.close();
+    });
+}

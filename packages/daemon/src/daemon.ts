@@ -1,0 +1,128 @@
+import fs from "node:fs";
+import net from "node:net";
+import path from "node:path";
+import { cleanup, expireSandboxes, ForkdError, forkdHome, forkdRunDir, listSandboxes } from "@forkd/core";
+import type { FastifyInstance } from "fastify";
+import { AuditLog } from "./audit.js";
+import { ensureLocalToken, isLoopback, readTokenFile } from "./auth.js";
+import { createMetrics } from "./metrics.js";
+import { AgentPool } from "./pool.js";
+import { buildServer, FORKD_VERSION } from "./server.js";
+
+export type DaemonOpts = {
+  socket?: string;
+  /** HOST:PORT, or "none" for the unix socket only. */
+  listen?: string;
+  tokenFile?: string;
+  tlsCert?: string;
+  tlsKey?: string;
+  auditLog?: string;
+  maxSandboxes?: number;
+  log?: (line: string) => void;
+};
+
+export type RunningDaemon = { socket: string; tcp?: { host: string; port: number }; close: () => Promise<void> };
+
+export function defaultSocketPath(): string {
+  return path.join(forkdRunDir(), "forkd.sock");
+}
+
+export function defaultTokenFile(): string {
+  return path.join(forkdHome(), "token");
+}
+
+export function parseListen(value: string): { host: string; port: number } {
+  const m = /^(\[[0-9a-fA-F:]+\]|[^:]+):(\d{1,5})$/.exec(value);
+  const port = Number(m?.[2]);
+  if (!m || port < 0 || port > 65535)
+    throw new ForkdError("bad_request", `--listen wants HOST:PORT such as 127.0.0.1:8889, got '${value}'`);
+  return { host: m[1]!.replace(/^\[|\]$/g, ""), port };
+}
+
+async function socketInUse(socketPath: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const probe = net.createConnection({ path: socketPath });
+    probe.once("connect", () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once("error", () => resolve(false));
+  });
+}
+
+export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon> {
+  const log = opts.log ?? ((line: string) => process.stderr.write(`${line}\n`));
+  const tcp = opts.listen === "none" ? undefined : parseListen(opts.listen ?? "127.0.0.1:8889");
+  if (tcp && !isLoopback(tcp.host) && !opts.tokenFile) {
+    throw new ForkdError("bad_request", `refusing to listen on ${tcp.host} (not loopback) without --token-file`);
+  }
+  if (Boolean(opts.tlsCert) !== Boolean(opts.tlsKey)) throw new ForkdError("bad_request", "--tls-cert and --tls-key go together");
+  const token = opts.tokenFile ? readTokenFile(opts.tokenFile) : ensureLocalToken(defaultTokenFile());
+  const audit = new AuditLog(opts.auditLog ?? path.join(forkdHome(), "audit.log"));
+  const metrics = createMetrics(FORKD_VERSION);
+  const pool = new AgentPool();
+  const ctx = { token, audit, metrics, pool, maxSandboxes: opts.maxSandboxes ?? 1000 };
+
+  // Reconcile before serving: dead sandboxes are reaped, live ones re-adopted.
+  const report = await cleanup();
+  const live = listSandboxes().filter((s) => s.alive);
+  await Promise.all(
+    live.map((s) => pool.get(s.id).catch((err: Error) => log(`forkd daemon: could not reconnect to ${s.id}: ${err.message}`))),
+  );
+  log(`forkd daemon: re-adopted ${live.length} sandbox(es), reaped ${report.reaped.length}`);
+
+  const servers: FastifyInstance[] = [];
+  const socket = opts.socket ?? defaultSocketPath();
+  fs.mkdirSync(path.dirname(socket), { recursive: true, mode: 0o700 });
+  if (fs.existsSync(socket)) {
+    if (await socketInUse(socket)) throw new ForkdError("conflict", `another daemon already listens on ${socket}`);
+    fs.rmSync(socket, { force: true });
+  }
+  const unixServer = await buildServer(ctx);
+  const oldUmask = process.umask(0o177);
+  try {
+    await unixServer.listen({ path: socket });
+  } finally {
+    process.umask(oldUmask);
+  }
+  fs.chmodSync(socket, 0o600);
+  servers.push(unixServer);
+  let tcpAddress: { host: string; port: number } | undefined;
+  if (tcp) {
+    const https = opts.tlsCert && opts.tlsKey ? { cert: fs.readFileSync(opts.tlsCert), key: fs.readFileSync(opts.tlsKey) } : undefined;
+    const tcpServer = await buildServer(ctx, { ...(https ? { https } : {}) });
+    await tcpServer.listen({ host: tcp.host, port: tcp.port });
+    const address = tcpServer.server.address();
+    tcpAddress = { host: tcp.host, port: typeof address === "object" && address ? address.port : tcp.port };
+    servers.push(tcpServer);
+  }
+  log(`forkd daemon ${FORKD_VERSION}: unix ${socket}${tcpAddress ? `, ${https(opts)}://${tcpAddress.host}:${tcpAddress.port}` : ""}`);
+
+  // Sandboxes with a time limit are killed by this reaper.
+  const reaper = setInterval(() => {
+    expireSandboxes()
+      .then((ids) => {
+        for (const id of ids) pool.drop(id);
+      })
+      .catch((err: Error) => log(`forkd daemon: reaper: ${err.message}`));
+  }, 1000);
+  reaper.unref();
+  const onHup = () => audit.reopen();
+  process.on("SIGHUP", onHup);
+  let closed = false;
+  const close = async () => {
+    if (closed) return;
+    closed = true;
+    process.off("SIGHUP", onHup);
+    clearInterval(reaper);
+    await Promise.all(servers.map((s) => s.close()));
+    pool.closeAll();
+    audit.close();
+    fs.rmSync(socket, { force: true });
+  };
+  return { socket, ...(tcpAddress ? { tcp: tcpAddress } : {}), close };
+}
+
+function https(opts: DaemonOpts): string {
+  return opts.tlsCert ? "https" : "http";
+}

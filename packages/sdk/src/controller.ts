@@ -1,0 +1,202 @@
+// A typed client for every route of the forkd REST API v1. Types come from the
+// daemon's zod schemas (type-only import: no server code is loaded).
+import fs from "node:fs";
+import path from "node:path";
+import type * as S from "@forkd/daemon/schemas";
+import { Agent } from "undici";
+
+export type ControllerOpts = {
+  /** http(s)://host:port of the daemon's TCP listener. */
+  url?: string;
+  /** Path of the daemon's unix socket (used when no url is given). */
+  socketPath?: string;
+  token?: string;
+  /** Per-request timeout; long operations (snapshot, fork) get their own below. */
+  requestTimeoutMs?: number;
+};
+
+/** An error the API answered with: `code` is the stable code, `status` the HTTP status. */
+export class ForkdApiError extends Error {
+  override readonly name = "ForkdApiError";
+  constructor(
+    readonly status: number,
+    readonly code: string,
+    message: string,
+    readonly details?: Record<string, unknown>,
+  ) {
+    super(message);
+  }
+}
+
+export type ExecStreamOpts = { onStdout?: (data: Buffer) => void; onStderr?: (data: Buffer) => void; signal?: AbortSignal };
+export type ExecExit = { exit_code: number | null; signal: string | null; timed_out: boolean; duration_ms: number };
+
+function defaultHome(): string {
+  return process.env.FORKD_HOME ?? "/var/lib/forkd";
+}
+
+export class Controller {
+  private readonly base: string;
+  private readonly dispatcher: Agent | undefined;
+  private readonly token: string | undefined;
+  private readonly requestTimeoutMs: number;
+
+  constructor(opts: ControllerOpts = {}) {
+    this.token = opts.token;
+    this.requestTimeoutMs = opts.requestTimeoutMs ?? 120_000;
+    if (opts.url) {
+      this.base = opts.url.replace(/\/+$/, "");
+      this.dispatcher = undefined;
+    } else {
+      const socketPath = opts.socketPath ?? path.join(process.env.FORKD_RUN_DIR ?? "/run/forkd", "forkd.sock");
+      this.base = "http://forkd";
+      this.dispatcher = new Agent({ connect: { socketPath } });
+    }
+  }
+
+  /** FORKD_URL or FORKD_SOCKET, FORKD_TOKEN or the daemon's local token file. */
+  static fromEnv(): Controller {
+    let token = process.env.FORKD_TOKEN;
+    if (!token) {
+      try {
+        token = fs.readFileSync(path.join(defaultHome(), "token"), "utf8").trim();
+      } catch {
+        // no local token: the daemon will answer 401 with what to do
+      }
+    }
+    return new Controller({
+      ...(process.env.FORKD_URL ? { url: process.env.FORKD_URL } : {}),
+      ...(process.env.FORKD_SOCKET ? { socketPath: process.env.FORKD_SOCKET } : {}),
+      ...(token ? { token } : {}),
+    });
+  }
+
+  private async request<T>(
+    method: string,
+    route: string,
+    body?: unknown,
+    opts: { timeoutMs?: number; signal?: AbortSignal; raw?: boolean } = {},
+  ): Promise<T> {
+    const headers: Record<string, string> = {};
+    if (this.token) headers.authorization = `Bearer ${this.token}`;
+    if (body !== undefined) headers["content-type"] = "application/json";
+    const signal = opts.signal ?? AbortSignal.timeout(opts.timeoutMs ?? this.requestTimeoutMs);
+    const res = await fetch(`${this.base}${route}`, {
+      method,
+      headers,
+      ...(body !== undefined ? { body: JSON.stringify(body) } : {}),
+      signal,
+      // undici's dispatcher option is accepted by Node's fetch.
+      ...(this.dispatcher ? { dispatcher: this.dispatcher } : {}),
+    } as RequestInit);
+    if (opts.raw) {
+      if (!res.ok) await this.throwFrom(res);
+      return res as unknown as T;
+    }
+    if (res.status === 204) return undefined as T;
+    if (!res.ok) await this.throwFrom(res);
+    const type = res.headers.get("content-type") ?? "";
+    return (type.includes("json") ? await res.json() : await res.text()) as T;
+  }
+
+  private async throwFrom(res: Response): Promise<never> {
+    let body: S.ErrorBodyT | undefined;
+    try {
+      body = (await res.json()) as S.ErrorBodyT;
+    } catch {
+      // not JSON
+    }
+    throw new ForkdApiError(
+      res.status,
+      body?.error?.code ?? "http_error",
+      body?.error?.message ?? `HTTP ${res.status}`,
+      body?.error?.details,
+    );
+  }
+
+  health(): Promise<{ ok: true }> {
+    return this.request("GET", "/healthz");
+  }
+  version(): Promise<S.VersionT> {
+    return this.request("GET", "/version");
+  }
+  metrics(): Promise<string> {
+    return this.request("GET", "/metrics");
+  }
+  openapi(): Promise<Record<string, unknown>> {
+    return this.request("GET", "/v1/openapi.json");
+  }
+
+  listSnapshots(): Promise<{ snapshots: S.SnapshotT[] }> {
+    return this.request("GET", "/v1/snapshots");
+  }
+  createSnapshot(body: S.CreateSnapshotBodyT): Promise<S.SnapshotT> {
+    return this.request("POST", "/v1/snapshots", body, { timeoutMs: 15 * 60_000 });
+  }
+  getSnapshot(tag: string): Promise<S.SnapshotT> {
+    return this.request("GET", `/v1/snapshots/${encodeURIComponent(tag)}`);
+  }
+  deleteSnapshot(tag: string, opts: { force?: boolean } = {}): Promise<void> {
+    return this.request("DELETE", `/v1/snapshots/${encodeURIComponent(tag)}${opts.force ? "?force=true" : ""}`);
+  }
+
+  listSandboxes(): Promise<{ sandboxes: S.SandboxT[] }> {
+    return this.request("GET", "/v1/sandboxes");
+  }
+  createSandboxes(body: S.CreateSandboxesBodyT): Promise<S.ForkResultT> {
+    return this.request("POST", "/v1/sandboxes", body, { timeoutMs: 30 * 60_000 });
+  }
+  getSandbox(id: string): Promise<S.SandboxT> {
+    return this.request("GET", `/v1/sandboxes/${encodeURIComponent(id)}`);
+  }
+  deleteSandbox(id: string): Promise<void> {
+    return this.request("DELETE", `/v1/sandboxes/${encodeURIComponent(id)}`);
+  }
+  ping(id: string): Promise<S.PingResponseT> {
+    return this.request("POST", `/v1/sandboxes/${encodeURIComponent(id)}/ping`);
+  }
+  exec(id: string, body: S.ExecBodyT, opts: { signal?: AbortSignal } = {}): Promise<S.ExecResponseT> {
+    const timeoutMs = (body.timeout_ms ?? 0) + this.requestTimeoutMs;
+    return this.request("POST", `/v1/sandboxes/${encodeURIComponent(id)}/exec`, body, { timeoutMs, ...opts });
+  }
+  /** Streams output as it is produced (NDJSON under the hood) and resolves with the exit. */
+  async execStream(id: string, body: S.ExecBodyT, opts: ExecStreamOpts = {}): Promise<ExecExit> {
+    const res = await this.request<Response>("POST", `/v1/sandboxes/${encodeURIComponent(id)}/exec/stream`, body, {
+      raw: true,
+      signal: opts.signal ?? AbortSignal.timeout((body.timeout_ms ?? 24 * 3_600_000) + this.requestTimeoutMs),
+    });
+    if (!res.body) throw new ForkdApiError(502, "bad_gateway", "the stream had no body");
+    const decoder = new TextDecoder();
+    let buffered = "";
+    let exit: ExecExit | undefined;
+    for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
+      buffered += decoder.decode(chunk, { stream: true });
+      let nl = buffered.indexOf("\n");
+      while (nl >= 0) {
+        const line = buffered.slice(0, nl);
+        buffered = buffered.slice(nl + 1);
+        nl = buffered.indexOf("\n");
+        if (!line.trim()) continue;
+        const event = JSON.parse(line) as { type: string; data?: string; error?: { code: string; message: string } } & ExecExit;
+        if (event.type === "stdout") opts.onStdout?.(Buffer.from(event.data ?? "", "base64"));
+        else if (event.type === "stderr") opts.onStderr?.(Buffer.from(event.data ?? "", "base64"));
+        else if (event.type === "exit")
+          exit = { exit_code: event.exit_code, signal: event.signal, timed_out: event.timed_out, duration_ms: event.duration_ms };
+        else if (event.type === "error")
+          throw new ForkdApiError(502, event.error?.code ?? "agent_error", event.error?.message ?? "exec failed");
+      }
+    }
+    if (!exit) throw new ForkdApiError(502, "agent_error", "the exec stream ended without an exit status");
+    return exit;
+  }
+  eval(id: string, body: S.EvalBodyT): Promise<S.EvalResponseT> {
+    return this.request("POST", `/v1/sandboxes/${encodeURIComponent(id)}/eval`, body);
+  }
+  files<T = Record<string, unknown>>(id: string, body: S.FilesBodyT): Promise<T> {
+    return this.request("POST", `/v1/sandboxes/${encodeURIComponent(id)}/files`, body);
+  }
+
+  async close(): Promise<void> {
+    await this.dispatcher?.close();
+  }
+}

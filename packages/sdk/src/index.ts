@@ -1,0 +1,10 @@
+export { Controller, type ControllerOpts, type ExecExit, ForkdApiError } from "./controller.js";
+export {
+  CommandExitError,
+  CommandHandle,
+  type CommandResult,
+  type CommandRunOpts,
+  type EntryInfo,
+  Sandbox,
+  type SandboxOpts,
+} from "./sandbox.js";
