@@ -12,4 +12,5 @@ export * from "./sandbox.js";
 export * from "./snapshot.js";
 export * from "./state.js";
 export * from "./validate.js";
+export * from "./views.js";
 export * from "./vm.js";

@@ -74,6 +74,7 @@ export const ForkResult = z.object({
     z.object({
       id: z.string(),
       ok: z.boolean(),
+      vmm_start_ms: z.number().optional(),
       restore_ms: z.number().optional(),
       first_answer_ms: z.number().optional(),
       total_ms: z.number().optional(),

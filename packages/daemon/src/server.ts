@@ -4,6 +4,8 @@
 import { PassThrough } from "node:stream";
 import swagger from "@fastify/swagger";
 import {
+  apiSandboxView,
+  apiSnapshotView,
   chooseAccel,
   createSnapshot,
   ERROR_STATUS,
@@ -16,8 +18,6 @@ import {
   listSandboxes,
   listSnapshots,
   removeSnapshot,
-  type SandboxInfo,
-  type SnapshotInfo,
   validateForkCount,
   validateSandboxId,
 } from "@forkd/core";
@@ -47,42 +47,6 @@ declare module "fastify" {
     touched?: { sandboxes: Set<string>; snapshots: Set<string> };
     errorCode?: string;
   }
-}
-
-function snapshotView(s: SnapshotInfo): S.SnapshotT {
-  return {
-    tag: s.tag,
-    image: s.image.name,
-    image_digest: s.image.digest,
-    created_at: s.createdAt,
-    memory_mib: s.memoryMib,
-    vcpus: s.vcpus,
-    memory_bytes: s.sizes.memoryBytes,
-    resident_bytes: s.sizes.memoryAllocatedBytes,
-    vmstate_bytes: s.sizes.vmstateBytes,
-    memory_sha256: s.memorySha256,
-    staged: s.staged,
-    parent: s.parent,
-    branched_from: s.branchedFrom,
-    status: "ready",
-  };
-}
-
-function sandboxView(s: SandboxInfo): S.SandboxT {
-  return {
-    id: s.id,
-    snapshot_tag: s.tag,
-    image: s.image,
-    state: s.alive ? s.state : "dead",
-    pid: s.pid,
-    created_at: s.created_at,
-    memory_mib: s.memory_mib,
-    vcpus: s.vcpus,
-    network: s.network,
-    memory_limit_mib: s.memory_limit_mib,
-    expires_at: s.expires_at_ms ? new Date(s.expires_at_ms).toISOString() : null,
-    metadata: s.metadata ? (JSON.parse(s.metadata) as Record<string, string>) : {},
-  };
 }
 
 function errorBody(code: string, message: string, details?: Record<string, unknown>) {
@@ -207,7 +171,7 @@ export async function buildServer(ctx: ServerContext, opts: { https?: { cert: Bu
 
   // Snapshots
   r.get("/v1/snapshots", { schema: { response: { 200: S.SnapshotList, ...err } } }, async () => ({
-    snapshots: (await listSnapshots()).map(snapshotView),
+    snapshots: (await listSnapshots()).map(apiSnapshotView),
   }));
   r.post("/v1/snapshots", { schema: { body: S.CreateSnapshotBody, response: { 201: S.Snapshot, ...err } } }, async (request, reply) => {
     const body = request.body;
@@ -220,10 +184,10 @@ export async function buildServer(ctx: ServerContext, opts: { https?: { cert: Bu
       memoryMib: body.memory_mib,
       vcpus: body.vcpus,
     });
-    return reply.code(201).send(snapshotView(snapshot));
+    return reply.code(201).send(apiSnapshotView(snapshot));
   });
   r.get("/v1/snapshots/:tag", { schema: { params: S.TagParam, response: { 200: S.Snapshot, ...err } } }, async (request) =>
-    snapshotView(await getSnapshot(request.params.tag)),
+    apiSnapshotView(await getSnapshot(request.params.tag)),
   );
   r.delete(
     "/v1/snapshots/:tag",
@@ -246,7 +210,7 @@ export async function buildServer(ctx: ServerContext, opts: { https?: { cert: Bu
 
   // Sandboxes
   r.get("/v1/sandboxes", { schema: { response: { 200: S.SandboxList, ...err } } }, async () => ({
-    sandboxes: listSandboxes().map(sandboxView),
+    sandboxes: listSandboxes().map(apiSandboxView),
   }));
   r.post("/v1/sandboxes", { schema: { body: S.CreateSandboxesBody, response: { 201: S.ForkResult, ...err } } }, async (request, reply) => {
     const body = request.body;
@@ -282,13 +246,20 @@ export async function buildServer(ctx: ServerContext, opts: { https?: { cert: Bu
       wall_ms: performance.now() - started,
       sandboxes: results.map((c) =>
         c.ok
-          ? { id: c.id, ok: true, restore_ms: c.timings.restoreMs, first_answer_ms: c.timings.firstAnswerMs, total_ms: c.timings.totalMs }
+          ? {
+              id: c.id,
+              ok: true,
+              vmm_start_ms: c.timings.vmmStartMs,
+              restore_ms: c.timings.restoreMs,
+              first_answer_ms: c.timings.firstAnswerMs,
+              total_ms: c.timings.totalMs,
+            }
           : { id: c.id, ok: false, error: c.error },
       ),
     });
   });
   r.get("/v1/sandboxes/:id", { schema: { params: S.IdParam, response: { 200: S.Sandbox, ...err } } }, async (request) =>
-    sandboxView(getSandbox(request.params.id)),
+    apiSandboxView(getSandbox(request.params.id)),
   );
   r.delete("/v1/sandboxes/:id", { schema: { params: S.IdParam, response: { 204: z.null(), ...err } } }, async (request, reply) => {
     validateSandboxId(request.params.id);

@@ -1,16 +1,7 @@
 import fs from "node:fs";
-import {
-  type AgentClient,
-  cleanup,
-  connectSandbox,
-  type ForkChildResult,
-  ForkdError,
-  forkSandboxes,
-  getSandbox,
-  killSandbox,
-  listSandboxes,
-} from "@forkd/core";
+import { cleanup, ForkdError } from "@forkd/core";
 import type { Command } from "commander";
+import { type ForkRow, openBackend } from "../backend.js";
 import { collect, fmtMs, parseIntOption, percentile, plainTable, round1, spinner } from "../ui.js";
 
 type ForkCliOpts = { tag: string; n: number; memoryLimitMib?: number; net: boolean; json?: boolean; concurrency: number };
@@ -28,12 +19,13 @@ export function registerSandboxes(program: Command): void {
     .action(async (opts: ForkCliOpts & { count: number }) => {
       const n = opts.count;
       if (n < 1 || n > 1000) throw new ForkdError("bad_request", `-n must be from 1 to 1000, got ${n}`);
+      const backend = await openBackend();
       const s = spinner(`forking ${n} from ${opts.tag}`);
       let done = 0;
       const started = performance.now();
-      let results: ForkChildResult[];
+      let results: ForkRow[];
       try {
-        results = await forkSandboxes({
+        results = await backend.fork({
           tag: opts.tag,
           n,
           memoryLimitMib: opts.memoryLimitMib,
@@ -50,15 +42,16 @@ export function registerSandboxes(program: Command): void {
       const wallMs = performance.now() - started;
       const ok = results.filter((r) => r.ok);
       if (opts.json) {
+        const round = (v: number | undefined) => (v === undefined ? undefined : round1(v));
         const rows = results.map((r) =>
           r.ok
             ? {
                 id: r.id,
                 ok: true,
-                restore_ms: round1(r.timings.restoreMs),
-                vmm_start_ms: round1(r.timings.vmmStartMs),
-                first_answer_ms: round1(r.timings.firstAnswerMs),
-                total_ms: round1(r.timings.totalMs),
+                vmm_start_ms: round(r.vmm_start_ms),
+                restore_ms: round(r.restore_ms),
+                first_answer_ms: round(r.first_answer_ms),
+                total_ms: round(r.total_ms),
               }
             : { id: r.id, ok: false, error: r.error },
         );
@@ -66,23 +59,21 @@ export function registerSandboxes(program: Command): void {
       } else {
         const table = plainTable(["ID", "VMM START", "RESTORE", "FIRST ANSWER (IDENTITY)", "TOTAL"]);
         for (const r of results) {
-          if (r.ok) {
-            const t = r.timings;
-            table.push([r.id, fmtMs(t.vmmStartMs), fmtMs(t.restoreMs), fmtMs(t.firstAnswerMs), fmtMs(t.totalMs)]);
-          } else {
+          if (r.ok)
+            table.push([r.id, fmtMs(r.vmm_start_ms ?? 0), fmtMs(r.restore_ms ?? 0), fmtMs(r.first_answer_ms ?? 0), fmtMs(r.total_ms ?? 0)]);
+          else
             table.push([
               r.id,
-              { colSpan: 4, content: `FAILED: ${r.error.message}${r.error.console ? ` (console: ${r.error.console})` : ""}` },
+              { colSpan: 4, content: `FAILED: ${r.error?.message}${r.error?.console ? ` (console: ${r.error.console})` : ""}` },
             ]);
-          }
         }
         process.stdout.write(`${table.toString()}\n`);
-        const totals = ok.map((r) => (r.ok ? r.timings.totalMs : 0));
+        const totals = ok.map((r) => r.total_ms ?? 0);
         process.stdout.write(
           `${ok.length}/${n} children up in ${fmtMs(wallMs)}${ok.length ? ` (per child p50 ${fmtMs(percentile(totals, 50))}, p99 ${fmtMs(percentile(totals, 99))})` : ""}\n`,
         );
       }
-      for (const r of results) if (!r.ok) process.stderr.write(`forkd: child ${r.id} failed: ${r.error.message}\n`);
+      for (const r of results) if (!r.ok) process.stderr.write(`forkd: child ${r.id} failed: ${r.error?.message}\n`);
       if (ok.length < n) process.exitCode = 1;
     });
 
@@ -90,8 +81,8 @@ export function registerSandboxes(program: Command): void {
     .command("ls")
     .description("list sandboxes")
     .option("--json", "machine-readable output")
-    .action((opts: { json?: boolean }) => {
-      const rows = listSandboxes();
+    .action(async (opts: { json?: boolean }) => {
+      const rows = await (await openBackend()).listSandboxes();
       if (opts.json) {
         process.stdout.write(`${JSON.stringify(rows, null, 2)}\n`);
         return;
@@ -104,8 +95,8 @@ export function registerSandboxes(program: Command): void {
       for (const r of rows) {
         table.push([
           r.id,
-          r.tag ?? "-",
-          r.alive ? r.state : "dead",
+          r.snapshot_tag ?? "-",
+          r.state,
           r.pid,
           `${r.memory_mib} MiB`,
           r.memory_limit_mib ? `${r.memory_limit_mib} MiB` : "-",
@@ -134,19 +125,19 @@ export function registerSandboxes(program: Command): void {
         if (eq <= 0) throw new ForkdError("bad_request", `--env wants NAME=VALUE, got '${pair}'`);
         env[pair.slice(0, eq)] = pair.slice(eq + 1);
       }
-      await withAgent(id, async (agent) => {
-        const result = await agent.exec(
-          {
-            ...(opts.shell ? { cmd: command.join(" ") } : { argv: command }),
-            env,
-            ...(opts.cwd ? { cwd: opts.cwd } : {}),
-            ...(opts.timeoutMs ? { timeoutMs: opts.timeoutMs } : {}),
-          },
-          { onStdout: (d) => process.stdout.write(d), onStderr: (d) => process.stderr.write(d) },
-        );
-        if (result.timedOut) process.stderr.write(`forkd: command timed out after ${opts.timeoutMs} ms\n`);
-        process.exitCode = result.exitCode ?? 137;
-      });
+      const result = await (await openBackend()).exec(
+        id,
+        {
+          ...(opts.shell ? { cmd: command.join(" ") } : { argv: command }),
+          env,
+          ...(opts.cwd ? { cwd: opts.cwd } : {}),
+          ...(opts.timeoutMs ? { timeoutMs: opts.timeoutMs } : {}),
+        },
+        (d) => process.stdout.write(d),
+        (d) => process.stderr.write(d),
+      );
+      if (result.timedOut) process.stderr.write(`forkd: command timed out after ${opts.timeoutMs} ms\n`);
+      process.exitCode = result.exitCode ?? 137;
     });
 
   program
@@ -156,11 +147,9 @@ export function registerSandboxes(program: Command): void {
     .argument("<code>")
     .option("--json", "print the whole result as JSON")
     .action(async (id: string, code: string, opts: { json?: boolean }) => {
-      await withAgent(id, async (agent) => {
-        const result = await agent.eval(code);
-        if (opts.json) process.stdout.write(`${JSON.stringify(result)}\n`);
-        else process.stdout.write(`${typeof result.value === "string" ? result.value : JSON.stringify(result.value)}\n`);
-      });
+      const result = await (await openBackend()).eval(id, code);
+      if (opts.json) process.stdout.write(`${JSON.stringify(result)}\n`);
+      else process.stdout.write(`${typeof result.value === "string" ? result.value : JSON.stringify(result.value)}\n`);
     });
 
   program
@@ -174,19 +163,20 @@ export function registerSandboxes(program: Command): void {
       if (!["read", "write", "ls"].includes(action))
         throw new ForkdError("bad_request", `files action must be read, write or ls, got '${action}'`);
       const data = action === "write" ? (opts.from ? fs.readFileSync(opts.from) : fs.readFileSync(0)) : undefined;
-      await withAgent(id, async (agent) => {
-        if (action === "read") {
-          const res = await agent.files<{ data: string }>({ action: "read", path: guestPath });
-          process.stdout.write(Buffer.from(res.data, "base64"));
-        } else if (action === "write") {
-          const res = await agent.files<{ size: number }>({ action: "write", path: guestPath, data: data!.toString("base64") });
-          process.stderr.write(`wrote ${res.size} bytes to ${guestPath}\n`);
-        } else {
-          const res = await agent.files<{ entries: { name: string; type: string; size: number }[] }>({ action: "list", path: guestPath });
-          for (const e of res.entries)
-            process.stdout.write(`${e.type === "dir" ? "d" : e.type === "symlink" ? "l" : "-"} ${String(e.size).padStart(10)} ${e.name}\n`);
-        }
-      });
+      const backend = await openBackend();
+      if (action === "read") {
+        const res = (await backend.files(id, { action: "read", path: guestPath })) as { data: string };
+        process.stdout.write(Buffer.from(res.data, "base64"));
+      } else if (action === "write") {
+        const res = (await backend.files(id, { action: "write", path: guestPath, data })) as { size: number };
+        process.stderr.write(`wrote ${res.size} bytes to ${guestPath}\n`);
+      } else {
+        const res = (await backend.files(id, { action: "list", path: guestPath })) as {
+          entries: { name: string; type: string; size: number }[];
+        };
+        for (const e of res.entries)
+          process.stdout.write(`${e.type === "dir" ? "d" : e.type === "symlink" ? "l" : "-"} ${String(e.size).padStart(10)} ${e.name}\n`);
+      }
     });
 
   program
@@ -196,17 +186,13 @@ export function registerSandboxes(program: Command): void {
     .option("--all", "every sandbox")
     .option("--tag <tag>", "every child of this snapshot")
     .action(async (ids: string[], opts: { all?: boolean; tag?: string }) => {
-      const targets = opts.all
-        ? listSandboxes().map((s) => s.id)
-        : opts.tag
-          ? listSandboxes()
-              .filter((s) => s.tag === opts.tag)
-              .map((s) => s.id)
-          : ids;
       if (!opts.all && !opts.tag && ids.length === 0) throw new ForkdError("bad_request", "name sandbox ids, or use --all or --tag TAG");
+      const backend = await openBackend();
+      const all = opts.all || opts.tag ? await backend.listSandboxes() : [];
+      const targets = opts.all ? all.map((s) => s.id) : opts.tag ? all.filter((s) => s.snapshot_tag === opts.tag).map((s) => s.id) : ids;
       const s = spinner(`killing ${targets.length} sandbox(es)`);
       try {
-        const results = await Promise.allSettled(targets.map((id) => killSandbox(id)));
+        const results = await Promise.allSettled(targets.map((id) => backend.kill(id)));
         s.stop();
         results.forEach((r, i) => {
           if (r.status === "fulfilled") process.stdout.write(`killed ${targets[i]}\n`);
@@ -233,14 +219,4 @@ export function registerSandboxes(program: Command): void {
         );
       }
     });
-}
-
-async function withAgent(id: string, work: (agent: AgentClient) => Promise<void>): Promise<void> {
-  getSandbox(id);
-  const agent = await connectSandbox(id);
-  try {
-    await work(agent);
-  } finally {
-    agent.close();
-  }
 }

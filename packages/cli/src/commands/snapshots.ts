@@ -1,17 +1,8 @@
-import { createSnapshot, listSnapshots, parseAccel, removeSnapshot } from "@forkd/core";
 import type { Command } from "commander";
-import { collect, fmtBytes, fmtMs, parseIntOption, plainTable, withSpinner } from "../ui.js";
+import { openBackend } from "../backend.js";
+import { collect, fmtBytes, parseIntOption, plainTable, withSpinner } from "../ui.js";
 
-type SnapshotCliOpts = {
-  tag: string;
-  image: string;
-  warm: string[];
-  warmEval: string[];
-  memoryMib: number;
-  vcpus: number;
-  accel?: string;
-  json?: boolean;
-};
+type SnapshotCliOpts = { tag: string; image: string; warm: string[]; warmEval: string[]; memoryMib: number; vcpus: number; json?: boolean };
 
 export function registerSnapshots(program: Command): void {
   program
@@ -23,24 +14,15 @@ export function registerSnapshots(program: Command): void {
     .option("--warm-eval <code>", "JavaScript to evaluate in the warm context before the snapshot (repeatable)", collect, [])
     .option("--memory-mib <n>", "guest memory in MiB", parseIntOption("--memory-mib"), 256)
     .option("--vcpus <n>", "virtual CPUs", parseIntOption("--vcpus"), 1)
-    .option("--accel <mode>", "kvm or tcg")
-    .option("--json", "print the manifest as JSON")
+    .option("--json", "print the snapshot as JSON")
     .action(async (opts: SnapshotCliOpts) => {
+      const backend = await openBackend();
+      const started = performance.now();
       const snapshot = await withSpinner(
         `snapshot ${opts.tag}`,
-        (s) =>
-          createSnapshot({
-            tag: opts.tag,
-            image: opts.image,
-            warm: opts.warm,
-            warmEval: opts.warmEval,
-            memoryMib: opts.memoryMib,
-            vcpus: opts.vcpus,
-            accel: opts.accel ? parseAccel(opts.accel) : undefined,
-            onProgress: (step) => (s.text = `snapshot ${opts.tag}: ${step}`),
-          }),
+        (s) => backend.createSnapshot({ ...opts, onProgress: (step) => (s.text = `snapshot ${opts.tag}: ${step}`) }),
         (snap) =>
-          `snapshot ${snap.tag}: boot ${fmtMs(snap.timings.bootMs)}, warm-up ${fmtMs(snap.timings.warmMs)}, device state saved in ${fmtMs(snap.timings.saveMs)} (${fmtBytes(snap.sizes.vmstateBytes)}), total ${fmtMs(snap.timings.totalMs)}`,
+          `snapshot ${snap.tag} ready in ${((performance.now() - started) / 1000).toFixed(2)} s (device state ${fmtBytes(snap.vmstate_bytes)})`,
       );
       if (opts.json) process.stdout.write(`${JSON.stringify(snapshot, null, 2)}\n`);
       else if (!process.stderr.isTTY) process.stdout.write(`${snapshot.tag}\n`);
@@ -51,7 +33,7 @@ export function registerSnapshots(program: Command): void {
     .description("list snapshots: tag, sizes, created, parent, whether staged on shmem")
     .option("--json", "machine-readable output")
     .action(async (opts: { json?: boolean }) => {
-      const snapshots = await listSnapshots();
+      const snapshots = await (await openBackend()).listSnapshots();
       if (opts.json) {
         process.stdout.write(`${JSON.stringify(snapshots, null, 2)}\n`);
         return;
@@ -64,13 +46,13 @@ export function registerSnapshots(program: Command): void {
       for (const s of snapshots) {
         table.push([
           s.tag,
-          s.image.name,
-          `${s.memoryMib} MiB`,
-          fmtBytes(s.sizes.memoryAllocatedBytes),
-          fmtBytes(s.sizes.vmstateBytes),
+          s.image,
+          `${s.memory_mib} MiB`,
+          fmtBytes(s.resident_bytes),
+          fmtBytes(s.vmstate_bytes),
           s.staged ? "yes" : "no",
-          s.branchedFrom ?? s.parent ?? "-",
-          s.createdAt,
+          s.branched_from ?? s.parent ?? "-",
+          s.created_at,
         ]);
       }
       process.stdout.write(`${table.toString()}\n`);
@@ -82,7 +64,7 @@ export function registerSnapshots(program: Command): void {
     .argument("<tag>")
     .option("--force", "kill its live children first")
     .action(async (tag: string, opts: { force?: boolean }) => {
-      const { killed } = await removeSnapshot(tag, { force: opts.force });
-      process.stdout.write(`removed ${tag}${killed.length ? ` (killed ${killed.join(", ")})` : ""}\n`);
+      await (await openBackend()).removeSnapshot(tag, opts.force === true);
+      process.stdout.write(`removed ${tag}\n`);
     });
 }

@@ -1,0 +1,259 @@
+// The CLI talks to the daemon when one is reachable (it owns the sandboxes' agent
+// connections then), and to core directly otherwise. One interface, two
+// implementations, so every command prints the same either way.
+import fs from "node:fs";
+import path from "node:path";
+import {
+  type ApiSandbox,
+  type ApiSnapshot,
+  apiSandboxView,
+  apiSnapshotView,
+  connectSandbox,
+  createSnapshot,
+  ERROR_STATUS,
+  ForkdError,
+  forkdRunDir,
+  forkSandboxes,
+  getSandbox,
+  killSandbox,
+  listSandboxes,
+  listSnapshots,
+  removeSnapshot,
+} from "@forkd/core";
+import { Controller, ForkdApiError } from "@forkd/sdk";
+
+export type ForkRow = {
+  id: string;
+  ok: boolean;
+  vmm_start_ms?: number;
+  restore_ms?: number;
+  first_answer_ms?: number;
+  total_ms?: number;
+  error?: { code: string; message: string; console?: string };
+};
+export type ExecArgs = { argv?: string[]; cmd?: string; env?: Record<string, string>; cwd?: string; timeoutMs?: number; stdin?: Buffer };
+export type ExecOutcome = { exitCode: number | null; signal: string | null; timedOut: boolean };
+export type FilesArgs = { action: "read" | "write" | "list"; path: string; data?: Buffer };
+export type SnapshotArgs = {
+  tag: string;
+  image: string;
+  warm: string[];
+  warmEval: string[];
+  memoryMib: number;
+  vcpus: number;
+  onProgress?: (step: string) => void;
+};
+
+export interface Backend {
+  readonly kind: "daemon" | "direct";
+  createSnapshot(args: SnapshotArgs): Promise<ApiSnapshot>;
+  listSnapshots(): Promise<ApiSnapshot[]>;
+  removeSnapshot(tag: string, force: boolean): Promise<void>;
+  fork(args: {
+    tag: string;
+    n: number;
+    memoryLimitMib?: number;
+    network: boolean;
+    concurrency: number;
+    onChild?: () => void;
+  }): Promise<ForkRow[]>;
+  listSandboxes(): Promise<ApiSandbox[]>;
+  exec(id: string, args: ExecArgs, onStdout: (d: Buffer) => void, onStderr: (d: Buffer) => void): Promise<ExecOutcome>;
+  eval(id: string, code: string): Promise<{ value: unknown; type: string; duration_ms: number }>;
+  files(id: string, args: FilesArgs): Promise<Record<string, unknown>>;
+  kill(id: string): Promise<void>;
+}
+
+class DirectBackend implements Backend {
+  readonly kind = "direct" as const;
+
+  async createSnapshot(a: SnapshotArgs) {
+    return apiSnapshotView(
+      await createSnapshot({
+        tag: a.tag,
+        image: a.image,
+        warm: a.warm,
+        warmEval: a.warmEval,
+        memoryMib: a.memoryMib,
+        vcpus: a.vcpus,
+        onProgress: a.onProgress,
+      }),
+    );
+  }
+  async listSnapshots() {
+    return (await listSnapshots()).map(apiSnapshotView);
+  }
+  async removeSnapshot(tag: string, force: boolean) {
+    await removeSnapshot(tag, { force });
+  }
+  async fork(a: Parameters<Backend["fork"]>[0]) {
+    const results = await forkSandboxes({
+      tag: a.tag,
+      n: a.n,
+      memoryLimitMib: a.memoryLimitMib,
+      network: a.network,
+      concurrency: a.concurrency,
+      onChild: a.onChild,
+    });
+    return results.map(
+      (r): ForkRow =>
+        r.ok
+          ? {
+              id: r.id,
+              ok: true,
+              vmm_start_ms: r.timings.vmmStartMs,
+              restore_ms: r.timings.restoreMs,
+              first_answer_ms: r.timings.firstAnswerMs,
+              total_ms: r.timings.totalMs,
+            }
+          : { id: r.id, ok: false, error: r.error },
+    );
+  }
+  async listSandboxes() {
+    return listSandboxes().map(apiSandboxView);
+  }
+  private async withAgent<T>(id: string, work: (agent: Awaited<ReturnType<typeof connectSandbox>>) => Promise<T>): Promise<T> {
+    getSandbox(id);
+    const agent = await connectSandbox(id);
+    try {
+      return await work(agent);
+    } finally {
+      agent.close();
+    }
+  }
+  exec(id: string, a: ExecArgs, onStdout: (d: Buffer) => void, onStderr: (d: Buffer) => void) {
+    return this.withAgent(id, async (agent) => {
+      const res = await agent.exec(
+        {
+          ...(a.argv ? { argv: a.argv } : { cmd: a.cmd }),
+          ...(a.env ? { env: a.env } : {}),
+          ...(a.cwd ? { cwd: a.cwd } : {}),
+          ...(a.timeoutMs ? { timeoutMs: a.timeoutMs } : {}),
+          ...(a.stdin ? { stdin: a.stdin.toString("base64") } : {}),
+        },
+        { onStdout, onStderr },
+      );
+      return { exitCode: res.exitCode, signal: res.signal, timedOut: res.timedOut };
+    });
+  }
+  eval(id: string, code: string) {
+    return this.withAgent(id, async (agent) => {
+      const res = await agent.eval(code);
+      return { value: res.value, type: res.type, duration_ms: res.durationMs };
+    });
+  }
+  files(id: string, a: FilesArgs) {
+    return this.withAgent(id, (agent) =>
+      a.action === "write"
+        ? agent.files<Record<string, unknown>>({ action: "write", path: a.path, data: (a.data ?? Buffer.alloc(0)).toString("base64") })
+        : agent.files<Record<string, unknown>>({ action: a.action, path: a.path }),
+    );
+  }
+  kill(id: string) {
+    return killSandbox(id);
+  }
+}
+
+/** API errors come back as ForkdError with the same code, so the CLI reports both paths alike. */
+async function viaApi<T>(work: () => Promise<T>): Promise<T> {
+  try {
+    return await work();
+  } catch (err) {
+    if (err instanceof ForkdApiError) {
+      throw new ForkdError(err.code in ERROR_STATUS ? (err.code as ForkdError["code"]) : "internal", err.message, err.details ?? {});
+    }
+    throw err;
+  }
+}
+
+class DaemonBackend implements Backend {
+  readonly kind = "daemon" as const;
+  constructor(private readonly controller: Controller) {}
+
+  createSnapshot(a: SnapshotArgs) {
+    return viaApi(() =>
+      this.controller.createSnapshot({
+        tag: a.tag,
+        image: a.image,
+        warm: a.warm,
+        warm_eval: a.warmEval,
+        memory_mib: a.memoryMib,
+        vcpus: a.vcpus,
+      }),
+    );
+  }
+  listSnapshots() {
+    return viaApi(async () => (await this.controller.listSnapshots()).snapshots);
+  }
+  removeSnapshot(tag: string, force: boolean) {
+    return viaApi(() => this.controller.deleteSnapshot(tag, { force }));
+  }
+  fork(a: Parameters<Backend["fork"]>[0]) {
+    return viaApi(async () => {
+      const res = await this.controller.createSandboxes({
+        snapshot_tag: a.tag,
+        n: a.n,
+        network: a.network,
+        ...(a.memoryLimitMib ? { memory_limit_mib: a.memoryLimitMib } : {}),
+      });
+      return res.sandboxes;
+    });
+  }
+  listSandboxes() {
+    return viaApi(async () => (await this.controller.listSandboxes()).sandboxes);
+  }
+  exec(id: string, a: ExecArgs, onStdout: (d: Buffer) => void, onStderr: (d: Buffer) => void) {
+    return viaApi(async () => {
+      const exit = await this.controller.execStream(
+        id,
+        {
+          ...(a.argv ? { argv: a.argv } : { cmd: a.cmd }),
+          ...(a.env ? { env: a.env } : {}),
+          ...(a.cwd ? { cwd: a.cwd } : {}),
+          ...(a.timeoutMs ? { timeout_ms: a.timeoutMs } : {}),
+          ...(a.stdin ? { stdin: a.stdin.toString("base64"), stdin_encoding: "base64" as const } : {}),
+        },
+        { onStdout, onStderr },
+      );
+      return { exitCode: exit.exit_code, signal: exit.signal, timedOut: exit.timed_out };
+    });
+  }
+  eval(id: string, code: string) {
+    return viaApi(() => this.controller.eval(id, { code }));
+  }
+  files(id: string, a: FilesArgs) {
+    return viaApi(() =>
+      a.action === "write"
+        ? this.controller.files(id, {
+            action: "write",
+            path: a.path,
+            data: (a.data ?? Buffer.alloc(0)).toString("base64"),
+            encoding: "base64",
+          })
+        : this.controller.files(id, { action: a.action, path: a.path }),
+    );
+  }
+  kill(id: string) {
+    return viaApi(() => this.controller.deleteSandbox(id));
+  }
+}
+
+/**
+ * FORKD_URL (with FORKD_TOKEN) names a daemon explicitly, and then it must answer.
+ * Otherwise a daemon on the default socket is used when it answers /healthz;
+ * with none, the CLI works on core directly.
+ */
+export async function openBackend(): Promise<Backend> {
+  if (process.env.FORKD_URL) return new DaemonBackend(Controller.fromEnv());
+  const socket = process.env.FORKD_SOCKET ?? path.join(forkdRunDir(), "forkd.sock");
+  if (fs.existsSync(socket)) {
+    const controller = Controller.fromEnv();
+    try {
+      await controller.health();
+      return new DaemonBackend(controller);
+    } catch {
+      await controller.close();
+    }
+  }
+  return new DirectBackend();
+}
