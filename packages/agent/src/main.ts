@@ -44,6 +44,8 @@ let sigioCount = 0;
 let sigioEnabled = false;
 let wakeForHost: (() => void) | undefined;
 let lastSigioAt = 0;
+let lastTiming: Record<string, number> = {};
+let handledAt = 0;
 let lastDataAt = 0;
 process.on("SIGIO", () => {
   sigioCount++;
@@ -89,7 +91,12 @@ function send(frame: ResponseFrame): void {
   } catch (err) {
     bytes = encodeFrame({ id: frame.id, kind: "error", code: "too_large", message: (err as Error).message });
   }
-  writeChain = writeChain.then(() => writeAll(bytes));
+  const queuedAt = performance.now();
+  writeChain = writeChain
+    .then(() => writeAll(bytes))
+    .then(() => {
+      lastTiming = { handledMs: handledAt - lastDataAt, sinceDataMs: queuedAt - lastDataAt, writeMs: performance.now() - queuedAt };
+    });
 }
 
 const guestctl = new GuestCtl("/opt/forkd/bin/forkd-guestctl");
@@ -110,6 +117,7 @@ const server = new AgentServer(send, {
       loopIdleMs: Math.round(elu.idle),
       sinceSigioMs: Math.round(performance.now() - lastSigioAt),
       sinceDataMs: Math.round(performance.now() - lastDataAt),
+      lastTiming,
     };
   },
 });
@@ -128,12 +136,10 @@ function waitForHost(sigiosBeforeRead: number): void {
   if (sigioEnabled && performance.now() - disconnectedAt > EAGER_POLL_WINDOW_MS) {
     const timer = setTimeout(() => {
       wakeForHost = undefined;
-      enableSigio();
       readLoop();
     }, SIGIO_FALLBACK_POLL_MS);
     wakeForHost = () => {
       clearTimeout(timer);
-      enableSigio();
       readLoop();
     };
     return;
@@ -170,7 +176,7 @@ function readLoop(): void {
       if (frame.ok) server.handle(frame.message);
       else server.rejectFrame(frame.error);
     }
-    enableSigio();
+    handledAt = performance.now();
     readLoop();
   });
 }

@@ -1,3 +1,4 @@
+import { spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import fs from "node:fs";
 import os from "node:os";
@@ -20,6 +21,7 @@ import {
   runtimePaths,
   Vm,
 } from "@forkd/core";
+import { Controller } from "@forkd/sdk";
 import type { Command } from "commander";
 import { parseIntOption, percentile, round1, spinner } from "../ui.js";
 
@@ -222,4 +224,97 @@ export function registerBench(program: Command): void {
         }
       },
     );
+
+  bench
+    .command("api")
+    .description("round trips through a real daemon process: eval of 1+1, exec of true, and one spawn against the direct path")
+    .option("--evals <n>", "eval round trips", parseIntOption("--evals"), 200)
+    .option("--execs <n>", "exec round trips", parseIntOption("--execs"), 30)
+    .option("--spawns <n>", "single-child spawns on each path", parseIntOption("--spawns"), 3)
+    .option("--json", "print JSON")
+    .action(async (opts: { evals: number; execs: number; spawns: number; json?: boolean }) => {
+      const dir = fs.mkdtempSync(`${os.tmpdir()}/forkd-bench-api-`);
+      const tokenFile = `${dir}/token`;
+      fs.writeFileSync(tokenFile, `${randomBytes(24).toString("base64url")}\n`, { mode: 0o600 });
+      const token = fs.readFileSync(tokenFile, "utf8").trim();
+      const socket = `${dir}/forkd.sock`;
+      const s = spinner("starting a daemon");
+      const daemon = spawn(
+        process.execPath,
+        [process.argv[1]!, "daemon", "--socket", socket, "--listen", "none", "--token-file", tokenFile, "--audit-log", `${dir}/audit.log`],
+        {
+          stdio: ["ignore", "ignore", "pipe"],
+        },
+      );
+      let daemonLog = "";
+      daemon.stderr!.setEncoding("utf8").on("data", (d: string) => (daemonLog += d));
+      const controller = new Controller({ socketPath: socket, token });
+      const tag = `bench-api-${randomBytes(4).toString("hex")}`;
+      const created: string[] = [];
+      try {
+        const deadline = Date.now() + 60_000;
+        while (!/unix /.test(daemonLog)) {
+          if (daemon.exitCode !== null || Date.now() > deadline) throw new ForkdError("internal", `the daemon did not start: ${daemonLog}`);
+          await new Promise((r) => setTimeout(r, 50));
+        }
+        s.text = "snapshot";
+        await controller.createSnapshot({ tag });
+        const apiSpawn: number[] = [];
+        const directSpawn: number[] = [];
+        for (let i = 0; i < opts.spawns; i++) {
+          s.text = `spawn ${i + 1}/${opts.spawns} through the API`;
+          const t0 = performance.now();
+          const res = await controller.createSandboxes({ snapshot_tag: tag, n: 1 });
+          apiSpawn.push(performance.now() - t0);
+          created.push(...res.sandboxes.map((c) => c.id));
+          s.text = `spawn ${i + 1}/${opts.spawns} directly`;
+          const t1 = performance.now();
+          const [direct] = await forkSandboxes({ tag, n: 1 });
+          directSpawn.push(performance.now() - t1);
+          if (direct?.ok) await killSandbox(direct.id);
+        }
+        const id = created[0]!;
+        // Warm the path once, as a client that has used its sandbox before would have.
+        for (let i = 0; i < 5; i++) await controller.eval(id, { code: "1+1" });
+        await controller.exec(id, { argv: ["true"] });
+        const evalRtt: number[] = [];
+        for (let i = 0; i < opts.evals; i++) {
+          if (i % 20 === 0) s.text = `eval ${i}/${opts.evals}`;
+          const t0 = performance.now();
+          await controller.eval(id, { code: "1+1" });
+          evalRtt.push(performance.now() - t0);
+        }
+        const execRtt: number[] = [];
+        for (let i = 0; i < opts.execs; i++) {
+          s.text = `exec ${i}/${opts.execs}`;
+          const t0 = performance.now();
+          await controller.exec(id, { argv: ["true"] });
+          execRtt.push(performance.now() - t0);
+        }
+        s.stop();
+        const result = {
+          accel: (await chooseAccel()).accel,
+          cpus: os.cpus().length,
+          transport: "unix socket",
+          eval_rtt_ms_p50: round1(percentile(evalRtt, 50)),
+          eval_rtt_ms_p99: round1(percentile(evalRtt, 99)),
+          exec_rtt_ms_p50: round1(percentile(execRtt, 50)),
+          exec_rtt_ms_p99: round1(percentile(execRtt, 99)),
+          api_spawn_ms_p50: round1(percentile(apiSpawn, 50)),
+          direct_spawn_ms_p50: round1(percentile(directSpawn, 50)),
+          rest_spawn_overhead_ms: round1(percentile(apiSpawn, 50) - percentile(directSpawn, 50)),
+        };
+        writeResult("api", result);
+        if (opts.json) process.stdout.write(`${JSON.stringify(result)}\n`);
+        else for (const [k, v] of Object.entries(result)) process.stdout.write(`${k.padEnd(24)} ${v}\n`);
+      } finally {
+        s.stop();
+        for (const id of created) await controller.deleteSandbox(id).catch(() => {});
+        await controller.deleteSnapshot(tag, { force: true }).catch(() => {});
+        await controller.close();
+        daemon.kill("SIGTERM");
+        await new Promise((r) => daemon.once("exit", r));
+        fs.rmSync(dir, { recursive: true, force: true });
+      }
+    });
 }
