@@ -5,6 +5,9 @@ import type { EvalRequest, EvalResult } from "../protocol.js";
 import { AgentOpError } from "./errors.js";
 
 const DEFAULT_EVAL_TIMEOUT_MS = 30_000;
+/** Compiled scripts kept for code that is evaluated again (agents often repeat small snippets). */
+const SCRIPT_CACHE_ENTRIES = 128;
+const SCRIPT_CACHE_MAX_SOURCE = 64 * 1024;
 
 /**
  * One persistent JavaScript context per agent: variables defined by one call are
@@ -13,6 +16,7 @@ const DEFAULT_EVAL_TIMEOUT_MS = 30_000;
  */
 export class JsEvaluator {
   private readonly context: vm.Context;
+  private readonly scripts = new Map<string, vm.Script>();
 
   constructor() {
     const sandboxRequire = createRequire("/root/");
@@ -36,6 +40,22 @@ export class JsEvaluator {
     });
   }
 
+  private compile(code: string): vm.Script {
+    const cached = this.scripts.get(code);
+    if (cached) {
+      // Refresh its place in the LRU order.
+      this.scripts.delete(code);
+      this.scripts.set(code, cached);
+      return cached;
+    }
+    const script = new vm.Script(code, { filename: "eval.js" });
+    if (code.length <= SCRIPT_CACHE_MAX_SOURCE) {
+      this.scripts.set(code, script);
+      if (this.scripts.size > SCRIPT_CACHE_ENTRIES) this.scripts.delete(this.scripts.keys().next().value as string);
+    }
+    return script;
+  }
+
   async evaluate(request: EvalRequest, signal: AbortSignal): Promise<EvalResult> {
     if (typeof request.code !== "string") throw new AgentOpError("bad_request", "`code` must be a string");
     if (request.language !== undefined && request.language !== "javascript") {
@@ -48,7 +68,7 @@ export class JsEvaluator {
     const started = performance.now();
     let value: unknown;
     try {
-      const script = new vm.Script(request.code, { filename: "eval.js" });
+      const script = this.compile(request.code);
       // `timeout` interrupts synchronous loops; awaited promises are raced below.
       value = script.runInContext(this.context, { timeout: timeoutMs, breakOnSigint: false });
       if (isThenable(value)) value = await raceTimeout(value, timeoutMs, signal);
