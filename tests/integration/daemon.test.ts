@@ -55,7 +55,12 @@ function postHuge(route: string, bytes: number): Promise<{ status: number; body:
       if (m) resolve({ status: Number(m[1]), body: received.slice(received.indexOf("\r\n\r\n") + 4) });
       else reject(new Error(`no HTTP answer: ${received.slice(0, 200)}`));
     };
-    socket.setEncoding("utf8").on("data", (d: string) => (received += d));
+    socket.setEncoding("utf8").on("data", (d: string) => {
+      received += d;
+      const headEnd = received.indexOf("\r\n\r\n");
+      const length = Number(/content-length: (\d+)/i.exec(received)?.[1] ?? Number.NaN);
+      if (headEnd >= 0 && received.length - headEnd - 4 >= length) socket.destroy();
+    });
     socket.on("error", () => {});
     socket.on("close", finish);
     socket.on("connect", () => {
@@ -64,13 +69,14 @@ function postHuge(route: string, bytes: number): Promise<{ status: number; body:
       );
       const chunk = Buffer.alloc(1 << 20, 0x61);
       let sent = 0;
+      // The daemon judges the declared length and answers before reading on; keep
+      // sending only while no answer has come, so its close cannot reset our read side.
       const pump = () => {
-        while (sent < bytes && !socket.destroyed) {
-          sent += chunk.length;
-          if (!socket.write(chunk)) return socket.once("drain", pump);
-        }
+        if (received || socket.destroyed || sent >= bytes) return;
+        sent += chunk.length;
+        socket.write(chunk, () => setTimeout(pump, 5));
       };
-      pump();
+      setTimeout(pump, 200);
     });
   });
 }

@@ -57,12 +57,21 @@ export function readMemoryLimit(dir: string): number | undefined {
   return undefined;
 }
 
-/** Remove a sandbox cgroup once its processes are gone; a cgroup with members cannot be removed, and that is fine. */
-export function removeCgroup(dir: string | null | undefined): void {
+/**
+ * Remove a sandbox cgroup once its processes are gone. The kernel may report the
+ * group busy for a moment after its last process exited, so retry briefly.
+ */
+export async function removeCgroup(dir: string | null | undefined, waitMs = 2000): Promise<void> {
   if (!dir) return;
-  try {
-    fs.rmdirSync(dir);
-  } catch {
-    // still populated or already gone
+  const deadline = Date.now() + waitMs;
+  for (;;) {
+    try {
+      fs.rmdirSync(dir);
+      return;
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === "ENOENT" || code !== "EBUSY" || Date.now() > deadline) return;
+      await new Promise((r) => setTimeout(r, 20));
+    }
   }
 }

@@ -202,7 +202,7 @@ async function restoreChild(snapshot: SnapshotInfo, memoryPath: string, opts: Fo
     agent?.close();
     qmp?.close();
     if (pid !== undefined) await killAndWait(pid, runDir);
-    removeCgroup(cgroup);
+    await removeCgroup(cgroup);
     sandboxes.remove(id);
     await fsp.rm(runDir, { recursive: true, force: true });
     const e = err instanceof ForkdError ? err : new ForkdError("vm_start_failed", (err as Error).message);
@@ -269,7 +269,7 @@ export async function killSandbox(id: string): Promise<void> {
 }
 
 async function reapSandbox(row: SandboxRow): Promise<void> {
-  removeCgroup(row.cgroup);
+  await removeCgroup(row.cgroup);
   await fsp.rm(row.run_dir, { recursive: true, force: true });
   sandboxes.remove(row.id);
 }
