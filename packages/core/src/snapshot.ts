@@ -33,6 +33,8 @@ export type SnapshotManifest = {
   memorySha256: string;
   parent: string | null;
   branchedFrom: string | null;
+  /** For a BRANCH: how the capture was taken and how long the source was paused. */
+  branch?: { mode: "full" | "diff" | "live"; pauseMs: number; captureMs: number };
   timings: { bootMs: number; warmMs: number; saveMs: number; totalMs: number };
 };
 
@@ -115,14 +117,7 @@ export async function createSnapshot(opts: CreateSnapshotOpts): Promise<Snapshot
   }
   const image = await getImage(opts.image ?? "base");
   const started = performance.now();
-  await fsp.mkdir(snapshotsDir(), { recursive: true, mode: 0o700 });
-  await fsp.mkdir(path.join(shmDir(), "images"), { recursive: true, mode: 0o700 });
-  // Temp names carry our pid so `forkd cleanup` can tell abandoned ones from ones in progress.
-  const temp = `.tmp-${process.pid}-${randomBytes(4).toString("hex")}`;
-  const work = path.join(snapshotsDir(), temp);
-  const stageWork = path.join(shmDir(), "images", temp);
-  await fsp.mkdir(work, { mode: 0o700 });
-  await fsp.mkdir(stageWork, { mode: 0o700 });
+  const { work, stageWork } = await snapshotWorkDirs();
   const memoryPath = path.join(stageWork, "memory.bin");
   let vm: Vm | undefined;
   try {
@@ -174,52 +169,23 @@ export async function createSnapshot(opts: CreateSnapshotOpts): Promise<Snapshot
     await vm.destroy();
     vm = undefined;
     progress("writing the memory image");
-    const memorySha256 = await sha256File(memoryPath);
-    await fsp.copyFile(memoryPath, path.join(work, "memory.bin"));
-    for (const f of ["memory.bin", "vmstate.bin"]) {
-      const handle = await fsp.open(path.join(work, f), "r");
-      await handle.sync();
-      await handle.close();
-      await fsp.chmod(path.join(work, f), 0o444);
-    }
-    const memStat = await fsp.stat(memoryPath);
-    const manifest: SnapshotManifest = {
-      schema: SNAPSHOT_SCHEMA,
-      tag,
-      createdAt: new Date().toISOString(),
-      image: { name: image.name, digest: image.digest, kernel: image.kernel, initrd: image.initrd, rootfs: image.rootfs },
-      kernelVersion: image.kernelVersion,
-      accel: booted.vm.accel,
-      vcpus: opts.vcpus ?? 1,
-      memoryMib: opts.memoryMib ?? 256,
-      network: true,
-      warm: { commands: opts.warm ?? [], evals: opts.warmEval ?? [] },
-      sizes: { memoryBytes: memStat.size, memoryAllocatedBytes: memStat.blocks * 512, vmstateBytes: (await fsp.stat(vmstatePath)).size },
-      memorySha256,
-      parent: null,
-      branchedFrom: null,
-      timings: { bootMs, warmMs, saveMs, totalMs: 0 },
-    };
-    manifest.timings.totalMs = performance.now() - started;
-    await writeFileAtomic(path.join(work, "manifest.json"), `${JSON.stringify(manifest, null, 2)}\n`, 0o444);
-    // Register: the rename is the commit point. A crash before it leaves only a dot-dir.
-    try {
-      await fsp.rename(work, tagDir(tag));
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === "ENOTEMPTY" || (err as NodeJS.ErrnoException).code === "EEXIST") {
-        throw new ForkdError("conflict", `snapshot ${tag} was created by someone else meanwhile`, { tag });
-      }
-      throw err;
-    }
-    await fsyncDir(snapshotsDir());
-    // The parent's RAM file is already on shmem: it becomes the staged image.
-    await fsp.chmod(memoryPath, 0o444);
-    const finalStage = path.dirname(stagedPath(manifest));
-    await fsp.rm(finalStage, { recursive: true, force: true });
-    await fsp.rename(stageWork, finalStage);
-    staged.upsert({ key: stageKey(manifest), tag, path: stagedPath(manifest), bytes: memStat.blocks * 512, last_used_ms: Date.now() });
-    await enforceStageBudget(stageKey(manifest));
-    return info(manifest);
+    return await registerSnapshot({
+      work,
+      stageWork,
+      base: {
+        tag,
+        image: { name: image.name, digest: image.digest, kernel: image.kernel, initrd: image.initrd, rootfs: image.rootfs },
+        kernelVersion: image.kernelVersion,
+        accel: booted.vm.accel,
+        vcpus: opts.vcpus ?? 1,
+        memoryMib: opts.memoryMib ?? 256,
+        network: true,
+        warm: { commands: opts.warm ?? [], evals: opts.warmEval ?? [] },
+        parent: null,
+        branchedFrom: null,
+        timings: { bootMs, warmMs, saveMs, totalMs: performance.now() - started },
+      },
+    });
   } finally {
     await vm?.destroy();
     await fsp.rm(work, { recursive: true, force: true });
@@ -234,6 +200,79 @@ async function warmAgentPaths(vm: Vm): Promise<void> {
   await vm.agent.eval("1 + 1");
   await vm.agent.files({ action: "stat", path: "/" });
   await vm.agent.files({ action: "list", path: "/opt/forkd" });
+}
+
+export type RegisterOpts = {
+  /** Dot-dir in the durable store holding vmstate.bin; becomes the snapshot dir. */
+  work: string;
+  /** Dot-dir on shmem holding memory.bin; becomes the staged image. */
+  stageWork: string;
+  base: Omit<SnapshotManifest, "schema" | "createdAt" | "sizes" | "memorySha256">;
+};
+
+/**
+ * The commit point of every snapshot (warm parent or BRANCH): hash the memory
+ * image once, copy it to the durable store, write the manifest, fsync, and rename
+ * the dot-dir into place. A crash before the rename leaves only a dot-dir, which
+ * is never listed and which `forkd cleanup` removes.
+ */
+export async function registerSnapshot(opts: RegisterOpts): Promise<SnapshotInfo> {
+  const { work, stageWork, base } = opts;
+  const memoryPath = path.join(stageWork, "memory.bin");
+  const vmstatePath = path.join(work, "vmstate.bin");
+  const memorySha256 = await sha256File(memoryPath);
+  await fsp.copyFile(memoryPath, path.join(work, "memory.bin"));
+  for (const f of ["memory.bin", "vmstate.bin"]) {
+    const handle = await fsp.open(path.join(work, f), "r");
+    await handle.sync();
+    await handle.close();
+    await fsp.chmod(path.join(work, f), 0o444);
+  }
+  const memStat = await fsp.stat(memoryPath);
+  const manifest: SnapshotManifest = {
+    schema: SNAPSHOT_SCHEMA,
+    ...base,
+    createdAt: new Date().toISOString(),
+    sizes: { memoryBytes: memStat.size, memoryAllocatedBytes: memStat.blocks * 512, vmstateBytes: (await fsp.stat(vmstatePath)).size },
+    memorySha256,
+  };
+  await writeFileAtomic(path.join(work, "manifest.json"), `${JSON.stringify(manifest, null, 2)}\n`, 0o444);
+  try {
+    await fsp.rename(work, tagDir(base.tag));
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOTEMPTY" || (err as NodeJS.ErrnoException).code === "EEXIST") {
+      throw new ForkdError("conflict", `snapshot ${base.tag} was created by someone else meanwhile`, { tag: base.tag });
+    }
+    throw err;
+  }
+  await fsyncDir(snapshotsDir());
+  // The RAM file is already on shmem: it becomes the staged image.
+  await fsp.chmod(memoryPath, 0o444);
+  const finalStage = path.dirname(stagedPath(manifest));
+  await fsp.rm(finalStage, { recursive: true, force: true });
+  await fsp.rename(stageWork, finalStage);
+  staged.upsert({
+    key: stageKey(manifest),
+    tag: base.tag,
+    path: stagedPath(manifest),
+    bytes: memStat.blocks * 512,
+    last_used_ms: Date.now(),
+  });
+  await enforceStageBudget(stageKey(manifest));
+  return info(manifest);
+}
+
+/** Fresh dot-dirs for a snapshot being written: one in the durable store, one on shmem. */
+export async function snapshotWorkDirs(): Promise<{ work: string; stageWork: string }> {
+  await fsp.mkdir(snapshotsDir(), { recursive: true, mode: 0o700 });
+  await fsp.mkdir(path.join(shmDir(), "images"), { recursive: true, mode: 0o700 });
+  // Temp names carry our pid so `forkd cleanup` can tell abandoned ones from ones in progress.
+  const temp = `.tmp-${process.pid}-${randomBytes(4).toString("hex")}`;
+  const work = path.join(snapshotsDir(), temp);
+  const stageWork = path.join(shmDir(), "images", temp);
+  await fsp.mkdir(work, { mode: 0o700 });
+  await fsp.mkdir(stageWork, { mode: 0o700 });
+  return { work, stageWork };
 }
 
 /** Stop the VM and write its device state (RAM in the shared file is skipped) to `target`. */
