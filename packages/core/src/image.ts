@@ -209,9 +209,24 @@ export async function buildImage(opts: BuildImageOpts = {}): Promise<{ manifest:
   const digest = await digestInputs(inputs);
   const root = imageRoot(name);
   const finalDir = path.join(root, digest);
-  const current = await readJson<ImageManifest>(path.join(root, "current.json"));
-  if (!opts.force && current?.digest === digest && (await exists(path.join(finalDir, "rootfs.ext4")))) {
-    return { manifest: current, cached: true };
+  // A digest dir is immutable once complete (image.json is written last): snapshots
+  // hold its rootfs open by path and their guests cache its blocks, so rebuilding
+  // it in place would corrupt every snapshot made from it.
+  const complete = await readJson<ImageManifest>(path.join(finalDir, "image.json"));
+  if (complete && opts.force) {
+    const { listSnapshots } = await import("./snapshot.js");
+    const users = (await listSnapshots()).filter((snap) => snap.image.digest === digest).map((snap) => snap.tag);
+    if (users.length > 0) {
+      throw new ForkdError(
+        "conflict",
+        `snapshots ${users.join(", ")} use image ${name}@${digest.slice(0, 12)}; remove them (forkd rmi) before forcing a rebuild`,
+      );
+    }
+  }
+  if (complete && !opts.force) {
+    const current = await readJson<ImageManifest>(path.join(root, "current.json"));
+    if (current?.digest !== digest) await writeFileAtomic(path.join(root, "current.json"), `${JSON.stringify(complete, null, 2)}\n`);
+    return { manifest: complete, cached: true };
   }
   await fs.mkdir(root, { recursive: true, mode: 0o755 });
   const work = await fs.mkdtemp(path.join(root, ".build-"));
@@ -238,8 +253,11 @@ export async function buildImage(opts: BuildImageOpts = {}): Promise<{ manifest:
       "4096",
       "-O",
       "^has_journal",
+      // The same inputs give the same filesystem identity (UUID and directory hash seed).
+      "-U",
+      uuidFromDigest(digest),
       "-E",
-      "root_owner=0:0",
+      `root_owner=0:0,hash_seed=${uuidFromDigest(digest)}`,
       "-d",
       tree,
       rootfs,
@@ -257,9 +275,6 @@ export async function buildImage(opts: BuildImageOpts = {}): Promise<{ manifest:
       await handle.sync();
       await handle.close();
     }
-    await fs.rm(finalDir, { recursive: true, force: true });
-    await fs.rename(work, finalDir);
-    await fsyncDir(root);
     const manifest: ImageManifest = {
       schema: 1,
       name,
@@ -272,11 +287,20 @@ export async function buildImage(opts: BuildImageOpts = {}): Promise<{ manifest:
       rootfsBytes: stat.size,
       runtimes: ["javascript"],
     };
+    await writeFileAtomic(path.join(work, "image.json"), `${JSON.stringify(manifest, null, 2)}\n`);
+    await fs.rm(finalDir, { recursive: true, force: true });
+    await fs.rename(work, finalDir);
+    await fsyncDir(root);
     await writeFileAtomic(path.join(root, "current.json"), `${JSON.stringify(manifest, null, 2)}\n`);
     return { manifest, cached: false };
   } finally {
     await fs.rm(work, { recursive: true, force: true });
   }
+}
+
+export function uuidFromDigest(digest: string): string {
+  const h = digest.slice(0, 32);
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-4${h.slice(13, 16)}-8${h.slice(17, 20)}-${h.slice(20, 32)}`;
 }
 
 async function duBytes(dir: string): Promise<number> {

@@ -1,5 +1,6 @@
 export * from "./accel.js";
 export * from "./agent-client.js";
+export * from "./branch.js";
 export * from "./cgroup.js";
 export * from "./config.js";
 export * from "./doctor.js";

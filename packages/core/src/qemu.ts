@@ -28,6 +28,8 @@ export type VmPlan = {
    * 7.2 has no command-line property for that capability).
    */
   incoming?: boolean;
+  /** -S: stay paused after loading (a materializer must not let the guest run). */
+  startPaused?: boolean;
   /** none: no NIC; user: outbound user-mode networking; isolated: the NIC exists (a snapshot's device set must match) but reaches nothing. */
   network: "none" | "user" | "isolated";
   tbSizeMib?: number;
@@ -134,6 +136,7 @@ export function buildQemuArgs(plan: VmPlan): string[] {
     args.push("-kernel", plan.boot.kernel, "-initrd", plan.boot.initrd, "-append", plan.boot.append);
   }
   if (plan.incoming) args.push("-incoming", "defer");
+  if (plan.startPaused) args.push("-S");
   return args;
 }
 

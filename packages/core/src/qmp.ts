@@ -40,6 +40,7 @@ export type MigrationInfo = {
     | "wait-unplug";
   "total-time"?: number;
   downtime?: number;
+  "expected-downtime"?: number;
   "setup-time"?: number;
   "error-desc"?: string;
   ram?: { transferred: number; total: number; "dirty-pages-rate"?: number };

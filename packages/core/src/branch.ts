@@ -1,0 +1,289 @@
+// BRANCH: capture a running sandbox as a new snapshot. Capture pauses the source
+// as briefly as the mode allows; materialising turns the capture (a full migration
+// stream) into an ordinary snapshot: RAM in a memory image, device state apart.
+import fs from "node:fs";
+import fsp from "node:fs/promises";
+import path from "node:path";
+import { ForkdError } from "./errors.js";
+import { launchQemu, runtimePaths, type VmPlan } from "./qemu.js";
+import { eventTimeMs, type MigrationInfo, QmpClient, type QmpEvent } from "./qmp.js";
+import { getSandbox } from "./sandbox.js";
+import { getSnapshot, registerSnapshot, type SnapshotInfo, snapshotWorkDirs } from "./snapshot.js";
+import { validateName } from "./validate.js";
+import { killAndWait, makeRunDir, newSandboxId } from "./vm.js";
+
+export type BranchMode = "full" | "diff" | "live";
+export const BRANCH_MODES: readonly BranchMode[] = ["full", "diff", "live"];
+
+export type CaptureResult = { mode: BranchMode; pauseMs: number; captureMs: number; streamBytes: number };
+
+export function parseBranchMode(value: unknown): BranchMode {
+  if (typeof value === "string" && (BRANCH_MODES as readonly string[]).includes(value)) return value as BranchMode;
+  throw new ForkdError("bad_request", `mode must be one of ${BRANCH_MODES.join(", ")}, got '${String(value)}'`);
+}
+
+/**
+ * Live BRANCH write-protects the source's RAM with userfaultfd inside QEMU, which
+ * the kernel allows on anonymous and shmem memory only. Children map a staged
+ * image on tmpfs, so they qualify when the staging dir is on shmem and this
+ * process may use userfaultfd.
+ */
+export function liveBranchSupport(memoryPath: string): { ok: true } | { ok: false; why: string } {
+  try {
+    const mounts = fs
+      .readFileSync("/proc/mounts", "utf8")
+      .split("\n")
+      .map((l) => l.split(" "));
+    const mount = mounts
+      .filter((m) => m[1] && (memoryPath === m[1] || memoryPath.startsWith(m[1].endsWith("/") ? m[1] : `${m[1]}/`)))
+      .sort((a, b) => b[1]!.length - a[1]!.length)[0];
+    if (mount?.[2] !== "tmpfs") {
+      return {
+        ok: false,
+        why: `its memory image ${memoryPath} is on ${mount?.[2] ?? "an unknown filesystem"}, not tmpfs, so userfaultfd cannot write-protect it; use mode diff`,
+      };
+    }
+  } catch {
+    return { ok: false, why: "cannot read /proc/mounts to check where its memory lives; use mode diff" };
+  }
+  const root = process.getuid?.() === 0;
+  const unprivileged = (() => {
+    try {
+      return fs.readFileSync("/proc/sys/vm/unprivileged_userfaultfd", "utf8").trim() === "1";
+    } catch {
+      return false;
+    }
+  })();
+  if (!root && !unprivileged && !fs.existsSync("/dev/userfaultfd")) {
+    return { ok: false, why: "userfaultfd is not available to this user (not root, vm.unprivileged_userfaultfd=0); use mode diff" };
+  }
+  return { ok: true };
+}
+
+function shellSafe(p: string): string {
+  if (!/^[A-Za-z0-9_./@-]+$/.test(p))
+    throw new ForkdError("bad_request", `path ${JSON.stringify(p)} has characters forkd will not pass to QEMU`);
+  return p;
+}
+
+async function waitMigration(qmp: QmpClient, timeoutMs: number, what: string): Promise<MigrationInfo> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const info = await qmp.execute("query-migrate", {});
+    if (info.status === "completed") return info;
+    if (info.status === "failed" || info.status === "cancelled") {
+      throw new ForkdError("qmp_error", `${what} failed: ${info["error-desc"] ?? info.status}`);
+    }
+    if (Date.now() > deadline) {
+      await qmp.execute("migrate_cancel", {}).catch(() => {});
+      throw new ForkdError("vm_timeout", `${what} did not finish within ${timeoutMs} ms`);
+    }
+    await new Promise((r) => setTimeout(r, 2));
+  }
+}
+
+/**
+ * Write a full migration stream of the running source to `streamPath` and make
+ * sure the source runs again afterwards, whatever happens.
+ *  full: stop, write everything, cont: the pause covers the whole write.
+ *  diff: pre-copy while the source runs; QEMU pauses it only for the last dirty pages.
+ *  live: background-snapshot: QEMU pauses it to write-protect RAM and save devices,
+ *        then copies each page before the source may overwrite it.
+ */
+export async function captureSandbox(sandboxId: string, mode: BranchMode, streamPath: string): Promise<CaptureResult> {
+  const row = getSandbox(sandboxId);
+  const qmp = await QmpClient.connect(runtimePaths(row.run_dir).qmp, { timeoutMs: 10_000 });
+  const events: QmpEvent[] = [];
+  qmp.on("event", (e) => events.push(e));
+  const started = performance.now();
+  let stoppedByUs = false;
+  try {
+    await qmp.execute("migrate-set-capabilities", {
+      capabilities: [
+        { capability: "x-ignore-shared", state: false },
+        { capability: "background-snapshot", state: mode === "live" },
+      ],
+    });
+    // Writing to a local file: no bandwidth cap; a short downtime target for pre-copy.
+    await qmp.execute("migrate-set-parameters", { "max-bandwidth": 64 * 2 ** 30, "downtime-limit": 50 });
+    const uri = `exec:cat > ${shellSafe(streamPath)}`;
+    let pauseMs: number;
+    if (mode === "full") {
+      const t0 = performance.now();
+      stoppedByUs = true;
+      await qmp.execute("stop", {});
+      await qmp.execute("migrate", { uri });
+      await waitMigration(qmp, 600_000, "writing the full capture");
+      await qmp.execute("cont", {});
+      stoppedByUs = false;
+      pauseMs = performance.now() - t0;
+    } else if (mode === "diff") {
+      await qmp.execute("migrate", { uri });
+      await waitMigration(qmp, 600_000, "pre-copy capture");
+      // QEMU stopped the source for the final copy and left it in postmigrate.
+      await qmp.execute("cont", {});
+      const stop = events.find((e) => e.event === "STOP");
+      const resumeAt = await waitEvent(qmp, events, "RESUME");
+      pauseMs = stop && resumeAt ? eventTimeMs(resumeAt) - eventTimeMs(stop) : Number.NaN;
+    } else {
+      await qmp.execute("migrate", { uri });
+      const info = await waitMigration(qmp, 600_000, "live capture");
+      // QEMU pauses internally and emits no STOP/RESUME here: it reports the downtime itself.
+      pauseMs = info.downtime ?? Number.NaN;
+    }
+    const status = await qmp.execute("query-status", {});
+    if (status.status !== "running") await qmp.execute("cont", {});
+    return { mode, pauseMs, captureMs: performance.now() - started, streamBytes: (await fsp.stat(streamPath)).size };
+  } catch (err) {
+    // Never leave the source paused because a capture failed.
+    await qmp.execute("migrate_cancel", {}).catch(() => {});
+    const status = await qmp.execute("query-status", {}).catch(() => undefined);
+    if (stoppedByUs || (status && status.status !== "running")) await qmp.execute("cont", {}).catch(() => {});
+    throw err;
+  } finally {
+    await qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "background-snapshot", state: false }] }).catch(() => {});
+    qmp.close();
+  }
+}
+
+async function waitEvent(qmp: QmpClient, seen: QmpEvent[], name: string): Promise<QmpEvent | undefined> {
+  const already = seen.find((e) => e.event === name);
+  if (already) return already;
+  return qmp.waitForEvent(name, { timeoutMs: 2000 }).catch(() => undefined);
+}
+
+export type MaterializeOpts = {
+  tag: string;
+  source: { id: string; snapshot: SnapshotInfo };
+  capture: CaptureResult;
+  streamPath: string;
+  work: string;
+  stageWork: string;
+  startedAt: number;
+};
+
+/**
+ * Load the capture into a paused QEMU whose RAM is a shared file on shmem, then
+ * save its device state with x-ignore-shared: the result is forkable like any
+ * warm snapshot. The QEMU used for this never runs the guest (-S).
+ */
+export async function materializeCapture(opts: MaterializeOpts): Promise<SnapshotInfo> {
+  const { snapshot } = opts.source;
+  const runDir = await makeRunDir(newSandboxId());
+  const plan: VmPlan = {
+    accel: snapshot.accel,
+    memoryMib: snapshot.memoryMib,
+    vcpus: snapshot.vcpus,
+    runDir,
+    rootfs: snapshot.image.rootfs,
+    memory: { kind: "file", path: path.join(opts.stageWork, "memory.bin"), share: true },
+    incoming: true,
+    startPaused: true,
+    network: snapshot.network ? "isolated" : "none",
+  };
+  const stream = fs.openSync(opts.streamPath, "r");
+  let launched: ReturnType<typeof launchQemu> | undefined;
+  try {
+    launched = launchQemu({ plan, dieWithParent: true, inheritFds: [stream] });
+    fs.closeSync(stream);
+    const qmp = await QmpClient.connect(runtimePaths(runDir).qmp, { timeoutMs: 10_000 });
+    try {
+      await qmp.execute("migrate-incoming", { uri: "fd:3" });
+      await waitMigration(qmp, 600_000, "loading the capture");
+      await qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "x-ignore-shared", state: true }] });
+      await qmp.execute("migrate", { uri: `exec:cat > ${shellSafe(path.join(opts.work, "vmstate.bin"))}` });
+      await waitMigration(qmp, 120_000, "saving the device state");
+      await qmp.execute("quit", {}).catch(() => {});
+    } finally {
+      qmp.close();
+    }
+  } catch (err) {
+    try {
+      fs.closeSync(stream);
+    } catch {
+      // already closed
+    }
+    throw err;
+  } finally {
+    if (launched) await killAndWait(launched.pid, runDir, launched);
+    await fsp.rm(runDir, { recursive: true, force: true });
+  }
+  await fsp.rm(opts.streamPath, { force: true });
+  return registerSnapshot({
+    work: opts.work,
+    stageWork: opts.stageWork,
+    base: {
+      tag: opts.tag,
+      image: snapshot.image,
+      kernelVersion: snapshot.kernelVersion,
+      accel: snapshot.accel,
+      vcpus: snapshot.vcpus,
+      memoryMib: snapshot.memoryMib,
+      network: snapshot.network,
+      warm: snapshot.warm,
+      parent: snapshot.tag,
+      branchedFrom: opts.source.id,
+      branch: { mode: opts.capture.mode, pauseMs: opts.capture.pauseMs, captureMs: opts.capture.captureMs },
+      timings: { bootMs: 0, warmMs: 0, saveMs: opts.capture.captureMs, totalMs: performance.now() - opts.startedAt },
+    },
+  });
+}
+
+export type BranchPlan = { tag: string; mode: BranchMode; sourceId: string; snapshot: SnapshotInfo };
+
+/** Check everything that can be checked before the source is touched. */
+export async function planBranch(sourceId: string, opts: { tag?: string; mode?: string }): Promise<BranchPlan> {
+  const row = getSandbox(sourceId);
+  if (!row.tag) throw new ForkdError("bad_request", `sandbox ${sourceId} was not forked from a snapshot, so it cannot be branched`);
+  const snapshot = await getSnapshot(row.tag);
+  const tag = validateName(opts.tag ?? `${row.tag}-branch-${Date.now().toString(36)}`, "tag");
+  const existing = await getSnapshot(tag).catch(() => undefined);
+  if (existing) throw new ForkdError("conflict", `snapshot ${tag} already exists; pick another tag`, { tag });
+  const { ensureStaged } = await import("./snapshot.js");
+  const memoryPath = await ensureStaged(snapshot);
+  const live = liveBranchSupport(memoryPath);
+  let mode: BranchMode;
+  if (opts.mode === undefined) mode = live.ok ? "live" : "diff";
+  else {
+    mode = parseBranchMode(opts.mode);
+    if (mode === "live" && !live.ok) throw new ForkdError("bad_request", `live BRANCH is not possible for ${sourceId}: ${live.why}`);
+  }
+  return { tag, mode, sourceId, snapshot };
+}
+
+export type BranchOutcome = { plan: BranchPlan; capture: CaptureResult; finish: Promise<SnapshotInfo> };
+
+/**
+ * Capture now (the source is paused only inside this call) and return as soon
+ * as the source runs again; `finish` materialises and registers the snapshot.
+ * On any failure nothing is registered and the temp dirs are removed.
+ */
+export async function branchSandbox(plan: BranchPlan): Promise<BranchOutcome> {
+  const startedAt = performance.now();
+  const { work, stageWork } = await snapshotWorkDirs();
+  const streamPath = path.join(stageWork, "capture.stream");
+  const cleanupDirs = async () => {
+    await fsp.rm(work, { recursive: true, force: true });
+    await fsp.rm(stageWork, { recursive: true, force: true });
+  };
+  let capture: CaptureResult;
+  try {
+    capture = await captureSandbox(plan.sourceId, plan.mode, streamPath);
+  } catch (err) {
+    await cleanupDirs();
+    throw err;
+  }
+  const finish = materializeCapture({
+    tag: plan.tag,
+    source: { id: plan.sourceId, snapshot: plan.snapshot },
+    capture,
+    streamPath,
+    work,
+    stageWork,
+    startedAt,
+  }).catch(async (err: unknown) => {
+    await cleanupDirs();
+    throw err;
+  });
+  return { plan, capture, finish };
+}
