@@ -19,6 +19,7 @@ import {
   listSandboxes,
   listSnapshots,
   removeSnapshot,
+  startBranch,
 } from "@forkd/core";
 import { Controller, ForkdApiError } from "@forkd/sdk";
 
@@ -44,7 +45,20 @@ export type SnapshotArgs = {
   onProgress?: (step: string) => void;
 };
 
+export type BranchRow = {
+  tag: string;
+  mode: string;
+  status: string;
+  pause_ms: number;
+  total_ms: number | null;
+  memory_bytes: number | null;
+  branched_from: string;
+  parent: string;
+  error?: string;
+};
+
 export interface Backend {
+  branch(id: string, args: { tag?: string; mode?: string; wait: boolean }): Promise<BranchRow>;
   readonly kind: "daemon" | "direct";
   createSnapshot(args: SnapshotArgs): Promise<ApiSnapshot>;
   listSnapshots(): Promise<ApiSnapshot[]>;
@@ -66,6 +80,19 @@ export interface Backend {
 
 class DirectBackend implements Backend {
   readonly kind = "direct" as const;
+
+  async branch(id: string, a: { tag?: string; mode?: string; wait: boolean }) {
+    if (!a.wait) {
+      throw new ForkdError(
+        "bad_request",
+        "--no-wait needs the daemon (it finishes the snapshot after this command exits); start `forkd daemon` or drop --no-wait",
+      );
+    }
+    const started = await startBranch(id, { tag: a.tag, mode: a.mode });
+    const done = await started.done;
+    if (done.status === "failed") throw new ForkdError("vm_start_failed", `BRANCH failed: ${done.error}`);
+    return done;
+  }
 
   async createSnapshot(a: SnapshotArgs) {
     return apiSnapshotView(
@@ -169,6 +196,16 @@ async function viaApi<T>(work: () => Promise<T>): Promise<T> {
 class DaemonBackend implements Backend {
   readonly kind = "daemon" as const;
   constructor(private readonly controller: Controller) {}
+
+  branch(id: string, a: { tag?: string; mode?: string; wait: boolean }) {
+    return viaApi(() =>
+      this.controller.branchSandbox(id, {
+        ...(a.tag ? { tag: a.tag } : {}),
+        ...(a.mode ? { mode: a.mode as "full" | "diff" | "live" } : {}),
+        wait: a.wait,
+      }),
+    );
+  }
 
   createSnapshot(a: SnapshotArgs) {
     return viaApi(() =>

@@ -5,10 +5,11 @@ import fs from "node:fs";
 import fsp from "node:fs/promises";
 import path from "node:path";
 import { ForkdError } from "./errors.js";
-import { launchQemu, runtimePaths, type VmPlan } from "./qemu.js";
+import { isAlive, launchQemu, runtimePaths, type VmPlan } from "./qemu.js";
 import { eventTimeMs, type MigrationInfo, QmpClient, type QmpEvent } from "./qmp.js";
 import { getSandbox } from "./sandbox.js";
 import { getSnapshot, registerSnapshot, type SnapshotInfo, snapshotWorkDirs } from "./snapshot.js";
+import { branches } from "./state.js";
 import { validateName } from "./validate.js";
 import { killAndWait, makeRunDir, newSandboxId } from "./vm.js";
 
@@ -286,4 +287,94 @@ export async function branchSandbox(plan: BranchPlan): Promise<BranchOutcome> {
     throw err;
   });
   return { plan, capture, finish };
+}
+
+export type BranchStatus = {
+  tag: string;
+  mode: BranchMode;
+  status: "writing" | "ready" | "failed";
+  pause_ms: number;
+  total_ms: number | null;
+  memory_bytes: number | null;
+  branched_from: string;
+  parent: string;
+  error?: string;
+};
+
+export type StartedBranch = { status: BranchStatus; done: Promise<BranchStatus> };
+
+// BRANCHes of one source run one after another: a second one waits for the first.
+const sourceQueues = new Map<string, Promise<unknown>>();
+
+/**
+ * Plan, claim the tag (so it shows as `writing`), capture, and hand back as soon
+ * as the source runs again. `done` settles when the snapshot is registered
+ * (ready) or has failed; either way the registry row says which, and a failure
+ * leaves no directory behind.
+ */
+export async function startBranch(sourceId: string, opts: { tag?: string; mode?: string } = {}): Promise<StartedBranch> {
+  const previous = sourceQueues.get(sourceId) ?? Promise.resolve();
+  let release!: () => void;
+  const mine = new Promise<void>((r) => (release = r));
+  const queued = previous.then(() => mine);
+  sourceQueues.set(sourceId, queued);
+  await previous.catch(() => {});
+  const releaseQueue = () => {
+    release();
+    if (sourceQueues.get(sourceId) === queued) sourceQueues.delete(sourceId);
+  };
+  const started = performance.now();
+  let plan: BranchPlan;
+  try {
+    plan = await planBranch(sourceId, opts);
+    const claimed = branches.claim({
+      tag: plan.tag,
+      source_id: sourceId,
+      mode: plan.mode,
+      status: "writing",
+      error: null,
+      pause_ms: null,
+      total_ms: null,
+      owner_pid: process.pid,
+      created_at: new Date().toISOString(),
+    });
+    if (!claimed)
+      throw new ForkdError("conflict", `snapshot ${plan.tag} already exists or is being written; pick another tag`, { tag: plan.tag });
+  } catch (err) {
+    releaseQueue();
+    throw err;
+  }
+  let outcome: BranchOutcome;
+  try {
+    outcome = await branchSandbox(plan);
+  } catch (err) {
+    branches.remove(plan.tag);
+    releaseQueue();
+    throw err;
+  }
+  branches.setPause(plan.tag, outcome.capture.pauseMs);
+  const base = { tag: plan.tag, mode: plan.mode, pause_ms: outcome.capture.pauseMs, branched_from: sourceId, parent: plan.snapshot.tag };
+  const done = outcome.finish
+    .then((snapshot): BranchStatus => {
+      const total = performance.now() - started;
+      branches.finish(plan.tag, { status: "ready", total_ms: total });
+      return { ...base, status: "ready", total_ms: total, memory_bytes: snapshot.sizes.memoryAllocatedBytes };
+    })
+    .catch((err: Error): BranchStatus => {
+      branches.finish(plan.tag, { status: "failed", error: err.message, total_ms: performance.now() - started });
+      return { ...base, status: "failed", total_ms: null, memory_bytes: null, error: err.message };
+    })
+    .finally(releaseQueue);
+  return { status: { ...base, status: "writing", total_ms: null, memory_bytes: null }, done };
+}
+
+/** After a crash or restart: a BRANCH whose writer is gone will never finish; say so. */
+export function recoverBranches(): string[] {
+  const failed: string[] = [];
+  for (const row of branches.list()) {
+    if (row.status !== "writing" || isAlive(row.owner_pid)) continue;
+    branches.finish(row.tag, { status: "failed", error: "interrupted: the process writing it exited before it was ready" });
+    failed.push(row.tag);
+  }
+  return failed;
 }

@@ -281,14 +281,27 @@ export async function expireSandboxes(nowMs = Date.now()): Promise<string[]> {
   return expired.map((r) => r.id);
 }
 
-export type CleanupReport = { reaped: string[]; expired: string[]; strayRunDirs: string[]; strayTempDirs: string[] };
+export type CleanupReport = {
+  reaped: string[];
+  expired: string[];
+  failedBranches: string[];
+  strayRunDirs: string[];
+  strayTempDirs: string[];
+};
 
 /**
  * Reap sandboxes whose VMM is gone, runtime dirs nobody owns, and snapshot temp
  * dirs whose writer died. Never touches a live process that is not provably ours.
  */
 export async function cleanup(): Promise<CleanupReport> {
-  const report: CleanupReport = { reaped: [], expired: await expireSandboxes(), strayRunDirs: [], strayTempDirs: [] };
+  const { recoverBranches } = await import("./branch.js");
+  const report: CleanupReport = {
+    reaped: [],
+    expired: await expireSandboxes(),
+    failedBranches: recoverBranches(),
+    strayRunDirs: [],
+    strayTempDirs: [],
+  };
   const known = new Set<string>();
   for (const row of sandboxes.list()) {
     if (sandboxAlive(row)) {

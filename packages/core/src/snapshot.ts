@@ -11,7 +11,7 @@ import { exists, fsyncDir, readJson, sha256File, writeFileAtomic } from "./fsuti
 import { getImage } from "./image.js";
 import type { Accel } from "./qemu.js";
 import { isAlive } from "./qemu.js";
-import { sandboxes, staged } from "./state.js";
+import { branches, sandboxes, staged } from "./state.js";
 import { validateName } from "./validate.js";
 import { Vm } from "./vm.js";
 
@@ -66,7 +66,24 @@ async function info(manifest: SnapshotManifest): Promise<SnapshotInfo> {
 export async function getSnapshot(tag: string): Promise<SnapshotInfo> {
   validateName(tag, "tag");
   const manifest = await readJson<SnapshotManifest>(path.join(tagDir(tag), "manifest.json"));
-  if (!manifest) throw new ForkdError("snapshot_not_found", `no snapshot ${tag}; \`forkd images\` lists them`, { tag });
+  if (!manifest) {
+    const branch = branches.get(tag);
+    if (branch?.status === "writing") {
+      throw new ForkdError(
+        "conflict",
+        `snapshot ${tag} is still being written by a BRANCH of ${branch.source_id}; wait until its status is ready`,
+        { tag, status: "writing" },
+      );
+    }
+    if (branch?.status === "failed") {
+      throw new ForkdError(
+        "snapshot_not_found",
+        `snapshot ${tag} does not exist: its BRANCH failed (${branch.error ?? "unknown reason"})`,
+        { tag, status: "failed" },
+      );
+    }
+    throw new ForkdError("snapshot_not_found", `no snapshot ${tag}; \`forkd images\` lists them`, { tag });
+  }
   return info(manifest);
 }
 
@@ -112,7 +129,7 @@ function shellSafePath(p: string): string {
 export async function createSnapshot(opts: CreateSnapshotOpts): Promise<SnapshotInfo> {
   const tag = validateName(opts.tag, "tag");
   const progress = opts.onProgress ?? (() => {});
-  if (await exists(path.join(tagDir(tag), "manifest.json"))) {
+  if ((await exists(path.join(tagDir(tag), "manifest.json"))) || branches.get(tag)?.status === "writing") {
     throw new ForkdError("conflict", `snapshot ${tag} already exists; remove it with \`forkd rmi ${tag}\` or pick another tag`, { tag });
   }
   const image = await getImage(opts.image ?? "base");
@@ -365,5 +382,6 @@ export async function removeSnapshot(tag: string, opts: RemoveSnapshotOpts = {})
   await fsp.rm(doomed, { recursive: true, force: true });
   await fsp.rm(path.dirname(stagedPath(snapshot)), { recursive: true, force: true });
   staged.remove(stageKey(snapshot));
+  branches.remove(tag);
   return { killed };
 }

@@ -27,6 +27,18 @@ export type SandboxRow = {
   metadata: string | null;
 };
 
+export type BranchRow = {
+  tag: string;
+  source_id: string;
+  mode: string;
+  status: "writing" | "ready" | "failed";
+  error: string | null;
+  pause_ms: number | null;
+  total_ms: number | null;
+  owner_pid: number;
+  created_at: string;
+};
+
 export type StagedRow = { key: string; tag: string; path: string; bytes: number; last_used_ms: number };
 
 const SCHEMA = `
@@ -47,6 +59,17 @@ CREATE TABLE IF NOT EXISTS sandboxes (
   cgroup TEXT
 );
 CREATE INDEX IF NOT EXISTS sandboxes_tag ON sandboxes(tag);
+CREATE TABLE IF NOT EXISTS branches (
+  tag TEXT PRIMARY KEY,
+  source_id TEXT NOT NULL,
+  mode TEXT NOT NULL,
+  status TEXT NOT NULL,
+  error TEXT,
+  pause_ms REAL,
+  total_ms REAL,
+  owner_pid INTEGER NOT NULL,
+  created_at TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS staged (
   key TEXT PRIMARY KEY,
   tag TEXT NOT NULL,
@@ -125,5 +148,46 @@ export const staged = {
   },
   remove(key: string): void {
     openState().prepare("DELETE FROM staged WHERE key = ?").run(key);
+  },
+};
+
+export const branches = {
+  /** Claim the tag for a BRANCH in progress; false when some row already holds it. */
+  claim(row: BranchRow): boolean {
+    const res = openState()
+      .prepare(
+        `INSERT INTO branches (tag, source_id, mode, status, error, pause_ms, total_ms, owner_pid, created_at)
+         VALUES (@tag, @source_id, @mode, @status, @error, @pause_ms, @total_ms, @owner_pid, @created_at)
+         ON CONFLICT(tag) DO UPDATE SET source_id = excluded.source_id, mode = excluded.mode, status = excluded.status,
+           error = NULL, pause_ms = NULL, total_ms = NULL, owner_pid = excluded.owner_pid, created_at = excluded.created_at
+         WHERE branches.status = 'failed'`,
+      )
+      .run(row);
+    return res.changes === 1;
+  },
+  get(tag: string): BranchRow | undefined {
+    return openState().prepare("SELECT * FROM branches WHERE tag = ?").get(tag) as BranchRow | undefined;
+  },
+  list(): BranchRow[] {
+    return openState().prepare("SELECT * FROM branches ORDER BY created_at").all() as BranchRow[];
+  },
+  finish(tag: string, fields: { status: "ready" | "failed"; error?: string; pause_ms?: number; total_ms?: number }): void {
+    openState()
+      .prepare(
+        "UPDATE branches SET status = @status, error = @error, pause_ms = COALESCE(@pause_ms, pause_ms), total_ms = @total_ms WHERE tag = @tag",
+      )
+      .run({
+        tag,
+        status: fields.status,
+        error: fields.error ?? null,
+        pause_ms: fields.pause_ms ?? null,
+        total_ms: fields.total_ms ?? null,
+      });
+  },
+  setPause(tag: string, pauseMs: number): void {
+    openState().prepare("UPDATE branches SET pause_ms = ? WHERE tag = ?").run(pauseMs, tag);
+  },
+  remove(tag: string): void {
+    openState().prepare("DELETE FROM branches WHERE tag = ?").run(tag);
   },
 };

@@ -18,6 +18,7 @@ export type DaemonOpts = {
   tlsKey?: string;
   auditLog?: string;
   maxSandboxes?: number;
+  maxBranches?: number;
   log?: (line: string) => void;
 };
 
@@ -61,7 +62,7 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
   const audit = new AuditLog(opts.auditLog ?? path.join(forkdHome(), "audit.log"));
   const metrics = createMetrics(FORKD_VERSION);
   const pool = new AgentPool();
-  const ctx = { token, audit, metrics, pool, maxSandboxes: opts.maxSandboxes ?? 1000 };
+  const ctx = { token, audit, metrics, pool, maxSandboxes: opts.maxSandboxes ?? 1000, maxBranches: opts.maxBranches ?? 4 };
 
   // Reconcile before serving: dead sandboxes are reaped, live ones re-adopted.
   const report = await cleanup();
@@ -69,7 +70,9 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
   await Promise.all(
     live.map((s) => pool.get(s.id).catch((err: Error) => log(`forkd daemon: could not reconnect to ${s.id}: ${err.message}`))),
   );
-  log(`forkd daemon: re-adopted ${live.length} sandbox(es), reaped ${report.reaped.length}`);
+  log(
+    `forkd daemon: re-adopted ${live.length} sandbox(es), reaped ${report.reaped.length}${report.failedBranches.length ? `, marked ${report.failedBranches.length} interrupted BRANCH(es) failed` : ""}`,
+  );
 
   const servers: FastifyInstance[] = [];
   const socket = opts.socket ?? defaultSocketPath();

@@ -43,5 +43,12 @@ export function createMetrics(version: string) {
   new client.Gauge({ name: "forkd_build_info", help: "forkd build", labelNames: ["version", "node"], registers: [registry] })
     .labels(version, process.version)
     .set(1);
-  return { registry, branchesInFlight, spawnSeconds, callSeconds };
+  const branchPauseSeconds = new client.Histogram({
+    name: "forkd_branch_pause_seconds",
+    help: "How long a BRANCH paused its source, by mode",
+    labelNames: ["mode"],
+    buckets: [0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 5],
+    registers: [registry],
+  });
+  return { registry, branchesInFlight, branchPauseSeconds, spawnSeconds, callSeconds };
 }

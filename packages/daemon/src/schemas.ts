@@ -39,7 +39,38 @@ export const Snapshot = z.object({
   branched_from: z.string().nullable(),
   status: z.literal("ready"),
 });
-export const SnapshotList = z.object({ snapshots: z.array(Snapshot) });
+export const PendingSnapshot = z.object({
+  tag: z.string(),
+  status: z.enum(["writing", "failed"]),
+  mode: z.string(),
+  branched_from: z.string(),
+  error: z.string().nullable(),
+  created_at: z.string(),
+});
+export const SnapshotList = z.object({ snapshots: z.array(Snapshot), pending: z.array(PendingSnapshot) });
+
+export const BranchBody = z
+  .object({ tag: z.string().optional(), mode: z.enum(["full", "diff", "live"]).optional(), wait: z.boolean().optional() })
+  .strict();
+export const BranchResponse = z.object({
+  tag: z.string(),
+  mode: z.enum(["full", "diff", "live"]),
+  status: z.enum(["writing", "ready", "failed"]),
+  pause_ms: z.number(),
+  total_ms: z.number().nullable(),
+  memory_bytes: z.number().nullable(),
+  branched_from: z.string(),
+  parent: z.string(),
+  error: z.string().optional(),
+});
+export const SnapshotStatus = z.object({
+  tag: z.string(),
+  status: z.enum(["writing", "ready", "failed"]),
+  error: z.string().nullable(),
+  pause_ms: z.number().nullable(),
+  total_ms: z.number().nullable(),
+  branched_from: z.string().nullable(),
+});
 
 export const CreateSandboxesBody = z
   .object({
@@ -144,3 +175,7 @@ export type FilesBodyT = z.infer<typeof FilesBody>;
 export type PingResponseT = z.infer<typeof PingResponse>;
 export type VersionT = z.infer<typeof Version>;
 export type ErrorBodyT = z.infer<typeof ErrorBody>;
+export type BranchBodyT = z.infer<typeof BranchBody>;
+export type BranchResponseT = z.infer<typeof BranchResponse>;
+export type SnapshotStatusT = z.infer<typeof SnapshotStatus>;
+export type PendingSnapshotT = z.infer<typeof PendingSnapshot>;

@@ -6,6 +6,7 @@ import swagger from "@fastify/swagger";
 import {
   apiSandboxView,
   apiSnapshotView,
+  branches,
   chooseAccel,
   createSnapshot,
   ERROR_STATUS,
@@ -18,7 +19,9 @@ import {
   listSandboxes,
   listSnapshots,
   removeSnapshot,
+  startBranch,
   validateForkCount,
+  validateName,
   validateSandboxId,
 } from "@forkd/core";
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyRequest } from "fastify";
@@ -40,6 +43,8 @@ export type ServerContext = {
   metrics: Metrics;
   pool: AgentPool;
   maxSandboxes: number;
+  /** BRANCHes in progress at once across all sources; more get 503. */
+  maxBranches: number;
 };
 
 declare module "fastify" {
@@ -90,6 +95,8 @@ function touch(request: FastifyRequest, kind: "sandboxes" | "snapshots", value: 
   request.touched ??= { sandboxes: new Set(), snapshots: new Set() };
   request.touched[kind].add(value);
 }
+
+let inFlightBranches = 0;
 
 export async function buildServer(ctx: ServerContext, opts: { https?: { cert: Buffer; key: Buffer } } = {}): Promise<FastifyInstance> {
   const app = Fastify({
@@ -172,7 +179,32 @@ export async function buildServer(ctx: ServerContext, opts: { https?: { cert: Bu
   // Snapshots
   r.get("/v1/snapshots", { schema: { response: { 200: S.SnapshotList, ...err } } }, async () => ({
     snapshots: (await listSnapshots()).map(apiSnapshotView),
+    pending: branches
+      .list()
+      .filter((b) => b.status !== "ready")
+      .map((b) => ({
+        tag: b.tag,
+        status: b.status as "writing" | "failed",
+        mode: b.mode,
+        branched_from: b.source_id,
+        error: b.error,
+        created_at: b.created_at,
+      })),
   }));
+  r.get("/v1/snapshots/:tag/status", { schema: { params: S.TagParam, response: { 200: S.SnapshotStatus, ...err } } }, async (request) => {
+    const tag = validateName(request.params.tag, "tag");
+    const branch = branches.get(tag);
+    const ready = await getSnapshot(tag).catch(() => undefined);
+    if (!ready && !branch) throw new ForkdError("snapshot_not_found", `no snapshot ${tag}; \`forkd images\` lists them`, { tag });
+    return {
+      tag,
+      status: ready ? ("ready" as const) : (branch!.status as "writing" | "failed"),
+      error: branch?.error ?? null,
+      pause_ms: branch?.pause_ms ?? null,
+      total_ms: branch?.total_ms ?? null,
+      branched_from: ready?.branchedFrom ?? branch?.source_id ?? null,
+    };
+  });
   r.post("/v1/snapshots", { schema: { body: S.CreateSnapshotBody, response: { 201: S.Snapshot, ...err } } }, async (request, reply) => {
     const body = request.body;
     touch(request, "snapshots", body.tag);
@@ -267,6 +299,40 @@ export async function buildServer(ctx: ServerContext, opts: { https?: { cert: Bu
     await killSandbox(request.params.id);
     return reply.code(204).send(null);
   });
+  r.post(
+    "/v1/sandboxes/:id/branch",
+    { schema: { params: S.IdParam, body: S.BranchBody, response: { 201: S.BranchResponse, 202: S.BranchResponse, ...err } } },
+    async (request, reply) => {
+      getSandbox(request.params.id);
+      if (inFlightBranches >= ctx.maxBranches) {
+        throw new ForkdError("over_limit", `${inFlightBranches} BRANCHes are in progress, the limit is ${ctx.maxBranches}; retry shortly`);
+      }
+      inFlightBranches++;
+      ctx.metrics.branchesInFlight.inc();
+      let started: Awaited<ReturnType<typeof startBranch>>;
+      try {
+        started = await startBranch(request.params.id, { tag: request.body.tag, mode: request.body.mode });
+      } catch (e) {
+        inFlightBranches--;
+        ctx.metrics.branchesInFlight.dec();
+        throw e;
+      }
+      touch(request, "snapshots", started.status.tag);
+      ctx.metrics.branchPauseSeconds.labels(started.status.mode).observe(started.status.pause_ms / 1000);
+      const done = started.done.finally(() => {
+        inFlightBranches--;
+        ctx.metrics.branchesInFlight.dec();
+      });
+      if (request.body.wait === false) {
+        done.catch(() => {});
+        return reply.code(202).send(started.status);
+      }
+      const finished = await done;
+      if (finished.status === "failed") throw new ForkdError("vm_start_failed", `BRANCH failed: ${finished.error}`, { tag: finished.tag });
+      return reply.code(201).send(finished);
+    },
+  );
+
   r.post("/v1/sandboxes/:id/ping", { schema: { params: S.IdParam, response: { 200: S.PingResponse, ...err } } }, async (request) => {
     getSandbox(request.params.id);
     const agent = await ctx.pool.get(request.params.id);

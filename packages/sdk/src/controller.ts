@@ -140,6 +140,23 @@ export class Controller {
     return this.request("DELETE", `/v1/snapshots/${encodeURIComponent(tag)}${opts.force ? "?force=true" : ""}`);
   }
 
+  /** ready, writing (a BRANCH still materialising) or failed, with the reason. */
+  snapshotStatus(tag: string): Promise<S.SnapshotStatusT> {
+    return this.request("GET", `/v1/snapshots/${encodeURIComponent(tag)}/status`);
+  }
+  /** Poll until a snapshot is ready; throws if its BRANCH failed. */
+  async waitForSnapshot(tag: string, opts: { timeoutMs?: number; intervalMs?: number } = {}): Promise<S.SnapshotStatusT> {
+    const deadline = Date.now() + (opts.timeoutMs ?? 10 * 60_000);
+    for (;;) {
+      const status = await this.snapshotStatus(tag);
+      if (status.status === "ready") return status;
+      if (status.status === "failed")
+        throw new ForkdApiError(500, "branch_failed", `BRANCH of ${tag} failed: ${status.error ?? "unknown"}`);
+      if (Date.now() > deadline) throw new ForkdApiError(504, "vm_timeout", `snapshot ${tag} was not ready in time`);
+      await new Promise((r) => setTimeout(r, opts.intervalMs ?? 100));
+    }
+  }
+
   listSandboxes(): Promise<{ sandboxes: S.SandboxT[] }> {
     return this.request("GET", "/v1/sandboxes");
   }
@@ -151,6 +168,10 @@ export class Controller {
   }
   deleteSandbox(id: string): Promise<void> {
     return this.request("DELETE", `/v1/sandboxes/${encodeURIComponent(id)}`);
+  }
+  /** BRANCH a running sandbox into a new snapshot; with wait:false the answer comes as soon as the source runs again. */
+  branchSandbox(id: string, body: S.BranchBodyT = {}): Promise<S.BranchResponseT> {
+    return this.request("POST", `/v1/sandboxes/${encodeURIComponent(id)}/branch`, body, { timeoutMs: 15 * 60_000 });
   }
   ping(id: string): Promise<S.PingResponseT> {
     return this.request("POST", `/v1/sandboxes/${encodeURIComponent(id)}/ping`);

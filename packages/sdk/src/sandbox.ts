@@ -189,6 +189,11 @@ export class Sandbox {
     return { value: res.value, type: res.type, durationMs: res.duration_ms };
   }
 
+  /** forkd's addition: capture this running sandbox as a new snapshot that more sandboxes fork from. */
+  async branch(opts: { tag?: string; mode?: "full" | "diff" | "live"; wait?: boolean } = {}) {
+    return this.controller.branchSandbox(this.sandboxId, opts);
+  }
+
   async isRunning(): Promise<boolean> {
     try {
       await this.controller.ping(this.sandboxId);

@@ -23,6 +23,7 @@ export function registerDaemon(program: Command): void {
     .option("--tls-key <file>", "… and this key")
     .option("--audit-log <file>", "append-only JSON lines (default $FORKD_HOME/audit.log); reopened on SIGHUP")
     .option("--max-sandboxes <n>", "refuse forks beyond this many live sandboxes (503)", parseIntOption("--max-sandboxes"), 1000)
+    .option("--max-branches <n>", "BRANCHes in progress at once; more get 503", parseIntOption("--max-branches"), 4)
     .action(async (opts: DaemonCliOpts) => {
       const daemon = await startDaemon(opts);
       await new Promise<void>((resolve) => {

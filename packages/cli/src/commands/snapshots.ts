@@ -2,7 +2,17 @@ import type { Command } from "commander";
 import { openBackend } from "../backend.js";
 import { collect, fmtBytes, parseIntOption, plainTable, withSpinner } from "../ui.js";
 
-type SnapshotCliOpts = { tag: string; image: string; warm: string[]; warmEval: string[]; memoryMib: number; vcpus: number; json?: boolean };
+type SnapshotCliOpts = {
+  tag: string;
+  image: string;
+  warm: string[];
+  warmEval: string[];
+  memoryMib: number;
+  vcpus: number;
+  json?: boolean;
+  fromSandbox?: string;
+  mode?: string;
+};
 
 export function registerSnapshots(program: Command): void {
   program
@@ -15,8 +25,14 @@ export function registerSnapshots(program: Command): void {
     .option("--memory-mib <n>", "guest memory in MiB", parseIntOption("--memory-mib"), 256)
     .option("--vcpus <n>", "virtual CPUs", parseIntOption("--vcpus"), 1)
     .option("--json", "print the snapshot as JSON")
+    .option("--from-sandbox <id>", "BRANCH this running sandbox instead of booting a parent (same as `forkd branch`)")
+    .option("--mode <mode>", "with --from-sandbox: full, diff or live")
     .action(async (opts: SnapshotCliOpts) => {
       const backend = await openBackend();
+      if (opts.fromSandbox) {
+        await runBranch(opts.fromSandbox, { tag: opts.tag, mode: opts.mode, wait: true, json: opts.json });
+        return;
+      }
       const started = performance.now();
       const snapshot = await withSpinner(
         `snapshot ${opts.tag}`,
@@ -27,6 +43,16 @@ export function registerSnapshots(program: Command): void {
       if (opts.json) process.stdout.write(`${JSON.stringify(snapshot, null, 2)}\n`);
       else if (!process.stderr.isTTY) process.stdout.write(`${snapshot.tag}\n`);
     });
+
+  program
+    .command("branch")
+    .description("BRANCH a running sandbox: pause it briefly, capture memory, processes and files as a new snapshot, resume it")
+    .argument("<id>")
+    .option("--tag <tag>", "name of the new snapshot (default: <parent>-branch-<time>)")
+    .option("--mode <mode>", "live (default where possible), diff or full")
+    .option("--no-wait", "return as soon as the source runs again; the snapshot shows as writing until ready (needs the daemon)")
+    .option("--json", "print the result as JSON")
+    .action((id: string, opts: { tag?: string; mode?: string; wait: boolean; json?: boolean }) => runBranch(id, opts));
 
   program
     .command("images")
@@ -67,4 +93,16 @@ export function registerSnapshots(program: Command): void {
       await (await openBackend()).removeSnapshot(tag, opts.force === true);
       process.stdout.write(`removed ${tag}\n`);
     });
+}
+
+async function runBranch(id: string, opts: { tag?: string; mode?: string; wait: boolean; json?: boolean }): Promise<void> {
+  const backend = await openBackend();
+  const result = await withSpinner(
+    `branching ${id}`,
+    () => backend.branch(id, opts),
+    (r) =>
+      `${r.tag}: ${r.mode} BRANCH of ${r.branched_from}, source paused ${r.pause_ms.toFixed(1)} ms, ${r.status}${r.total_ms ? ` in ${(r.total_ms / 1000).toFixed(2)} s` : ""}`,
+  );
+  if (opts.json) process.stdout.write(`${JSON.stringify(result, null, 2)}\n`);
+  else if (!process.stderr.isTTY) process.stdout.write(`${result.tag} ${result.status} pause_ms=${result.pause_ms.toFixed(1)}\n`);
 }
