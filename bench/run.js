@@ -16,6 +16,8 @@ const n = process.env.FORKD_BENCH_N ?? "100";
 const benches = [
   ["boot", ["bench", "boot", "--json", "--runs", "5"]],
   ["spawn", ["bench", "spawn", "--json", "-n", n]],
+  ["api", ["bench", "api", "--json"]],
+  ["branch", ["bench", "branch", "--json"]],
 ];
 const machine = {
   cpus: os.cpus().length,
@@ -36,6 +38,10 @@ for (const [name, args] of benches) {
   const result = { ...JSON.parse(res.stdout.trim().split("\n").at(-1)), machine, measured_at: new Date().toISOString() };
   fs.writeFileSync(path.join(resultsDir, `${name}.json`), `${JSON.stringify(result, null, 2)}\n`);
   for (const [k, v] of Object.entries(result)) if (typeof v !== "object") rows.push([name, k, v]);
+  for (const row of result.results ?? []) {
+    const { mode, memory_mib, workload, ...numbers } = row;
+    rows.push([name, `${mode} ${memory_mib}MiB ${workload}`, JSON.stringify(numbers)]);
+  }
 }
 const width = Math.max(...rows.map((r) => String(r[1]).length));
 for (const [name, k, v] of rows) process.stdout.write(`${name.padEnd(6)} ${String(k).padEnd(width)} ${v}\n`);

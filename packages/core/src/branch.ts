@@ -16,7 +16,15 @@ import { killAndWait, makeRunDir, newSandboxId } from "./vm.js";
 export type BranchMode = "full" | "diff" | "live";
 export const BRANCH_MODES: readonly BranchMode[] = ["full", "diff", "live"];
 
-export type CaptureResult = { mode: BranchMode; pauseMs: number; captureMs: number; streamBytes: number };
+export type CaptureResult = {
+  mode: BranchMode;
+  /** Source stop to resume. */
+  pauseMs: number;
+  /** From the start of the capture until the source ran again. */
+  resumedAfterMs: number;
+  /** Settles when the whole stream is written (for live mode, after the source resumed). */
+  completed: Promise<{ captureMs: number; streamBytes: number }>;
+};
 
 export function parseBranchMode(value: unknown): BranchMode {
   if (typeof value === "string" && (BRANCH_MODES as readonly string[]).includes(value)) return value as BranchMode;
@@ -98,6 +106,19 @@ export async function captureSandbox(sandboxId: string, mode: BranchMode, stream
   qmp.on("event", (e) => events.push(e));
   const started = performance.now();
   let stoppedByUs = false;
+  const release = async () => {
+    await qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "background-snapshot", state: false }] }).catch(() => {});
+    qmp.close();
+  };
+  const recover = async (err: unknown): Promise<never> => {
+    // Never leave the source paused because a capture failed.
+    await qmp.execute("migrate_cancel", {}).catch(() => {});
+    const status = await qmp.execute("query-status", {}).catch(() => undefined);
+    if (stoppedByUs || (status && status.status !== "running")) await qmp.execute("cont", {}).catch(() => {});
+    await release();
+    throw err;
+  };
+  const done = async () => ({ captureMs: performance.now() - started, streamBytes: (await fsp.stat(streamPath)).size });
   try {
     await qmp.execute("migrate-set-capabilities", {
       capabilities: [
@@ -108,7 +129,6 @@ export async function captureSandbox(sandboxId: string, mode: BranchMode, stream
     // Writing to a local file: no bandwidth cap; a short downtime target for pre-copy.
     await qmp.execute("migrate-set-parameters", { "max-bandwidth": 64 * 2 ** 30, "downtime-limit": 50 });
     const uri = `exec:cat > ${shellSafe(streamPath)}`;
-    let pauseMs: number;
     if (mode === "full") {
       const t0 = performance.now();
       stoppedByUs = true;
@@ -117,40 +137,52 @@ export async function captureSandbox(sandboxId: string, mode: BranchMode, stream
       await waitMigration(qmp, 600_000, "writing the full capture");
       await qmp.execute("cont", {});
       stoppedByUs = false;
-      pauseMs = performance.now() - t0;
-    } else if (mode === "diff") {
+      const pauseMs = performance.now() - t0;
+      const completed = await done();
+      await release();
+      return { mode, pauseMs, resumedAfterMs: performance.now() - started, completed: Promise.resolve(completed) };
+    }
+    if (mode === "diff") {
       await qmp.execute("migrate", { uri });
       await waitMigration(qmp, 600_000, "pre-copy capture");
       // QEMU stopped the source for the final copy and left it in postmigrate.
       await qmp.execute("cont", {});
       const stop = events.find((e) => e.event === "STOP");
-      const resumeAt = await waitEvent(qmp, events, "RESUME");
-      pauseMs = stop && resumeAt ? eventTimeMs(resumeAt) - eventTimeMs(stop) : Number.NaN;
-    } else {
-      await qmp.execute("migrate", { uri });
-      const info = await waitMigration(qmp, 600_000, "live capture");
-      // QEMU pauses internally and emits no STOP/RESUME here: it reports the downtime itself.
-      pauseMs = info.downtime ?? Number.NaN;
+      const resume = await waitEvent(qmp, events, "RESUME");
+      const pauseMs = stop && resume ? eventTimeMs(resume) - eventTimeMs(stop) : Number.NaN;
+      const completed = await done();
+      await release();
+      return { mode, pauseMs, resumedAfterMs: performance.now() - started, completed: Promise.resolve(completed) };
     }
-    const status = await qmp.execute("query-status", {});
-    if (status.status !== "running") await qmp.execute("cont", {});
-    return { mode, pauseMs, captureMs: performance.now() - started, streamBytes: (await fsp.stat(streamPath)).size };
+    // live: QEMU stops the source, write-protects its RAM, saves devices and resumes
+    // it; pages are copied afterwards. Answer at RESUME, finish in the background.
+    await qmp.execute("migrate", { uri });
+    const resume = await Promise.race([
+      waitEvent(qmp, events, "RESUME", 60_000),
+      waitMigration(qmp, 600_000, "live capture").then(() => undefined),
+    ]);
+    const stop = events.find((e) => e.event === "STOP");
+    const resumedAfterMs = performance.now() - started;
+    const eventPause = stop && resume ? eventTimeMs(resume) - eventTimeMs(stop) : undefined;
+    const completed = waitMigration(qmp, 600_000, "live capture")
+      .then(async (info) => {
+        const result = await done();
+        await release();
+        return { ...result, downtime: info.downtime };
+      })
+      .catch(recover);
+    completed.catch(() => {});
+    const pauseMs = eventPause ?? (await completed).downtime ?? Number.NaN;
+    return { mode, pauseMs, resumedAfterMs, completed };
   } catch (err) {
-    // Never leave the source paused because a capture failed.
-    await qmp.execute("migrate_cancel", {}).catch(() => {});
-    const status = await qmp.execute("query-status", {}).catch(() => undefined);
-    if (stoppedByUs || (status && status.status !== "running")) await qmp.execute("cont", {}).catch(() => {});
-    throw err;
-  } finally {
-    await qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "background-snapshot", state: false }] }).catch(() => {});
-    qmp.close();
+    return recover(err);
   }
 }
 
-async function waitEvent(qmp: QmpClient, seen: QmpEvent[], name: string): Promise<QmpEvent | undefined> {
+async function waitEvent(qmp: QmpClient, seen: QmpEvent[], name: string, timeoutMs = 2000): Promise<QmpEvent | undefined> {
   const already = seen.find((e) => e.event === name);
   if (already) return already;
-  return qmp.waitForEvent(name, { timeoutMs: 2000 }).catch(() => undefined);
+  return qmp.waitForEvent(name, { timeoutMs }).catch(() => undefined);
 }
 
 export type MaterializeOpts = {
@@ -170,6 +202,7 @@ export type MaterializeOpts = {
  */
 export async function materializeCapture(opts: MaterializeOpts): Promise<SnapshotInfo> {
   const { snapshot } = opts.source;
+  const written = await opts.capture.completed;
   const runDir = await makeRunDir(newSandboxId());
   const plan: VmPlan = {
     accel: snapshot.accel,
@@ -224,8 +257,8 @@ export async function materializeCapture(opts: MaterializeOpts): Promise<Snapsho
       warm: snapshot.warm,
       parent: snapshot.tag,
       branchedFrom: opts.source.id,
-      branch: { mode: opts.capture.mode, pauseMs: opts.capture.pauseMs, captureMs: opts.capture.captureMs },
-      timings: { bootMs: 0, warmMs: 0, saveMs: opts.capture.captureMs, totalMs: performance.now() - opts.startedAt },
+      branch: { mode: opts.capture.mode, pauseMs: opts.capture.pauseMs, captureMs: written.captureMs },
+      timings: { bootMs: 0, warmMs: 0, saveMs: written.captureMs, totalMs: performance.now() - opts.startedAt },
     },
   });
 }
