@@ -113,6 +113,27 @@ describe("bad input", () => {
   });
 });
 
+describe("restart during a BRANCH", () => {
+  it("marks a half-written branch failed and removes its remains; the source keeps running", async () => {
+    const source = await forkOne(TAG);
+    const started = await api.branchSandbox(source, { tag: "b-interrupted", mode: "live", wait: false });
+    expect(started.status).toBe("writing");
+    await stopDaemon(daemon, "SIGKILL");
+    daemon = await startDaemonProcess(env.runDir);
+    api = new Controller({ url: daemon.url, token: daemon.token });
+    const status = await api.snapshotStatus("b-interrupted");
+    // It may have finished before the kill landed; if not, it must say failed, never ready-but-broken.
+    if (status.status !== "ready") {
+      expect(status.status).toBe("failed");
+      expect(status.error).toMatch(/interrupted/);
+      const fork = await api.createSandboxes({ snapshot_tag: "b-interrupted", n: 1 }).catch((e: unknown) => e);
+      expect((fork as ForkdApiError).status).toBe(404);
+    }
+    expect(fs.readdirSync(path.join(env.home, "snapshots")).filter((n) => n.startsWith("."))).toEqual([]);
+    expect((await api.ping(source)).hostname).toBe(source);
+  });
+});
+
 describe("through the CLI", () => {
   it("forkd branch prints the pause and registers the snapshot", () => {
     const forked = spawnSync(process.execPath, [CLI, "fork", "--tag", TAG, "-n", "1", "--json"], {
