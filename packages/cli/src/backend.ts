@@ -8,6 +8,7 @@ import {
   type ApiSnapshot,
   apiSandboxView,
   apiSnapshotView,
+  type BranchStatus,
   connectSandbox,
   createSnapshot,
   ERROR_STATUS,
@@ -45,17 +46,8 @@ export type SnapshotArgs = {
   onProgress?: (step: string) => void;
 };
 
-export type BranchRow = {
-  tag: string;
-  mode: string;
-  status: string;
-  pause_ms: number;
-  total_ms: number | null;
-  memory_bytes: number | null;
-  branched_from: string;
-  parent: string;
-  error?: string;
-};
+/** What a BRANCH reports, the same through the daemon and directly. */
+export type BranchRow = BranchStatus;
 
 export interface Backend {
   branch(id: string, args: { tag?: string; mode?: string; wait: boolean }): Promise<BranchRow>;

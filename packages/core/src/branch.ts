@@ -5,9 +5,9 @@ import fs from "node:fs";
 import fsp from "node:fs/promises";
 import path from "node:path";
 import { ForkdError } from "./errors.js";
-import { isAlive, launchQemu, runtimePaths, type VmPlan } from "./qemu.js";
+import { isAlive, launchQemu, runtimePaths } from "./qemu.js";
 import { eventTimeMs, type MigrationInfo, QmpClient, type QmpEvent } from "./qmp.js";
-import { getSandbox } from "./sandbox.js";
+import { getSandbox, planRestore } from "./sandbox.js";
 import { getSnapshot, registerSnapshot, type SnapshotInfo, snapshotWorkDirs } from "./snapshot.js";
 import { branches } from "./state.js";
 import { validateName } from "./validate.js";
@@ -204,17 +204,13 @@ export async function materializeCapture(opts: MaterializeOpts): Promise<Snapsho
   const { snapshot } = opts.source;
   const written = await opts.capture.completed;
   const runDir = await makeRunDir(newSandboxId());
-  const plan: VmPlan = {
-    accel: snapshot.accel,
-    memoryMib: snapshot.memoryMib,
-    vcpus: snapshot.vcpus,
+  // The materialiser never runs the guest (-S) and needs no network, but keeps the NIC.
+  const plan = planRestore(snapshot, {
     runDir,
-    rootfs: snapshot.image.rootfs,
     memory: { kind: "file", path: path.join(opts.stageWork, "memory.bin"), share: true },
-    incoming: true,
+    network: false,
     startPaused: true,
-    network: snapshot.network ? "isolated" : "none",
-  };
+  });
   const stream = fs.openSync(opts.streamPath, "r");
   let launched: ReturnType<typeof launchQemu> | undefined;
   try {

@@ -100,19 +100,32 @@ export async function forkSandboxes(opts: ForkOpts): Promise<ForkChildResult[]> 
   return results;
 }
 
-async function restoreChild(snapshot: SnapshotInfo, memoryPath: string, opts: ForkOpts): Promise<ForkChildResult> {
-  const id = newSandboxId();
-  const runDir = await makeRunDir(id);
-  const plan: VmPlan = {
+/**
+ * The QEMU plan for anything that loads a snapshot's state: its device set must
+ * match the snapshot's exactly (a NIC the snapshot has stays, isolated if asked),
+ * so every such QEMU (child, materialiser, benchmark floor) is planned here.
+ */
+export function planRestore(
+  snapshot: Pick<SnapshotInfo, "accel" | "memoryMib" | "vcpus" | "image" | "network">,
+  opts: { runDir: string; memory: VmPlan["memory"]; network: boolean; startPaused?: boolean },
+): VmPlan {
+  return {
     accel: snapshot.accel,
     memoryMib: snapshot.memoryMib,
     vcpus: snapshot.vcpus,
-    runDir,
+    runDir: opts.runDir,
     rootfs: snapshot.image.rootfs,
-    memory: { kind: "file", path: memoryPath, share: false },
+    memory: opts.memory,
     incoming: true,
-    network: snapshot.network ? ((opts.network ?? true) ? "user" : "isolated") : "none",
+    ...(opts.startPaused ? { startPaused: true } : {}),
+    network: snapshot.network ? (opts.network ? "user" : "isolated") : "none",
   };
+}
+
+async function restoreChild(snapshot: SnapshotInfo, memoryPath: string, opts: ForkOpts): Promise<ForkChildResult> {
+  const id = newSandboxId();
+  const runDir = await makeRunDir(id);
+  const plan = planRestore(snapshot, { runDir, memory: { kind: "file", path: memoryPath, share: false }, network: opts.network ?? true });
   let pid: number | undefined;
   let cgroup: string | undefined;
   let qmp: QmpClient | undefined;

@@ -15,6 +15,7 @@ import {
   makeRunDir,
   newSandboxId,
   parseAccel,
+  planRestore,
   pssBytes,
   QmpClient,
   removeSnapshot,
@@ -45,16 +46,7 @@ async function vmmFloorBytes(tag: string): Promise<number> {
   const id = newSandboxId();
   const runDir = await makeRunDir(id);
   const launched = launchQemu({
-    plan: {
-      accel: snapshot.accel,
-      memoryMib: snapshot.memoryMib,
-      vcpus: snapshot.vcpus,
-      runDir,
-      rootfs: snapshot.image.rootfs,
-      memory: { kind: "file", path: memoryPath, share: false },
-      incoming: true,
-      network: "user",
-    },
+    plan: planRestore(snapshot, { runDir, memory: { kind: "file", path: memoryPath, share: false }, network: true }),
     dieWithParent: true,
   });
   try {
