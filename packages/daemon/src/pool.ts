@@ -1,4 +1,4 @@
-import { type AgentClient, connectSandbox } from "@forkd/core";
+import { type AgentClient, connectSandbox, validateSandboxId } from "@forkd/core";
 
 /**
  * One persistent agent connection per sandbox. The virtio-serial chardev takes
@@ -7,6 +7,16 @@ import { type AgentClient, connectSandbox } from "@forkd/core";
  */
 export class AgentPool {
   private readonly agents = new Map<string, Promise<AgentClient>>();
+
+  /**
+   * The agent of a sandbox for an API call. An open pooled connection proves the
+   * VMM is alive (it closes when QEMU exits), so the hot path skips the state
+   * lookup; otherwise connecting goes through it and answers 404 for the unknown.
+   */
+  async forSandbox(id: string): Promise<AgentClient> {
+    validateSandboxId(id);
+    return this.get(id);
+  }
 
   get(id: string): Promise<AgentClient> {
     const existing = this.agents.get(id);

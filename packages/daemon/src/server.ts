@@ -334,8 +334,7 @@ export async function buildServer(ctx: ServerContext, opts: { https?: { cert: Bu
   );
 
   r.post("/v1/sandboxes/:id/ping", { schema: { params: S.IdParam, response: { 200: S.PingResponse, ...err } } }, async (request) => {
-    getSandbox(request.params.id);
-    const agent = await ctx.pool.get(request.params.id);
+    const agent = await ctx.pool.forSandbox(request.params.id);
     const t0 = performance.now();
     const pong = await agent.ping({ timeoutMs: 10_000 });
     return { version: pong.version, uptime_ms: pong.uptimeMs, hostname: pong.hostname, rtt_ms: performance.now() - t0 };
@@ -362,8 +361,7 @@ export async function buildServer(ctx: ServerContext, opts: { https?: { cert: Bu
     { schema: { params: S.IdParam, body: S.ExecBody, response: { 200: S.ExecResponse, ...err } } },
     async (request) => {
       const exec = execRequest(request.body);
-      getSandbox(request.params.id);
-      const agent = await ctx.pool.get(request.params.id);
+      const agent = await ctx.pool.forSandbox(request.params.id);
       const stdout: Buffer[] = [];
       const stderr: Buffer[] = [];
       const t0 = performance.now();
@@ -383,8 +381,7 @@ export async function buildServer(ctx: ServerContext, opts: { https?: { cert: Bu
   // Streaming exec: newline-delimited JSON, one object per output chunk, then the exit.
   r.post("/v1/sandboxes/:id/exec/stream", { schema: { params: S.IdParam, body: S.ExecBody } }, async (request, reply) => {
     const exec = execRequest(request.body);
-    getSandbox(request.params.id);
-    const agent = await ctx.pool.get(request.params.id);
+    const agent = await ctx.pool.forSandbox(request.params.id);
     const out = new PassThrough();
     const line = (obj: unknown) => out.write(`${JSON.stringify(obj)}\n`);
     const abort = new AbortController();
@@ -411,11 +408,10 @@ export async function buildServer(ctx: ServerContext, opts: { https?: { cert: Bu
     "/v1/sandboxes/:id/eval",
     { schema: { params: S.IdParam, body: S.EvalBody, response: { 200: S.EvalResponse, ...err } } },
     async (request) => {
-      getSandbox(request.params.id);
       if (request.body.language === "python") {
         throw new ForkdError("bad_request", "language 'python' is not available in this sandbox's image; it has: javascript");
       }
-      const agent = await ctx.pool.get(request.params.id);
+      const agent = await ctx.pool.forSandbox(request.params.id);
       const t0 = performance.now();
       const res = await agent.eval(request.body.code, { ...(request.body.timeout_ms ? { evalTimeoutMs: request.body.timeout_ms } : {}) });
       ctx.metrics.callSeconds.labels("eval").observe((performance.now() - t0) / 1000);
@@ -427,8 +423,7 @@ export async function buildServer(ctx: ServerContext, opts: { https?: { cert: Bu
     "/v1/sandboxes/:id/files",
     { schema: { params: S.IdParam, body: S.FilesBody, response: { 200: z.record(z.string(), z.unknown()), ...err } } },
     async (request) => {
-      getSandbox(request.params.id);
-      const agent = await ctx.pool.get(request.params.id);
+      const agent = await ctx.pool.forSandbox(request.params.id);
       const body = request.body;
       if (body.action === "write") {
         const data = Buffer.from(body.data, body.encoding ?? "utf8").toString("base64");
