@@ -5,6 +5,7 @@ import fs from "node:fs";
 import os from "node:os";
 import { performance as nodePerformance } from "node:perf_hooks";
 import { GuestCtl } from "./ops/identity.js";
+import { PythonWorker } from "./ops/python.js";
 import { AGENT_PORT_NAME, encodeFrame, FrameDecoder, type ResponseFrame } from "./protocol.js";
 import { AgentServer } from "./server.js";
 
@@ -99,10 +100,19 @@ function send(frame: ResponseFrame): void {
     });
 }
 
+// Started at boot so the interpreter and its imports are warm in every snapshot.
+const PYTHON = "/usr/bin/python3";
+const PYWORKER = "/opt/forkd/pyworker.py";
+const python = PythonWorker.available(PYTHON, PYWORKER)
+  ? new PythonWorker({ python: PYTHON, script: PYWORKER, imports: process.env.FORKD_PY_IMPORTS ?? "numpy" })
+  : undefined;
+python?.start().catch((err: Error) => console.error(`forkd-agent: ${err.message}`));
+
 const guestctl = new GuestCtl("/opt/forkd/bin/forkd-guestctl");
 guestctl.start();
 const server = new AgentServer(send, {
   identity: { guestctl, hostnameFile: "/proc/sys/kernel/hostname" },
+  ...(python ? { python } : {}),
   hostname: () => os.hostname(),
   stats: () => {
     const usage = process.resourceUsage();

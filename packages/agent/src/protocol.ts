@@ -33,8 +33,8 @@ export type ExecResult = {
   durationMs: number;
 };
 
-export type EvalRequest = { op: "eval"; code: string; language?: "javascript"; timeoutMs?: number };
-export type EvalResult = { value: unknown; type: string; durationMs: number };
+export type EvalRequest = { op: "eval"; code: string; language?: "javascript" | "python"; timeoutMs?: number };
+export type EvalResult = { value: unknown; type: string; durationMs: number; stdout?: string };
 
 export type FilesRequest =
   | { op: "files"; action: "read"; path: string }

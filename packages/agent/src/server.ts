@@ -7,11 +7,14 @@ import { JsEvaluator } from "./ops/eval.js";
 import { runExec } from "./ops/exec.js";
 import { runFiles } from "./ops/files.js";
 import { applyIdentity, type IdentityDeps } from "./ops/identity.js";
+import type { PythonWorker } from "./ops/python.js";
 import { AGENT_VERSION, type AgentErrorCode, MAX_CONCURRENT_CALLS, type RequestFrame, type ResponseFrame } from "./protocol.js";
 
 export type Send = (frame: ResponseFrame) => void;
 
 export type AgentServerOpts = {
+  /** The warm Python worker, where the image has Python. */
+  python?: PythonWorker;
   maxConcurrentCalls?: number;
   identity?: IdentityDeps;
   hostname?: () => string;
@@ -85,7 +88,7 @@ export class AgentServer {
         return {
           version: AGENT_VERSION,
           uptimeMs: Date.now() - this.startedAt,
-          runtimes: ["javascript"],
+          runtimes: this.opts.python ? ["javascript", "python"] : ["javascript"],
           hostname: this.opts.hostname?.() ?? "",
           inFlight: this.running.size - 1,
           ...(this.opts.stats ? { stats: this.opts.stats() } : {}),
@@ -93,6 +96,16 @@ export class AgentServer {
       case "exec":
         return runExec(request, signal, (stream, data) => this.send({ id, kind: "chunk", stream, data: data.toString("base64") }));
       case "eval":
+        if (request.language === "python") {
+          if (!this.opts.python) {
+            throw new AgentOpError(
+              "bad_request",
+              "language 'python' is not available in this image; it has: javascript (build an image with Python: forkd image build --name python)",
+            );
+          }
+          if (typeof request.code !== "string") throw new AgentOpError("bad_request", "`code` must be a string");
+          return this.opts.python.evaluate(request.code, request.timeoutMs ?? 30_000, signal);
+        }
         return this.evaluator.evaluate(request, signal);
       case "files":
         return runFiles(request);

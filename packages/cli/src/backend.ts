@@ -65,7 +65,11 @@ export interface Backend {
   }): Promise<ForkRow[]>;
   listSandboxes(): Promise<ApiSandbox[]>;
   exec(id: string, args: ExecArgs, onStdout: (d: Buffer) => void, onStderr: (d: Buffer) => void): Promise<ExecOutcome>;
-  eval(id: string, code: string): Promise<{ value: unknown; type: string; duration_ms: number }>;
+  eval(
+    id: string,
+    code: string,
+    language?: "javascript" | "python",
+  ): Promise<{ value: unknown; type: string; duration_ms: number; stdout?: string }>;
   files(id: string, args: FilesArgs): Promise<Record<string, unknown>>;
   kill(id: string): Promise<void>;
 }
@@ -155,10 +159,10 @@ class DirectBackend implements Backend {
       return { exitCode: res.exitCode, signal: res.signal, timedOut: res.timedOut };
     });
   }
-  eval(id: string, code: string) {
+  eval(id: string, code: string, language?: "javascript" | "python") {
     return this.withAgent(id, async (agent) => {
-      const res = await agent.eval(code);
-      return { value: res.value, type: res.type, duration_ms: res.durationMs };
+      const res = await agent.eval(code, language ? { language } : {});
+      return { value: res.value, type: res.type, duration_ms: res.durationMs, ...(res.stdout ? { stdout: res.stdout } : {}) };
     });
   }
   files(id: string, a: FilesArgs) {
@@ -247,8 +251,8 @@ class DaemonBackend implements Backend {
       return { exitCode: exit.exit_code, signal: exit.signal, timedOut: exit.timed_out };
     });
   }
-  eval(id: string, code: string) {
-    return viaApi(() => this.controller.eval(id, { code }));
+  eval(id: string, code: string, language?: "javascript" | "python") {
+    return viaApi(() => this.controller.eval(id, { code, ...(language ? { language } : {}) }));
   }
   files(id: string, a: FilesArgs) {
     return viaApi(() =>

@@ -148,8 +148,16 @@ export class AgentClient {
     );
   }
 
-  eval(code: string, opts: CallOpts & { evalTimeoutMs?: number } = {}): Promise<EvalResult> {
-    return this.call({ op: "eval", code, ...(opts.evalTimeoutMs ? { timeoutMs: opts.evalTimeoutMs } : {}) }, opts);
+  eval(code: string, opts: CallOpts & { evalTimeoutMs?: number; language?: "javascript" | "python" } = {}): Promise<EvalResult> {
+    return this.call(
+      {
+        op: "eval",
+        code,
+        ...(opts.evalTimeoutMs ? { timeoutMs: opts.evalTimeoutMs } : {}),
+        ...(opts.language ? { language: opts.language } : {}),
+      },
+      opts,
+    );
   }
 
   files<T = unknown>(request: DistributiveOmit<FilesRequest, "op">, opts?: CallOpts): Promise<T> {

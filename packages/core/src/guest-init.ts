@@ -55,31 +55,33 @@ exec $BB switch_root /newroot ${GUEST_STAGE2}
  * orphaned children, which Node would not.
  */
 export function stage2Init(): string {
-  return `#!/bin/sh
+  return `#!/opt/forkd/bin/busybox sh
+# Every tool by the busybox path: the root may be busybox alone or any distribution.
+BB=/opt/forkd/bin/busybox
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-mkdir -p /dev/pts /dev/shm /tmp /run
-mount -t devpts devpts /dev/pts 2>/dev/null
-mount -t tmpfs -o mode=1777 tmpfs /dev/shm 2>/dev/null
-chmod 1777 /tmp
-hostname forkd
-ip link set lo up 2>/dev/null
-if ip link show eth0 >/dev/null 2>&1; then
+$BB mkdir -p /dev/pts /dev/shm /tmp /run
+$BB mount -t devpts devpts /dev/pts 2>/dev/null
+$BB mount -t tmpfs -o mode=1777 tmpfs /dev/shm 2>/dev/null
+$BB chmod 1777 /tmp
+$BB hostname forkd
+$BB ip link set lo up 2>/dev/null
+if $BB ip link show eth0 >/dev/null 2>&1; then
   # QEMU user-mode networking: fixed addresses, private to each VMM process.
-  ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up && ip route add default via 10.0.2.2
+  $BB ip addr add 10.0.2.15/24 dev eth0 && $BB ip link set eth0 up && $BB ip route add default via 10.0.2.2
 fi
 export UV_THREADPOOL_SIZE=8 HOME=/root
 cd /root
 while true; do
-  ${GUEST_NODE} --no-memory-reducer --expose-gc ${GUEST_AGENT} </dev/null >/dev/console 2>&1
+  ${GUEST_NODE} --no-memory-reducer ${GUEST_AGENT} </dev/null >/dev/console 2>&1
   echo "forkd-init: agent exited with status $?; restarting" >/dev/console
-  sleep 0.2
+  $BB sleep 0.2
 done
 `;
 }
 
 /** Run the host's node with the loader and libraries it was linked against, whatever libc the image has. */
 export function nodeWrapper(): string {
-  return `#!/bin/sh
+  return `#!/opt/forkd/bin/busybox sh
 exec /opt/forkd/lib/ld-linux-x86-64.so.2 --library-path /opt/forkd/lib /opt/forkd/bin/node.bin "$@"
 `;
 }

@@ -1,6 +1,7 @@
 // Guest images: a kernel, an initramfs and a read-only ext4 root, cached by a
 // digest of every input so a rebuild happens only when one of them changes.
 import { createHash } from "node:crypto";
+import fsSync from "node:fs";
 import fs from "node:fs/promises";
 import { createRequire } from "node:module";
 import path from "node:path";
@@ -100,6 +101,7 @@ type Inputs = {
   nodeLibs: string[];
   agentBundle: string;
   guestctlSource: string;
+  pyworker: string;
 };
 
 const require = createRequire(import.meta.url);
@@ -135,12 +137,15 @@ async function gatherInputs(): Promise<Inputs> {
     throw new ForkdError("missing_dependency", `the agent bundle ${agentBundle} is not built; run \`npm run build\``);
   }
   const guestctlSource = require.resolve("@forkd/agent/guestctl.c");
-  return { kernel, modules, busybox, node, nodeLibs, agentBundle, guestctlSource };
+  const pyworker = require.resolve("@forkd/agent/pyworker.py");
+  return { kernel, modules, busybox, node, nodeLibs, agentBundle, guestctlSource, pyworker };
 }
 
-async function digestInputs(inputs: Inputs): Promise<string> {
+async function digestInputs(inputs: Inputs, base: BaseRoot): Promise<string> {
   const hash = createHash("sha256");
   hash.update(`recipe ${RECIPE_VERSION}\n`);
+  hash.update(`base ${base.kind === "busybox" ? "busybox" : base.digest}\n`);
+  hash.update(await fs.readFile(inputs.pyworker));
   hash.update(initramfsInit([...inputs.modules.keys()]));
   hash.update(stage2Init());
   hash.update(nodeWrapper());
@@ -190,7 +195,27 @@ export async function listImages(): Promise<ImageManifest[]> {
   return out;
 }
 
-export type BuildImageOpts = { name?: string; force?: boolean; onProgress?: ImageProgress };
+export type BuildImageOpts = {
+  name?: string;
+  force?: boolean;
+  /** Extra Debian packages for a debootstrapped root (the python recipe). */
+  packages?: string[];
+  /** Use this root filesystem tree as the image's base. */
+  fromDir?: string;
+  /** Use this root filesystem tarball (for example a `docker export`) as the base. */
+  fromTar?: string;
+  onProgress?: ImageProgress;
+};
+
+/** Recipes that need no --from-dir/--from-tar: what each name builds. */
+export const IMAGE_RECIPES: Record<string, { packages: string[] } | "busybox"> = {
+  base: "busybox",
+  python: { packages: ["python3", "python3-numpy"] },
+};
+
+const PACKAGE_RE = /^[a-z0-9][a-z0-9+.-]+$/;
+
+type BaseRoot = { kind: "busybox" } | { kind: "tree"; dir: string; digest: string; cleanup?: string };
 
 /**
  * Build (or find in the cache) the image. Everything is assembled in a temp dir
@@ -200,13 +225,28 @@ export type BuildImageOpts = { name?: string; force?: boolean; onProgress?: Imag
 export async function buildImage(opts: BuildImageOpts = {}): Promise<{ manifest: ImageManifest; cached: boolean }> {
   const name = opts.name ?? "base";
   validateName(name, "image name");
-  if (name !== "base") {
-    throw new ForkdError("not_supported", `only the 'base' image recipe exists so far; '${name}' is not buildable yet`);
-  }
   const progress = opts.onProgress ?? (() => {});
+  if (opts.fromDir && opts.fromTar) throw new ForkdError("bad_request", "--from-dir and --from-tar are alternatives; give one");
+  const recipe = IMAGE_RECIPES[name];
+  if (!recipe && !opts.fromDir && !opts.fromTar) {
+    throw new ForkdError(
+      "bad_request",
+      `no recipe builds an image named '${name}'; recipes: ${Object.keys(IMAGE_RECIPES).join(", ")}; or give --from-dir DIR / --from-tar FILE`,
+    );
+  }
+  for (const pkg of opts.packages ?? []) {
+    if (!PACKAGE_RE.test(pkg)) throw new ForkdError("bad_request", `'${pkg}' is not a Debian package name`);
+  }
+  if ((opts.packages?.length ?? 0) > 0 && (opts.fromDir || opts.fromTar || recipe === "busybox")) {
+    throw new ForkdError(
+      "bad_request",
+      "--packages applies to debootstrapped images (such as python), not to busybox or --from-dir/--from-tar roots",
+    );
+  }
   progress("hashing inputs");
   const inputs = await gatherInputs();
-  const digest = await digestInputs(inputs);
+  const base = await prepareBaseRoot(opts, recipe, progress);
+  const digest = await digestInputs(inputs, base);
   const root = imageRoot(name);
   const finalDir = path.join(root, digest);
   // A digest dir is immutable once complete (image.json is written last): snapshots
@@ -239,7 +279,12 @@ export async function buildImage(opts: BuildImageOpts = {}): Promise<{ manifest:
     }
     progress("assembling the root tree");
     const tree = path.join(work, "tree");
+    if (base.kind === "tree") {
+      progress("copying the base root");
+      await runChecked("cp", ["-a", `${base.dir}/.`, `${tree}/`]);
+    }
     await assembleRootTree(tree, inputs, guestctl);
+    const runtimes = (await exists(inTree(tree, "usr/bin/python3"))) ? ["javascript", "python"] : ["javascript"];
     progress("writing the ext4 root image");
     const rootfs = path.join(work, "rootfs.ext4");
     const treeBytes = await duBytes(tree);
@@ -285,7 +330,7 @@ export async function buildImage(opts: BuildImageOpts = {}): Promise<{ manifest:
       initrd: path.join(finalDir, "initrd.cpio"),
       rootfs: path.join(finalDir, "rootfs.ext4"),
       rootfsBytes: stat.size,
-      runtimes: ["javascript"],
+      runtimes,
     };
     await writeFileAtomic(path.join(work, "image.json"), `${JSON.stringify(manifest, null, 2)}\n`);
     await fs.rm(finalDir, { recursive: true, force: true });
@@ -295,7 +340,114 @@ export async function buildImage(opts: BuildImageOpts = {}): Promise<{ manifest:
     return { manifest, cached: false };
   } finally {
     await fs.rm(work, { recursive: true, force: true });
+    if (base.kind === "tree" && base.cleanup) await fs.rm(base.cleanup, { recursive: true, force: true });
   }
+}
+
+/**
+ * The root an image starts from: busybox alone, a debootstrapped Debian
+ * (cached by its package list), or the user's tree or tarball (hashed, since
+ * its content is the input).
+ */
+async function prepareBaseRoot(
+  opts: BuildImageOpts,
+  recipe: (typeof IMAGE_RECIPES)[string] | undefined,
+  progress: ImageProgress,
+): Promise<BaseRoot> {
+  if (opts.fromDir) {
+    const dir = path.resolve(opts.fromDir);
+    if (!(await fs.stat(dir).catch(() => undefined))?.isDirectory())
+      throw new ForkdError("bad_request", `--from-dir ${dir} is not a directory`);
+    progress("hashing the root tree");
+    return { kind: "tree", dir, digest: await treeDigest(dir) };
+  }
+  if (opts.fromTar) {
+    const file = path.resolve(opts.fromTar);
+    if (!(await fs.stat(file).catch(() => undefined))?.isFile()) throw new ForkdError("bad_request", `--from-tar ${file} is not a file`);
+    const digest = await sha256File(file);
+    const dir = await fs.mkdtemp(path.join(imagesDir(), ".tar-"));
+    progress("unpacking the root tarball");
+    await runChecked("tar", ["-x", "-f", file, "-C", dir, "--no-same-permissions", "--numeric-owner"]);
+    return { kind: "tree", dir, digest: `tar:${digest}`, cleanup: dir };
+  }
+  if (recipe === "busybox" || recipe === undefined) return { kind: "busybox" };
+  const packages = [...new Set([...recipe.packages, ...(opts.packages ?? [])])].sort();
+  const key = createHash("sha256")
+    .update(`bookworm minbase ${packages.join(",")}`)
+    .digest("hex")
+    .slice(0, 24);
+  const cacheDir = path.join(imagesDir(), ".cache", `debootstrap-${key}`);
+  if (!(await exists(path.join(cacheDir, ".complete")))) {
+    if (!(await exists("/usr/sbin/debootstrap"))) {
+      throw new ForkdError("missing_dependency", "debootstrap is not installed; install it with: apt-get install debootstrap");
+    }
+    const temp = `${cacheDir}.tmp-${process.pid}`;
+    await fs.rm(temp, { recursive: true, force: true });
+    await fs.mkdir(path.dirname(cacheDir), { recursive: true });
+    progress(`debootstrap bookworm with ${packages.join(", ")}`);
+    await runChecked(
+      "/usr/sbin/debootstrap",
+      ["--variant=minbase", `--include=${packages.join(",")}`, "bookworm", temp, "http://deb.debian.org/debian"],
+      {
+        timeoutMs: 30 * 60_000,
+      },
+    );
+    // The package cache is not part of the image.
+    await fs.rm(path.join(temp, "var/cache/apt/archives"), { recursive: true, force: true });
+    await fs.mkdir(path.join(temp, "var/cache/apt/archives/partial"), { recursive: true });
+    await fs.writeFile(path.join(temp, ".complete"), `${packages.join("\n")}\n`);
+    await fs.rm(cacheDir, { recursive: true, force: true });
+    await fs.rename(temp, cacheDir);
+  }
+  return { kind: "tree", dir: cacheDir, digest: `debootstrap:${key}` };
+}
+
+/** Content digest of a directory tree: names, modes, link targets and file bytes. */
+async function treeDigest(dir: string): Promise<string> {
+  const hash = createHash("sha256");
+  const entries = (await fs.readdir(dir, { withFileTypes: true, recursive: true }))
+    .map((e) => path.relative(dir, path.join(e.parentPath, e.name)))
+    .sort();
+  for (const rel of entries) {
+    const full = path.join(dir, rel);
+    const st = await fs.lstat(full);
+    hash.update(`${rel}\0${st.mode}\0`);
+    if (st.isSymbolicLink()) hash.update(await fs.readlink(full));
+    else if (st.isFile()) hash.update(await sha256File(full));
+  }
+  return `dir:${hash.digest("hex")}`;
+}
+
+/**
+ * Resolve a path inside a root tree the way the guest will see it: symlinks
+ * (absolute ones included) are followed within the tree, never out of it, so a
+ * user's root cannot make the builder write on the host.
+ */
+export function inTree(tree: string, rel: string, depth = 0): string {
+  if (depth > 40) throw new ForkdError("bad_request", `too many symlinks resolving ${rel} in the image root`);
+  const parts = rel.split("/").filter((p) => p && p !== ".");
+  let current = tree;
+  for (let i = 0; i < parts.length; i++) {
+    const part = parts[i]!;
+    if (part === "..") {
+      current = current === tree ? tree : path.dirname(current);
+      continue;
+    }
+    const next = path.join(current, part);
+    let st: import("node:fs").Stats | undefined;
+    try {
+      st = fsSync.lstatSync(next);
+    } catch {
+      st = undefined;
+    }
+    if (st?.isSymbolicLink() && i < parts.length - 1) {
+      const target = fsSync.readlinkSync(next);
+      const base = target.startsWith("/") ? target : path.join(path.relative(tree, current), target);
+      return inTree(tree, [base, ...parts.slice(i + 1)].join("/"), depth + 1);
+    }
+    current = next;
+  }
+  return current;
 }
 
 export function uuidFromDigest(digest: string): string {
@@ -312,8 +464,25 @@ async function duBytes(dir: string): Promise<number> {
   return total;
 }
 
+/** Write a file into a root tree without following any symlink out of it; a symlink in the way is replaced. */
+async function putFile(
+  tree: string,
+  rel: string,
+  data: string | Buffer,
+  mode = 0o644,
+  opts: { keepExisting?: boolean } = {},
+): Promise<void> {
+  const target = inTree(tree, rel);
+  const st = await fs.lstat(target).catch(() => undefined);
+  if (st && opts.keepExisting && !st.isSymbolicLink()) return;
+  if (st?.isSymbolicLink() || (st && !st.isDirectory())) await fs.rm(target, { force: true });
+  await fs.mkdir(path.dirname(target), { recursive: true, mode: 0o755 });
+  await fs.writeFile(target, data, { mode });
+  await fs.chmod(target, mode);
+}
+
 async function assembleRootTree(tree: string, inputs: Inputs, guestctl: string): Promise<void> {
-  const dirs = [
+  for (const d of [
     "bin",
     "sbin",
     "usr/bin",
@@ -329,38 +498,45 @@ async function assembleRootTree(tree: string, inputs: Inputs, guestctl: string):
     "var/tmp",
     "opt/forkd/bin",
     "opt/forkd/lib",
-  ];
-  for (const d of dirs) await fs.mkdir(path.join(tree, d), { recursive: true, mode: 0o755 });
-  await fs.chmod(path.join(tree, "tmp"), 0o1777);
-  await fs.chmod(path.join(tree, "root"), 0o700);
-  await fs.copyFile(inputs.busybox, path.join(tree, "bin/busybox"));
-  await fs.chmod(path.join(tree, "bin/busybox"), 0o755);
+  ]) {
+    await fs.mkdir(inTree(tree, d), { recursive: true, mode: 0o755 });
+  }
+  await fs.chmod(inTree(tree, "tmp"), 0o1777);
+  await fs.chmod(inTree(tree, "root"), 0o700);
+  const busybox = await fs.readFile(inputs.busybox);
+  // The guest init scripts call busybox by this path, whatever the root provides.
+  await putFile(tree, "opt/forkd/bin/busybox", busybox, 0o755);
+  await putFile(tree, "bin/busybox", busybox, 0o755, { keepExisting: true });
   const applets = (await runChecked(inputs.busybox, ["--list-full"])).stdout.split("\n").filter(Boolean);
   for (const applet of applets) {
-    const target = path.join(tree, applet);
-    if (applet === "bin/busybox" || (await exists(target))) continue;
+    if (applet === "bin/busybox") continue;
+    const target = inTree(tree, applet);
+    // A root that has the real tool keeps it; busybox fills the gaps.
+    if (await fs.lstat(target).catch(() => undefined)) continue;
     await fs.mkdir(path.dirname(target), { recursive: true });
-    await fs.symlink("/bin/busybox", target);
+    await fs.symlink("/opt/forkd/bin/busybox", target);
   }
-  await fs.copyFile(inputs.node, path.join(tree, "opt/forkd/bin/node.bin"));
+  const nodeBin = inTree(tree, "opt/forkd/bin/node.bin");
+  await fs.copyFile(inputs.node, nodeBin);
   // Debug info is most of the host binary's size and the guest never needs it.
-  const strip = await runProgram("strip", ["--strip-debug", path.join(tree, "opt/forkd/bin/node.bin")]).catch(() => undefined);
-  if (strip && strip.code !== 0) await fs.copyFile(inputs.node, path.join(tree, "opt/forkd/bin/node.bin"));
-  await fs.chmod(path.join(tree, "opt/forkd/bin/node.bin"), 0o755);
-  for (const lib of inputs.nodeLibs) {
-    await fs.copyFile(await fs.realpath(lib), path.join(tree, "opt/forkd/lib", path.basename(lib)));
-    await fs.chmod(path.join(tree, "opt/forkd/lib", path.basename(lib)), 0o755);
-  }
-  await fs.writeFile(path.join(tree, "opt/forkd/bin/node"), nodeWrapper(), { mode: 0o755 });
-  await fs.copyFile(inputs.agentBundle, path.join(tree, "opt/forkd/agent.js"));
-  await fs.copyFile(guestctl, path.join(tree, "opt/forkd/bin/forkd-guestctl"));
-  await fs.chmod(path.join(tree, "opt/forkd/bin/forkd-guestctl"), 0o755);
-  await fs.writeFile(path.join(tree, "opt/forkd/init"), stage2Init(), { mode: 0o755 });
-  await fs.writeFile(path.join(tree, "etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n");
-  await fs.writeFile(path.join(tree, "etc/group"), "root:x:0:\nnogroup:x:65534:\n");
-  await fs.writeFile(path.join(tree, "etc/hosts"), "127.0.0.1 localhost\n::1 localhost\n");
-  await fs.writeFile(path.join(tree, "etc/resolv.conf"), "nameserver 10.0.2.3\n");
-  await fs.writeFile(path.join(tree, "etc/hostname"), "forkd\n");
+  const strip = await runProgram("strip", ["--strip-debug", nodeBin]).catch(() => undefined);
+  if (strip && strip.code !== 0) await fs.copyFile(inputs.node, nodeBin);
+  await fs.chmod(nodeBin, 0o755);
+  for (const lib of inputs.nodeLibs)
+    await putFile(tree, `opt/forkd/lib/${path.basename(lib)}`, await fs.readFile(await fs.realpath(lib)), 0o755);
+  await putFile(tree, "opt/forkd/bin/node", nodeWrapper(), 0o755);
+  await putFile(tree, "opt/forkd/agent.js", await fs.readFile(inputs.agentBundle));
+  await putFile(tree, "opt/forkd/pyworker.py", await fs.readFile(inputs.pyworker));
+  await putFile(tree, "opt/forkd/bin/forkd-guestctl", await fs.readFile(guestctl), 0o755);
+  await putFile(tree, "opt/forkd/init", stage2Init(), 0o755);
+  await putFile(tree, "etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n", 0o644, {
+    keepExisting: true,
+  });
+  await putFile(tree, "etc/group", "root:x:0:\nnogroup:x:65534:\n", 0o644, { keepExisting: true });
+  await putFile(tree, "etc/hosts", "127.0.0.1 localhost\n::1 localhost\n", 0o644, { keepExisting: true });
+  // QEMU user-mode networking's resolver; the root's own may point at a host service.
+  await putFile(tree, "etc/resolv.conf", "nameserver 10.0.2.3\n");
+  await putFile(tree, "etc/hostname", "forkd\n");
 }
 
 async function buildInitramfs(inputs: Inputs): Promise<Buffer> {

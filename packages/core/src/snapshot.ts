@@ -174,7 +174,7 @@ export async function createSnapshot(opts: CreateSnapshotOpts): Promise<Snapshot
     // V8 has parsed and compiled them before the snapshot: a child then pays only
     // for TCG translation, not for lazy JS compilation as well.
     progress("warming the agent");
-    await warmAgentPaths(vm);
+    await warmAgentPaths(vm, image.runtimes.includes("python"));
     // The agent must be idle and settled when its memory is frozen.
     await vm.agent.ping();
     const warmMs = performance.now() - warmStart;
@@ -210,7 +210,11 @@ export async function createSnapshot(opts: CreateSnapshotOpts): Promise<Snapshot
   }
 }
 
-async function warmAgentPaths(vm: Vm): Promise<void> {
+async function warmAgentPaths(vm: Vm, python: boolean): Promise<void> {
+  if (python) {
+    // Waits for the worker's interpreter and imports; its answer path is then warm too.
+    await vm.agent.eval("None", { language: "python", evalTimeoutMs: 600_000, timeoutMs: 660_000 });
+  }
   await vm.agent.identity({ hostname: "forkd", entropy: randomBytes(64).toString("base64"), clockMs: Date.now() });
   await vm.agent.exec({ argv: ["true"] });
   await vm.agent.exec({ cmd: "true" });

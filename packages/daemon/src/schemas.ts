@@ -139,7 +139,7 @@ export const ExecResponse = z.object({
 export const EvalBody = z
   .object({ code: z.string(), language: z.enum(["javascript", "python"]).optional(), timeout_ms: z.number().int().optional() })
   .strict();
-export const EvalResponse = z.object({ value: z.unknown(), type: z.string(), duration_ms: z.number() });
+export const EvalResponse = z.object({ value: z.unknown(), type: z.string(), duration_ms: z.number(), stdout: z.string().optional() });
 
 export const FilesBody = z.discriminatedUnion("action", [
   z.object({ action: z.literal("read"), path: z.string() }).strict(),

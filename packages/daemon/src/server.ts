@@ -413,9 +413,14 @@ export async function buildServer(ctx: ServerContext, opts: { https?: { cert: Bu
       }
       const agent = await ctx.pool.forSandbox(request.params.id);
       const t0 = performance.now();
-      const res = await agent.eval(request.body.code, { ...(request.body.timeout_ms ? { evalTimeoutMs: request.body.timeout_ms } : {}) });
+      const res = await agent.eval(request.body.code, {
+        ...(request.body.timeout_ms ? { evalTimeoutMs: request.body.timeout_ms } : {}),
+        ...(request.body.language ? { language: request.body.language } : {}),
+        // The agent enforces the eval's own timeout; the call may take a little longer.
+        timeoutMs: (request.body.timeout_ms ?? 30_000) + 10_000,
+      });
       ctx.metrics.callSeconds.labels("eval").observe((performance.now() - t0) / 1000);
-      return { value: res.value, type: res.type, duration_ms: res.durationMs };
+      return { value: res.value, type: res.type, duration_ms: res.durationMs, ...(res.stdout ? { stdout: res.stdout } : {}) };
     },
   );
 

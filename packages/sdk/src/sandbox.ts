@@ -184,9 +184,16 @@ export class Sandbox {
   }
 
   /** Evaluate JavaScript in the sandbox's warm context; state persists between calls. */
-  async runCode(code: string, opts: { timeoutMs?: number } = {}): Promise<{ value: unknown; type: string; durationMs: number }> {
-    const res = await this.controller.eval(this.sandboxId, { code, ...(opts.timeoutMs ? { timeout_ms: opts.timeoutMs } : {}) });
-    return { value: res.value, type: res.type, durationMs: res.duration_ms };
+  async runCode(
+    code: string,
+    opts: { timeoutMs?: number; language?: "javascript" | "python" } = {},
+  ): Promise<{ value: unknown; type: string; durationMs: number; stdout?: string }> {
+    const res = await this.controller.eval(this.sandboxId, {
+      code,
+      ...(opts.timeoutMs ? { timeout_ms: opts.timeoutMs } : {}),
+      ...(opts.language ? { language: opts.language } : {}),
+    });
+    return { value: res.value, type: res.type, durationMs: res.duration_ms, ...(res.stdout ? { stdout: res.stdout } : {}) };
   }
 
   /** forkd's addition: capture this running sandbox as a new snapshot that more sandboxes fork from. */

@@ -9,11 +9,22 @@ export function registerImage(program: Command): void {
     .description("build a guest image (cached: rebuilt only when an input changes)")
     .option("--name <name>", "image name", "base")
     .option("--force", "rebuild even if the cache is current")
-    .action(async (opts: { name: string; force?: boolean }) => {
+    .option("--packages <list>", "extra Debian packages, comma-separated (debootstrapped images such as python)")
+    .option("--from-dir <dir>", "turn this root filesystem tree into an image")
+    .option("--from-tar <file>", "turn this root filesystem tarball (for example a `docker export`) into an image")
+    .action(async (opts: { name: string; force?: boolean; packages?: string; fromDir?: string; fromTar?: string }) => {
       const started = performance.now();
       const { manifest, cached } = await withSpinner(
         `building image '${opts.name}'`,
-        (s) => buildImage({ name: opts.name, force: opts.force, onProgress: (step) => (s.text = `image '${opts.name}': ${step}`) }),
+        (s) =>
+          buildImage({
+            name: opts.name,
+            force: opts.force,
+            packages: opts.packages ? opts.packages.split(",").filter(Boolean) : undefined,
+            fromDir: opts.fromDir,
+            fromTar: opts.fromTar,
+            onProgress: (step) => (s.text = `image '${opts.name}': ${step}`),
+          }),
         (r) =>
           `image '${r.manifest.name}' ${r.cached ? "is up to date" : "built"} (${r.manifest.digest.slice(0, 12)}, kernel ${r.manifest.kernelVersion}) in ${fmtMs(performance.now() - started)}`,
       );

@@ -146,8 +146,10 @@ export function registerSandboxes(program: Command): void {
     .argument("<id>")
     .argument("<code>")
     .option("--json", "print the whole result as JSON")
-    .action(async (id: string, code: string, opts: { json?: boolean }) => {
-      const result = await (await openBackend()).eval(id, code);
+    .option("--python", "evaluate in the warm Python worker (images with Python)")
+    .action(async (id: string, code: string, opts: { json?: boolean; python?: boolean }) => {
+      const result = await (await openBackend()).eval(id, code, opts.python ? "python" : undefined);
+      if (result.stdout && !opts.json) process.stdout.write(result.stdout);
       if (opts.json) process.stdout.write(`${JSON.stringify(result)}\n`);
       else process.stdout.write(`${typeof result.value === "string" ? result.value : JSON.stringify(result.value)}\n`);
     });

@@ -1,0 +1,78 @@
+"""forkd's warm Python worker.
+
+The agent starts it once at boot, so it is part of every snapshot: a child's
+first eval needs no interpreter start and no imports. One JSON request per line
+on stdin, one JSON answer per line on the original stdout; code runs with
+notebook semantics (statements, then the value of a final expression), and the
+namespace persists between calls.
+"""
+import ast
+import contextlib
+import io
+import json
+import os
+import sys
+import time
+import traceback
+
+ANSWERS = os.fdopen(os.dup(1), "w", buffering=1)
+# User code printing must not corrupt the answer channel.
+sys.stdout = io.StringIO()
+
+NAMESPACE = {"__name__": "__main__"}
+WARM = [m for m in os.environ.get("FORKD_PY_IMPORTS", "numpy").split(",") if m]
+LOADED = []
+for module in WARM:
+    try:
+        NAMESPACE[module] = __import__(module)
+        LOADED.append(module)
+    except ImportError:
+        pass
+
+
+def to_wire(value):
+    kind = type(value).__name__
+    if value is None:
+        return {"value": None, "type": kind}
+    try:
+        return {"value": json.loads(json.dumps(value, allow_nan=False)), "type": kind}
+    except (TypeError, ValueError):
+        return {"value": repr(value), "type": kind, "repr": True}
+
+
+def run(code):
+    tree = ast.parse(code, filename="<eval>", mode="exec")
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body.pop().value)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(tree, "<eval>", "exec"), NAMESPACE)
+        value = eval(compile(last, "<eval>", "eval"), NAMESPACE) if last is not None else None
+    return value, printed.getvalue()
+
+
+def answer(message):
+    ANSWERS.write(json.dumps(message) + "\n")
+    ANSWERS.flush()
+
+
+answer({"ready": True, "imports": LOADED, "python": sys.version.split()[0]})
+for line in sys.stdin:
+    try:
+        request = json.loads(line)
+    except ValueError as err:
+        answer({"id": None, "ok": False, "error": {"type": "ProtocolError", "message": str(err), "traceback": ""}})
+        continue
+    started = time.perf_counter()
+    try:
+        value, printed = run(request.get("code", ""))
+        answer({"id": request.get("id"), "ok": True, **to_wire(value), "stdout": printed, "duration_ms": (time.perf_counter() - started) * 1000})
+    except BaseException as err:  # a user's exception, SystemExit included, never ends the worker
+        answer(
+            {
+                "id": request.get("id"),
+                "ok": False,
+                "error": {"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc()},
+            }
+        )
