@@ -18,6 +18,7 @@ const benches = [
   ["spawn", ["bench", "spawn", "--json", "-n", n]],
   ["api", ["bench", "api", "--json"]],
   ["branch", ["bench", "branch", "--json"]],
+  ["fanout", ["bench", "fanout", "--json", "-n", n]],
 ];
 const machine = {
   cpus: os.cpus().length,
