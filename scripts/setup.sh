@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static e2fsprogs zstd gcc libc6-dev binutils util-linux)
+APT_PACKAGES=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static e2fsprogs zstd gcc libc6-dev binutils util-linux debootstrap)
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 
