@@ -1,24 +1,19 @@
 import fs from "node:fs";
 
-/** Proportional set size of a process in bytes (shared pages split among their users), from smaps_rollup. */
-export function pssBytes(pid: number): number | undefined {
+/** A field of /proc/PID/smaps_rollup (Pss, Private_Dirty, Rss…) in bytes. */
+export function smapsRollupBytes(pid: number, field: "Pss" | "Private_Dirty" | "Rss"): number | undefined {
   try {
     const text = fs.readFileSync(`/proc/${pid}/smaps_rollup`, "utf8");
-    const kb = /^Pss:\s+(\d+) kB/m.exec(text)?.[1];
+    const kb = new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(text)?.[1];
     return kb === undefined ? undefined : Number(kb) * 1024;
   } catch {
     return undefined;
   }
 }
 
-export function privateDirtyBytes(pid: number): number | undefined {
-  try {
-    const text = fs.readFileSync(`/proc/${pid}/smaps_rollup`, "utf8");
-    const kb = /^Private_Dirty:\s+(\d+) kB/m.exec(text)?.[1];
-    return kb === undefined ? undefined : Number(kb) * 1024;
-  } catch {
-    return undefined;
-  }
+/** Proportional set size of a process in bytes: shared pages are split among the processes that map them. */
+export function pssBytes(pid: number): number | undefined {
+  return smapsRollupBytes(pid, "Pss");
 }
 
 /** CPU time (user + system) a process has used, in milliseconds. */

@@ -6,7 +6,7 @@ import fsp from "node:fs/promises";
 import path from "node:path";
 import type { AgentClient } from "./agent-client.js";
 import { limitMemory, removeCgroup } from "./cgroup.js";
-import { forkdRunDir, vmsRunDir } from "./config.js";
+import { forkdRunDir, shmDir, snapshotsDir, vmsRunDir } from "./config.js";
 import { ForkdError } from "./errors.js";
 import { isAlive, isOurQemu, launchQemu, runtimePaths, type VmPlan } from "./qemu.js";
 import { QmpClient } from "./qmp.js";
@@ -343,7 +343,6 @@ export async function cleanup(): Promise<CleanupReport> {
     await fsp.rm(dir, { recursive: true, force: true });
     report.strayRunDirs.push(name);
   }
-  const { snapshotsDir, shmDir } = await import("./config.js");
   for (const base of [snapshotsDir(), path.join(shmDir(), "images")]) {
     let names: string[] = [];
     try {

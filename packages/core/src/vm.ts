@@ -219,12 +219,3 @@ export async function killAndWait(pid: number, runDir: string, launched?: Launch
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
-
-export function consoleTail(runDir: string, bytes = 2000): string {
-  try {
-    const text = fs.readFileSync(runtimePaths(runDir).console, "utf8");
-    return text.slice(-bytes);
-  } catch {
-    return "";
-  }
-}

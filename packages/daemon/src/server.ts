@@ -96,6 +96,7 @@ function touch(request: FastifyRequest, kind: "sandboxes" | "snapshots", value: 
   request.touched[kind].add(value);
 }
 
+// Shared by the unix-socket and TCP servers of one daemon: the cap is per daemon.
 let inFlightBranches = 0;
 
 export async function buildServer(ctx: ServerContext, opts: { https?: { cert: Buffer; key: Buffer } } = {}): Promise<FastifyInstance> {
