@@ -4,7 +4,7 @@ import { randomBytes } from "node:crypto";
 import fs from "node:fs";
 import fsp from "node:fs/promises";
 import path from "node:path";
-import type { AgentClient } from "./agent-client.js";
+import { AgentClient } from "./agent-client.js";
 import { limitMemory, removeCgroup } from "./cgroup.js";
 import { forkdRunDir, shmDir, snapshotsDir, vmsRunDir } from "./config.js";
 import { ForkdError } from "./errors.js";
@@ -169,6 +169,10 @@ async function restoreChild(snapshot: SnapshotInfo, memoryPath: string, opts: Fo
     const race = <T>(p: Promise<T>) => Promise.race([p, exited]);
     qmp = await race(QmpClient.connect(runtimePaths(runDir).qmp, { timeoutMs: 30_000 }));
     const t1 = performance.now();
+    // Attach to the agent port before the state loads: the parent was snapshotted
+    // with its host attached, so the guest then resumes exactly as it was, its read
+    // still pending, and needs no disconnect/reconnect handling before it answers.
+    agent = await race(AgentClient.connect(runtimePaths(runDir).agent, { timeoutMs: 10_000 }));
     await race(qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "x-ignore-shared", state: true }] }));
     // fd 3 is the vmstate file QEMU inherited at spawn: no helper process per child.
     await race(qmp.execute("migrate-incoming", { uri: "fd:3" }));
@@ -194,8 +198,13 @@ async function restoreChild(snapshot: SnapshotInfo, memoryPath: string, opts: Fo
     // it proves the agent is up and makes the child distinct before anyone uses it.
     const identity = { hostname: id, entropy: randomBytes(64).toString("base64"), clockMs: Date.now() };
     agent = await race(
-      waitForAgent(runtimePaths(runDir).agent, opts.readyTimeoutMs ?? 60_000, runDir, opts.signal, (a, ms) =>
-        a.identity({ ...identity, clockMs: Date.now() }, { timeoutMs: ms }),
+      waitForAgent(
+        runtimePaths(runDir).agent,
+        opts.readyTimeoutMs ?? 60_000,
+        runDir,
+        opts.signal,
+        (a, ms) => a.identity({ ...identity, clockMs: Date.now() }, { timeoutMs: ms }),
+        agent,
       ),
     );
     const t3 = performance.now();

@@ -150,9 +150,10 @@ export async function waitForAgent(
   runDir: string,
   signal?: AbortSignal,
   probe: (agent: AgentClient, timeoutMs: number) => Promise<unknown> = (agent, ms) => agent.ping({ timeoutMs: ms }),
+  connected?: AgentClient,
 ): Promise<AgentClient> {
   const deadline = Date.now() + timeoutMs;
-  const agent = await AgentClient.connect(socketPath, { timeoutMs });
+  const agent = connected ?? (await AgentClient.connect(socketPath, { timeoutMs }));
   for (;;) {
     signal?.throwIfAborted();
     const remaining = deadline - Date.now();
