@@ -5,7 +5,7 @@
  *   forkd-guestctl fasync FD PID         deliver SIGIO for the inherited fd FD to process PID: the
  *                                        agent sleeps until virtio-serial signals that a host connected,
  *                                        instead of polling a port whose read() returns 0 while no host is there
- *   forkd-guestctl serve                 answer "R <hex entropy>" and "T <ms>" lines on stdin with
+ *   forkd-guestctl serve                 answer "R <hex entropy>", "T <ms>" and "I <hostname> <hex> <ms>" lines on stdin with
  *                                        "ok" or "err <reason>" lines: the agent starts it once at boot,
  *                                        so a restored child pays a pipe round trip, not a process spawn
  * Children restored from one snapshot start with identical CRNG state; writing to
@@ -57,34 +57,78 @@ static int hexval(char c) {
   return -1;
 }
 
+/* Parse hex entropy up to a space or the end; NULL and a message when there is too little. */
+static const char *parse_entropy(const char *p, struct entropy_req *req, size_t *n, const char **rest) {
+  *n = 0;
+  while (p[0] && p[1] && p[0] != ' ' && *n < sizeof req->buf) {
+    int hi = hexval(p[0]), lo = hexval(p[1]);
+    if (hi < 0 || lo < 0) return "entropy must be hex";
+    req->buf[(*n)++] = (unsigned char)(hi << 4 | lo);
+    p += 2;
+  }
+  if (*n < 16) {
+    errno = 0;
+    return "need at least 16 bytes of hex entropy";
+  }
+  *rest = p;
+  return NULL;
+}
+
+static const char *parse_ms(const char *text, long long *ms) {
+  char *end = NULL;
+  errno = 0;
+  *ms = strtoll(text, &end, 10);
+  if (errno != 0 || end == text || *end != '\0' || *ms < 0) {
+    errno = 0;
+    return "bad milliseconds";
+  }
+  return NULL;
+}
+
+static const char *set_clock_ms(long long ms) {
+  struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000L};
+  if (clock_settime(CLOCK_REALTIME, &ts) < 0) return "clock_settime failed";
+  return NULL;
+}
+
 static int serve(void) {
   char line[2048];
   setvbuf(stdout, NULL, _IOLBF, 0);
   while (fgets(line, sizeof line, stdin)) {
     line[strcspn(line, "\n")] = '\0';
+    struct entropy_req req;
+    size_t n = 0;
+    long long ms = 0;
+    const char *rest = NULL;
+    const char *err = NULL;
+    errno = 0;
     if (line[0] == 'R' && line[1] == ' ') {
-      struct entropy_req req;
-      size_t n = 0;
-      const char *p = line + 2;
-      while (p[0] && p[1] && n < sizeof req.buf) {
-        int hi = hexval(p[0]), lo = hexval(p[1]);
-        if (hi < 0 || lo < 0) break;
-        req.buf[n++] = (unsigned char)(hi << 4 | lo);
-        p += 2;
-      }
-      if (n < 16) { printf("err need at least 16 bytes of hex entropy\n"); continue; }
-      const char *err = reseed_bytes(&req, n);
-      if (err) printf("err %s: %s\n", err, strerror(errno)); else printf("ok\n");
+      err = parse_entropy(line + 2, &req, &n, &rest);
+      if (!err) err = reseed_bytes(&req, n);
     } else if (line[0] == 'T' && line[1] == ' ') {
-      char *end = NULL;
-      errno = 0;
-      long long ms = strtoll(line + 2, &end, 10);
-      if (errno != 0 || end == line + 2 || *end != '\0' || ms < 0) { printf("err bad milliseconds\n"); continue; }
-      struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000L};
-      if (clock_settime(CLOCK_REALTIME, &ts) < 0) printf("err clock_settime: %s\n", strerror(errno)); else printf("ok\n");
+      err = parse_ms(line + 2, &ms);
+      if (!err) err = set_clock_ms(ms);
+    } else if (line[0] == 'I' && line[1] == ' ') {
+      /* A restored child's whole identity in one round trip: hostname, entropy, clock.
+       * Everything is parsed before anything is changed. */
+      char *host = line + 2;
+      char *space = strchr(host, ' ');
+      if (!space) err = "identity wants: I <hostname> <hex entropy> <ms>";
+      else {
+        *space = '\0';
+        err = parse_entropy(space + 1, &req, &n, &rest);
+        if (!err && *rest != ' ') err = "identity wants: I <hostname> <hex entropy> <ms>";
+        if (!err) err = parse_ms(rest + 1, &ms);
+        if (!err && sethostname(host, strlen(host)) < 0) err = "sethostname failed";
+        if (!err) err = reseed_bytes(&req, n);
+        if (!err) err = set_clock_ms(ms);
+      }
     } else {
-      printf("err unknown request\n");
+      err = "unknown request";
     }
+    if (err && errno) printf("err %s: %s\n", err, strerror(errno));
+    else if (err) printf("err %s\n", err);
+    else printf("ok\n");
   }
   return 0;
 }

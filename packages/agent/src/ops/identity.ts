@@ -12,6 +12,19 @@ export type IdentityDeps = {
 
 const HOSTNAME_RE = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/i;
 
+function validateIdentity(request: IdentityRequest): { hostname: string; entropy: Buffer; clockMs: number } {
+  if (typeof request.hostname !== "string" || !HOSTNAME_RE.test(request.hostname)) {
+    throw new AgentOpError("bad_request", "`hostname` must be 1-63 letters, digits or '-', not starting or ending with '-'");
+  }
+  const entropy = Buffer.from(String(request.entropy), "base64");
+  if (entropy.length < 16 || entropy.length > 512)
+    throw new AgentOpError("bad_request", "`entropy` must be 16 to 512 bytes, base64-encoded");
+  if (typeof request.clockMs !== "number" || !Number.isFinite(request.clockMs) || request.clockMs <= 0) {
+    throw new AgentOpError("bad_request", "`clockMs` must be milliseconds since the epoch");
+  }
+  return { hostname: request.hostname, entropy, clockMs: Math.round(request.clockMs) };
+}
+
 /**
  * A long-lived `forkd-guestctl serve` process. The agent starts it at boot, so it
  * is part of every snapshot: a restored child asks it over a pipe instead of
@@ -60,6 +73,12 @@ export class GuestCtl {
 /** Give a restored child its own hostname, RNG state and wall clock. */
 export async function applyIdentity(request: IdentityRequest, deps?: IdentityDeps) {
   if (!deps) throw new AgentOpError("bad_request", "identity is only available inside a guest");
+  // The common case (all three, right after a restore) is one round trip to the helper.
+  if (request.hostname !== undefined && request.entropy !== undefined && request.clockMs !== undefined) {
+    const { hostname, entropy, clockMs } = validateIdentity(request);
+    await deps.guestctl.request(`I ${hostname} ${entropy.toString("hex")} ${clockMs}`);
+    return { applied: ["hostname", "entropy", "clock"] };
+  }
   const applied: string[] = [];
   if (request.hostname !== undefined) {
     if (typeof request.hostname !== "string" || !HOSTNAME_RE.test(request.hostname)) {
