@@ -1,18 +1,8 @@
 import type { Command } from "commander";
-import { openBackend } from "../backend.js";
+import { openBackend, type SnapshotArgs } from "../backend.js";
 import { collect, fmtBytes, parseIntOption, plainTable, withSpinner } from "../ui.js";
 
-type SnapshotCliOpts = {
-  tag: string;
-  image: string;
-  warm: string[];
-  warmEval: string[];
-  memoryMib: number;
-  vcpus: number;
-  json?: boolean;
-  fromSandbox?: string;
-  mode?: string;
-};
+type SnapshotCliOpts = Omit<SnapshotArgs, "onProgress"> & { json?: boolean; fromSandbox?: string; mode?: string };
 
 export function registerSnapshots(program: Command): void {
   program
