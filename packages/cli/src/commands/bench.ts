@@ -328,7 +328,7 @@ export function registerBench(program: Command): void {
   bench
     .command("branch")
     .description("BRANCH pause and total time for each mode, guest memory size and workload (idle, or dirtying memory as fast as it can)")
-    .option("--samples <n>", "consecutive BRANCHes of one source per row", parseIntOption("--samples"), 3)
+    .option("--samples <n>", "consecutive BRANCHes of one source per row", parseIntOption("--samples"), 6)
     .option("--nowait-samples <n>", "wait:false BRANCHes per row", parseIntOption("--nowait-samples"), 2)
     .option("--sizes <list>", "guest memory sizes in MiB", "256,1024")
     .option("--modes <list>", "modes", "live,diff,full")
