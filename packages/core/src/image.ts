@@ -423,7 +423,7 @@ async function treeDigest(dir: string): Promise<string> {
  * (absolute ones included) are followed within the tree, never out of it, so a
  * user's root cannot make the builder write on the host.
  */
-export function inTree(tree: string, rel: string, depth = 0): string {
+export function inTree(tree: string, rel: string, opts: { followLast?: boolean } = {}, depth = 0): string {
   if (depth > 40) throw new ForkdError("bad_request", `too many symlinks resolving ${rel} in the image root`);
   const parts = rel.split("/").filter((p) => p && p !== ".");
   let current = tree;
@@ -440,10 +440,10 @@ export function inTree(tree: string, rel: string, depth = 0): string {
     } catch {
       st = undefined;
     }
-    if (st?.isSymbolicLink() && i < parts.length - 1) {
+    if (st?.isSymbolicLink() && (i < parts.length - 1 || opts.followLast)) {
       const target = fsSync.readlinkSync(next);
       const base = target.startsWith("/") ? target : path.join(path.relative(tree, current), target);
-      return inTree(tree, [base, ...parts.slice(i + 1)].join("/"), depth + 1);
+      return inTree(tree, [base, ...parts.slice(i + 1)].join("/"), opts, depth + 1);
     }
     current = next;
   }
@@ -499,10 +499,11 @@ async function assembleRootTree(tree: string, inputs: Inputs, guestctl: string):
     "opt/forkd/bin",
     "opt/forkd/lib",
   ]) {
-    await fs.mkdir(inTree(tree, d), { recursive: true, mode: 0o755 });
+    // A directory that is a symlink in the root is followed inside the root, never onto the host.
+    await fs.mkdir(inTree(tree, d, { followLast: true }), { recursive: true, mode: 0o755 });
   }
-  await fs.chmod(inTree(tree, "tmp"), 0o1777);
-  await fs.chmod(inTree(tree, "root"), 0o700);
+  await fs.chmod(inTree(tree, "tmp", { followLast: true }), 0o1777);
+  await fs.chmod(inTree(tree, "root", { followLast: true }), 0o700);
   const busybox = await fs.readFile(inputs.busybox);
   // The guest init scripts call busybox by this path, whatever the root provides.
   await putFile(tree, "opt/forkd/bin/busybox", busybox, 0o755);
