@@ -19,6 +19,18 @@ export function isolateForkd(): { home: string; runDir: string } {
   if (fs.existsSync(path.join(realHome, "images"))) fs.symlinkSync(path.join(realHome, "images"), path.join(home, "images"));
   process.env.FORKD_HOME = home;
   process.env.FORKD_RUN_DIR = runDir;
+  // Each test file runs in its own worker process: when it ends, nothing it made
+  // may stay behind (snapshots here weigh hundreds of MiB each).
+  process.on("exit", () => {
+    for (const pid of qemuPidsUnder(root)) {
+      try {
+        process.kill(pid, "SIGKILL");
+      } catch {
+        // already gone
+      }
+    }
+    fs.rmSync(root, { recursive: true, force: true });
+  });
   return { home, runDir };
 }
 

@@ -64,6 +64,18 @@ describe("snapshot store", () => {
     expect(listed.stdout).toContain(TAG);
   });
 
+  it("restages the memory image from the durable store when shmem was wiped (as after a reboot)", async () => {
+    const shm = path.join(process.env.FORKD_SHM_DIR!, "images");
+    for (const name of fs.readdirSync(shm).filter((n) => n.startsWith(`${TAG}@`)))
+      fs.rmSync(path.join(shm, name), { recursive: true, force: true });
+    expect((await listSnapshots())[0]?.staged).toBe(false);
+    const [child] = forkJson(["--tag", TAG, "-n", "1"]);
+    expect(child?.ok).toBe(true);
+    expect((await sh(child!.id, "cat /root/warm.txt")).out).toBe("warm\n");
+    expect((await listSnapshots())[0]?.staged).toBe(true);
+    forkd(["kill", child!.id]);
+  });
+
   it("refuses bad tags with the rule they broke, unknown tags with a pointer, and duplicates", () => {
     expect(forkd(["snapshot", "--tag", "../x"]).stderr).toMatch(/must start with a letter, digit or '_'/);
     expect(forkd(["snapshot", "--tag", "a".repeat(65)]).stderr).toMatch(/limit is 64/);

@@ -2,6 +2,7 @@
 // packages (cached between runs), evaluated with notebook semantics, errors,
 // timeouts, and the fan-out benchmark at small n as a correctness check.
 import { spawnSync } from "node:child_process";
+import fs from "node:fs";
 import path from "node:path";
 import { AgentCallError, type AgentClient, buildImage, connectSandbox, createSnapshot, forkSandboxes } from "@forkd/core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -93,6 +94,38 @@ describe("images without Python", () => {
     const run = (args: string[]) => spawnSync(process.execPath, [CLI, "image", "build", ...args], { env: process.env, encoding: "utf8" });
     expect(run(["--name", "ruby"]).stderr).toMatch(/no recipe builds an image named 'ruby'; recipes: base, python/);
     expect(run(["--name", "python", "--packages", "bad name;rm"]).stderr).toMatch(/is not a Debian package name/);
+  });
+});
+
+describe("images from any root filesystem", () => {
+  it("turns a root tarball (as `docker export` makes) into a bootable image", () => {
+    const dir = fs.mkdtempSync(path.join(env.runDir, "root-"));
+    fs.mkdirSync(path.join(dir, "root/etc"), { recursive: true });
+    fs.writeFileSync(path.join(dir, "root/etc/os-release"), "ID=forkd-custom\n");
+    fs.symlinkSync("/etc", path.join(dir, "root/evil"));
+    const tar = path.join(dir, "root.tar");
+    // Its own store, removed with the test's temp dir, not the machine's shared images.
+    const ownEnv = { ...process.env, FORKD_HOME: path.join(dir, "home") };
+    expect(spawnSync("tar", ["-C", path.join(dir, "root"), "-cf", tar, "."]).status).toBe(0);
+    const build = spawnSync(process.execPath, [CLI, "image", "build", "--name", "custom", "--from-tar", tar], {
+      env: ownEnv,
+      encoding: "utf8",
+      timeout: 300_000,
+    });
+    expect(build.status, build.stderr).toBe(0);
+    const run = spawnSync(process.execPath, [CLI, "run", "--image", "custom", "--", "cat", "/etc/os-release"], {
+      env: ownEnv,
+      encoding: "utf8",
+      timeout: 300_000,
+    });
+    expect(run.status, run.stderr).toBe(0);
+    expect(run.stdout).toBe("ID=forkd-custom\n");
+    expect(
+      spawnSync(process.execPath, [CLI, "image", "build", "--name", "custom", "--from-tar", path.join(dir, "missing.tar")], {
+        env: ownEnv,
+        encoding: "utf8",
+      }).stderr,
+    ).toMatch(/is not a file/);
   });
 });
 

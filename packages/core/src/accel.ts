@@ -1,4 +1,7 @@
 import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { forkdHome, qemuBinary } from "./config.js";
 import { ForkdError } from "./errors.js";
 import type { Accel } from "./qemu.js";
 
@@ -36,6 +39,29 @@ export type ProbeBoot = (accel: Accel) => Promise<boolean>;
 
 let cached: AccelChoice | undefined;
 
+/** The probe result is kept per host kernel and QEMU binary, so only the first command on a host pays for it. */
+function probeCacheFile(): string {
+  return path.join(forkdHome(), "accel-probe.json");
+}
+
+function probeKey(): string {
+  let qemu = "";
+  try {
+    qemu = String(fs.statSync(qemuBinary("kvm")).mtimeMs);
+  } catch {
+    // no KVM binary: the probe will fail and say so
+  }
+  return `${os.release()} ${qemu}`;
+}
+
+/** Boot the base image under KVM and wait for its agent: the only proof that this host's KVM runs our guests. */
+export const bootProbe: ProbeBoot = async (accel) => {
+  const { Vm } = await import("./vm.js");
+  const { vm } = await Vm.boot({ accel, ephemeral: true, bootTimeoutMs: 20_000, network: false });
+  await vm.destroy();
+  return true;
+};
+
 /**
  * KVM only where the CPU has vmx/svm and a probe guest really boots under it
  * (a host that is itself a guest may expose /dev/kvm that cannot run our kernel);
@@ -46,13 +72,40 @@ export async function chooseAccel(opts: { override?: string; probe?: ProbeBoot }
   if (override) return { accel: parseAccel(override), reason: `chosen explicitly (${opts.override ? "--accel" : "FORKD_ACCEL"})` };
   if (cached) return cached;
   const fromHost = accelFromHost(fs.readFileSync("/proc/cpuinfo", "utf8"), kvmUsable());
-  if (fromHost.accel === "kvm" && opts.probe) {
-    const booted = await opts.probe("kvm").catch(() => false);
-    cached = booted
-      ? { accel: "kvm", reason: `${fromHost.reason}, and a probe guest booted under KVM` }
-      : { accel: "tcg", reason: "KVM looked usable but a probe guest failed to boot under it, so guests run under TCG" };
+  if (fromHost.accel !== "kvm") {
+    cached = fromHost;
     return cached;
   }
-  cached = fromHost;
+  const key = probeKey();
+  try {
+    const saved = JSON.parse(fs.readFileSync(probeCacheFile(), "utf8")) as { key: string; choice: AccelChoice };
+    if (saved.key === key) {
+      cached = saved.choice;
+      return cached;
+    }
+  } catch {
+    // no probe yet
+  }
+  if (!opts.probe) {
+    const { getImage } = await import("./image.js");
+    const image = await getImage("base").catch(() => undefined);
+    if (!image) {
+      // Nothing to probe with yet: decide again once an image exists.
+      return { accel: "tcg", reason: "KVM looks usable but no image is built to probe it with yet (forkd image build); TCG until then" };
+    }
+  }
+  const booted = await (opts.probe ?? bootProbe)("kvm").catch(() => false);
+  cached = booted
+    ? { accel: "kvm", reason: `${fromHost.reason}, and a probe guest booted under KVM` }
+    : {
+        accel: "tcg",
+        reason: "KVM looked usable but a probe guest failed to boot under it (or no image is built yet), so guests run under TCG",
+      };
+  try {
+    fs.mkdirSync(forkdHome(), { recursive: true });
+    fs.writeFileSync(probeCacheFile(), JSON.stringify({ key, choice: cached }));
+  } catch {
+    // an unwritable home only costs a probe next time
+  }
   return cached;
 }

@@ -365,6 +365,7 @@ async function prepareBaseRoot(
     const file = path.resolve(opts.fromTar);
     if (!(await fs.stat(file).catch(() => undefined))?.isFile()) throw new ForkdError("bad_request", `--from-tar ${file} is not a file`);
     const digest = await sha256File(file);
+    await fs.mkdir(imagesDir(), { recursive: true, mode: 0o755 });
     const dir = await fs.mkdtemp(path.join(imagesDir(), ".tar-"));
     progress("unpacking the root tarball");
     await runChecked("tar", ["-x", "-f", file, "-C", dir, "--no-same-permissions", "--numeric-owner"]);
