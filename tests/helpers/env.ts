@@ -11,7 +11,7 @@ export const CLI = path.join(REPO_ROOT, "packages/cli/dist/main.js");
 
 export function isolateForkd(): { home: string; runDir: string } {
   const realHome = process.env.FORKD_HOME ?? "/var/lib/forkd";
-  const root = fs.mkdtempSync(path.join(os.tmpdir(), "forkd-test-"));
+  const root = fs.mkdtempSync(path.join(process.env.FORKD_TEST_ROOT ?? os.tmpdir(), "forkd-test-"));
   const home = path.join(root, "home");
   const runDir = path.join(root, "run");
   fs.mkdirSync(home, { recursive: true });
@@ -19,18 +19,6 @@ export function isolateForkd(): { home: string; runDir: string } {
   if (fs.existsSync(path.join(realHome, "images"))) fs.symlinkSync(path.join(realHome, "images"), path.join(home, "images"));
   process.env.FORKD_HOME = home;
   process.env.FORKD_RUN_DIR = runDir;
-  // Each test file runs in its own worker process: when it ends, nothing it made
-  // may stay behind (snapshots here weigh hundreds of MiB each).
-  process.on("exit", () => {
-    for (const pid of qemuPidsUnder(root)) {
-      try {
-        process.kill(pid, "SIGKILL");
-      } catch {
-        // already gone
-      }
-    }
-    fs.rmSync(root, { recursive: true, force: true });
-  });
   return { home, runDir };
 }
 
