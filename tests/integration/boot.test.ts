@@ -95,7 +95,9 @@ describe("a booted VM", () => {
     });
     socket.write(Buffer.concat([header, garbage, encodeFrame({ id: 77, op: "bogus" }), encodeFrame({ id: 78, op: "ping" })]));
     const deadline = Date.now() + 20_000;
-    while (!frames.some((f) => f.id === 78) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    // Answers come in completion order, not request order: wait for all three.
+    const arrived = () => [77, 78].every((id) => frames.some((f) => f.id === id)) && frames.some((f) => f.code === "bad_frame");
+    while (!arrived() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
     expect(frames.find((f) => f.code === "bad_frame")).toBeDefined();
     expect(frames.find((f) => f.id === 77)).toMatchObject({ kind: "error", code: "unknown_op" });
     expect(frames.find((f) => f.id === 78)).toMatchObject({ kind: "result" });
