@@ -3,6 +3,7 @@ import { spawnSync } from "node:child_process";
 import { once } from "node:events";
 import fs from "node:fs";
 import net from "node:net";
+import path from "node:path";
 import { encodeFrame, FrameDecoder } from "@forkd/agent/protocol";
 import { AgentCallError, ForkdError, Vm, waitForAgent } from "@forkd/core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -161,6 +162,27 @@ describe("a guest that never answers", () => {
     expect((err as ForkdError).message).toMatch(/console\.log/);
     expect(qemuPidsUnder(env.runDir)).toEqual([]);
     expect(fs.readdirSync(`${env.runDir}/vms`)).toEqual(before);
+  });
+});
+
+describe("forkd image prune", () => {
+  it("removes builds nothing uses and keeps the current one and those snapshots were made from", () => {
+    const home = fs.mkdtempSync(path.join(env.runDir, "prune-"));
+    const [current, used, unused] = ["a", "b", "c"].map((ch) => ch.repeat(64)) as [string, string, string];
+    for (const digest of [current, used, unused]) fs.mkdirSync(path.join(home, "images/base", digest), { recursive: true });
+    fs.writeFileSync(path.join(home, "images/base/current.json"), JSON.stringify({ name: "base", digest: current }));
+    fs.mkdirSync(path.join(home, "snapshots/s1"), { recursive: true });
+    fs.writeFileSync(
+      path.join(home, "snapshots/s1/manifest.json"),
+      JSON.stringify({ schema: 1, tag: "s1", image: { digest: used }, sizes: {}, memorySha256: "x" }),
+    );
+    const res = spawnSync(process.execPath, [CLI, "image", "prune", "--json"], {
+      env: { ...process.env, FORKD_HOME: home },
+      encoding: "utf8",
+    });
+    expect(res.status, res.stderr).toBe(0);
+    expect(JSON.parse(res.stdout)).toEqual({ removed: [`base@${unused.slice(0, 12)}`], keptForSnapshots: [`base@${used.slice(0, 12)}`] });
+    expect(fs.readdirSync(path.join(home, "images/base")).sort()).toEqual([current, used, "current.json"].sort());
   });
 });
 

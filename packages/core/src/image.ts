@@ -559,3 +559,41 @@ async function buildInitramfs(inputs: Inputs): Promise<Buffer> {
   entries.push({ path: "init", type: "file", mode: 0o755, data: Buffer.from(initramfsInit([...inputs.modules.keys()])) });
   return writeCpio(entries);
 }
+
+/**
+ * Remove image builds that nothing uses: a digest dir is kept while it is an
+ * image's current build or any snapshot was made from it (its guests cache the
+ * root's blocks, so it must never change under them).
+ */
+export async function pruneImages(): Promise<{ removed: string[]; keptForSnapshots: string[] }> {
+  const { listSnapshots } = await import("./snapshot.js");
+  const used = new Set((await listSnapshots()).map((s) => s.image.digest));
+  const removed: string[] = [];
+  const keptForSnapshots: string[] = [];
+  let names: string[] = [];
+  try {
+    names = await fs.readdir(imagesDir());
+  } catch {
+    return { removed, keptForSnapshots };
+  }
+  for (const name of names.filter((n) => !n.startsWith("."))) {
+    const root = imageRoot(name);
+    const current = await readJson<ImageManifest>(path.join(root, "current.json")).catch(() => undefined);
+    let entries: string[] = [];
+    try {
+      entries = await fs.readdir(root);
+    } catch {
+      continue;
+    }
+    for (const digest of entries.filter((e) => /^[0-9a-f]{64}$/.test(e))) {
+      if (digest === current?.digest) continue;
+      if (used.has(digest)) {
+        keptForSnapshots.push(`${name}@${digest.slice(0, 12)}`);
+        continue;
+      }
+      await fs.rm(path.join(root, digest), { recursive: true, force: true });
+      removed.push(`${name}@${digest.slice(0, 12)}`);
+    }
+  }
+  return { removed, keptForSnapshots };
+}

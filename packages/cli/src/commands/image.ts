@@ -1,4 +1,4 @@
-import { buildImage, listImages } from "@forkd/core";
+import { buildImage, listImages, pruneImages } from "@forkd/core";
 import type { Command } from "commander";
 import { fmtBytes, fmtMs, plainTable, withSpinner } from "../ui.js";
 
@@ -49,5 +49,18 @@ export function registerImage(program: Command): void {
         table.push([m.name, m.digest.slice(0, 12), m.kernelVersion, fmtBytes(m.rootfsBytes), m.runtimes.join(","), m.createdAt]);
       }
       process.stdout.write(images.length ? `${table.toString()}\n` : "no images; build one with `forkd image build`\n");
+    });
+  image
+    .command("prune")
+    .description("remove image builds that are neither current nor used by a snapshot")
+    .option("--json", "machine-readable output")
+    .action(async (opts: { json?: boolean }) => {
+      const report = await pruneImages();
+      if (opts.json) process.stdout.write(`${JSON.stringify(report)}\n`);
+      else {
+        process.stdout.write(
+          `removed ${report.removed.length} unused build(s)${report.removed.length ? `: ${report.removed.join(", ")}` : ""}; kept ${report.keptForSnapshots.length} that snapshots use\n`,
+        );
+      }
     });
 }
