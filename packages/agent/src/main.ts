@@ -44,13 +44,8 @@ function openPort(): number {
 let sigioCount = 0;
 let sigioEnabled = false;
 let wakeForHost: (() => void) | undefined;
-let lastSigioAt = 0;
-let lastTiming: Record<string, number> = {};
-let handledAt = 0;
-let lastDataAt = 0;
 process.on("SIGIO", () => {
   sigioCount++;
-  lastSigioAt = performance.now();
   const wake = wakeForHost;
   wakeForHost = undefined;
   wake?.();
@@ -92,12 +87,7 @@ function send(frame: ResponseFrame): void {
   } catch (err) {
     bytes = encodeFrame({ id: frame.id, kind: "error", code: "too_large", message: (err as Error).message });
   }
-  const queuedAt = performance.now();
-  writeChain = writeChain
-    .then(() => writeAll(bytes))
-    .then(() => {
-      lastTiming = { handledMs: handledAt - lastDataAt, sinceDataMs: queuedAt - lastDataAt, writeMs: performance.now() - queuedAt };
-    });
+  writeChain = writeChain.then(() => writeAll(bytes));
 }
 
 // Started at boot so the interpreter and its imports are warm in every snapshot.
@@ -125,9 +115,6 @@ const server = new AgentServer(send, {
       voluntarySwitches: usage.voluntaryContextSwitches,
       loopActiveMs: Math.round(elu.active),
       loopIdleMs: Math.round(elu.idle),
-      sinceSigioMs: Math.round(performance.now() - lastSigioAt),
-      sinceDataMs: Math.round(performance.now() - lastDataAt),
-      lastTiming,
     };
   },
 });
@@ -180,13 +167,11 @@ function readLoop(): void {
       return;
     }
     connected = true;
-    lastDataAt = performance.now();
     idleDelayMs = IDLE_POLL_MIN_MS;
     for (const frame of decoder.push(Buffer.from(readBuffer.subarray(0, bytesRead)))) {
       if (frame.ok) server.handle(frame.message);
       else server.rejectFrame(frame.error);
     }
-    handledAt = performance.now();
     readLoop();
   });
 }

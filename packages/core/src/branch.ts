@@ -6,7 +6,7 @@ import fsp from "node:fs/promises";
 import path from "node:path";
 import { ForkdError } from "./errors.js";
 import { isAlive, launchQemu, runtimePaths } from "./qemu.js";
-import { eventTimeMs, type MigrationInfo, QmpClient, type QmpEvent } from "./qmp.js";
+import { eventTimeMs, execCatUri, QmpClient, type QmpEvent, waitForMigration } from "./qmp.js";
 import { getSandbox, planRestore } from "./sandbox.js";
 import { getSnapshot, registerSnapshot, type SnapshotInfo, snapshotWorkDirs } from "./snapshot.js";
 import { branches } from "./state.js";
@@ -69,28 +69,6 @@ export function liveBranchSupport(memoryPath: string): { ok: true } | { ok: fals
   return { ok: true };
 }
 
-function shellSafe(p: string): string {
-  if (!/^[A-Za-z0-9_./@-]+$/.test(p))
-    throw new ForkdError("bad_request", `path ${JSON.stringify(p)} has characters forkd will not pass to QEMU`);
-  return p;
-}
-
-async function waitMigration(qmp: QmpClient, timeoutMs: number, what: string): Promise<MigrationInfo> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const info = await qmp.execute("query-migrate", {});
-    if (info.status === "completed") return info;
-    if (info.status === "failed" || info.status === "cancelled") {
-      throw new ForkdError("qmp_error", `${what} failed: ${info["error-desc"] ?? info.status}`);
-    }
-    if (Date.now() > deadline) {
-      await qmp.execute("migrate_cancel", {}).catch(() => {});
-      throw new ForkdError("vm_timeout", `${what} did not finish within ${timeoutMs} ms`);
-    }
-    await new Promise((r) => setTimeout(r, 2));
-  }
-}
-
 /**
  * Write a full migration stream of the running source to `streamPath` and make
  * sure the source runs again afterwards, whatever happens.
@@ -128,13 +106,13 @@ export async function captureSandbox(sandboxId: string, mode: BranchMode, stream
     });
     // Writing to a local file: no bandwidth cap; a short downtime target for pre-copy.
     await qmp.execute("migrate-set-parameters", { "max-bandwidth": 64 * 2 ** 30, "downtime-limit": 50 });
-    const uri = `exec:cat > ${shellSafe(streamPath)}`;
+    const uri = execCatUri(streamPath);
     if (mode === "full") {
       const t0 = performance.now();
       stoppedByUs = true;
       await qmp.execute("stop", {});
       await qmp.execute("migrate", { uri });
-      await waitMigration(qmp, 600_000, "writing the full capture");
+      await waitForMigration(qmp, 600_000, "writing the full capture");
       await qmp.execute("cont", {});
       stoppedByUs = false;
       const pauseMs = performance.now() - t0;
@@ -144,7 +122,7 @@ export async function captureSandbox(sandboxId: string, mode: BranchMode, stream
     }
     if (mode === "diff") {
       await qmp.execute("migrate", { uri });
-      await waitMigration(qmp, 600_000, "pre-copy capture");
+      await waitForMigration(qmp, 600_000, "pre-copy capture");
       // QEMU stopped the source for the final copy and left it in postmigrate.
       await qmp.execute("cont", {});
       const stop = events.find((e) => e.event === "STOP");
@@ -159,12 +137,12 @@ export async function captureSandbox(sandboxId: string, mode: BranchMode, stream
     await qmp.execute("migrate", { uri });
     const resume = await Promise.race([
       waitEvent(qmp, events, "RESUME", 60_000),
-      waitMigration(qmp, 600_000, "live capture").then(() => undefined),
+      waitForMigration(qmp, 600_000, "live capture").then(() => undefined),
     ]);
     const stop = events.find((e) => e.event === "STOP");
     const resumedAfterMs = performance.now() - started;
     const eventPause = stop && resume ? eventTimeMs(resume) - eventTimeMs(stop) : undefined;
-    const completed = waitMigration(qmp, 600_000, "live capture")
+    const completed = waitForMigration(qmp, 600_000, "live capture")
       .then(async (info) => {
         const result = await done();
         await release();
@@ -219,10 +197,10 @@ export async function materializeCapture(opts: MaterializeOpts): Promise<Snapsho
     const qmp = await QmpClient.connect(runtimePaths(runDir).qmp, { timeoutMs: 10_000 });
     try {
       await qmp.execute("migrate-incoming", { uri: "fd:3" });
-      await waitMigration(qmp, 600_000, "loading the capture");
+      await waitForMigration(qmp, 600_000, "loading the capture");
       await qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "x-ignore-shared", state: true }] });
-      await qmp.execute("migrate", { uri: `exec:cat > ${shellSafe(path.join(opts.work, "vmstate.bin"))}` });
-      await waitMigration(qmp, 120_000, "saving the device state");
+      await qmp.execute("migrate", { uri: execCatUri(path.join(opts.work, "vmstate.bin")) });
+      await waitForMigration(qmp, 120_000, "saving the device state");
       await qmp.execute("quit", {}).catch(() => {});
     } finally {
       qmp.close();

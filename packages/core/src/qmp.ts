@@ -270,3 +270,31 @@ function connectUnix(socketPath: string): Promise<net.Socket> {
 export function eventTimeMs(event: QmpEvent): number {
   return event.timestamp.seconds * 1000 + event.timestamp.microseconds / 1000;
 }
+
+/** Poll query-migrate until the migration completes; a failure or a timeout (which cancels it) throws, naming `what`. */
+export async function waitForMigration(qmp: QmpClient, timeoutMs: number, what: string): Promise<MigrationInfo> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const info = await qmp.execute("query-migrate", {});
+    if (info.status === "completed") return info;
+    if (info.status === "failed" || info.status === "cancelled") {
+      throw new ForkdError("qmp_error", `${what} failed: ${info["error-desc"] ?? info.status}`);
+    }
+    if (Date.now() > deadline) {
+      await qmp.execute("migrate_cancel", {}).catch(() => {});
+      throw new ForkdError("vm_timeout", `${what} did not finish within ${timeoutMs} ms`);
+    }
+    await new Promise((r) => setTimeout(r, 2));
+  }
+}
+
+/** QEMU runs `exec:` URIs through /bin/sh: only a plain path forkd generated may go there. */
+export function execCatUri(target: string): string {
+  if (!/^[A-Za-z0-9_./@-]+$/.test(target)) {
+    throw new ForkdError(
+      "bad_request",
+      `path ${JSON.stringify(target)} has characters forkd will not pass to QEMU; use a FORKD_HOME of letters, digits and / . _ - only`,
+    );
+  }
+  return `exec:cat > ${target}`;
+}

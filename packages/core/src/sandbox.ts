@@ -6,14 +6,14 @@ import fsp from "node:fs/promises";
 import path from "node:path";
 import { AgentClient } from "./agent-client.js";
 import { limitMemory, removeCgroup } from "./cgroup.js";
-import { forkdRunDir, shmDir, snapshotsDir, vmsRunDir } from "./config.js";
+import { shmDir, snapshotsDir, vmsRunDir } from "./config.js";
 import { ForkdError } from "./errors.js";
 import { isAlive, isOurQemu, launchQemu, runtimePaths, type VmPlan } from "./qemu.js";
 import { QmpClient } from "./qmp.js";
 import { ensureStaged, getSnapshot, type SnapshotInfo } from "./snapshot.js";
 import { type SandboxRow, sandboxes } from "./state.js";
 import { validateSandboxId } from "./validate.js";
-import { killAndWait, makeRunDir, newSandboxId, waitForAgent } from "./vm.js";
+import { keepLogs, killAndWait, makeRunDir, newSandboxId, waitForAgent } from "./vm.js";
 
 export const MAX_FORK = 1000;
 
@@ -220,7 +220,7 @@ async function restoreChild(snapshot: SnapshotInfo, memoryPath: string, opts: Fo
     };
   } catch (err) {
     // Nothing stays running for a child that failed; its logs are kept for the user.
-    const consoleLog = await keepFailedLogs(id, runDir);
+    const consoleLog = await keepLogs(id, runDir);
     agent?.close();
     qmp?.close();
     if (pid !== undefined) await killAndWait(pid, runDir);
@@ -232,19 +232,6 @@ async function restoreChild(snapshot: SnapshotInfo, memoryPath: string, opts: Fo
   } finally {
     agent?.close();
     qmp?.close();
-  }
-}
-
-async function keepFailedLogs(id: string, runDir: string): Promise<string | undefined> {
-  const logsDir = path.join(forkdRunDir(), "logs");
-  try {
-    await fsp.mkdir(logsDir, { recursive: true, mode: 0o700 });
-    const target = path.join(logsDir, `${id}.console.log`);
-    await fsp.copyFile(runtimePaths(runDir).console, target);
-    await fsp.copyFile(runtimePaths(runDir).qemuLog, path.join(logsDir, `${id}.qemu.log`)).catch(() => {});
-    return target;
-  } catch {
-    return undefined;
   }
 }
 

@@ -11,6 +11,7 @@ import { exists, fsyncDir, readJson, sha256File, writeFileAtomic } from "./fsuti
 import { getImage } from "./image.js";
 import type { Accel } from "./qemu.js";
 import { isAlive } from "./qemu.js";
+import { execCatUri, waitForMigration } from "./qmp.js";
 import { branches, sandboxes, staged } from "./state.js";
 import { validateName } from "./validate.js";
 import { Vm } from "./vm.js";
@@ -114,17 +115,6 @@ export type CreateSnapshotOpts = {
   onProgress?: (step: string) => void;
   signal?: AbortSignal;
 };
-
-/** QEMU runs `exec:` URIs through /bin/sh; only paths forkd generated, checked to be plain, ever go there. */
-function shellSafePath(p: string): string {
-  if (!/^[A-Za-z0-9_./@-]+$/.test(p)) {
-    throw new ForkdError(
-      "bad_request",
-      `path ${JSON.stringify(p)} has characters forkd will not pass to QEMU; use a FORKD_HOME of letters, digits and / . _ - only`,
-    );
-  }
-  return p;
-}
 
 export async function createSnapshot(opts: CreateSnapshotOpts): Promise<SnapshotInfo> {
   const tag = validateName(opts.tag, "tag");
@@ -300,21 +290,8 @@ export async function snapshotWorkDirs(): Promise<{ work: string; stageWork: str
 export async function saveDeviceState(vm: Vm, target: string): Promise<void> {
   await vm.qmp.execute("stop", {});
   await vm.qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "x-ignore-shared", state: true }] });
-  await vm.qmp.execute("migrate", { uri: `exec:cat > ${shellSafePath(target)}` });
-  await waitForMigration(vm);
-}
-
-export async function waitForMigration(vm: Vm, timeoutMs = 600_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const status = await vm.qmp.execute("query-migrate", {});
-    if (status.status === "completed") return;
-    if (status.status === "failed" || status.status === "cancelled") {
-      throw new ForkdError("qmp_error", `saving device state failed: ${status["error-desc"] ?? status.status}`);
-    }
-    if (Date.now() > deadline) throw new ForkdError("vm_timeout", `device state was not saved within ${timeoutMs} ms`);
-    await new Promise((r) => setTimeout(r, 2));
-  }
+  await vm.qmp.execute("migrate", { uri: execCatUri(target) });
+  await waitForMigration(vm.qmp, 600_000, "saving the device state");
 }
 
 /**

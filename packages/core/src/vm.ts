@@ -7,7 +7,7 @@ import fsp from "node:fs/promises";
 import path from "node:path";
 import { chooseAccel } from "./accel.js";
 import { AgentClient } from "./agent-client.js";
-import { vmsRunDir } from "./config.js";
+import { forkdRunDir, vmsRunDir } from "./config.js";
 import { ForkdError } from "./errors.js";
 import { getImage, type ImageManifest } from "./image.js";
 import { type Accel, guestAppend, isAlive, isOurQemu, type Launched, launchQemu, runtimePaths, type VmPlan } from "./qemu.js";
@@ -126,8 +126,8 @@ export class Vm {
 }
 
 /** A VM that failed to start is torn down, but its console and QEMU logs are kept for the user to read. */
-async function keepLogs(id: string, runDir: string): Promise<string | undefined> {
-  const logsDir = path.join(path.dirname(vmsRunDir()), "logs");
+export async function keepLogs(id: string, runDir: string): Promise<string | undefined> {
+  const logsDir = path.join(forkdRunDir(), "logs");
   try {
     await fsp.mkdir(logsDir, { recursive: true, mode: 0o700 });
     const consoleLog = path.join(logsDir, `${id}.console.log`);
