@@ -9,8 +9,8 @@ import {
   validateSandboxId,
 } from "@forkd/core";
 import { describe, expect, it } from "vitest";
-import { writeCpio } from "../../packages/core/src/cpio.js";
-import { GUEST_MODULES, initramfsInit } from "../../packages/core/src/guest-init.js";
+import { writeCpio } from "../../packages/core/src/guest/cpio.js";
+import { GUEST_MODULES, initramfsInit } from "../../packages/core/src/guest/guest-init.js";
 
 const plan = {
   accel: "tcg" as const,

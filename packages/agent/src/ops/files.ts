@@ -1,7 +1,6 @@
-import { randomBytes } from "node:crypto";
-import { constants } from "node:fs";
 import fs from "node:fs/promises";
 import path from "node:path";
+import { writeFileAtomic } from "@forkd/atomic";
 import { type FileEntry, type FilesRequest, MAX_FILE_BYTES } from "../protocol.js";
 import { AgentOpError, fsError, requireString } from "./errors.js";
 
@@ -36,7 +35,7 @@ export async function runFiles(request: FilesRequest): Promise<unknown> {
         return { path: target, size: data.length, data: data.toString("base64") };
       }
       case "write":
-        return await writeFileAtomic(target, request.data, request.mode, request.append === true);
+        return await writeFile(target, request.data, request.mode, request.append === true);
       case "list": {
         const names = await fs.readdir(target);
         const entries: FileEntry[] = [];
@@ -71,8 +70,8 @@ export async function runFiles(request: FilesRequest): Promise<unknown> {
   }
 }
 
-/** Write to a temp file beside the target, fsync, rename: a reader never sees half a file. */
-async function writeFileAtomic(target: string, base64: unknown, mode: unknown, append: boolean) {
+/** A whole-file write is atomic (a reader never sees half a file); an append is not. */
+async function writeFile(target: string, base64: unknown, mode: unknown, append: boolean) {
   if (typeof base64 !== "string") throw new AgentOpError("bad_request", "`data` must be a base64 string");
   const data = Buffer.from(base64, "base64");
   if (data.length > MAX_FILE_BYTES) {
@@ -85,19 +84,6 @@ async function writeFileAtomic(target: string, base64: unknown, mode: unknown, a
     await fs.appendFile(target, data, { mode: (mode as number | undefined) ?? 0o644 });
     return { path: target, size: (await fs.stat(target)).size };
   }
-  const temp = path.join(path.dirname(target), `.${path.basename(target)}.forkd-${randomBytes(6).toString("hex")}`);
-  const handle = await fs.open(temp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, (mode as number | undefined) ?? 0o644);
-  try {
-    await handle.writeFile(data);
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
-  try {
-    await fs.rename(temp, target);
-  } catch (err) {
-    await fs.rm(temp, { force: true });
-    throw err;
-  }
+  await writeFileAtomic(target, data, { mode: (mode as number | undefined) ?? 0o644 });
   return { path: target, size: data.length };
 }

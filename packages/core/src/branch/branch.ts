@@ -4,14 +4,16 @@
 import fs from "node:fs";
 import fsp from "node:fs/promises";
 import path from "node:path";
-import { ForkdError } from "./errors.js";
-import { isAlive, launchQemu, runtimePaths } from "./qemu.js";
-import { eventTimeMs, execCatUri, QmpClient, type QmpEvent, waitForMigration } from "./qmp.js";
-import { getSandbox, planRestore } from "./sandbox.js";
-import { getSnapshot, registerSnapshot, type SnapshotInfo, snapshotWorkDirs } from "./snapshot.js";
-import { branches } from "./state.js";
-import { validateName } from "./validate.js";
-import { killAndWait, makeRunDir, newSandboxId } from "./vm.js";
+import { ForkdError } from "../common/errors.js";
+import { validateName } from "../common/validate.js";
+import { planRestore } from "../sandbox/fork.js";
+import { getSandbox } from "../sandbox/lifecycle.js";
+import { getSnapshot, registerSnapshot, type SnapshotInfo, snapshotWorkDirs } from "../store/snapshots.js";
+import { ensureStaged } from "../store/staging.js";
+import { branches } from "../store/state.js";
+import { runtimePaths } from "../vmm/plan.js";
+import { isAlive, killAndWait, launchQemu, makeRunDir, newSandboxId } from "../vmm/process.js";
+import { eventTimeMs, execCatUri, QmpClient, type QmpEvent, waitForMigration } from "../vmm/qmp.js";
 
 export type BranchMode = "full" | "diff" | "live";
 export const BRANCH_MODES: readonly BranchMode[] = ["full", "diff", "live"];
@@ -247,7 +249,6 @@ export async function planBranch(sourceId: string, opts: { tag?: string; mode?: 
   const tag = validateName(opts.tag ?? `${row.tag}-branch-${Date.now().toString(36)}`, "tag");
   const existing = await getSnapshot(tag).catch(() => undefined);
   if (existing) throw new ForkdError("conflict", `snapshot ${tag} already exists; pick another tag`, { tag });
-  const { ensureStaged } = await import("./snapshot.js");
   const memoryPath = await ensureStaged(snapshot);
   const live = liveBranchSupport(memoryPath);
   let mode: BranchMode;

@@ -3,7 +3,7 @@
 // with asynchronous `{event}` lines in between.
 import { EventEmitter } from "node:events";
 import net from "node:net";
-import { ForkdError } from "./errors.js";
+import { ForkdError } from "../common/errors.js";
 
 export type QmpEvent = { event: string; data?: Record<string, unknown>; timestamp: { seconds: number; microseconds: number } };
 

@@ -13,7 +13,7 @@ import {
   type PingResult,
   type ResponseFrame,
 } from "@forkd/agent/protocol";
-import { ForkdError } from "./errors.js";
+import { ForkdError } from "../common/errors.js";
 
 type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;
 

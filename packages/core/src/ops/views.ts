@@ -1,7 +1,7 @@
 // The public shapes of snapshots and sandboxes (snake_case, as the REST API and
 // every --json output show them): one mapping, used by the daemon and the CLI.
-import type { SandboxInfo } from "./sandbox.js";
-import type { SnapshotInfo } from "./snapshot.js";
+import type { SandboxInfo } from "../sandbox/lifecycle.js";
+import type { SnapshotInfo } from "../store/snapshots.js";
 
 export type ApiSnapshot = {
   tag: string;

@@ -4,7 +4,7 @@
 import fs from "node:fs";
 import path from "node:path";
 import Database from "better-sqlite3";
-import { forkdHome } from "./config.js";
+import { forkdHome } from "../common/config.js";
 
 export type SandboxRow = {
   id: string;

@@ -1,9 +1,9 @@
 // Host checks behind `forkd doctor`: each says pass/warn/fail and how to fix it.
 import fs from "node:fs";
-import { chooseAccel } from "./accel.js";
-import { qemuBinary } from "./config.js";
-import { discoverKernel, getImage } from "./image.js";
-import { runProgram } from "./run.js";
+import { chooseAccel } from "../boot/vm.js";
+import { qemuBinary } from "../common/config.js";
+import { runProgram } from "../common/program.js";
+import { discoverKernel, getImage } from "../guest/image.js";
 
 export type CheckStatus = "pass" | "warn" | "fail";
 export type Check = { name: string; status: CheckStatus; detail: string; fix?: string };

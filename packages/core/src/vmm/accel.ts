@@ -1,9 +1,9 @@
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { forkdHome, qemuBinary } from "./config.js";
-import { ForkdError } from "./errors.js";
-import type { Accel } from "./qemu.js";
+import { forkdHome, qemuBinary } from "../common/config.js";
+import { ForkdError } from "../common/errors.js";
+import type { Accel } from "./plan.js";
 
 export type AccelChoice = { accel: Accel; reason: string };
 
@@ -35,7 +35,12 @@ function kvmUsable(): boolean {
   }
 }
 
-export type ProbeBoot = (accel: Accel) => Promise<boolean>;
+/**
+ * Boots a probe guest under the given accel: "booted" when its agent answered,
+ * "failed" when it did not, "unavailable" when there is nothing to probe with yet.
+ * Booting needs an image, so the layer that can boot supplies it.
+ */
+export type ProbeBoot = (accel: Accel) => Promise<"booted" | "failed" | "unavailable">;
 
 let cached: AccelChoice | undefined;
 
@@ -54,20 +59,12 @@ function probeKey(): string {
   return `${os.release()} ${qemu}`;
 }
 
-/** Boot the base image under KVM and wait for its agent: the only proof that this host's KVM runs our guests. */
-export const bootProbe: ProbeBoot = async (accel) => {
-  const { Vm } = await import("./vm.js");
-  const { vm } = await Vm.boot({ accel, ephemeral: true, bootTimeoutMs: 20_000, network: false });
-  await vm.destroy();
-  return true;
-};
-
 /**
  * KVM only where the CPU has vmx/svm and a probe guest really boots under it
  * (a host that is itself a guest may expose /dev/kvm that cannot run our kernel);
  * TCG otherwise. FORKD_ACCEL or --accel overrides.
  */
-export async function chooseAccel(opts: { override?: string; probe?: ProbeBoot } = {}): Promise<AccelChoice> {
+export async function selectAccel(opts: { override?: string; probe: ProbeBoot }): Promise<AccelChoice> {
   const override = opts.override ?? process.env.FORKD_ACCEL;
   if (override) return { accel: parseAccel(override), reason: `chosen explicitly (${opts.override ? "--accel" : "FORKD_ACCEL"})` };
   if (cached) return cached;
@@ -86,15 +83,12 @@ export async function chooseAccel(opts: { override?: string; probe?: ProbeBoot }
   } catch {
     // no probe yet
   }
-  if (!opts.probe) {
-    const { getImage } = await import("./image.js");
-    const image = await getImage("base").catch(() => undefined);
-    if (!image) {
-      // Nothing to probe with yet: decide again once an image exists.
-      return { accel: "tcg", reason: "KVM looks usable but no image is built to probe it with yet (forkd image build); TCG until then" };
-    }
+  const outcome = await opts.probe("kvm").catch(() => "failed" as const);
+  if (outcome === "unavailable") {
+    // Nothing to probe with yet: decide again once an image exists.
+    return { accel: "tcg", reason: "KVM looks usable but no image is built to probe it with yet (forkd image build); TCG until then" };
   }
-  const booted = await (opts.probe ?? bootProbe)("kvm").catch(() => false);
+  const booted = outcome === "booted";
   cached = booted
     ? { accel: "kvm", reason: `${fromHost.reason}, and a probe guest booted under KVM` }
     : {

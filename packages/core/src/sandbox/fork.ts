@@ -1,19 +1,17 @@
-// Sandboxes restored from snapshots: fork N children copy-on-write, find them
-// again from any process (SQLite), and tear them down without leaving anything.
+// Fork: restore N children copy-on-write from a snapshot, each its own QEMU.
 import { randomBytes } from "node:crypto";
 import fs from "node:fs";
 import fsp from "node:fs/promises";
-import path from "node:path";
-import { AgentClient } from "./agent-client.js";
+import { ForkdError } from "../common/errors.js";
+import { AgentClient } from "../guest/agent-client.js";
+import { waitForAgent } from "../guest/agent-wait.js";
+import { getSnapshot, type SnapshotInfo } from "../store/snapshots.js";
+import { ensureStaged } from "../store/staging.js";
+import { sandboxes } from "../store/state.js";
+import { runtimePaths, type VmPlan } from "../vmm/plan.js";
+import { keepLogs, killAndWait, launchQemu, makeRunDir, newSandboxId, processStartTime } from "../vmm/process.js";
+import { QmpClient } from "../vmm/qmp.js";
 import { limitMemory, removeCgroup } from "./cgroup.js";
-import { shmDir, snapshotsDir, vmsRunDir } from "./config.js";
-import { ForkdError } from "./errors.js";
-import { isAlive, isOurQemu, launchQemu, runtimePaths, type VmPlan } from "./qemu.js";
-import { QmpClient } from "./qmp.js";
-import { ensureStaged, getSnapshot, type SnapshotInfo } from "./snapshot.js";
-import { type SandboxRow, sandboxes } from "./state.js";
-import { validateSandboxId } from "./validate.js";
-import { keepLogs, killAndWait, makeRunDir, newSandboxId, waitForAgent } from "./vm.js";
 
 export const MAX_FORK = 1000;
 
@@ -54,21 +52,6 @@ export function validateForkCount(n: unknown): number {
     throw new ForkdError("bad_request", `the number of children must be a whole number from 1 to ${MAX_FORK}, got ${String(n)}`);
   }
   return n;
-}
-
-/** Process start time from /proc/PID/stat: with the pid, it names a process uniquely (pids are reused). */
-export function processStartTime(pid: number): string {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
-    // comm may contain spaces and parens: fields restart after the last ')'.
-    return stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19] ?? "";
-  } catch {
-    return "";
-  }
-}
-
-export function sandboxAlive(row: Pick<SandboxRow, "pid" | "pid_start" | "run_dir">): boolean {
-  return isAlive(row.pid) && processStartTime(row.pid) === row.pid_start && isOurQemu(row.pid, row.run_dir);
 }
 
 export async function forkSandboxes(opts: ForkOpts): Promise<ForkChildResult[]> {
@@ -233,126 +216,4 @@ async function restoreChild(snapshot: SnapshotInfo, memoryPath: string, opts: Fo
     agent?.close();
     qmp?.close();
   }
-}
-
-export type SandboxInfo = SandboxRow & { alive: boolean };
-
-/** A sandbox by id, or a clear not-found naming `forkd ls`. Dead ones are reaped on the way. */
-export function getSandbox(id: string): SandboxInfo {
-  validateSandboxId(id);
-  const row = sandboxes.get(id);
-  if (!row) throw new ForkdError("sandbox_not_found", `no sandbox ${id}; \`forkd ls\` lists them`, { id });
-  const alive = sandboxAlive(row);
-  if (!alive) {
-    void reapSandbox(row);
-    throw new ForkdError("sandbox_not_found", `sandbox ${id} is no longer running (its VMM exited); it has been removed`, { id });
-  }
-  return { ...row, alive };
-}
-
-export function listSandboxes(): SandboxInfo[] {
-  return sandboxes.list().map((row) => ({ ...row, alive: sandboxAlive(row) }));
-}
-
-/** Connect to a sandbox's agent. One client at a time: the chardev queues a second until the first leaves. */
-export async function connectSandbox(id: string, timeoutMs = 30_000): Promise<AgentClient> {
-  const row = getSandbox(id);
-  return waitForAgent(runtimePaths(row.run_dir).agent, timeoutMs, row.run_dir);
-}
-
-export async function killSandbox(id: string): Promise<void> {
-  validateSandboxId(id);
-  const row = sandboxes.get(id);
-  if (!row) throw new ForkdError("sandbox_not_found", `no sandbox ${id}; \`forkd ls\` lists them`, { id });
-  if (sandboxAlive(row)) {
-    try {
-      const qmp = await QmpClient.connect(runtimePaths(row.run_dir).qmp, { timeoutMs: 2000 });
-      await qmp.execute("quit", {}, { timeoutMs: 2000 }).catch(() => {});
-      qmp.close();
-    } catch {
-      // fall through to signals
-    }
-    await killAndWait(row.pid, row.run_dir);
-  }
-  await reapSandbox(row);
-}
-
-async function reapSandbox(row: SandboxRow): Promise<void> {
-  await removeCgroup(row.cgroup);
-  await fsp.rm(row.run_dir, { recursive: true, force: true });
-  sandboxes.remove(row.id);
-}
-
-/** Kill sandboxes whose time limit has passed. */
-export async function expireSandboxes(nowMs = Date.now()): Promise<string[]> {
-  const expired = sandboxes.expired(nowMs);
-  for (const row of expired) await killSandbox(row.id).catch(() => {});
-  return expired.map((r) => r.id);
-}
-
-export type CleanupReport = {
-  reaped: string[];
-  expired: string[];
-  failedBranches: string[];
-  strayRunDirs: string[];
-  strayTempDirs: string[];
-};
-
-/**
- * Reap sandboxes whose VMM is gone, runtime dirs nobody owns, and snapshot temp
- * dirs whose writer died. Never touches a live process that is not provably ours.
- */
-export async function cleanup(): Promise<CleanupReport> {
-  const { recoverBranches } = await import("./branch.js");
-  const report: CleanupReport = {
-    reaped: [],
-    expired: await expireSandboxes(),
-    failedBranches: recoverBranches(),
-    strayRunDirs: [],
-    strayTempDirs: [],
-  };
-  const known = new Set<string>();
-  for (const row of sandboxes.list()) {
-    if (sandboxAlive(row)) {
-      known.add(row.run_dir);
-      continue;
-    }
-    await reapSandbox(row);
-    report.reaped.push(row.id);
-  }
-  let dirs: string[] = [];
-  try {
-    dirs = await fsp.readdir(vmsRunDir());
-  } catch {
-    // no runtime dir yet
-  }
-  for (const name of dirs) {
-    const dir = path.join(vmsRunDir(), name);
-    if (known.has(dir)) continue;
-    const pid = Number((await fsp.readFile(runtimePaths(dir).pidfile, "utf8").catch(() => "")).trim());
-    // A VM being started right now (by `forkd run` or a fork in progress) owns its dir.
-    if (Number.isInteger(pid) && pid > 0 && isOurQemu(pid, dir)) continue;
-    const stat = await fsp.stat(dir).catch(() => undefined);
-    if (stat && Date.now() - stat.mtimeMs < 60_000 && !(await fsp.readFile(runtimePaths(dir).pidfile).catch(() => undefined))) {
-      continue; // just created; QEMU has not written its pid file yet
-    }
-    await fsp.rm(dir, { recursive: true, force: true });
-    report.strayRunDirs.push(name);
-  }
-  for (const base of [snapshotsDir(), path.join(shmDir(), "images")]) {
-    let names: string[] = [];
-    try {
-      names = await fsp.readdir(base);
-    } catch {
-      continue;
-    }
-    for (const name of names) {
-      const m = /(?:^\.tmp-|^\.rm-|\.tmp-)(\d+)-[0-9a-f]+$/.exec(name);
-      if (!m) continue;
-      if (isAlive(Number(m[1]))) continue;
-      await fsp.rm(path.join(base, name), { recursive: true, force: true });
-      report.strayTempDirs.push(path.join(base, name));
-    }
-  }
-  return report;
 }

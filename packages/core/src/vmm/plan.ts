@@ -1,9 +1,6 @@
-// Planning a QEMU command line is pure (unit-tested); launching it is a thin layer.
-import { spawn } from "node:child_process";
-import fs from "node:fs";
+// Planning a QEMU command line: pure, unit-tested. Launching it is vmm/process.ts.
 import path from "node:path";
-import { qemuBinary } from "./config.js";
-import { ForkdError } from "./errors.js";
+import { ForkdError } from "../common/errors.js";
 
 export type Accel = "kvm" | "tcg";
 
@@ -138,67 +135,4 @@ export function buildQemuArgs(plan: VmPlan): string[] {
   if (plan.incoming) args.push("-incoming", "defer");
   if (plan.startPaused) args.push("-S");
   return args;
-}
-
-export type LaunchOpts = {
-  plan: VmPlan;
-  /** Kill the VMM when the launching process dies (for `forkd run`); off for sandboxes that outlive the CLI. */
-  dieWithParent: boolean;
-  /** Open fds handed to QEMU as fd 3, 4, …; the caller closes its copies after launch. */
-  inheritFds?: number[];
-};
-
-export type Launched = { pid: number; exited: Promise<{ code: number | null; signal: string | null }> };
-
-export function launchQemu(opts: LaunchOpts): Launched {
-  const { plan } = opts;
-  const paths = runtimePaths(plan.runDir);
-  const binary = qemuBinary(plan.accel);
-  if (!fs.existsSync(binary)) {
-    throw new ForkdError("missing_dependency", `${binary} not found; install QEMU with: apt-get install qemu-system-x86 qemu-utils`);
-  }
-  const args = buildQemuArgs(plan);
-  const log = fs.openSync(paths.qemuLog, "a", 0o600);
-  // Sockets QEMU creates must be 0600: the umask is inherited at spawn and restored right after.
-  const oldUmask = process.umask(0o077);
-  let child: ReturnType<typeof spawn>;
-  try {
-    const [file, argv] =
-      opts.dieWithParent && fs.existsSync("/usr/bin/setpriv")
-        ? ["/usr/bin/setpriv", ["--pdeathsig", "KILL", "--", binary, ...args]]
-        : [binary, args];
-    child = spawn(file as string, argv as string[], {
-      detached: !opts.dieWithParent,
-      stdio: ["ignore", log, log, ...(opts.inheritFds ?? [])],
-    });
-  } finally {
-    process.umask(oldUmask);
-    fs.closeSync(log);
-  }
-  if (child.pid === undefined) throw new ForkdError("vm_start_failed", `could not start ${binary}`);
-  const exited = new Promise<{ code: number | null; signal: string | null }>((resolve) => {
-    child.on("exit", (code, signal) => resolve({ code, signal }));
-    child.on("error", () => resolve({ code: null, signal: null }));
-  });
-  if (!opts.dieWithParent) child.unref();
-  return { pid: child.pid, exited };
-}
-
-export function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "EPERM";
-  }
-}
-
-/** True only if `pid` is a QEMU whose command line names this runtime dir: never signal a stranger's process. */
-export function isOurQemu(pid: number, runDir: string): boolean {
-  try {
-    const cmdline = fs.readFileSync(`/proc/${pid}/cmdline`, "utf8");
-    return cmdline.includes("qemu-system") && cmdline.includes(`${runDir}/qmp.sock`);
-  } catch {
-    return false;
-  }
 }

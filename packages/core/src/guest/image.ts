@@ -5,13 +5,13 @@ import fsSync from "node:fs";
 import fs from "node:fs/promises";
 import { createRequire } from "node:module";
 import path from "node:path";
-import { imagesDir } from "./config.js";
+import { imagesDir } from "../common/config.js";
+import { ForkdError } from "../common/errors.js";
+import { exists, fsyncDir, readJson, sha256File, writeFileAtomic } from "../common/fsutil.js";
+import { runChecked, runProgram } from "../common/program.js";
+import { validateName } from "../common/validate.js";
 import { type CpioEntry, writeCpio } from "./cpio.js";
-import { ForkdError } from "./errors.js";
-import { exists, fsyncDir, readJson, sha256File, writeFileAtomic } from "./fsutil.js";
 import { GUEST_MODULES, initramfsInit, nodeWrapper, stage2Init } from "./guest-init.js";
-import { runChecked, runProgram } from "./run.js";
-import { validateName } from "./validate.js";
 
 /** Bump when the layout of what we build changes, so old caches are not reused. */
 const RECIPE_VERSION = 1;
@@ -222,7 +222,13 @@ type BaseRoot = { kind: "busybox" } | { kind: "tree"; dir: string; digest: strin
  * and renamed into place, and `current.json` is switched last, so an interrupted
  * build never leaves an image that looks valid.
  */
-export async function buildImage(opts: BuildImageOpts = {}): Promise<{ manifest: ImageManifest; cached: boolean }> {
+/** Tags of the snapshots made from an image build (they live in a higher layer, so the caller asks). */
+export type SnapshotsUsing = (digest: string) => Promise<string[]>;
+
+export async function buildGuestImage(
+  opts: BuildImageOpts,
+  snapshotsUsing: SnapshotsUsing,
+): Promise<{ manifest: ImageManifest; cached: boolean }> {
   const name = opts.name ?? "base";
   validateName(name, "image name");
   const progress = opts.onProgress ?? (() => {});
@@ -254,8 +260,7 @@ export async function buildImage(opts: BuildImageOpts = {}): Promise<{ manifest:
   // it in place would corrupt every snapshot made from it.
   const complete = await readJson<ImageManifest>(path.join(finalDir, "image.json"));
   if (complete && opts.force) {
-    const { listSnapshots } = await import("./snapshot.js");
-    const users = (await listSnapshots()).filter((snap) => snap.image.digest === digest).map((snap) => snap.tag);
+    const users = await snapshotsUsing(digest);
     if (users.length > 0) {
       throw new ForkdError(
         "conflict",
@@ -562,12 +567,10 @@ async function buildInitramfs(inputs: Inputs): Promise<Buffer> {
 
 /**
  * Remove image builds that nothing uses: a digest dir is kept while it is an
- * image's current build or any snapshot was made from it (its guests cache the
+ * image's current build or its digest is in `used` (snapshots made from it (its guests cache the
  * root's blocks, so it must never change under them).
  */
-export async function pruneImages(): Promise<{ removed: string[]; keptForSnapshots: string[] }> {
-  const { listSnapshots } = await import("./snapshot.js");
-  const used = new Set((await listSnapshots()).map((s) => s.image.digest));
+export async function pruneImageBuilds(used: ReadonlySet<string>): Promise<{ removed: string[]; keptForSnapshots: string[] }> {
   const removed: string[] = [];
   const keptForSnapshots: string[] = [];
   let names: string[] = [];

@@ -2,7 +2,7 @@
 // has the memory controller, v1 memory.limit_in_bytes otherwise.
 import fs from "node:fs";
 import path from "node:path";
-import { ForkdError } from "./errors.js";
+import { ForkdError } from "../common/errors.js";
 
 export type CgroupFlavor = { version: 2; root: string } | { version: 1; root: string } | undefined;
 

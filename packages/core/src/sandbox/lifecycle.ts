@@ -1,0 +1,71 @@
+// Sandboxes after their birth: find them from any process (SQLite), check they live, tear them down.
+import fsp from "node:fs/promises";
+import { ForkdError } from "../common/errors.js";
+import { validateSandboxId } from "../common/validate.js";
+import type { AgentClient } from "../guest/agent-client.js";
+import { waitForAgent } from "../guest/agent-wait.js";
+import { type SandboxRow, sandboxes } from "../store/state.js";
+import { runtimePaths } from "../vmm/plan.js";
+import { isAlive, isOurQemu, killAndWait, processStartTime } from "../vmm/process.js";
+import { QmpClient } from "../vmm/qmp.js";
+import { removeCgroup } from "./cgroup.js";
+
+/** Alive and still the same process: pids are reused, so the start time and runtime dir must match too. */
+export function sandboxAlive(row: Pick<SandboxRow, "pid" | "pid_start" | "run_dir">): boolean {
+  return isAlive(row.pid) && processStartTime(row.pid) === row.pid_start && isOurQemu(row.pid, row.run_dir);
+}
+
+export type SandboxInfo = SandboxRow & { alive: boolean };
+
+/** A sandbox by id, or a clear not-found naming `forkd ls`. Dead ones are reaped on the way. */
+export function getSandbox(id: string): SandboxInfo {
+  validateSandboxId(id);
+  const row = sandboxes.get(id);
+  if (!row) throw new ForkdError("sandbox_not_found", `no sandbox ${id}; \`forkd ls\` lists them`, { id });
+  const alive = sandboxAlive(row);
+  if (!alive) {
+    void reapSandbox(row);
+    throw new ForkdError("sandbox_not_found", `sandbox ${id} is no longer running (its VMM exited); it has been removed`, { id });
+  }
+  return { ...row, alive };
+}
+
+export function listSandboxes(): SandboxInfo[] {
+  return sandboxes.list().map((row) => ({ ...row, alive: sandboxAlive(row) }));
+}
+
+/** Connect to a sandbox's agent. One client at a time: the chardev queues a second until the first leaves. */
+export async function connectSandbox(id: string, timeoutMs = 30_000): Promise<AgentClient> {
+  const row = getSandbox(id);
+  return waitForAgent(runtimePaths(row.run_dir).agent, timeoutMs, row.run_dir);
+}
+
+export async function killSandbox(id: string): Promise<void> {
+  validateSandboxId(id);
+  const row = sandboxes.get(id);
+  if (!row) throw new ForkdError("sandbox_not_found", `no sandbox ${id}; \`forkd ls\` lists them`, { id });
+  if (sandboxAlive(row)) {
+    try {
+      const qmp = await QmpClient.connect(runtimePaths(row.run_dir).qmp, { timeoutMs: 2000 });
+      await qmp.execute("quit", {}, { timeoutMs: 2000 }).catch(() => {});
+      qmp.close();
+    } catch {
+      // fall through to signals
+    }
+    await killAndWait(row.pid, row.run_dir);
+  }
+  await reapSandbox(row);
+}
+
+export async function reapSandbox(row: SandboxRow): Promise<void> {
+  await removeCgroup(row.cgroup);
+  await fsp.rm(row.run_dir, { recursive: true, force: true });
+  sandboxes.remove(row.id);
+}
+
+/** Kill sandboxes whose time limit has passed. */
+export async function expireSandboxes(nowMs = Date.now()): Promise<string[]> {
+  const expired = sandboxes.expired(nowMs);
+  for (const row of expired) await killSandbox(row.id).catch(() => {});
+  return expired.map((r) => r.id);
+}

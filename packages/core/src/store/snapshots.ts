@@ -1,0 +1,166 @@
+// The snapshot registry: a snapshot is a directory in the durable store holding
+// an immutable memory image, device state and a manifest; a manifest on disk is
+// what makes it exist. Registration is the single commit point.
+import { randomBytes } from "node:crypto";
+import fsp from "node:fs/promises";
+import path from "node:path";
+import { shmDir, snapshotsDir } from "../common/config.js";
+import { ForkdError } from "../common/errors.js";
+import { exists, fsyncDir, readJson, sha256File, writeFileAtomic } from "../common/fsutil.js";
+import { validateName } from "../common/validate.js";
+import type { Accel } from "../vmm/plan.js";
+import { enforceStageBudget, stagedPath, stageKey } from "./staging.js";
+import { branches, staged } from "./state.js";
+
+export const SNAPSHOT_SCHEMA = 1;
+
+export type SnapshotManifest = {
+  schema: typeof SNAPSHOT_SCHEMA;
+  tag: string;
+  createdAt: string;
+  image: { name: string; digest: string; kernel: string; initrd: string; rootfs: string };
+  kernelVersion: string;
+  accel: Accel;
+  vcpus: number;
+  memoryMib: number;
+  /** The NIC is part of the device state, so children keep it (isolated when they ask for no network). */
+  network: boolean;
+  warm: { commands: string[]; evals: string[] };
+  sizes: { memoryBytes: number; memoryAllocatedBytes: number; vmstateBytes: number };
+  memorySha256: string;
+  parent: string | null;
+  branchedFrom: string | null;
+  /** For a BRANCH: how the capture was taken and how long the source was paused. */
+  branch?: { mode: "full" | "diff" | "live"; pauseMs: number; captureMs: number };
+  timings: { bootMs: number; warmMs: number; saveMs: number; totalMs: number };
+};
+
+export type SnapshotInfo = SnapshotManifest & { dir: string; memoryPath: string; vmstatePath: string; staged: boolean };
+
+export function tagDir(tag: string): string {
+  return path.join(snapshotsDir(), tag);
+}
+
+async function info(manifest: SnapshotManifest): Promise<SnapshotInfo> {
+  const dir = tagDir(manifest.tag);
+  return {
+    ...manifest,
+    dir,
+    memoryPath: path.join(dir, "memory.bin"),
+    vmstatePath: path.join(dir, "vmstate.bin"),
+    staged: await exists(stagedPath(manifest)),
+  };
+}
+
+export async function getSnapshot(tag: string): Promise<SnapshotInfo> {
+  validateName(tag, "tag");
+  const manifest = await readJson<SnapshotManifest>(path.join(tagDir(tag), "manifest.json"));
+  if (!manifest) {
+    const branch = branches.get(tag);
+    if (branch?.status === "writing") {
+      throw new ForkdError(
+        "conflict",
+        `snapshot ${tag} is still being written by a BRANCH of ${branch.source_id}; wait until its status is ready`,
+        { tag, status: "writing" },
+      );
+    }
+    if (branch?.status === "failed") {
+      throw new ForkdError(
+        "snapshot_not_found",
+        `snapshot ${tag} does not exist: its BRANCH failed (${branch.error ?? "unknown reason"})`,
+        { tag, status: "failed" },
+      );
+    }
+    throw new ForkdError("snapshot_not_found", `no snapshot ${tag}; \`forkd images\` lists them`, { tag });
+  }
+  return info(manifest);
+}
+
+export async function listSnapshots(): Promise<SnapshotInfo[]> {
+  let names: string[] = [];
+  try {
+    names = await fsp.readdir(snapshotsDir());
+  } catch {
+    return [];
+  }
+  const out: SnapshotInfo[] = [];
+  // Dot-dirs are snapshots still being written (or abandoned by a crash): never listed.
+  for (const name of names.filter((n) => !n.startsWith(".")).sort()) {
+    const manifest = await readJson<SnapshotManifest>(path.join(tagDir(name), "manifest.json")).catch(() => undefined);
+    if (manifest?.schema === SNAPSHOT_SCHEMA) out.push(await info(manifest));
+  }
+  return out;
+}
+
+export type RegisterOpts = {
+  /** Dot-dir in the durable store holding vmstate.bin; becomes the snapshot dir. */
+  work: string;
+  /** Dot-dir on shmem holding memory.bin; becomes the staged image. */
+  stageWork: string;
+  base: Omit<SnapshotManifest, "schema" | "createdAt" | "sizes" | "memorySha256">;
+};
+
+/**
+ * The commit point of every snapshot (warm parent or BRANCH): hash the memory
+ * image once, copy it to the durable store, write the manifest, fsync, and rename
+ * the dot-dir into place. A crash before the rename leaves only a dot-dir, which
+ * is never listed and which `forkd cleanup` removes.
+ */
+export async function registerSnapshot(opts: RegisterOpts): Promise<SnapshotInfo> {
+  const { work, stageWork, base } = opts;
+  const memoryPath = path.join(stageWork, "memory.bin");
+  const vmstatePath = path.join(work, "vmstate.bin");
+  const memorySha256 = await sha256File(memoryPath);
+  await fsp.copyFile(memoryPath, path.join(work, "memory.bin"));
+  for (const f of ["memory.bin", "vmstate.bin"]) {
+    const handle = await fsp.open(path.join(work, f), "r");
+    await handle.sync();
+    await handle.close();
+    await fsp.chmod(path.join(work, f), 0o444);
+  }
+  const memStat = await fsp.stat(memoryPath);
+  const manifest: SnapshotManifest = {
+    schema: SNAPSHOT_SCHEMA,
+    ...base,
+    createdAt: new Date().toISOString(),
+    sizes: { memoryBytes: memStat.size, memoryAllocatedBytes: memStat.blocks * 512, vmstateBytes: (await fsp.stat(vmstatePath)).size },
+    memorySha256,
+  };
+  await writeFileAtomic(path.join(work, "manifest.json"), `${JSON.stringify(manifest, null, 2)}\n`, { mode: 0o444 });
+  try {
+    await fsp.rename(work, tagDir(base.tag));
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOTEMPTY" || (err as NodeJS.ErrnoException).code === "EEXIST") {
+      throw new ForkdError("conflict", `snapshot ${base.tag} was created by someone else meanwhile`, { tag: base.tag });
+    }
+    throw err;
+  }
+  await fsyncDir(snapshotsDir());
+  // The RAM file is already on shmem: it becomes the staged image.
+  await fsp.chmod(memoryPath, 0o444);
+  const finalStage = path.dirname(stagedPath(manifest));
+  await fsp.rm(finalStage, { recursive: true, force: true });
+  await fsp.rename(stageWork, finalStage);
+  staged.upsert({
+    key: stageKey(manifest),
+    tag: base.tag,
+    path: stagedPath(manifest),
+    bytes: memStat.blocks * 512,
+    last_used_ms: Date.now(),
+  });
+  await enforceStageBudget(stageKey(manifest));
+  return info(manifest);
+}
+
+/** Fresh dot-dirs for a snapshot being written: one in the durable store, one on shmem. */
+export async function snapshotWorkDirs(): Promise<{ work: string; stageWork: string }> {
+  await fsp.mkdir(snapshotsDir(), { recursive: true, mode: 0o700 });
+  await fsp.mkdir(path.join(shmDir(), "images"), { recursive: true, mode: 0o700 });
+  // Temp names carry our pid so `forkd cleanup` can tell abandoned ones from ones in progress.
+  const temp = `.tmp-${process.pid}-${randomBytes(4).toString("hex")}`;
+  const work = path.join(snapshotsDir(), temp);
+  const stageWork = path.join(shmDir(), "images", temp);
+  await fsp.mkdir(work, { mode: 0o700 });
+  await fsp.mkdir(stageWork, { mode: 0o700 });
+  return { work, stageWork };
+}
