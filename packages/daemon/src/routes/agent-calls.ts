@@ -1,0 +1,119 @@
+// Calls into a sandbox's guest agent: ping, exec (whole or streamed), eval, files.
+import { PassThrough } from "node:stream";
+import { ForkdError, isForkdError } from "@forkd/core";
+import { z } from "zod";
+import * as S from "../schemas.js";
+import type { RouteDeps } from "./context.js";
+
+export function registerAgentCallRoutes({ r, ctx, err }: RouteDeps): void {
+  r.post("/v1/sandboxes/:id/ping", { schema: { params: S.IdParam, response: { 200: S.PingResponse, ...err } } }, async (request) => {
+    const agent = await ctx.pool.forSandbox(request.params.id);
+    const t0 = performance.now();
+    const pong = await agent.ping({ timeoutMs: 10_000 });
+    return { version: pong.version, uptime_ms: pong.uptimeMs, hostname: pong.hostname, rtt_ms: performance.now() - t0 };
+  });
+
+  const execRequest = (body: S.ExecBodyT) => {
+    if ((body.argv === undefined) === (body.cmd === undefined)) {
+      throw new ForkdError("bad_request", "exec takes exactly one of `argv` (array of strings) or `cmd` (shell string)");
+    }
+    if (body.timeout_ms !== undefined && (body.timeout_ms < 1 || body.timeout_ms > S.MAX_EXEC_TIMEOUT_MS)) {
+      throw new ForkdError("bad_request", `timeout_ms must be from 1 to ${S.MAX_EXEC_TIMEOUT_MS}, got ${body.timeout_ms}`);
+    }
+    return {
+      ...(body.argv ? { argv: body.argv } : { cmd: body.cmd }),
+      ...(body.env ? { env: body.env } : {}),
+      ...(body.cwd ? { cwd: body.cwd } : {}),
+      ...(body.stdin !== undefined ? { stdin: Buffer.from(body.stdin, body.stdin_encoding ?? "utf8").toString("base64") } : {}),
+      ...(body.timeout_ms ? { timeoutMs: body.timeout_ms } : {}),
+    };
+  };
+
+  r.post(
+    "/v1/sandboxes/:id/exec",
+    { schema: { params: S.IdParam, body: S.ExecBody, response: { 200: S.ExecResponse, ...err } } },
+    async (request) => {
+      const exec = execRequest(request.body);
+      const agent = await ctx.pool.forSandbox(request.params.id);
+      const stdout: Buffer[] = [];
+      const stderr: Buffer[] = [];
+      const t0 = performance.now();
+      const res = await agent.exec(exec, { onStdout: (d) => stdout.push(d), onStderr: (d) => stderr.push(d) });
+      ctx.metrics.callSeconds.labels("exec").observe((performance.now() - t0) / 1000);
+      return {
+        exit_code: res.exitCode,
+        signal: res.signal,
+        timed_out: res.timedOut,
+        stdout: Buffer.concat(stdout).toString("utf8"),
+        stderr: Buffer.concat(stderr).toString("utf8"),
+        duration_ms: res.durationMs,
+      };
+    },
+  );
+
+  // Streaming exec: newline-delimited JSON, one object per output chunk, then the exit.
+  r.post("/v1/sandboxes/:id/exec/stream", { schema: { params: S.IdParam, body: S.ExecBody } }, async (request, reply) => {
+    const exec = execRequest(request.body);
+    const agent = await ctx.pool.forSandbox(request.params.id);
+    const out = new PassThrough();
+    const line = (obj: unknown) => out.write(`${JSON.stringify(obj)}\n`);
+    const abort = new AbortController();
+    request.raw.on("close", () => {
+      if (!reply.raw.writableFinished) abort.abort();
+    });
+    const t0 = performance.now();
+    agent
+      .exec(exec, {
+        signal: abort.signal,
+        onStdout: (d) => line({ type: "stdout", data: d.toString("base64") }),
+        onStderr: (d) => line({ type: "stderr", data: d.toString("base64") }),
+      })
+      .then((res) => {
+        ctx.metrics.callSeconds.labels("exec").observe((performance.now() - t0) / 1000);
+        line({ type: "exit", exit_code: res.exitCode, signal: res.signal, timed_out: res.timedOut, duration_ms: res.durationMs });
+      })
+      .catch((e: Error) => line({ type: "error", error: { code: isForkdError(e) ? e.code : "internal", message: e.message } }))
+      .finally(() => out.end());
+    return reply.header("content-type", "application/x-ndjson").send(out);
+  });
+
+  r.post(
+    "/v1/sandboxes/:id/eval",
+    { schema: { params: S.IdParam, body: S.EvalBody, response: { 200: S.EvalResponse, ...err } } },
+    async (request) => {
+      if (request.body.language === "python") {
+        throw new ForkdError("bad_request", "language 'python' is not available in this sandbox's image; it has: javascript");
+      }
+      const agent = await ctx.pool.forSandbox(request.params.id);
+      const t0 = performance.now();
+      const res = await agent.eval(request.body.code, {
+        ...(request.body.timeout_ms ? { evalTimeoutMs: request.body.timeout_ms } : {}),
+        ...(request.body.language ? { language: request.body.language } : {}),
+        // The agent enforces the eval's own timeout; the call may take a little longer.
+        timeoutMs: (request.body.timeout_ms ?? 30_000) + 10_000,
+      });
+      ctx.metrics.callSeconds.labels("eval").observe((performance.now() - t0) / 1000);
+      return { value: res.value, type: res.type, duration_ms: res.durationMs, ...(res.stdout ? { stdout: res.stdout } : {}) };
+    },
+  );
+
+  r.post(
+    "/v1/sandboxes/:id/files",
+    { schema: { params: S.IdParam, body: S.FilesBody, response: { 200: z.record(z.string(), z.unknown()), ...err } } },
+    async (request) => {
+      const agent = await ctx.pool.forSandbox(request.params.id);
+      const body = request.body;
+      if (body.action === "write") {
+        const data = Buffer.from(body.data, body.encoding ?? "utf8").toString("base64");
+        return agent.files<Record<string, unknown>>({
+          action: "write",
+          path: body.path,
+          data,
+          ...(body.mode !== undefined ? { mode: body.mode } : {}),
+        });
+      }
+      const res = await agent.files<Record<string, unknown>>(body);
+      return body.action === "read" ? { ...res, encoding: "base64" } : res;
+    },
+  );
+}

@@ -1,0 +1,43 @@
+// What every route module receives: the typed app, the daemon's context, the
+// error responses every route may give, and the audit helper for what it touched.
+import type {
+  FastifyBaseLogger,
+  FastifyInstance,
+  FastifyRequest,
+  RawReplyDefaultExpression,
+  RawRequestDefaultExpression,
+  RawServerDefault,
+} from "fastify";
+import type { ZodTypeProvider } from "fastify-type-provider-zod";
+import type { AuditLog } from "../audit.js";
+import type { Metrics } from "../metrics.js";
+import type { AgentPool } from "../pool.js";
+import * as S from "../schemas.js";
+
+export const ERROR_RESPONSES = { 400: S.ErrorBody, 401: S.ErrorBody, 404: S.ErrorBody, 409: S.ErrorBody, 422: S.ErrorBody };
+
+export type ServerContext = {
+  token: string;
+  audit: AuditLog;
+  metrics: Metrics;
+  pool: AgentPool;
+  maxSandboxes: number;
+  /** BRANCHes in progress at once across all sources; more get 503. */
+  maxBranches: number;
+};
+
+export type RouteDeps = {
+  app: FastifyInstance;
+  /** The app with zod schemas typing each route's params, body and reply. */
+  r: FastifyInstance<RawServerDefault, RawRequestDefaultExpression, RawReplyDefaultExpression, FastifyBaseLogger, ZodTypeProvider>;
+  ctx: ServerContext;
+  err: typeof ERROR_RESPONSES;
+  touch: typeof touch;
+};
+
+/** Record a sandbox or snapshot a request acted on, for its audit line. */
+export function touch(request: FastifyRequest, kind: "sandboxes" | "snapshots", value: string | undefined | null): void {
+  if (!value) return;
+  request.touched ??= { sandboxes: new Set(), snapshots: new Set() };
+  request.touched[kind].add(value);
+}

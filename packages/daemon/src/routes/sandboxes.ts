@@ -1,0 +1,75 @@
+// Sandboxes: list, fork from a snapshot, show, kill.
+import {
+  apiSandboxView,
+  ForkdError,
+  forkSandboxes,
+  getSandbox,
+  killSandbox,
+  listSandboxes,
+  validateForkCount,
+  validateSandboxId,
+} from "@forkd/core";
+import { z } from "zod";
+import * as S from "../schemas.js";
+import type { RouteDeps } from "./context.js";
+
+export function registerSandboxRoutes({ r, ctx, err, touch }: RouteDeps): void {
+  r.get("/v1/sandboxes", { schema: { response: { 200: S.SandboxList, ...err } } }, async () => ({
+    sandboxes: listSandboxes().map(apiSandboxView),
+  }));
+  r.post("/v1/sandboxes", { schema: { body: S.CreateSandboxesBody, response: { 201: S.ForkResult, ...err } } }, async (request, reply) => {
+    const body = request.body;
+    const n = validateForkCount(body.n ?? 1);
+    touch(request, "snapshots", body.snapshot_tag);
+    const alive = listSandboxes().filter((s) => s.alive).length;
+    if (alive + n > ctx.maxSandboxes) {
+      throw new ForkdError(
+        "over_limit",
+        `${alive} sandboxes run and ${n} more would pass this daemon's limit of ${ctx.maxSandboxes}; kill some or raise --max-sandboxes`,
+      );
+    }
+    const started = performance.now();
+    const results = await forkSandboxes({
+      tag: body.snapshot_tag,
+      n,
+      memoryLimitMib: body.memory_limit_mib,
+      network: body.network,
+      ...(body.timeout_ms !== undefined ? { ttlMs: body.timeout_ms } : {}),
+      ...(body.metadata ? { metadata: body.metadata } : {}),
+      concurrency: 4,
+      keepAgent: (id, agent) => ctx.pool.adopt(id, agent),
+      onChild: (child) => {
+        if (child.ok) ctx.metrics.spawnSeconds.observe(child.timings.totalMs / 1000);
+      },
+    });
+    for (const child of results) touch(request, "sandboxes", child.id);
+    if (!results.some((c) => c.ok)) {
+      const first = results.find((c) => !c.ok);
+      throw new ForkdError("vm_start_failed", `no child could be restored: ${first && !first.ok ? first.error.message : "unknown"}`);
+    }
+    return reply.code(201).send({
+      wall_ms: performance.now() - started,
+      sandboxes: results.map((c) =>
+        c.ok
+          ? {
+              id: c.id,
+              ok: true,
+              vmm_start_ms: c.timings.vmmStartMs,
+              restore_ms: c.timings.restoreMs,
+              first_answer_ms: c.timings.firstAnswerMs,
+              total_ms: c.timings.totalMs,
+            }
+          : { id: c.id, ok: false, error: c.error },
+      ),
+    });
+  });
+  r.get("/v1/sandboxes/:id", { schema: { params: S.IdParam, response: { 200: S.Sandbox, ...err } } }, async (request) =>
+    apiSandboxView(getSandbox(request.params.id)),
+  );
+  r.delete("/v1/sandboxes/:id", { schema: { params: S.IdParam, response: { 204: z.null(), ...err } } }, async (request, reply) => {
+    validateSandboxId(request.params.id);
+    ctx.pool.drop(request.params.id);
+    await killSandbox(request.params.id);
+    return reply.code(204).send(null);
+  });
+}

@@ -1,0 +1,79 @@
+// Snapshots: list (with BRANCHes still writing or failed), status, create warm, show, remove.
+import {
+  apiSnapshotView,
+  branches,
+  createSnapshot,
+  ForkdError,
+  getSnapshot,
+  listSnapshots,
+  removeSnapshot,
+  validateName,
+} from "@forkd/core";
+import { z } from "zod";
+import * as S from "../schemas.js";
+import type { RouteDeps } from "./context.js";
+
+export function registerSnapshotRoutes({ r, ctx, err, touch }: RouteDeps): void {
+  r.get("/v1/snapshots", { schema: { response: { 200: S.SnapshotList, ...err } } }, async () => ({
+    snapshots: (await listSnapshots()).map(apiSnapshotView),
+    pending: branches
+      .list()
+      .filter((b) => b.status !== "ready")
+      .map((b) => ({
+        tag: b.tag,
+        status: b.status as "writing" | "failed",
+        mode: b.mode,
+        branched_from: b.source_id,
+        error: b.error,
+        created_at: b.created_at,
+      })),
+  }));
+  r.get("/v1/snapshots/:tag/status", { schema: { params: S.TagParam, response: { 200: S.SnapshotStatus, ...err } } }, async (request) => {
+    const tag = validateName(request.params.tag, "tag");
+    const branch = branches.get(tag);
+    const ready = await getSnapshot(tag).catch(() => undefined);
+    if (!ready && !branch) throw new ForkdError("snapshot_not_found", `no snapshot ${tag}; \`forkd images\` lists them`, { tag });
+    return {
+      tag,
+      status: ready ? ("ready" as const) : (branch!.status as "writing" | "failed"),
+      error: branch?.error ?? null,
+      pause_ms: branch?.pause_ms ?? null,
+      total_ms: branch?.total_ms ?? null,
+      branched_from: ready?.branchedFrom ?? branch?.source_id ?? null,
+    };
+  });
+  r.post("/v1/snapshots", { schema: { body: S.CreateSnapshotBody, response: { 201: S.Snapshot, ...err } } }, async (request, reply) => {
+    const body = request.body;
+    touch(request, "snapshots", body.tag);
+    const snapshot = await createSnapshot({
+      tag: body.tag,
+      image: body.image,
+      warm: body.warm,
+      warmEval: body.warm_eval,
+      memoryMib: body.memory_mib,
+      vcpus: body.vcpus,
+    });
+    return reply.code(201).send(apiSnapshotView(snapshot));
+  });
+  r.get("/v1/snapshots/:tag", { schema: { params: S.TagParam, response: { 200: S.Snapshot, ...err } } }, async (request) =>
+    apiSnapshotView(await getSnapshot(request.params.tag)),
+  );
+  r.delete(
+    "/v1/snapshots/:tag",
+    {
+      schema: {
+        params: S.TagParam,
+        querystring: z.object({ force: z.enum(["true", "false"]).optional() }).strict(),
+        response: { 204: z.null(), ...err },
+      },
+    },
+    async (request, reply) => {
+      const { killed } = await removeSnapshot(request.params.tag, { force: request.query.force === "true" });
+      for (const id of killed) {
+        ctx.pool.drop(id);
+        touch(request, "sandboxes", id);
+      }
+      return reply.code(204).send(null);
+    },
+  );
+}
