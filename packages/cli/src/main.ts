@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 import { Command, CommanderError } from "commander";
-import { registerBench } from "./commands/bench.js";
+import { registerBench } from "./commands/bench/index.js";
 import { registerDaemon } from "./commands/daemon.js";
 import { registerDoctor } from "./commands/doctor.js";
 import { registerImage } from "./commands/image.js";

@@ -2,7 +2,8 @@ import fs from "node:fs";
 import { cleanup, ForkdError } from "@forkd/core";
 import type { Command } from "commander";
 import { type ForkRow, openBackend } from "../backend.js";
-import { collect, fmtMs, parseIntOption, percentile, plainTable, round1, spinner } from "../ui.js";
+import { percentile, round1 } from "../stats.js";
+import { collect, fmtMs, parseIntOption, plainTable, spinner } from "../ui.js";
 
 type ForkCliOpts = { tag: string; n: number; memoryLimitMib?: number; net: boolean; json?: boolean; concurrency: number };
 
