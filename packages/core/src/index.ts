@@ -3,6 +3,7 @@
 export * from "./boot/vm.js";
 export * from "./branch/branch.js";
 export * from "./common/config.js";
+export * from "./common/dirs.js";
 export * from "./common/errors.js";
 export * from "./common/procmem.js";
 export * from "./common/validate.js";

@@ -1,7 +1,7 @@
 import fs from "node:fs";
 import net from "node:net";
 import path from "node:path";
-import { cleanup, expireSandboxes, ForkdError, forkdHome, forkdRunDir, listSandboxes } from "@forkd/core";
+import { cleanup, ensureRuntimeDir, ensureStateDir, expireSandboxes, ForkdError, forkdHome, forkdRunDir, listSandboxes } from "@forkd/core";
 import type { FastifyInstance } from "fastify";
 import { AuditLog } from "./audit.js";
 import { ensureLocalToken, isLoopback, readTokenFile } from "./auth.js";
@@ -58,6 +58,8 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
     throw new ForkdError("bad_request", `refusing to listen on ${tcp.host} (not loopback) without --token-file`);
   }
   if (Boolean(opts.tlsCert) !== Boolean(opts.tlsKey)) throw new ForkdError("bad_request", "--tls-cert and --tls-key go together");
+  // The token and audit log go in FORKD_HOME: refuse a home others could read or swap first.
+  ensureStateDir();
   const token = opts.tokenFile ? readTokenFile(opts.tokenFile) : ensureLocalToken(defaultTokenFile());
   const audit = new AuditLog(opts.auditLog ?? path.join(forkdHome(), "audit.log"));
   const metrics = createMetrics(FORKD_VERSION);
@@ -76,7 +78,8 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
 
   const servers: FastifyInstance[] = [];
   const socket = opts.socket ?? defaultSocketPath();
-  fs.mkdirSync(path.dirname(socket), { recursive: true, mode: 0o700 });
+  if (path.resolve(path.dirname(socket)) === forkdRunDir()) ensureRuntimeDir();
+  else fs.mkdirSync(path.dirname(socket), { recursive: true, mode: 0o700 });
   if (fs.existsSync(socket)) {
     if (await socketInUse(socket)) throw new ForkdError("conflict", `another daemon already listens on ${socket}`);
     fs.rmSync(socket, { force: true });

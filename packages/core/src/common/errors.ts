@@ -24,6 +24,10 @@ export const ERROR_STATUS = {
   agent_error: 502,
   qmp_error: 502,
   io_error: 500,
+  /** One of forkd's directories is not private to it (owner, mode or a symlink). */
+  unsafe_path: 500,
+  /** A memory image does not match the digest recorded when its snapshot was registered. */
+  integrity_failed: 500,
   internal: 500,
 } as const;
 

@@ -5,6 +5,7 @@ import { randomBytes } from "node:crypto";
 import fsp from "node:fs/promises";
 import path from "node:path";
 import { shmDir, snapshotsDir } from "../common/config.js";
+import { ensurePrivateDir, ensureStagingDir, ensureStateDir } from "../common/dirs.js";
 import { ForkdError } from "../common/errors.js";
 import { exists, fsyncDir, readJson, sha256File, writeFileAtomic } from "../common/fsutil.js";
 import { validateName } from "../common/validate.js";
@@ -154,8 +155,9 @@ export async function registerSnapshot(opts: RegisterOpts): Promise<SnapshotInfo
 
 /** Fresh dot-dirs for a snapshot being written: one in the durable store, one on shmem. */
 export async function snapshotWorkDirs(): Promise<{ work: string; stageWork: string }> {
-  await fsp.mkdir(snapshotsDir(), { recursive: true, mode: 0o700 });
-  await fsp.mkdir(path.join(shmDir(), "images"), { recursive: true, mode: 0o700 });
+  ensureStateDir();
+  ensurePrivateDir(snapshotsDir(), { kind: "state dir (FORKD_HOME)" });
+  ensureStagingDir();
   // Temp names carry our pid so `forkd cleanup` can tell abandoned ones from ones in progress.
   const temp = `.tmp-${process.pid}-${randomBytes(4).toString("hex")}`;
   const work = path.join(snapshotsDir(), temp);

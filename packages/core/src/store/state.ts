@@ -5,6 +5,7 @@ import fs from "node:fs";
 import path from "node:path";
 import Database from "better-sqlite3";
 import { forkdHome } from "../common/config.js";
+import { ensureStateDir } from "../common/dirs.js";
 
 export type SandboxRow = {
   id: string;
@@ -86,7 +87,7 @@ export function openState(): Database.Database {
   const file = path.join(forkdHome(), "forkd.db");
   if (db && dbPath === file) return db;
   db?.close();
-  fs.mkdirSync(forkdHome(), { recursive: true, mode: 0o700 });
+  ensureStateDir();
   db = new Database(file);
   fs.chmodSync(file, 0o600);
   db.pragma("journal_mode = WAL");

@@ -2,6 +2,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { forkdHome, qemuBinary } from "../common/config.js";
+import { ensureStateDir } from "../common/dirs.js";
 import { ForkdError } from "../common/errors.js";
 import type { Accel } from "./plan.js";
 
@@ -96,7 +97,7 @@ export async function selectAccel(opts: { override?: string; probe: ProbeBoot })
         reason: "KVM looked usable but a probe guest failed to boot under it (or no image is built yet), so guests run under TCG",
       };
   try {
-    fs.mkdirSync(forkdHome(), { recursive: true });
+    ensureStateDir();
     fs.writeFileSync(probeCacheFile(), JSON.stringify({ key, choice: cached }));
   } catch {
     // an unwritable home only costs a probe next time

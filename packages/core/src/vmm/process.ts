@@ -5,6 +5,7 @@ import fs from "node:fs";
 import fsp from "node:fs/promises";
 import path from "node:path";
 import { forkdRunDir, qemuBinary, vmsRunDir } from "../common/config.js";
+import { ensurePrivateDir, ensureRuntimeDir } from "../common/dirs.js";
 import { ForkdError } from "../common/errors.js";
 import { buildQemuArgs, runtimePaths, type VmPlan } from "./plan.js";
 
@@ -13,9 +14,8 @@ export function newSandboxId(): string {
 }
 
 export async function makeRunDir(id: string): Promise<string> {
-  const base = vmsRunDir();
-  await fsp.mkdir(base, { recursive: true, mode: 0o700 });
-  await fsp.chmod(base, 0o700);
+  ensureRuntimeDir();
+  const base = ensurePrivateDir(vmsRunDir(), { kind: "runtime dir (FORKD_RUN_DIR)" });
   const dir = path.join(base, id);
   await fsp.mkdir(dir, { mode: 0o700 });
   return dir;
@@ -131,7 +131,8 @@ export async function killAndWait(pid: number, runDir: string, launched?: Launch
 export async function keepLogs(id: string, runDir: string): Promise<string | undefined> {
   const logsDir = path.join(forkdRunDir(), "logs");
   try {
-    await fsp.mkdir(logsDir, { recursive: true, mode: 0o700 });
+    ensureRuntimeDir();
+    ensurePrivateDir(logsDir, { kind: "runtime dir (FORKD_RUN_DIR)" });
     const consoleLog = path.join(logsDir, `${id}.console.log`);
     await fsp.copyFile(runtimePaths(runDir).console, consoleLog).catch(() => fsp.writeFile(consoleLog, ""));
     await fsp.copyFile(runtimePaths(runDir).qemuLog, path.join(logsDir, `${id}.qemu.log`)).catch(() => {});
