@@ -22,6 +22,8 @@ export * from "./store/snapshots.js";
 export * from "./store/staging.js";
 export * from "./store/state.js";
 export * from "./vmm/accel.js";
+export * from "./vmm/confine.js";
+export * from "./vmm/migration-sink.js";
 export * from "./vmm/plan.js";
 export * from "./vmm/process.js";
 export * from "./vmm/qmp.js";

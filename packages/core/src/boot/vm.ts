@@ -2,14 +2,25 @@
 // connection. This file boots (cold) and tears down; restoring from a snapshot
 // reuses the same pieces.
 import fs from "node:fs";
-import fsp from "node:fs/promises";
+import path from "node:path";
 import { ForkdError } from "../common/errors.js";
 import type { AgentClient } from "../guest/agent-client.js";
 import { waitForAgent } from "../guest/agent-wait.js";
 import { getImage, type ImageManifest } from "../guest/image.js";
 import { type AccelChoice, selectAccel } from "../vmm/accel.js";
 import { type Accel, guestAppend, runtimePaths, type VmPlan } from "../vmm/plan.js";
-import { keepLogs, killAndWait, type Launched, launchQemu, makeRunDir, newSandboxId, raceExit } from "../vmm/process.js";
+import {
+  grantToVmm,
+  keepLogs,
+  killAndWait,
+  type Launched,
+  launchQemu,
+  makeRunDir,
+  newSandboxId,
+  raceExit,
+  removeRunDir,
+  saveConsole,
+} from "../vmm/process.js";
 import { QmpClient } from "../vmm/qmp.js";
 
 export type VmState = "starting" | "running" | "paused" | "branching" | "stopped";
@@ -68,6 +79,7 @@ export class Vm {
     let qmp: QmpClient | undefined;
     let agent: AgentClient | undefined;
     try {
+      if (opts.memoryPath) grantToVmm(path.dirname(opts.memoryPath), runDir);
       launched = launchQemu({ plan, dieWithParent: opts.ephemeral ?? false });
       const t1 = performance.now();
       qmp = await raceExit(QmpClient.connect(runtimePaths(runDir).qmp, { timeoutMs: 10_000, signal: opts.signal }), launched, runDir);
@@ -79,10 +91,12 @@ export class Vm {
       return { vm, image, timings: { launchMs: t1 - t0, qmpMs: t2 - t1, agentMs: t3 - t2, totalMs: t3 - t0 } };
     } catch (err) {
       agent?.close();
+      if (!qmp && launched) qmp = await QmpClient.connect(runtimePaths(runDir).qmp, { timeoutMs: 1000 }).catch(() => undefined);
+      await saveConsole(qmp, runDir);
       qmp?.close();
       if (launched) await killAndWait(launched.pid, runDir, launched);
       const kept = await keepLogs(id, runDir);
-      await fsp.rm(runDir, { recursive: true, force: true });
+      await removeRunDir(runDir);
       if (err instanceof ForkdError && kept) {
         throw new ForkdError(
           err.code,
@@ -107,7 +121,7 @@ export class Vm {
     }
     this.qmp.close();
     await killAndWait(this.pid, this.runDir, this.launched);
-    await fsp.rm(this.runDir, { recursive: true, force: true });
+    await removeRunDir(this.runDir);
   }
 }
 

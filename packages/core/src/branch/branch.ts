@@ -11,9 +11,11 @@ import { getSandbox } from "../sandbox/lifecycle.js";
 import { getSnapshot, registerSnapshot, type SnapshotInfo, snapshotWorkDirs } from "../store/snapshots.js";
 import { ensureStaged } from "../store/staging.js";
 import { branches } from "../store/state.js";
+import { confinementEnabled } from "../vmm/confine.js";
+import { migrateToFile, openMigrationSink } from "../vmm/migration-sink.js";
 import { runtimePaths } from "../vmm/plan.js";
-import { isAlive, killAndWait, launchQemu, makeRunDir, newSandboxId } from "../vmm/process.js";
-import { eventTimeMs, execCatUri, QmpClient, type QmpEvent, waitForMigration } from "../vmm/qmp.js";
+import { grantToVmm, isAlive, killAndWait, launchQemu, makeRunDir, newSandboxId, removeRunDir } from "../vmm/process.js";
+import { eventTimeMs, QmpClient, type QmpEvent, waitForMigration } from "../vmm/qmp.js";
 
 export type BranchMode = "full" | "diff" | "live";
 export const BRANCH_MODES: readonly BranchMode[] = ["full", "diff", "live"];
@@ -57,7 +59,9 @@ export function liveBranchSupport(memoryPath: string): { ok: true } | { ok: fals
   } catch {
     return { ok: false, why: "cannot read /proc/mounts to check where its memory lives; use mode diff" };
   }
-  const root = process.getuid?.() === 0;
+  // QEMU 7.2 calls userfaultfd(2) itself (not /dev/userfaultfd); a confined VMM is not
+  // root, so the kernel allows it only with vm.unprivileged_userfaultfd=1.
+  const vmmIsRoot = !confinementEnabled() && process.getuid?.() === 0;
   const unprivileged = (() => {
     try {
       return fs.readFileSync("/proc/sys/vm/unprivileged_userfaultfd", "utf8").trim() === "1";
@@ -65,8 +69,11 @@ export function liveBranchSupport(memoryPath: string): { ok: true } | { ok: fals
       return false;
     }
   })();
-  if (!root && !unprivileged && !fs.existsSync("/dev/userfaultfd")) {
-    return { ok: false, why: "userfaultfd is not available to this user (not root, vm.unprivileged_userfaultfd=0); use mode diff" };
+  if (!vmmIsRoot && !unprivileged) {
+    return {
+      ok: false,
+      why: "the VMM runs unprivileged and vm.unprivileged_userfaultfd is 0, so QEMU cannot write-protect its memory; `npm run setup` sets it to 1 (see the README's security model), or use mode diff",
+    };
   }
   return { ok: true };
 }
@@ -86,7 +93,9 @@ export async function captureSandbox(sandboxId: string, mode: BranchMode, stream
   qmp.on("event", (e) => events.push(e));
   const started = performance.now();
   let stoppedByUs = false;
+  const sink = await openMigrationSink(row.run_dir, streamPath);
   const release = async () => {
+    sink.close();
     await qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "background-snapshot", state: false }] }).catch(() => {});
     qmp.close();
   };
@@ -98,7 +107,10 @@ export async function captureSandbox(sandboxId: string, mode: BranchMode, stream
     await release();
     throw err;
   };
-  const done = async () => ({ captureMs: performance.now() - started, streamBytes: (await fsp.stat(streamPath)).size });
+  const done = async () => {
+    const streamBytes = await sink.written;
+    return { captureMs: performance.now() - started, streamBytes };
+  };
   try {
     await qmp.execute("migrate-set-capabilities", {
       capabilities: [
@@ -108,7 +120,7 @@ export async function captureSandbox(sandboxId: string, mode: BranchMode, stream
     });
     // Writing to a local file: no bandwidth cap; a short downtime target for pre-copy.
     await qmp.execute("migrate-set-parameters", { "max-bandwidth": 64 * 2 ** 30, "downtime-limit": 50 });
-    const uri = execCatUri(streamPath);
+    const uri = sink.uri;
     if (mode === "full") {
       const t0 = performance.now();
       stoppedByUs = true;
@@ -194,6 +206,7 @@ export async function materializeCapture(opts: MaterializeOpts): Promise<Snapsho
   const stream = fs.openSync(opts.streamPath, "r");
   let launched: ReturnType<typeof launchQemu> | undefined;
   try {
+    grantToVmm(opts.stageWork, runDir);
     launched = launchQemu({ plan, dieWithParent: true, inheritFds: [stream] });
     fs.closeSync(stream);
     const qmp = await QmpClient.connect(runtimePaths(runDir).qmp, { timeoutMs: 10_000 });
@@ -201,8 +214,7 @@ export async function materializeCapture(opts: MaterializeOpts): Promise<Snapsho
       await qmp.execute("migrate-incoming", { uri: "fd:3" });
       await waitForMigration(qmp, 600_000, "loading the capture");
       await qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "x-ignore-shared", state: true }] });
-      await qmp.execute("migrate", { uri: execCatUri(path.join(opts.work, "vmstate.bin")) });
-      await waitForMigration(qmp, 120_000, "saving the device state");
+      await migrateToFile(qmp, runDir, path.join(opts.work, "vmstate.bin"), 120_000, "saving the device state");
       await qmp.execute("quit", {}).catch(() => {});
     } finally {
       qmp.close();
@@ -216,7 +228,7 @@ export async function materializeCapture(opts: MaterializeOpts): Promise<Snapsho
     throw err;
   } finally {
     if (launched) await killAndWait(launched.pid, runDir, launched);
-    await fsp.rm(runDir, { recursive: true, force: true });
+    await removeRunDir(runDir);
   }
   await fsp.rm(opts.streamPath, { force: true });
   return registerSnapshot({

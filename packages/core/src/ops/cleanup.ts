@@ -6,7 +6,7 @@ import { shmDir, snapshotsDir, vmsRunDir } from "../common/config.js";
 import { expireSandboxes, reapSandbox, sandboxAlive } from "../sandbox/lifecycle.js";
 import { sandboxes } from "../store/state.js";
 import { runtimePaths } from "../vmm/plan.js";
-import { isAlive, isOurQemu } from "../vmm/process.js";
+import { isAlive, isOurQemu, releaseStaleUids, removeRunDir } from "../vmm/process.js";
 
 export type CleanupReport = {
   reaped: string[];
@@ -53,9 +53,10 @@ export async function cleanup(): Promise<CleanupReport> {
     if (stat && Date.now() - stat.mtimeMs < 60_000 && !(await fsp.readFile(runtimePaths(dir).pidfile).catch(() => undefined))) {
       continue; // just created; QEMU has not written its pid file yet
     }
-    await fsp.rm(dir, { recursive: true, force: true });
+    await removeRunDir(dir);
     report.strayRunDirs.push(name);
   }
+  await releaseStaleUids();
   for (const base of [snapshotsDir(), path.join(shmDir(), "images")]) {
     let names: string[] = [];
     try {

@@ -9,7 +9,16 @@ import { getSnapshot, type SnapshotInfo } from "../store/snapshots.js";
 import { ensureStaged } from "../store/staging.js";
 import { sandboxes } from "../store/state.js";
 import { runtimePaths, type VmPlan } from "../vmm/plan.js";
-import { keepLogs, killAndWait, launchQemu, makeRunDir, newSandboxId, processStartTime } from "../vmm/process.js";
+import {
+  keepLogs,
+  killAndWait,
+  launchQemu,
+  makeRunDir,
+  newSandboxId,
+  processStartTime,
+  removeRunDir,
+  saveConsole,
+} from "../vmm/process.js";
 import { QmpClient } from "../vmm/qmp.js";
 import { limitMemory, removeCgroup } from "./cgroup.js";
 
@@ -203,13 +212,14 @@ async function restoreChild(snapshot: SnapshotInfo, memoryPath: string, opts: Fo
     };
   } catch (err) {
     // Nothing stays running for a child that failed; its logs are kept for the user.
-    const consoleLog = await keepLogs(id, runDir);
     agent?.close();
+    await saveConsole(qmp, runDir);
+    const consoleLog = await keepLogs(id, runDir);
     qmp?.close();
     if (pid !== undefined) await killAndWait(pid, runDir);
     await removeCgroup(cgroup);
     sandboxes.remove(id);
-    await fsp.rm(runDir, { recursive: true, force: true });
+    await removeRunDir(runDir);
     const e = err instanceof ForkdError ? err : new ForkdError("vm_start_failed", (err as Error).message);
     return { ok: false, id, error: { code: e.code, message: e.message, ...(consoleLog ? { console: consoleLog } : {}) } };
   } finally {

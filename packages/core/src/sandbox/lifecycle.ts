@@ -1,12 +1,11 @@
 // Sandboxes after their birth: find them from any process (SQLite), check they live, tear them down.
-import fsp from "node:fs/promises";
 import { ForkdError } from "../common/errors.js";
 import { validateSandboxId } from "../common/validate.js";
 import type { AgentClient } from "../guest/agent-client.js";
 import { waitForAgent } from "../guest/agent-wait.js";
 import { type SandboxRow, sandboxes } from "../store/state.js";
 import { runtimePaths } from "../vmm/plan.js";
-import { isAlive, isOurQemu, killAndWait, processStartTime } from "../vmm/process.js";
+import { isAlive, isOurQemu, killAndWait, processStartTime, removeRunDir } from "../vmm/process.js";
 import { QmpClient } from "../vmm/qmp.js";
 import { removeCgroup } from "./cgroup.js";
 
@@ -59,7 +58,7 @@ export async function killSandbox(id: string): Promise<void> {
 
 export async function reapSandbox(row: SandboxRow): Promise<void> {
   await removeCgroup(row.cgroup);
-  await fsp.rm(row.run_dir, { recursive: true, force: true });
+  await removeRunDir(row.run_dir);
   sandboxes.remove(row.id);
 }
 

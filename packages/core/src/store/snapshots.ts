@@ -10,7 +10,8 @@ import { ForkdError } from "../common/errors.js";
 import { exists, fsyncDir, readJson, sha256File, writeFileAtomic } from "../common/fsutil.js";
 import { validateName } from "../common/validate.js";
 import type { Accel } from "../vmm/plan.js";
-import { enforceStageBudget, stagedPath, stageKey } from "./staging.js";
+import { shareWithVmms } from "../vmm/process.js";
+import { enforceStageBudget, rememberVerified, stagedPath, stageKey } from "./staging.js";
 import { branches, staged } from "./state.js";
 
 export const SNAPSHOT_SCHEMA = 1;
@@ -138,7 +139,9 @@ export async function registerSnapshot(opts: RegisterOpts): Promise<SnapshotInfo
   }
   await fsyncDir(snapshotsDir());
   // The RAM file is already on shmem: it becomes the staged image.
-  await fsp.chmod(memoryPath, 0o444);
+  shareWithVmms(memoryPath);
+  // Hashed above by us: forks from this process need not hash it again.
+  await rememberVerified(memoryPath, memorySha256);
   const finalStage = path.dirname(stagedPath(manifest));
   await fsp.rm(finalStage, { recursive: true, force: true });
   await fsp.rename(stageWork, finalStage);

@@ -1,15 +1,25 @@
 // Staged memory images: the shmem copies of snapshot memory that children map.
+// A child's RAM is whatever bytes that file holds, so the file is checked against
+// the digest recorded at registration before children map it: hashed when it is
+// staged or first used by this process, and checked cheaply (owner, mode, size,
+// inode, mtime, ctime) on every later use, re-hashed when any of those changed.
 import { randomBytes } from "node:crypto";
 import fs from "node:fs";
 import fsp from "node:fs/promises";
 import path from "node:path";
 import { shmDir, stageBudgetBytes } from "../common/config.js";
-import { exists } from "../common/fsutil.js";
-import { isAlive } from "../vmm/process.js";
+import { ensureStagingDir } from "../common/dirs.js";
+import { ForkdError } from "../common/errors.js";
+import { sha256File } from "../common/fsutil.js";
+import { confinementEnabled, VMM_GID } from "../vmm/confine.js";
+import { isAlive, shareWithVmms } from "../vmm/process.js";
 import { sandboxes, staged } from "./state.js";
 
 /** What staging needs to know of a snapshot. */
 export type StageableSnapshot = { tag: string; memorySha256: string };
+
+/** What verifying a staged image needs: the durable copy and what registration recorded. */
+export type VerifiableSnapshot = StageableSnapshot & { memoryPath: string; sizes: { memoryBytes: number } };
 
 export function stageKey(manifest: StageableSnapshot): string {
   return `${manifest.tag}@${manifest.memorySha256.slice(0, 16)}`;
@@ -20,26 +30,123 @@ export function stagedPath(manifest: StageableSnapshot): string {
 }
 
 /**
- * The shmem copy of a snapshot's memory image that children map. Staged on first
- * use by a kernel-side copy from the durable store, then kept within the budget.
+ * Files this process hashed, by device and inode, with what they looked like then.
+ * A write(2) changes mtime and ctime (and ctime cannot be set back), a replacement
+ * changes the inode, so a file whose identity still matches holds the bytes hashed.
  */
-export async function ensureStaged(snapshot: StageableSnapshot & { memoryPath: string }): Promise<string> {
+const verified = new Map<string, { identity: string; sha256: string }>();
+
+function identityOf(st: fs.BigIntStats): { key: string; identity: string } {
+  return { key: `${st.dev}:${st.ino}`, identity: `${st.size}:${st.mtimeNs}:${st.ctimeNs}:${st.mode}:${st.uid}` };
+}
+
+/** Record that `file`, as it is now, hashes to `sha256` (the caller just hashed it). */
+export async function rememberVerified(file: string, sha256: string): Promise<void> {
+  const { key, identity } = identityOf(await fsp.lstat(file, { bigint: true }));
+  verified.set(key, { identity, sha256 });
+}
+
+type StagedCheck = { ok: true } | { ok: false; missing: boolean; why: string };
+
+/** Is the staged file there, ours, read-only, the recorded size and (hashed once) the recorded digest? */
+export async function checkStaged(file: string, snapshot: VerifiableSnapshot): Promise<StagedCheck> {
+  let st: fs.BigIntStats;
+  try {
+    st = await fsp.lstat(file, { bigint: true });
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") return { ok: false, missing: true, why: "not staged" };
+    throw err;
+  }
+  const euid = BigInt(process.geteuid?.() ?? 0);
+  if (!st.isFile()) return { ok: false, missing: false, why: "is not a regular file" };
+  if (st.uid !== euid) return { ok: false, missing: false, why: `is owned by uid ${st.uid}` };
+  // Confined VMMs open it read-write through their group (QEMU 7.2 insists, even for a
+  // private mapping); anyone else writing it, or a stranger group, is tampering.
+  const writableBy = confinementEnabled() ? 0o002n : 0o222n;
+  if ((st.mode & writableBy) !== 0n || (confinementEnabled() && st.gid !== BigInt(VMM_GID))) {
+    return {
+      ok: false,
+      missing: false,
+      why: `is writable or has a foreign group (mode ${(st.mode & 0o7777n).toString(8)}, gid ${st.gid})`,
+    };
+  }
+  if (st.size !== BigInt(snapshot.sizes.memoryBytes)) {
+    return { ok: false, missing: false, why: `is ${st.size} bytes, not the ${snapshot.sizes.memoryBytes} recorded` };
+  }
+  const { key, identity } = identityOf(st);
+  const known = verified.get(key);
+  if (known?.identity === identity && known.sha256 === snapshot.memorySha256) return { ok: true };
+  const sha256 = await sha256File(file);
+  // Hashing takes a while: a file that changed meanwhile proves nothing.
+  const after = identityOf(await fsp.lstat(file, { bigint: true }));
+  if (after.key !== key || after.identity !== identity) return { ok: false, missing: false, why: "changed while it was hashed" };
+  if (sha256 !== snapshot.memorySha256) return { ok: false, missing: false, why: `has sha256 ${sha256.slice(0, 16)}…` };
+  verified.set(key, { identity, sha256 });
+  return { ok: true };
+}
+
+/** A fresh staged copy from the durable store, refused unless it hashes to the recorded digest. */
+async function stageFromStore(snapshot: VerifiableSnapshot, target: string): Promise<void> {
+  const durable = await fsp.stat(snapshot.memoryPath).catch(() => undefined);
+  if (durable?.size !== snapshot.sizes.memoryBytes) {
+    throw integrityError(snapshot, durable ? `is ${durable.size} bytes, not the ${snapshot.sizes.memoryBytes} recorded` : "is missing");
+  }
+  const dir = path.dirname(target);
+  const temp = `${dir}.tmp-${process.pid}-${randomBytes(4).toString("hex")}`;
+  await fsp.mkdir(temp, { mode: 0o700 });
+  try {
+    const copy = path.join(temp, "memory.bin");
+    await fsp.copyFile(snapshot.memoryPath, copy, fs.constants.COPYFILE_FICLONE);
+    shareWithVmms(copy);
+    // Hashing the copy checks the durable bytes and the copy at once: what children map is what was hashed.
+    const sha256 = await sha256File(copy);
+    if (sha256 !== snapshot.memorySha256) throw integrityError(snapshot, `has sha256 ${sha256.slice(0, 16)}…`);
+    await rememberVerified(copy, sha256);
+    await fsp.rename(temp, dir).catch(async (err: NodeJS.ErrnoException) => {
+      // Someone else staged it meanwhile: theirs is checked like any other.
+      if (err.code !== "ENOTEMPTY" && err.code !== "EEXIST") throw err;
+    });
+  } finally {
+    await fsp.rm(temp, { recursive: true, force: true });
+  }
+}
+
+function integrityError(snapshot: VerifiableSnapshot, why: string): ForkdError {
+  return new ForkdError(
+    "integrity_failed",
+    `the memory image of snapshot ${snapshot.tag} in the durable store (${snapshot.memoryPath}) ${why}, but registration recorded ` +
+      `${snapshot.sizes.memoryBytes} bytes with sha256 ${snapshot.memorySha256.slice(0, 16)}…: it was damaged or tampered with; ` +
+      `remove the snapshot (forkd rmi ${snapshot.tag}) and create it again`,
+    { tag: snapshot.tag, path: snapshot.memoryPath },
+  );
+}
+
+/**
+ * The shmem copy of a snapshot's memory image that children map, verified. Staged
+ * on first use by a kernel-side copy from the durable store, then kept within the
+ * budget; a staged copy that fails its check is replaced from the durable store.
+ */
+export async function ensureStaged(snapshot: VerifiableSnapshot): Promise<string> {
+  ensureStagingDir();
   const target = stagedPath(snapshot);
   const key = stageKey(snapshot);
-  if (!(await exists(target))) {
-    const dir = path.dirname(target);
-    const temp = `${dir}.tmp-${process.pid}-${randomBytes(4).toString("hex")}`;
-    await fsp.mkdir(temp, { recursive: true, mode: 0o700 });
-    try {
-      await fsp.copyFile(snapshot.memoryPath, path.join(temp, "memory.bin"), fs.constants.COPYFILE_FICLONE);
-      await fsp.chmod(path.join(temp, "memory.bin"), 0o444);
-      await fsp.rename(temp, dir).catch(async (err: NodeJS.ErrnoException) => {
-        // Someone else staged it meanwhile: theirs is as good as ours.
-        if (err.code !== "ENOTEMPTY" && err.code !== "EEXIST") throw err;
-      });
-    } finally {
-      await fsp.rm(temp, { recursive: true, force: true });
-    }
+  let check = await checkStaged(target, snapshot);
+  // Twice: a copy someone else staged at the same moment is checked before it is used.
+  for (let attempt = 0; !check.ok && attempt < 2; attempt++) {
+    // A damaged or tampered staged copy is replaced, not repaired: the durable copy is the reference.
+    if (!check.missing) await fsp.rm(path.dirname(target), { recursive: true, force: true });
+    await stageFromStore(snapshot, target);
+    check = await checkStaged(target, snapshot);
+  }
+  if (!check.ok) {
+    throw new ForkdError(
+      "integrity_failed",
+      `the staged memory image ${target} of snapshot ${snapshot.tag} ${check.why} even after staging it again`,
+      {
+        tag: snapshot.tag,
+        path: target,
+      },
+    );
   }
   const stat = await fsp.stat(target);
   staged.upsert({ key, tag: snapshot.tag, path: target, bytes: stat.blocks * 512, last_used_ms: Date.now() });

@@ -47,6 +47,9 @@ export function runtimePaths(runDir: string) {
   };
 }
 
+/** Size of the console ring buffer (a power of two, as QEMU requires). */
+export const CONSOLE_RING_BYTES = 256 * 1024;
+
 export const BASE_APPEND = "console=ttyS0 panic=-1 quiet reboot=t";
 
 /**
@@ -97,8 +100,16 @@ export function buildQemuArgs(plan: VmPlan): string[] {
     "-no-user-config",
     "-nographic",
     "-no-reboot",
+    // The console is a ring buffer inside QEMU: a guest that prints forever costs
+    // CONSOLE_RING_BYTES, never disk; forkd saves it to console.log when a VM fails.
+    "-chardev",
+    `ringbuf,id=console,size=${CONSOLE_RING_BYTES}`,
     "-serial",
-    `file:${paths.console}`,
+    "chardev:console",
+    // QEMU's own seccomp filter: no exec (so no exec: migration URIs), no privilege
+    // or resource-control syscalls, no obsolete ones.
+    "-sandbox",
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
     "-pidfile",
     paths.pidfile,
     "-qmp",

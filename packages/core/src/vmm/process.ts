@@ -1,24 +1,134 @@
 // Starting, identifying and stopping VMM processes, and their private runtime dirs.
 import { spawn } from "node:child_process";
-import { randomBytes } from "node:crypto";
+import { randomBytes, randomInt } from "node:crypto";
 import fs from "node:fs";
 import fsp from "node:fs/promises";
 import path from "node:path";
 import { forkdRunDir, qemuBinary, vmsRunDir } from "../common/config.js";
 import { ensurePrivateDir, ensureRuntimeDir } from "../common/dirs.js";
 import { ForkdError } from "../common/errors.js";
-import { buildQemuArgs, runtimePaths, type VmPlan } from "./plan.js";
+import {
+  confinementEnabled,
+  kvmGroup,
+  launcherArgs,
+  launcherPath,
+  planConfinement,
+  VMM_GID,
+  VMM_UID_BASE,
+  VMM_UID_COUNT,
+} from "./confine.js";
+import { buildQemuArgs, CONSOLE_RING_BYTES, runtimePaths, type VmPlan } from "./plan.js";
+import type { QmpClient } from "./qmp.js";
 
 export function newSandboxId(): string {
   return `sb-${randomBytes(6).toString("hex")}`;
 }
 
+/**
+ * A VM's private runtime dir. With confinement on it also claims the VM's own uid
+ * (a file named by the uid under FORKD_RUN_DIR/uids, created exclusively) and
+ * hands the dir to that uid: QEMU creates its sockets and pid file there.
+ */
 export async function makeRunDir(id: string): Promise<string> {
   ensureRuntimeDir();
   const base = ensurePrivateDir(vmsRunDir(), { kind: "runtime dir (FORKD_RUN_DIR)" });
   const dir = path.join(base, id);
   await fsp.mkdir(dir, { mode: 0o700 });
+  if (confinementEnabled()) {
+    requireRoot();
+    const uid = claimVmmUid(dir);
+    fs.writeFileSync(path.join(dir, "vmm.uid"), `${uid}\n`, { mode: 0o644 });
+    fs.chownSync(dir, uid, VMM_GID);
+  }
   return dir;
+}
+
+function uidsDir(): string {
+  return ensurePrivateDir(path.join(forkdRunDir(), "uids"), { kind: "runtime dir (FORKD_RUN_DIR)" });
+}
+
+function claimVmmUid(runDir: string): number {
+  const dir = uidsDir();
+  for (let attempt = 0; attempt < 64; attempt++) {
+    const uid = VMM_UID_BASE + randomInt(VMM_UID_COUNT);
+    try {
+      fs.writeFileSync(path.join(dir, String(uid)), runDir, { flag: "wx", mode: 0o600 });
+      return uid;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
+    }
+  }
+  throw new ForkdError("over_limit", `no free VMM uid in forkd's range of ${VMM_UID_COUNT}; run \`forkd cleanup\``);
+}
+
+/** The uid a runtime dir was given, if confinement gave it one. */
+export function runDirUid(runDir: string): number | undefined {
+  try {
+    const uid = Number(fs.readFileSync(path.join(runDir, "vmm.uid"), "utf8").trim());
+    return Number.isInteger(uid) ? uid : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Remove a VM's runtime dir and free its uid. */
+export async function removeRunDir(runDir: string): Promise<void> {
+  const uid = runDirUid(runDir);
+  await fsp.rm(runDir, { recursive: true, force: true });
+  if (uid !== undefined) await fsp.rm(path.join(forkdRunDir(), "uids", String(uid)), { force: true });
+}
+
+/** uid claims whose runtime dir is gone (a crash between the two): freed by cleanup. */
+export async function releaseStaleUids(): Promise<number[]> {
+  const freed: number[] = [];
+  let names: string[] = [];
+  try {
+    names = await fsp.readdir(path.join(forkdRunDir(), "uids"));
+  } catch {
+    return freed;
+  }
+  for (const name of names) {
+    const file = path.join(forkdRunDir(), "uids", name);
+    const owner = await fsp.readFile(file, "utf8").catch(() => undefined);
+    if (owner === undefined || fs.existsSync(owner)) continue;
+    await fsp.rm(file, { force: true });
+    freed.push(Number(name));
+  }
+  return freed;
+}
+
+function requireRoot(): void {
+  if (process.geteuid?.() !== 0) {
+    throw new ForkdError(
+      "not_supported",
+      "confining each VMM (own uid, no capabilities, private mount view) needs root; run forkd as root, or set FORKD_CONFINE=off to run VMMs unconfined (`forkd doctor` then reports a failed check)",
+    );
+  }
+}
+
+/**
+ * Make a staged memory image usable by every VMM and owned by forkd again (a
+ * snapshot parent or materialiser wrote it as its own uid). QEMU 7.2 opens a
+ * memory-backend-file read-write even for a private (copy-on-write) mapping, so
+ * the VMM group may write it: see the security model in the README.
+ */
+export function shareWithVmms(file: string): void {
+  const dir = path.dirname(file);
+  const owner = process.geteuid?.() ?? 0;
+  if (!confinementEnabled()) {
+    fs.chmodSync(file, 0o444);
+    return;
+  }
+  fs.chownSync(dir, owner, VMM_GID);
+  fs.chmodSync(dir, 0o750);
+  fs.chownSync(file, owner, VMM_GID);
+  fs.chmodSync(file, 0o660);
+}
+
+/** Give the VMM of `runDir` a file or dir it must write (a snapshot parent's memory file, say). */
+export function grantToVmm(target: string, runDir: string): void {
+  const uid = runDirUid(runDir);
+  if (uid !== undefined) fs.chownSync(target, uid, VMM_GID);
 }
 
 export type LaunchOpts = {
@@ -27,6 +137,8 @@ export type LaunchOpts = {
   dieWithParent: boolean;
   /** Open fds handed to QEMU as fd 3, 4, …; the caller closes its copies after launch. */
   inheritFds?: number[];
+  /** Network namespace the VMM runs in (its user-mode network then reaches only what that namespace allows). */
+  netns?: string;
 };
 
 export type Launched = { pid: number; exited: Promise<{ code: number | null; signal: string | null }> };
@@ -44,11 +156,22 @@ export function launchQemu(opts: LaunchOpts): Launched {
   const oldUmask = process.umask(0o077);
   let child: ReturnType<typeof spawn>;
   try {
-    const [file, argv] =
-      opts.dieWithParent && fs.existsSync("/usr/bin/setpriv")
-        ? ["/usr/bin/setpriv", ["--pdeathsig", "KILL", "--", binary, ...args]]
-        : [binary, args];
-    child = spawn(file as string, argv as string[], {
+    const launcher = launcherPath();
+    if (!fs.existsSync(launcher)) {
+      throw new ForkdError(
+        "missing_dependency",
+        `${launcher} is not built; run \`npm run build\` (it needs gcc: apt-get install gcc libc6-dev)`,
+      );
+    }
+    const uid = runDirUid(plan.runDir);
+    if (confinementEnabled() && uid === undefined) {
+      throw new ForkdError("internal", `runtime dir ${plan.runDir} has no VMM uid; it was not made by makeRunDir`);
+    }
+    const prefix =
+      uid !== undefined
+        ? launcherArgs(planConfinement(plan, uid, { kvmGid: kvmGroup(), ...(opts.netns ? { netns: opts.netns } : {}) }), opts.dieWithParent)
+        : [...(opts.netns ? ["--netns", opts.netns] : []), ...(opts.dieWithParent ? ["--die-with-parent"] : []), "--"];
+    child = spawn(launcher, [...prefix, binary, ...args], {
       detached: !opts.dieWithParent,
       stdio: ["ignore", log, log, ...(opts.inheritFds ?? [])],
     });
@@ -125,6 +248,20 @@ export async function killAndWait(pid: number, runDir: string, launched?: Launch
     return;
   }
   await gone(5000);
+}
+
+/**
+ * Copy the console ring buffer to console.log in the runtime dir, while QEMU still
+ * answers: called before a failed VM is torn down, so keepLogs has it to keep.
+ */
+export async function saveConsole(qmp: QmpClient | undefined, runDir: string): Promise<void> {
+  if (!qmp || qmp.isClosed) return;
+  try {
+    const text = await qmp.execute("ringbuf-read", { device: "console", size: CONSOLE_RING_BYTES, format: "utf8" }, { timeoutMs: 2000 });
+    await fsp.writeFile(runtimePaths(runDir).console, text, { mode: 0o600 });
+  } catch {
+    // QEMU is gone or wedged: there is no console to keep
+  }
 }
 
 /** A VM that failed to start is torn down, but its console and QEMU logs are kept for the user to read. */

@@ -65,6 +65,7 @@ export type QmpCommands = {
   migrate_cancel: { args: Record<string, never>; ret: Record<string, never> };
   getfd: { args: { fdname: string }; ret: Record<string, never> };
   "add-fd": { args: { fdset_id?: number; opaque?: string }; ret: { "fdset-id": number; fd: number } };
+  "ringbuf-read": { args: { device: string; size: number; format?: "utf8" | "base64" }; ret: string };
 };
 
 export type QmpCommandName = keyof QmpCommands;
@@ -286,15 +287,4 @@ export async function waitForMigration(qmp: QmpClient, timeoutMs: number, what: 
     }
     await new Promise((r) => setTimeout(r, 2));
   }
-}
-
-/** QEMU runs `exec:` URIs through /bin/sh: only a plain path forkd generated may go there. */
-export function execCatUri(target: string): string {
-  if (!/^[A-Za-z0-9_./@-]+$/.test(target)) {
-    throw new ForkdError(
-      "bad_request",
-      `path ${JSON.stringify(target)} has characters forkd will not pass to QEMU; use a FORKD_HOME of letters, digits and / . _ - only`,
-    );
-  }
-  return `exec:cat > ${target}`;
 }

@@ -11,8 +11,8 @@ import { validateName } from "../common/validate.js";
 import { getImage } from "../guest/image.js";
 import { registerSnapshot, type SnapshotInfo, snapshotWorkDirs, tagDir } from "../store/snapshots.js";
 import { branches } from "../store/state.js";
+import { migrateToFile } from "../vmm/migration-sink.js";
 import type { Accel } from "../vmm/plan.js";
-import { execCatUri, waitForMigration } from "../vmm/qmp.js";
 
 export type CreateSnapshotOpts = {
   tag: string;
@@ -127,6 +127,5 @@ async function warmAgentPaths(vm: Vm, python: boolean): Promise<void> {
 export async function saveDeviceState(vm: Vm, target: string): Promise<void> {
   await vm.qmp.execute("stop", {});
   await vm.qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "x-ignore-shared", state: true }] });
-  await vm.qmp.execute("migrate", { uri: execCatUri(target) });
-  await waitForMigration(vm.qmp, 600_000, "saving the device state");
+  await migrateToFile(vm.qmp, vm.runDir, target, 600_000, "saving the device state");
 }

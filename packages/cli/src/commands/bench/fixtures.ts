@@ -14,6 +14,7 @@ import {
   planRestore,
   pssBytes,
   QmpClient,
+  removeRunDir,
   runtimePaths,
   Vm,
 } from "@forkd/core";
@@ -48,7 +49,7 @@ export async function vmmFloorBytes(tag: string): Promise<number> {
     return pss;
   } finally {
     await killAndWait(launched.pid, runDir, launched);
-    fs.rmSync(runDir, { recursive: true, force: true });
+    await removeRunDir(runDir);
   }
 }
 

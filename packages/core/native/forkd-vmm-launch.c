@@ -1,0 +1,185 @@
+// forkd-vmm-launch: start one VMM confined. Run as root by forkd; execs the VMM as
+// an unprivileged uid with no capabilities, no_new_privs, optionally inside a
+// network namespace, and in a private mount view where forkd's state, the other
+// VMs' runtime dirs and the host's secrets do not exist.
+//
+//   forkd-vmm-launch [--uid N --gid G] [--groups G1,G2] [--netns PATH]
+//                    [--hide PATH]... [--expose PATH]... [--die-with-parent] -- VMM ARGS...
+//
+// --hide PATH: a directory is covered by an empty read-only tmpfs, a file by /dev/null.
+// --expose PATH: brought back (same path, read-write as its own permissions allow)
+//   after the hiding, for what the VMM needs: its runtime dir, its image, its memory file.
+// Arguments come from forkd, never from a shell; paths must be absolute.
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <linux/capability.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define MAX_PATHS 64
+#define MAX_GROUPS 16
+
+static void die(const char *what, const char *arg) {
+  fprintf(stderr, "forkd-vmm-launch: %s%s%s: %s\n", what, arg ? " " : "", arg ? arg : "", strerror(errno));
+  _exit(126);
+}
+
+static void usage(const char *msg) {
+  fprintf(stderr, "forkd-vmm-launch: %s\n", msg);
+  _exit(125);
+}
+
+static unsigned long parse_id(const char *s, const char *what) {
+  char *end;
+  errno = 0;
+  unsigned long v = strtoul(s, &end, 10);
+  if (errno || *end || end == s || v == 0 || v >= 4294967295UL) usage(what);
+  return v;
+}
+
+// mkdir -p inside the fresh tmpfs, so an exposed path has a mount point.
+static void make_path(const char *path, int is_dir) {
+  char buf[4096];
+  if (strlen(path) >= sizeof buf) usage("path too long");
+  strcpy(buf, path);
+  for (char *p = buf + 1; *p; p++) {
+    if (*p != '/') continue;
+    *p = 0;
+    if (mkdir(buf, 0755) && errno != EEXIST) die("mkdir", buf);
+    // forkd spawns with umask 077: these are only mount points, and must be traversable.
+    chmod(buf, 0755);
+    *p = '/';
+  }
+  if (is_dir) {
+    if (mkdir(buf, 0755) && errno != EEXIST) die("mkdir", buf);
+    chmod(buf, 0755);
+  } else {
+    int fd = open(buf, O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (fd < 0 && errno != EEXIST) die("create mount point", buf);
+    if (fd >= 0) close(fd);
+  }
+}
+
+int main(int argc, char **argv) {
+  uid_t uid = 0;
+  gid_t gid = 0;
+  gid_t groups[MAX_GROUPS];
+  int ngroups = 0;
+  const char *netns = NULL;
+  const char *hide[MAX_PATHS];
+  const char *expose[MAX_PATHS];
+  int nhide = 0, nexpose = 0, die_with_parent = 0;
+  int i = 1;
+  for (; i < argc; i++) {
+    const char *a = argv[i];
+    if (!strcmp(a, "--")) {
+      i++;
+      break;
+    }
+    if (i + 1 >= argc && strcmp(a, "--die-with-parent")) usage("option without a value");
+    if (!strcmp(a, "--uid")) uid = (uid_t)parse_id(argv[++i], "--uid must be a whole number above 0");
+    else if (!strcmp(a, "--gid")) gid = (gid_t)parse_id(argv[++i], "--gid must be a whole number above 0");
+    else if (!strcmp(a, "--groups")) {
+      char *list = argv[++i];
+      for (char *tok = strtok(list, ","); tok; tok = strtok(NULL, ",")) {
+        if (ngroups == MAX_GROUPS) usage("too many --groups");
+        groups[ngroups++] = (gid_t)parse_id(tok, "--groups takes whole numbers");
+      }
+    } else if (!strcmp(a, "--netns")) netns = argv[++i];
+    else if (!strcmp(a, "--hide")) {
+      if (nhide == MAX_PATHS) usage("too many --hide");
+      hide[nhide++] = argv[++i];
+    } else if (!strcmp(a, "--expose")) {
+      if (nexpose == MAX_PATHS) usage("too many --expose");
+      expose[nexpose++] = argv[++i];
+    } else if (!strcmp(a, "--die-with-parent")) die_with_parent = 1;
+    else usage("unknown option");
+  }
+  if (i >= argc) usage("no VMM command after --");
+  if (!uid != !gid) usage("--uid and --gid go together");
+  for (int k = 0; k < nhide; k++)
+    if (hide[k][0] != '/') usage("--hide paths must be absolute");
+  for (int k = 0; k < nexpose; k++)
+    if (expose[k][0] != '/') usage("--expose paths must be absolute");
+  pid_t parent = getppid();
+
+  if (netns) {
+    int fd = open(netns, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) die("open network namespace", netns);
+    if (setns(fd, CLONE_NEWNET)) die("enter network namespace", netns);
+    close(fd);
+  }
+
+  if ((nhide || nexpose) && unshare(CLONE_NEWNS)) die("unshare mount namespace", NULL);
+  if ((nhide || nexpose) && mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL)) die("make mounts private", NULL);
+
+  // Keep a handle on each exposed path before anything above it is hidden.
+  int expose_fd[MAX_PATHS];
+  int expose_dir[MAX_PATHS];
+  for (int k = 0; k < nexpose; k++) {
+    expose_fd[k] = open(expose[k], O_PATH | O_CLOEXEC);
+    if (expose_fd[k] < 0) die("open exposed path", expose[k]);
+    struct stat st;
+    if (fstat(expose_fd[k], &st)) die("stat exposed path", expose[k]);
+    expose_dir[k] = S_ISDIR(st.st_mode);
+  }
+  for (int k = 0; k < nhide; k++) {
+    struct stat st;
+    if (stat(hide[k], &st)) {
+      if (errno == ENOENT) continue;
+      die("stat hidden path", hide[k]);
+    }
+    if (S_ISDIR(st.st_mode)) {
+      if (mount("forkd-hidden", hide[k], "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,mode=0755")) die("hide", hide[k]);
+    } else {
+      if (mount("/dev/null", hide[k], NULL, MS_BIND, NULL)) die("hide", hide[k]);
+    }
+  }
+  for (int k = 0; k < nexpose; k++) {
+    char source[64];
+    snprintf(source, sizeof source, "/proc/self/fd/%d", expose_fd[k]);
+    make_path(expose[k], expose_dir[k]);
+    if (mount(source, expose[k], NULL, MS_BIND | MS_REC, NULL)) die("expose", expose[k]);
+    close(expose_fd[k]);
+  }
+  // The hiding tmpfs mounts become read-only now that their mount points exist.
+  for (int k = 0; k < nhide; k++) {
+    struct stat st;
+    if (stat(hide[k], &st) == 0 && S_ISDIR(st.st_mode))
+      mount(NULL, hide[k], NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,mode=0755");
+  }
+
+  // Without --uid (confinement turned off) only the parent-death signal applies.
+  if (uid) {
+    // Drop every capability from the bounding set while we still may, then the ids.
+    for (int cap = 0; cap <= 63; cap++) {
+      if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) && errno != EINVAL) die("drop capability", NULL);
+    }
+    if (setgroups((size_t)ngroups, ngroups ? groups : NULL)) die("setgroups", NULL);
+    if (setresgid(gid, gid, gid)) die("setresgid", NULL);
+    if (setresuid(uid, uid, uid)) die("setresuid", NULL);
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    memset(data, 0, sizeof data);
+    if (syscall(SYS_capset, &header, data)) die("clear capabilities", NULL);
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) die("no_new_privs", NULL);
+  }
+  // Changing credentials clears the parent-death signal, so it is set after.
+  if (die_with_parent) {
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL)) die("parent-death signal", NULL);
+    if (getppid() != parent) _exit(1);
+  }
+  execv(argv[i], &argv[i]);
+  die("exec", argv[i]);
+  return 126;
+}
