@@ -62,8 +62,16 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
   ensureStateDir();
   const token = opts.tokenFile ? readTokenFile(opts.tokenFile) : ensureLocalToken(defaultTokenFile());
   const audit = new AuditLog(opts.auditLog ?? path.join(forkdHome(), "audit.log"));
+  // The daemon's secrets may live outside FORKD_HOME: no VMM it starts may see them either.
+  process.env.FORKD_CONFINE_HIDE = [process.env.FORKD_CONFINE_HIDE, opts.tokenFile, opts.auditLog, opts.tlsKey]
+    .filter((p): p is string => Boolean(p))
+    .map((p) => path.resolve(p))
+    .join(":");
   const metrics = createMetrics(FORKD_VERSION);
-  const pool = new AgentPool();
+  const pool = new AgentPool((id, reason) => {
+    audit.write({ ts: new Date().toISOString(), event: "sandbox_unhealthy", sandboxes: [id], reason });
+    log(`forkd daemon: sandbox ${id} is unhealthy: ${reason}`);
+  });
   const ctx = { token, audit, metrics, pool, maxSandboxes: opts.maxSandboxes ?? 1000, maxBranches: opts.maxBranches ?? 4 };
 
   // Reconcile before serving: dead sandboxes are reaped, live ones re-adopted.
