@@ -4,6 +4,7 @@ import { chooseAccel } from "../boot/vm.js";
 import { qemuBinary } from "../common/config.js";
 import { runProgram } from "../common/program.js";
 import { discoverKernel, getImage } from "../guest/image.js";
+import { confinementEnabled, hiddenPaths, launcherPath, VMM_GID, VMM_UID_BASE, VMM_UID_COUNT } from "../vmm/confine.js";
 
 export type CheckStatus = "pass" | "warn" | "fail";
 export type Check = { name: string; status: CheckStatus; detail: string; fix?: string };
@@ -82,21 +83,22 @@ export async function runDoctor(opts: { accel?: string } = {}): Promise<Check[]>
   } catch {
     checks.push({ name: "/dev/shm", status: "fail", detail: "/dev/shm is not mounted", fix: "mount -t tmpfs tmpfs /dev/shm" });
   }
-  const uffdDevice = fs.existsSync("/dev/userfaultfd");
+  checks.push(confinementCheck());
   const unprivileged = readTrim("/proc/sys/vm/unprivileged_userfaultfd");
-  const root = process.getuid?.() === 0;
+  // A confined VMM is not root: QEMU 7.2's own userfaultfd(2) call needs the sysctl.
+  const vmmIsRoot = !confinementEnabled() && process.getuid?.() === 0;
   checks.push(
-    root || uffdDevice || unprivileged === "1"
+    vmmIsRoot || unprivileged === "1"
       ? {
           name: "userfaultfd",
           status: "pass",
-          detail: `${root ? "running as root" : uffdDevice ? "/dev/userfaultfd present" : "unprivileged userfaultfd allowed"} (live BRANCH uses write-protect on shmem)`,
+          detail: `${vmmIsRoot ? "VMMs run as root" : "vm.unprivileged_userfaultfd=1"}: live BRANCH can write-protect guest memory`,
         }
       : {
           name: "userfaultfd",
           status: "warn",
-          detail: "not available to this user; live BRANCH will not work",
-          fix: "sysctl vm.unprivileged_userfaultfd=1 or run as root",
+          detail: "vm.unprivileged_userfaultfd=0 and VMMs run unprivileged: live BRANCH is unavailable (diff and full work)",
+          fix: "sysctl -w vm.unprivileged_userfaultfd=1 (npm run setup does it; see the README's security model for the trade-off)",
         },
   );
   const cgroup = fs.existsSync("/sys/fs/cgroup/cgroup.controllers")
@@ -119,4 +121,34 @@ function readTrim(file: string): string | undefined {
   } catch {
     return undefined;
   }
+}
+
+/** What confines each VMM here, or why nothing does. */
+function confinementCheck(): Check {
+  if (!confinementEnabled()) {
+    return {
+      name: "confinement",
+      status: "fail",
+      detail:
+        "FORKD_CONFINE=off: VMMs run with forkd's own uid and capabilities and see the whole host filesystem (QEMU's seccomp filter still applies)",
+      fix: "unset FORKD_CONFINE and run forkd as root",
+    };
+  }
+  const launcher = launcherPath();
+  if (!fs.existsSync(launcher)) {
+    return { name: "confinement", status: "fail", detail: `${launcher} is not built`, fix: "npm run build (needs gcc libc6-dev)" };
+  }
+  if (process.geteuid?.() !== 0) {
+    return {
+      name: "confinement",
+      status: "fail",
+      detail: "forkd is not root, so it cannot give VMMs their own uid and mount view",
+      fix: "run as root, or FORKD_CONFINE=off",
+    };
+  }
+  return {
+    name: "confinement",
+    status: "pass",
+    detail: `each VMM: own uid from ${VMM_UID_BASE}..${VMM_UID_BASE + VMM_UID_COUNT - 1}, group ${VMM_GID}, no capabilities, no_new_privs, seccomp (-sandbox on, spawn/elevateprivileges/resourcecontrol/obsolete denied), private mount view hiding ${hiddenPaths().join(", ")}`,
+  };
 }
