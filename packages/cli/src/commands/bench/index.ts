@@ -3,11 +3,19 @@ import type { Command } from "commander";
 import { registerApiBench } from "./api.js";
 import { registerBootBench } from "./boot.js";
 import { registerBranchBench } from "./branch.js";
+import { registerConfineBench } from "./confine.js";
 import { registerFanoutBench } from "./fanout.js";
 import { registerSpawnBench } from "./spawn.js";
 
 export function registerBench(program: Command): void {
   const bench = program.command("bench").description("benchmarks that print a table or JSON, with the CPU model and accel mode");
-  for (const register of [registerBootBench, registerSpawnBench, registerApiBench, registerBranchBench, registerFanoutBench])
+  for (const register of [
+    registerBootBench,
+    registerSpawnBench,
+    registerApiBench,
+    registerBranchBench,
+    registerFanoutBench,
+    registerConfineBench,
+  ])
     register(bench);
 }
