@@ -166,9 +166,29 @@ function imageRoot(name: string): string {
   return path.join(imagesDir(), name);
 }
 
+/**
+ * Where an image build's files are. Derived from its name and digest, never from
+ * a stored path, so records stay true when FORKD_HOME moves or is copied.
+ */
+export function imageFiles(name: string, digest: string): { dir: string; kernel: string; initrd: string; rootfs: string } {
+  const dir = path.join(imageRoot(name), digest);
+  return { dir, kernel: path.join(dir, "vmlinuz"), initrd: path.join(dir, "initrd.cpio"), rootfs: path.join(dir, "rootfs.ext4") };
+}
+
+/** A manifest as read from disk, with its file paths resolved in this store. */
+function located(manifest: ImageManifest): ImageManifest {
+  const { kernel, initrd, rootfs } = imageFiles(manifest.name, manifest.digest);
+  return { ...manifest, kernel, initrd, rootfs };
+}
+
+async function readImageManifest(file: string): Promise<ImageManifest | undefined> {
+  const manifest = await readJson<ImageManifest>(file);
+  return manifest && located(manifest);
+}
+
 export async function getImage(name: string): Promise<ImageManifest> {
   validateName(name, "image name");
-  const manifest = await readJson<ImageManifest>(path.join(imageRoot(name), "current.json"));
+  const manifest = await readImageManifest(path.join(imageRoot(name), "current.json"));
   if (!manifest) {
     const names = (await listImages()).map((m) => m.name);
     throw new ForkdError(
@@ -189,7 +209,7 @@ export async function listImages(): Promise<ImageManifest[]> {
   }
   const out: ImageManifest[] = [];
   for (const name of names.sort()) {
-    const manifest = await readJson<ImageManifest>(path.join(imageRoot(name), "current.json")).catch(() => undefined);
+    const manifest = await readImageManifest(path.join(imageRoot(name), "current.json")).catch(() => undefined);
     if (manifest) out.push(manifest);
   }
   return out;
@@ -258,7 +278,7 @@ export async function buildGuestImage(
   // A digest dir is immutable once complete (image.json is written last): snapshots
   // hold its rootfs open by path and their guests cache its blocks, so rebuilding
   // it in place would corrupt every snapshot made from it.
-  const complete = await readJson<ImageManifest>(path.join(finalDir, "image.json"));
+  const complete = await readImageManifest(path.join(finalDir, "image.json"));
   if (complete && opts.force) {
     const users = await snapshotsUsing(digest);
     if (users.length > 0) {
@@ -288,8 +308,8 @@ export async function buildGuestImage(
       progress("copying the base root");
       await runChecked("cp", ["-a", `${base.dir}/.`, `${tree}/`]);
     }
-    await assembleRootTree(tree, inputs, guestctl);
-    const runtimes = (await exists(inTree(tree, "usr/bin/python3"))) ? ["javascript", "python"] : ["javascript"];
+    await assembleRootTree(tree, inputs, guestctl, work);
+    const runtimes = (await existsInTree(tree, "usr/bin/python3")) ? ["javascript", "python"] : ["javascript"];
     progress("writing the ext4 root image");
     const rootfs = path.join(work, "rootfs.ext4");
     const treeBytes = await duBytes(tree);
@@ -331,9 +351,10 @@ export async function buildGuestImage(
       digest,
       createdAt: new Date().toISOString(),
       kernelVersion: inputs.kernel.version,
-      kernel: path.join(finalDir, "vmlinuz"),
-      initrd: path.join(finalDir, "initrd.cpio"),
-      rootfs: path.join(finalDir, "rootfs.ext4"),
+      // Stored relative to the build's dir (see imageFiles): records are relocatable.
+      kernel: "vmlinuz",
+      initrd: "initrd.cpio",
+      rootfs: "rootfs.ext4",
       rootfsBytes: stat.size,
       runtimes,
     };
@@ -342,7 +363,7 @@ export async function buildGuestImage(
     await fs.rename(work, finalDir);
     await fsyncDir(root);
     await writeFileAtomic(path.join(root, "current.json"), `${JSON.stringify(manifest, null, 2)}\n`);
-    return { manifest, cached: false };
+    return { manifest: located(manifest), cached: false };
   } finally {
     await fs.rm(work, { recursive: true, force: true });
     if (base.kind === "tree" && base.cleanup) await fs.rm(base.cleanup, { recursive: true, force: true });
@@ -398,9 +419,9 @@ async function prepareBaseRoot(
         timeoutMs: 30 * 60_000,
       },
     );
-    // The package cache is not part of the image.
-    await fs.rm(path.join(temp, "var/cache/apt/archives"), { recursive: true, force: true });
-    await fs.mkdir(path.join(temp, "var/cache/apt/archives/partial"), { recursive: true });
+    // The package cache is not part of the image. Packages choose the tree's symlinks, so it is resolved inside the tree.
+    await fs.rm(inTree(temp, "var/cache/apt/archives"), { recursive: true, force: true });
+    await mkdirInTree(temp, "var/cache/apt/archives/partial");
     await fs.writeFile(path.join(temp, ".complete"), `${packages.join("\n")}\n`);
     await fs.rm(cacheDir, { recursive: true, force: true });
     await fs.rename(temp, cacheDir);
@@ -470,6 +491,90 @@ async function duBytes(dir: string): Promise<number> {
   return total;
 }
 
+/**
+ * The builder runs as root and the tree is the user's, so every write into it goes
+ * through these: paths are resolved with `inTree` (symlinks followed inside the
+ * tree only), files are created fresh with O_EXCL|O_NOFOLLOW after unlinking what
+ * was there (so neither a symlink nor a hard link in the way is written through),
+ * and modes are set on the open fd, never by path.
+ */
+const CREATE_FRESH = fsSync.constants.O_WRONLY | fsSync.constants.O_CREAT | fsSync.constants.O_EXCL | fsSync.constants.O_NOFOLLOW;
+
+function layoutError(rel: string, what: string, err?: unknown): ForkdError {
+  return new ForkdError(
+    "bad_request",
+    `the image root cannot take forkd's /${rel}: ${what}; change that path in the root and build again`,
+    { path: `/${rel}` },
+    { cause: err },
+  );
+}
+
+/**
+ * Whether the guest will find `rel`: resolved inside the tree (a root's python3 is
+ * usually a symlink, and the host's file must not answer for it); a link loop is no file.
+ */
+async function existsInTree(tree: string, rel: string): Promise<boolean> {
+  try {
+    return await exists(inTree(tree, rel, { followLast: true }));
+  } catch {
+    return false;
+  }
+}
+
+/** mkdir -p of a resolved path in the tree; every existing component must be a real directory. */
+async function mkdirInTree(tree: string, rel: string, mode = 0o755): Promise<string> {
+  const target = inTree(tree, rel, { followLast: true });
+  const parts = path.relative(tree, target).split(path.sep).filter(Boolean);
+  let current = tree;
+  for (const part of parts) {
+    current = path.join(current, part);
+    const st = await fs.lstat(current).catch(() => undefined);
+    if (!st) {
+      await fs.mkdir(current, { mode }).catch((err: NodeJS.ErrnoException) => {
+        if (err.code !== "EEXIST") throw err;
+      });
+      continue;
+    }
+    // inTree resolved every symlink, and nothing else writes the tree while we build.
+    if (!st.isDirectory() || st.isSymbolicLink()) throw layoutError(rel, `/${path.relative(tree, current)} is not a directory`);
+  }
+  return target;
+}
+
+/** chmod a directory of the tree by fd, refusing to follow a symlink at its last component. */
+async function chmodDirInTree(tree: string, rel: string, mode: number): Promise<void> {
+  const target = inTree(tree, rel, { followLast: true });
+  const handle = await fs.open(target, fsSync.constants.O_RDONLY | fsSync.constants.O_DIRECTORY | fsSync.constants.O_NOFOLLOW);
+  try {
+    await handle.chmod(mode);
+  } finally {
+    await handle.close();
+  }
+}
+
+/** Create a fresh file at `rel` in the tree (whatever was there is unlinked first) and fill it. */
+async function createInTree(
+  tree: string,
+  rel: string,
+  mode: number,
+  fill: (handle: fs.FileHandle) => Promise<void>,
+  opts: { keepExisting?: boolean } = {},
+): Promise<void> {
+  const target = inTree(tree, rel);
+  const st = await fs.lstat(target).catch(() => undefined);
+  if (st && opts.keepExisting && !st.isSymbolicLink()) return;
+  if (st?.isDirectory()) throw layoutError(rel, "it is a directory where forkd puts a file");
+  if (st) await fs.unlink(target);
+  await mkdirInTree(tree, path.relative(tree, path.dirname(target)));
+  const handle = await fs.open(target, CREATE_FRESH, mode);
+  try {
+    await fill(handle);
+    await handle.chmod(mode);
+  } finally {
+    await handle.close();
+  }
+}
+
 /** Write a file into a root tree without following any symlink out of it; a symlink in the way is replaced. */
 async function putFile(
   tree: string,
@@ -478,16 +583,40 @@ async function putFile(
   mode = 0o644,
   opts: { keepExisting?: boolean } = {},
 ): Promise<void> {
-  const target = inTree(tree, rel);
-  const st = await fs.lstat(target).catch(() => undefined);
-  if (st && opts.keepExisting && !st.isSymbolicLink()) return;
-  if (st?.isSymbolicLink() || (st && !st.isDirectory())) await fs.rm(target, { force: true });
-  await fs.mkdir(path.dirname(target), { recursive: true, mode: 0o755 });
-  await fs.writeFile(target, data, { mode });
-  await fs.chmod(target, mode);
+  await createInTree(tree, rel, mode, (handle) => handle.writeFile(data), opts);
 }
 
-async function assembleRootTree(tree: string, inputs: Inputs, guestctl: string): Promise<void> {
+/** Copy a host file into the tree, streamed (node is ~100 MiB), with putFile's rules. */
+async function putFileFrom(tree: string, rel: string, source: string, mode: number): Promise<void> {
+  await createInTree(tree, rel, mode, async (handle) => {
+    const src = await fs.open(source, "r");
+    try {
+      const buf = Buffer.allocUnsafe(1 << 20);
+      for (;;) {
+        const { bytesRead } = await src.read(buf, 0, buf.length, null);
+        if (bytesRead === 0) break;
+        await handle.write(buf, 0, bytesRead);
+      }
+    } finally {
+      await src.close();
+    }
+  });
+}
+
+/**
+ * /opt/forkd is forkd's: whatever a root has there (a symlink, a file, an older
+ * forkd's files) is removed and replaced by a real directory holding only ours.
+ */
+async function freshForkdDir(tree: string): Promise<void> {
+  const opt = await mkdirInTree(tree, "opt");
+  const forkdDir = path.join(opt, "forkd");
+  // rm does not follow a symlink at the path it is given; `opt` itself was resolved inside the tree.
+  await fs.rm(forkdDir, { recursive: true, force: true });
+  await fs.mkdir(forkdDir, { mode: 0o755 });
+}
+
+async function assembleRootTree(tree: string, inputs: Inputs, guestctl: string, work: string): Promise<void> {
+  await freshForkdDir(tree);
   for (const d of [
     "bin",
     "sbin",
@@ -506,10 +635,10 @@ async function assembleRootTree(tree: string, inputs: Inputs, guestctl: string):
     "opt/forkd/lib",
   ]) {
     // A directory that is a symlink in the root is followed inside the root, never onto the host.
-    await fs.mkdir(inTree(tree, d, { followLast: true }), { recursive: true, mode: 0o755 });
+    await mkdirInTree(tree, d);
   }
-  await fs.chmod(inTree(tree, "tmp", { followLast: true }), 0o1777);
-  await fs.chmod(inTree(tree, "root", { followLast: true }), 0o700);
+  await chmodDirInTree(tree, "tmp", 0o1777);
+  await chmodDirInTree(tree, "root", 0o700);
   const busybox = await fs.readFile(inputs.busybox);
   // The guest init scripts call busybox by this path, whatever the root provides.
   await putFile(tree, "opt/forkd/bin/busybox", busybox, 0o755);
@@ -520,21 +649,23 @@ async function assembleRootTree(tree: string, inputs: Inputs, guestctl: string):
     const target = inTree(tree, applet);
     // A root that has the real tool keeps it; busybox fills the gaps.
     if (await fs.lstat(target).catch(() => undefined)) continue;
-    await fs.mkdir(path.dirname(target), { recursive: true });
+    await mkdirInTree(tree, path.relative(tree, path.dirname(target)));
+    // symlink(2) creates the link itself, never writing through one.
     await fs.symlink("/opt/forkd/bin/busybox", target);
   }
-  const nodeBin = inTree(tree, "opt/forkd/bin/node.bin");
+  // Stripped outside the tree (strip writes through symlinks), then copied in like any other file.
+  const nodeBin = path.join(work, "node.bin");
   await fs.copyFile(inputs.node, nodeBin);
   // Debug info is most of the host binary's size and the guest never needs it.
   const strip = await runProgram("strip", ["--strip-debug", nodeBin]).catch(() => undefined);
   if (strip && strip.code !== 0) await fs.copyFile(inputs.node, nodeBin);
-  await fs.chmod(nodeBin, 0o755);
-  for (const lib of inputs.nodeLibs)
-    await putFile(tree, `opt/forkd/lib/${path.basename(lib)}`, await fs.readFile(await fs.realpath(lib)), 0o755);
+  await putFileFrom(tree, "opt/forkd/bin/node.bin", nodeBin, 0o755);
+  await fs.rm(nodeBin, { force: true });
+  for (const lib of inputs.nodeLibs) await putFileFrom(tree, `opt/forkd/lib/${path.basename(lib)}`, await fs.realpath(lib), 0o755);
   await putFile(tree, "opt/forkd/bin/node", nodeWrapper(), 0o755);
-  await putFile(tree, "opt/forkd/agent.js", await fs.readFile(inputs.agentBundle));
-  await putFile(tree, "opt/forkd/pyworker.py", await fs.readFile(inputs.pyworker));
-  await putFile(tree, "opt/forkd/bin/forkd-guestctl", await fs.readFile(guestctl), 0o755);
+  await putFileFrom(tree, "opt/forkd/agent.js", inputs.agentBundle, 0o644);
+  await putFileFrom(tree, "opt/forkd/pyworker.py", inputs.pyworker, 0o644);
+  await putFileFrom(tree, "opt/forkd/bin/forkd-guestctl", guestctl, 0o755);
   await putFile(tree, "opt/forkd/init", stage2Init(), 0o755);
   await putFile(tree, "etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n", 0o644, {
     keepExisting: true,
