@@ -112,59 +112,149 @@ export type DecodedFrame = { ok: true; message: unknown } | { ok: false; error: 
 /**
  * Incremental frame decoder. Feed it bytes as they arrive; it yields every complete
  * frame. A frame whose JSON does not parse yields `{ok:false}` and decoding goes on
- * with the next frame. A header announcing more than `maxFrameBytes` cannot be
- * skipped safely (we would have to trust the length), so the decoder reports it and
- * discards everything buffered: the peer must resynchronise by reconnecting.
+ * with the next frame. A header announcing more than `maxFrameBytes` is refused from
+ * the header alone, before any of its body is buffered; it cannot be skipped safely
+ * (we would have to trust the length), so the decoder reports it and discards what
+ * follows up to that length: a peer that cares must resynchronise by reconnecting.
+ *
+ * Work is linear in the bytes received: a frame that fits in one read is parsed in
+ * place; a frame spread over reads gets one buffer of its announced size, which each
+ * read is copied into once. (Re-joining the whole partial buffer on every read made a
+ * 16 MiB frame in 64 KiB reads cost seconds; a list of read buffers would let a peer
+ * that trickles single bytes cost an object per byte.)
  */
 export class FrameDecoder {
-  private buffered: Buffer[] = [];
-  private bufferedBytes = 0;
+  private readonly header = Buffer.alloc(4);
+  private headerBytes = 0;
+  private body: Buffer | undefined;
+  private bodyBytes = 0;
   private skipBytes = 0;
 
   constructor(private readonly maxFrameBytes = MAX_FRAME_BYTES) {}
 
   push(chunk: Buffer): DecodedFrame[] {
-    if (this.skipBytes > 0) {
-      const skipped = Math.min(this.skipBytes, chunk.length);
-      this.skipBytes -= skipped;
-      chunk = chunk.subarray(skipped);
-      if (chunk.length === 0) return [];
-    }
-    this.buffered.push(chunk);
-    this.bufferedBytes += chunk.length;
     const out: DecodedFrame[] = [];
-    let data = this.buffered.length === 1 ? this.buffered[0]! : Buffer.concat(this.buffered);
     let offset = 0;
-    while (data.length - offset >= 4) {
-      const length = data.readUInt32BE(offset);
+    while (offset < chunk.length) {
+      if (this.skipBytes > 0) {
+        const skipped = Math.min(this.skipBytes, chunk.length - offset);
+        this.skipBytes -= skipped;
+        offset += skipped;
+        continue;
+      }
+      if (this.body) {
+        const n = Math.min(this.body.length - this.bodyBytes, chunk.length - offset);
+        chunk.copy(this.body, this.bodyBytes, offset, offset + n);
+        this.bodyBytes += n;
+        offset += n;
+        if (this.bodyBytes === this.body.length) {
+          const body = this.body;
+          this.body = undefined;
+          this.bodyBytes = 0;
+          out.push(parseBody(body));
+        }
+        continue;
+      }
+      let length: number;
+      if (this.headerBytes === 0 && chunk.length - offset >= 4) {
+        length = chunk.readUInt32BE(offset);
+        offset += 4;
+      } else {
+        const n = Math.min(4 - this.headerBytes, chunk.length - offset);
+        chunk.copy(this.header, this.headerBytes, offset, offset + n);
+        this.headerBytes += n;
+        offset += n;
+        if (this.headerBytes < 4) break;
+        this.headerBytes = 0;
+        length = this.header.readUInt32BE(0);
+      }
       if (length > this.maxFrameBytes) {
         out.push({ ok: false, error: `frame of ${length} bytes exceeds the ${this.maxFrameBytes}-byte limit` });
-        // Skip the oversized body so the stream stays aligned for the next frame.
-        const available = data.length - offset - 4;
-        if (available >= length) {
-          offset += 4 + length;
-          continue;
-        }
-        this.skipBytes = length - available;
-        offset = data.length;
-        break;
+        this.skipBytes = length;
+        continue;
       }
-      if (data.length - offset - 4 < length) break;
-      const body = data.subarray(offset + 4, offset + 4 + length);
-      offset += 4 + length;
-      try {
-        out.push({ ok: true, message: JSON.parse(body.toString("utf8")) });
-      } catch (err) {
-        out.push({ ok: false, error: `frame is not valid JSON: ${(err as Error).message}` });
+      if (chunk.length - offset >= length) {
+        out.push(parseBody(chunk.subarray(offset, offset + length)));
+        offset += length;
+        continue;
       }
+      this.body = Buffer.allocUnsafe(length);
+      this.bodyBytes = 0;
     }
-    data = data.subarray(offset);
-    this.buffered = data.length > 0 ? [data] : [];
-    this.bufferedBytes = data.length;
     return out;
   }
 
+  /** Bytes held for a frame not yet complete (its header and body so far). */
   get pendingBytes(): number {
-    return this.bufferedBytes;
+    return this.headerBytes + (this.body ? 4 + this.bodyBytes : 0);
+  }
+
+  /** The announced size of the frame in progress, or undefined between frames. */
+  get pendingFrameBytes(): number | undefined {
+    return this.body?.length;
+  }
+}
+
+function parseBody(body: Buffer): DecodedFrame {
+  try {
+    return { ok: true, message: JSON.parse(body.toString("utf8")) };
+  } catch {
+    // Not the parser's message: it quotes the peer's bytes, and these reasons end up in logs and terminals.
+    return { ok: false, error: `a frame of ${body.length} bytes is not valid JSON` };
+  }
+}
+
+export type ParsedResponse = { ok: true; frame: ResponseFrame } | { ok: false; error: string };
+
+const BASE64_RE = /^[A-Za-z0-9+/]*={0,2}$/;
+const ERROR_CODE_RE = /^[a-z][a-z0-9_]{0,63}$/;
+/** Longest agent error message passed on; the rest is cut (the agent's own are a line or two). */
+export const MAX_ERROR_MESSAGE_CHARS = 8192;
+
+/**
+ * Check a decoded frame from the guest against the shape of a ResponseFrame. The
+ * host runs this on every frame before touching a field: the guest is untrusted, and
+ * a `null`, an array or an id that is a string must be refused, not dereferenced.
+ */
+export function parseResponseFrame(message: unknown): ParsedResponse {
+  if (typeof message !== "object" || message === null || Array.isArray(message)) {
+    return {
+      ok: false,
+      error: `a frame must be a JSON object, got ${message === null ? "null" : Array.isArray(message) ? "an array" : `a ${typeof message}`}`,
+    };
+  }
+  const m = message as Record<string, unknown>;
+  if (typeof m.id !== "number" || !Number.isSafeInteger(m.id) || m.id < 0)
+    return { ok: false, error: "a frame's `id` must be a non-negative integer" };
+  const id = m.id;
+  switch (m.kind) {
+    case "chunk":
+      if (m.stream !== "stdout" && m.stream !== "stderr") return { ok: false, error: "a chunk's `stream` must be stdout or stderr" };
+      if (typeof m.data !== "string" || m.data.length % 4 !== 0 || !BASE64_RE.test(m.data)) {
+        return { ok: false, error: "a chunk's `data` must be base64" };
+      }
+      return { ok: true, frame: { id, kind: "chunk", stream: m.stream, data: m.data } };
+    case "result":
+      if (!("value" in m)) return { ok: false, error: "a result needs a `value`" };
+      return { ok: true, frame: { id, kind: "result", value: m.value } };
+    case "error": {
+      if (typeof m.code !== "string" || !ERROR_CODE_RE.test(m.code))
+        return { ok: false, error: "an error's `code` must be a short snake_case string" };
+      if (typeof m.message !== "string") return { ok: false, error: "an error's `message` must be a string" };
+      if (m.details !== undefined && (typeof m.details !== "object" || m.details === null || Array.isArray(m.details))) {
+        return { ok: false, error: "an error's `details` must be an object" };
+      }
+      const text = m.message.length > MAX_ERROR_MESSAGE_CHARS ? `${m.message.slice(0, MAX_ERROR_MESSAGE_CHARS)}…` : m.message;
+      const code = m.code as AgentErrorCode;
+      return {
+        ok: true,
+        frame:
+          m.details === undefined
+            ? { id, kind: "error", code, message: text }
+            : { id, kind: "error", code, message: text, details: m.details as Record<string, unknown> },
+      };
+    }
+    default:
+      return { ok: false, error: "a frame's `kind` must be chunk, result or error" };
   }
 }
