@@ -64,12 +64,21 @@ function enableSigio(): void {
     if (!sigioEnabled) console.error("forkd-agent: could not enable SIGIO on the agent port; polling instead");
   });
 }
-let writeChain: Promise<void> = Promise.resolve();
+// Answers leave through one queue, one frame at a time. It is measured so exec
+// output can wait for a slow host (see OutputFlow), and it is emptied when the host
+// hangs up: what it held was for that host, and the next one never asked for it.
+const QUEUE_HIGH_BYTES = 1024 * 1024;
+const queue: Buffer[] = [];
+let queuedBytes = 0;
+let writing = false;
+let connection = 0;
+const drainWaiters: (() => void)[] = [];
 
-function writeAll(buffer: Buffer): Promise<void> {
+function writeAll(buffer: Buffer, forConnection: number): Promise<void> {
   return new Promise((resolve) => {
     const step = (offset: number) => {
-      if (offset >= buffer.length) return resolve();
+      // A frame half written when its host left is not finished for the next one.
+      if (offset >= buffer.length || connection !== forConnection) return resolve();
       fs.write(fd, buffer, offset, buffer.length - offset, null, (err, written) => {
         // A write fails when the host has gone away; its answer has nobody to read it.
         if (err) return resolve();
@@ -80,6 +89,21 @@ function writeAll(buffer: Buffer): Promise<void> {
   });
 }
 
+function wakeDrained(): void {
+  if (queuedBytes >= QUEUE_HIGH_BYTES / 2) return;
+  for (const wake of drainWaiters.splice(0)) wake();
+}
+
+async function pump(): Promise<void> {
+  writing = true;
+  for (let next = queue.shift(); next; next = queue.shift()) {
+    await writeAll(next, connection);
+    queuedBytes = Math.max(0, queuedBytes - next.length);
+    wakeDrained();
+  }
+  writing = false;
+}
+
 function send(frame: ResponseFrame): void {
   let bytes: Buffer;
   try {
@@ -87,7 +111,16 @@ function send(frame: ResponseFrame): void {
   } catch (err) {
     bytes = encodeFrame({ id: frame.id, kind: "error", code: "too_large", message: (err as Error).message });
   }
-  writeChain = writeChain.then(() => writeAll(bytes));
+  queue.push(bytes);
+  queuedBytes += bytes.length;
+  if (!writing) void pump();
+}
+
+function hostLeft(): void {
+  connection++;
+  queue.length = 0;
+  queuedBytes = 0;
+  wakeDrained();
 }
 
 // Started at boot so the interpreter and its imports are warm in every snapshot.
@@ -104,6 +137,7 @@ const server = new AgentServer(send, {
   identity: { guestctl, hostnameFile: "/proc/sys/kernel/hostname" },
   ...(python ? { python } : {}),
   hostname: () => os.hostname(),
+  flow: { full: () => queuedBytes >= QUEUE_HIGH_BYTES, drained: () => new Promise<void>((r) => drainWaiters.push(r)) },
   stats: () => {
     const usage = process.resourceUsage();
     const elu = nodePerformance.eventLoopUtilization();
@@ -161,6 +195,7 @@ function readLoop(): void {
         // The host hung up: nobody will read the answers of what it started.
         connected = false;
         server.abortAll();
+        hostLeft();
         decoder = new FrameDecoder();
       }
       waitForHost(sigiosBeforeRead);

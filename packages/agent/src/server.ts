@@ -4,13 +4,14 @@
 
 import { AgentOpError } from "./ops/errors.js";
 import { JsEvaluator } from "./ops/eval.js";
-import { runExec } from "./ops/exec.js";
+import { type OutputFlow, runExec } from "./ops/exec.js";
 import { runFiles } from "./ops/files.js";
 import { applyIdentity, type IdentityDeps } from "./ops/identity.js";
 import type { PythonWorker } from "./ops/python.js";
 import { AGENT_VERSION, type AgentErrorCode, MAX_CONCURRENT_CALLS, type RequestFrame, type ResponseFrame } from "./protocol.js";
 
 export type Send = (frame: ResponseFrame) => void;
+export type { OutputFlow };
 
 export type AgentServerOpts = {
   /** The warm Python worker, where the image has Python. */
@@ -20,6 +21,7 @@ export type AgentServerOpts = {
   hostname?: () => string;
   /** Counters of the transport, reported by ping for diagnosis. */
   stats?: () => Record<string, unknown>;
+  flow?: OutputFlow;
 };
 
 type Running = { controller: AbortController };
@@ -29,12 +31,23 @@ export class AgentServer {
   private readonly startedAt = Date.now();
   private readonly evaluator = new JsEvaluator();
   private readonly maxConcurrentCalls: number;
+  // Calls of a host that hung up: their frames are dropped, not queued for the next
+  // host, which never asked for them and would count them as protocol violations.
+  private readonly orphaned = new Set<number>();
 
   constructor(
-    private readonly send: Send,
+    private readonly sendFrame: Send,
     private readonly opts: AgentServerOpts = {},
   ) {
     this.maxConcurrentCalls = opts.maxConcurrentCalls ?? MAX_CONCURRENT_CALLS;
+  }
+
+  private send(frame: ResponseFrame): void {
+    if (this.orphaned.has(frame.id)) {
+      if (frame.kind !== "chunk") this.orphaned.delete(frame.id);
+      return;
+    }
+    this.sendFrame(frame);
   }
 
   get inFlight(): number {
@@ -94,7 +107,12 @@ export class AgentServer {
           ...(this.opts.stats ? { stats: this.opts.stats() } : {}),
         };
       case "exec":
-        return runExec(request, signal, (stream, data) => this.send({ id, kind: "chunk", stream, data: data.toString("base64") }));
+        return runExec(
+          request,
+          signal,
+          (stream, data) => this.send({ id, kind: "chunk", stream, data: data.toString("base64") }),
+          this.opts.flow,
+        );
       case "eval":
         if (request.language === "python") {
           if (!this.opts.python) {
@@ -122,7 +140,10 @@ export class AgentServer {
 
   /** Abort everything in flight: used when the host side disconnects. */
   abortAll(): void {
-    for (const { controller } of this.running.values()) controller.abort();
+    for (const [id, { controller }] of this.running) {
+      this.orphaned.add(id);
+      controller.abort();
+    }
   }
 }
 

@@ -7,6 +7,9 @@ const DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/b
 
 export type ChunkSink = (stream: "stdout" | "stderr", data: Buffer) => void;
 
+/** How exec output waits for a slow host: the transport says when its queue is full and when it drained. */
+export type OutputFlow = { full: () => boolean; drained: () => Promise<void> };
+
 export function validateExec(request: ExecRequest): { file: string; args: string[] } {
   const { argv, cmd } = request;
   if ((argv === undefined) === (cmd === undefined)) {
@@ -50,7 +53,7 @@ function validateEnv(env: unknown): Record<string, string> {
  * Run a process in its own process group so a timeout or cancel kills everything it
  * started. Output streams back as chunks while it runs.
  */
-export function runExec(request: ExecRequest, signal: AbortSignal, onChunk: ChunkSink): Promise<ExecResult> {
+export function runExec(request: ExecRequest, signal: AbortSignal, onChunk: ChunkSink, flow?: OutputFlow): Promise<ExecResult> {
   const { file, args } = validateExec(request);
   const timeoutMs = validateTimeout(request.timeoutMs);
   const env = { PATH: DEFAULT_PATH, HOME: "/root", TERM: "dumb", LANG: "C.UTF-8", ...validateEnv(request.env) };
@@ -89,8 +92,23 @@ export function runExec(request: ExecRequest, signal: AbortSignal, onChunk: Chun
       if (result instanceof Error) reject(result);
       else resolve(result);
     };
-    child.stdout.on("data", (data: Buffer) => onChunk("stdout", data));
-    child.stderr.on("data", (data: Buffer) => onChunk("stderr", data));
+    // Output faster than the port drains stops the process on a full pipe instead of
+    // piling up in the agent: memory stays bounded and a cancel finds little queued.
+    let paused = false;
+    const onData = (stream: "stdout" | "stderr") => (data: Buffer) => {
+      onChunk(stream, data);
+      if (!flow || paused || !flow.full()) return;
+      paused = true;
+      child.stdout.pause();
+      child.stderr.pause();
+      void flow.drained().then(() => {
+        paused = false;
+        child.stdout.resume();
+        child.stderr.resume();
+      });
+    };
+    child.stdout.on("data", onData("stdout"));
+    child.stderr.on("data", onData("stderr"));
     child.on("error", (err: NodeJS.ErrnoException) => {
       const durationMs = performance.now() - started;
       // Mirror a shell: a missing program is exit 127, an unexecutable one 126.
