@@ -154,7 +154,8 @@ class DirectBackend implements Backend {
           ...(a.timeoutMs ? { timeoutMs: a.timeoutMs } : {}),
           ...(a.stdin ? { stdin: a.stdin.toString("base64") } : {}),
         },
-        { onStdout, onStderr },
+        // Output goes straight to our stdout, not to memory: no cap.
+        { onStdout, onStderr, maxOutputBytes: Number.POSITIVE_INFINITY },
       );
       return { exitCode: res.exitCode, signal: res.signal, timedOut: res.timedOut };
     });

@@ -54,7 +54,7 @@ async function runOnce(command: string[], opts: RunOpts): Promise<number> {
     const started = performance.now();
     const result = await vm.agent.exec(
       { argv: command, ...(opts.timeoutMs ? { timeoutMs: opts.timeoutMs } : {}) },
-      { onStdout: (d) => process.stdout.write(d), onStderr: (d) => process.stderr.write(d) },
+      { onStdout: (d) => process.stdout.write(d), onStderr: (d) => process.stderr.write(d), maxOutputBytes: Number.POSITIVE_INFINITY },
     );
     const execMs = performance.now() - started;
     const t = performance.now();

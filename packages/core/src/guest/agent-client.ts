@@ -1,5 +1,12 @@
 // Host side of the guest agent channel: many concurrent calls over one
 // virtio-serial stream, matched by request id; exec output arrives as chunks.
+//
+// The guest is untrusted: every frame is checked against the protocol before any
+// field is used, and a frame that breaks it (malformed, oversize, for a call that
+// has finished or was never made, a flood after a cancel, an agent gone silent with
+// a cancel outstanding) closes the channel and is reported once through
+// onViolation. Nothing here throws out of a socket listener, and nothing a guest
+// sends is buffered beyond one frame or a call's output limit.
 import { randomInt } from "node:crypto";
 import net from "node:net";
 import {
@@ -10,46 +17,134 @@ import {
   type FilesRequest,
   FrameDecoder,
   type IdentityRequest,
+  MAX_EXEC_TIMEOUT_MS,
   type PingResult,
+  parseResponseFrame,
   type ResponseFrame,
 } from "@forkd/agent/protocol";
 import { ForkdError } from "../common/errors.js";
 
 type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;
 
-type Call = {
-  resolve: (value: unknown) => void;
-  reject: (err: Error) => void;
-  onChunk?: (stream: "stdout" | "stderr", data: Buffer) => void;
-  timer?: NodeJS.Timeout;
-  op: string;
+/** Default cap on the output one exec call delivers; FORKD_MAX_OUTPUT_BYTES overrides it. */
+export const DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024;
+
+export function defaultMaxOutputBytes(): number {
+  const raw = process.env.FORKD_MAX_OUTPUT_BYTES;
+  const value = raw === undefined ? Number.NaN : Number(raw);
+  return Number.isSafeInteger(value) && value > 0 ? value : DEFAULT_MAX_OUTPUT_BYTES;
+}
+
+// How long an agent may stay silent, once a call has been cancelled, before the
+// host gives up on it. Counted from the cancel or the last frame, whichever is later,
+// so an agent that is merely busy draining output is never cut off.
+const DEFAULT_SILENCE_GRACE_MS = 30_000;
+
+function silenceGraceMs(): number {
+  const value = Number(process.env.FORKD_AGENT_GRACE_MS);
+  return Number.isSafeInteger(value) && value > 0 ? value : DEFAULT_SILENCE_GRACE_MS;
+}
+
+// A host that hung up mid-call may leave a frame or two queued in the guest that
+// the next connection receives; a few such frames are dropped, more are a flood.
+const FOREIGN_FRAME_BUDGET = 16;
+// After a cancel, the agent may still send what it had queued for that call (it
+// queues at most about 1 MiB); beyond this it is ignoring the cancel.
+const CANCELLED_OUTPUT_BUDGET_BYTES = 8 * 1024 * 1024;
+const CANCELLED_OUTPUT_BUDGET_FRAMES = 32_768;
+// Cancelled ids still awaiting their last frame; the oldest is forgotten past this.
+const MAX_RETIRED_IDS = 4096;
+
+/** Host-side deadline of a call nobody gave one: never unbounded. */
+export function defaultDeadlineMs(request: { op: string; timeoutMs?: unknown }): number {
+  const own = typeof request.timeoutMs === "number" && request.timeoutMs > 0 ? request.timeoutMs : undefined;
+  switch (request.op) {
+    case "ping":
+      return 10_000;
+    case "exec":
+      // The agent enforces the command's own timeout; the margin covers its answer.
+      return (own ?? MAX_EXEC_TIMEOUT_MS) + 30_000;
+    case "eval":
+      return (own ?? 30_000) + 10_000;
+    case "identity":
+      return 30_000;
+    default:
+      return 60_000;
+  }
+}
+
+type OutputCap = {
+  max: number;
+  cancel: boolean;
+  bytes: number;
+  truncated: boolean;
+  cancelSent: boolean;
+  droppedBytes: number;
+  droppedFrames: number;
 };
 
+type Call = {
+  op: string;
+  resolve: (value: unknown) => void;
+  reject: (err: Error) => void;
+  validate: (value: unknown) => string | undefined;
+  onChunk?: (stream: "stdout" | "stderr", data: Buffer) => void;
+  output?: OutputCap;
+  timer?: NodeJS.Timeout;
+  startedAt: number;
+  cleanup?: () => void;
+};
+
+type Retired = { op: string; target?: number; chunkBytes: number; chunkFrames: number };
+
 export type CallOpts = { timeoutMs?: number; signal?: AbortSignal };
-export type ExecOpts = CallOpts & { onStdout?: (data: Buffer) => void; onStderr?: (data: Buffer) => void };
+export type ExecOpts = CallOpts & {
+  onStdout?: (data: Buffer) => void;
+  onStderr?: (data: Buffer) => void;
+  /** Output delivered at most (stdout and stderr together); the rest is dropped. Infinity for none. */
+  maxOutputBytes?: number;
+  /** Past maxOutputBytes, cancel the command rather than let it run on with its output dropped. */
+  cancelOnOutputLimit?: boolean;
+};
+export type ExecOutcome = ExecResult & { truncated: boolean };
+export type ConnectOpts = { timeoutMs?: number; onViolation?: (reason: string) => void };
 
 export class AgentClient {
   private readonly decoder = new FrameDecoder();
   private readonly calls = new Map<number, Call>();
+  private readonly retired = new Map<number, Retired>();
+  private readonly pendingCancels = new Set<number>();
+  private readonly violationListeners: ((reason: string) => void)[] = [];
   // A fresh connection starts from a random id so answers still in flight for an
   // earlier connection's ids can never be mistaken for ours.
-  private nextId = randomInt(1, 2 ** 30);
+  private readonly firstId = randomInt(1, 2 ** 30);
+  private nextId = this.firstId;
   private closed = false;
+  private foreignFrames = 0;
+  private answered = false;
+  private silentSince = 0;
+  private silenceTimer: NodeJS.Timeout | undefined;
+  private readonly graceMs = silenceGraceMs();
+  /** Why the channel was closed as hostile, if it was. */
+  violation: string | undefined;
 
   private constructor(
     private readonly socket: net.Socket,
     readonly socketPath: string,
   ) {
     socket.on("data", (chunk: Buffer) => {
-      for (const frame of this.decoder.push(chunk)) {
-        if (frame.ok) this.onFrame(frame.message as ResponseFrame);
+      try {
+        this.onData(chunk);
+      } catch (err) {
+        // Whatever went wrong, it went wrong on this guest's bytes: close its channel, never the process.
+        this.violate(`a frame could not be handled (${(err as Error).message})`);
       }
     });
-    socket.on("close", () => this.failAll("the agent connection closed"));
-    socket.on("error", () => this.failAll("the agent connection failed"));
+    socket.on("close", () => this.failAll((op) => `the agent connection closed while ${op} was in flight`));
+    socket.on("error", () => this.failAll((op) => `the agent connection failed while ${op} was in flight`));
   }
 
-  static async connect(socketPath: string, opts: { timeoutMs?: number } = {}): Promise<AgentClient> {
+  static async connect(socketPath: string, opts: ConnectOpts = {}): Promise<AgentClient> {
     const deadline = Date.now() + (opts.timeoutMs ?? 10_000);
     for (;;) {
       try {
@@ -62,7 +157,9 @@ export class AgentClient {
           s.once("error", reject);
         });
         socket.setNoDelay?.(true);
-        return new AgentClient(socket, socketPath);
+        const client = new AgentClient(socket, socketPath);
+        if (opts.onViolation) client.onViolation(opts.onViolation);
+        return client;
       } catch (err) {
         const code = (err as NodeJS.ErrnoException).code;
         if ((code === "ENOENT" || code === "ECONNREFUSED") && Date.now() < deadline) {
@@ -74,104 +171,361 @@ export class AgentClient {
     }
   }
 
-  private onFrame(frame: ResponseFrame): void {
-    const call = this.calls.get(frame.id);
-    if (!call) return;
-    if (frame.kind === "chunk") {
-      call.onChunk?.(frame.stream, Buffer.from(frame.data, "base64"));
+  /** Be told (once) when the guest breaks the protocol; at once if it already has. */
+  onViolation(listener: (reason: string) => void): void {
+    if (this.violation !== undefined) {
+      safely(() => listener(this.violation!));
       return;
     }
-    this.calls.delete(frame.id);
-    if (call.timer) clearTimeout(call.timer);
-    if (frame.kind === "result") call.resolve(frame.value);
-    else call.reject(new AgentCallError(frame.code, frame.message, frame.details));
+    this.violationListeners.push(listener);
   }
 
-  private failAll(reason: string): void {
+  private onData(chunk: Buffer): void {
+    for (const decoded of this.decoder.push(chunk)) {
+      if (this.closed) return;
+      if (!decoded.ok) {
+        this.violate(decoded.error);
+        return;
+      }
+      const parsed = parseResponseFrame(decoded.message);
+      if (!parsed.ok) {
+        this.violate(parsed.error);
+        return;
+      }
+      this.onFrame(parsed.frame);
+    }
+  }
+
+  private onFrame(frame: ResponseFrame): void {
+    const call = this.calls.get(frame.id);
+    if (call) {
+      this.heard();
+      this.onCallFrame(frame.id, call, frame);
+      return;
+    }
+    const retired = this.retired.get(frame.id);
+    if (retired) {
+      this.heard();
+      if (frame.kind === "chunk") {
+        retired.chunkBytes += base64Bytes(frame.data);
+        retired.chunkFrames++;
+        if (retired.chunkBytes > CANCELLED_OUTPUT_BUDGET_BYTES || retired.chunkFrames > CANCELLED_OUTPUT_BUDGET_FRAMES) {
+          this.violate(`the agent kept sending output for ${retired.op} call ${frame.id} after it was cancelled`);
+        }
+        return;
+      }
+      this.retired.delete(frame.id);
+      this.pendingCancels.delete(frame.id);
+      return;
+    }
+    if (frame.id >= this.firstId && frame.id < this.nextId) {
+      this.violate(`a ${frame.kind} frame for call ${frame.id}, which had already finished`);
+      return;
+    }
+    this.foreignFrames++;
+    if (this.foreignFrames > FOREIGN_FRAME_BUDGET) {
+      this.violate(`${this.foreignFrames} frames for ids this connection never used (the last for id ${frame.id})`);
+    }
+  }
+
+  private onCallFrame(id: number, call: Call, frame: ResponseFrame): void {
+    if (frame.kind === "chunk") {
+      if (!call.output) {
+        this.violate(`an output chunk for a ${call.op} call, which has no output`);
+        return;
+      }
+      const out = call.output;
+      if (out.truncated) {
+        out.droppedBytes += base64Bytes(frame.data);
+        out.droppedFrames++;
+        if (out.cancelSent && (out.droppedBytes > CANCELLED_OUTPUT_BUDGET_BYTES || out.droppedFrames > CANCELLED_OUTPUT_BUDGET_FRAMES)) {
+          this.violate(`the agent kept sending output for exec call ${id} after it was cancelled`);
+        }
+        return;
+      }
+      let data = Buffer.from(frame.data, "base64");
+      if (data.length > out.max - out.bytes) {
+        data = data.subarray(0, out.max - out.bytes);
+        out.truncated = true;
+      }
+      out.bytes += data.length;
+      if (data.length > 0 && call.onChunk) {
+        const onChunk = call.onChunk;
+        const stream = frame.stream;
+        safely(() => onChunk(stream, data));
+      }
+      if (out.truncated && out.cancel) {
+        out.cancelSent = true;
+        this.sendCancel(id);
+      }
+      return;
+    }
+    this.settle(id, call);
+    if (frame.kind === "result") {
+      const problem = call.validate(frame.value);
+      if (problem !== undefined) {
+        this.violate(`the answer to ${call.op} call ${id} ${problem}`);
+        call.reject(new ForkdError("agent_error", `the agent's answer to ${call.op} ${problem}`));
+        return;
+      }
+      call.resolve(call.output ? { ...(frame.value as object), truncated: call.output.truncated } : frame.value);
+      return;
+    }
+    if (call.output?.cancelSent && frame.code === "cancelled") {
+      // We cancelled it for its output: the caller gets what fitted, marked as cut short.
+      call.resolve({
+        exitCode: null,
+        signal: "SIGKILL",
+        timedOut: false,
+        durationMs: performance.now() - call.startedAt,
+        truncated: true,
+      } satisfies ExecOutcome);
+      return;
+    }
+    call.reject(new AgentCallError(frame.code, frame.message, frame.details));
+  }
+
+  /** A call is over for the host: its timer and abort listener go. */
+  private settle(id: number, call: Call): void {
+    this.calls.delete(id);
+    if (call.timer) clearTimeout(call.timer);
+    call.cleanup?.();
+  }
+
+  private heard(): void {
+    this.answered = true;
+    this.silentSince = performance.now();
+  }
+
+  private violate(reason: string): void {
+    if (this.closed) return;
+    this.violation = reason;
+    this.socket.destroy();
+    // Listeners first (they record the sandbox as unhealthy), so a caller retrying on
+    // the rejection below already finds the sandbox marked.
+    for (const listener of this.violationListeners.splice(0)) safely(() => listener(reason));
+    this.failAll((op) => `the agent broke the protocol (${reason}); ${op} was abandoned and the channel closed`);
+  }
+
+  private failAll(message: (op: string) => string): void {
     if (this.closed) return;
     this.closed = true;
-    for (const [id, call] of this.calls) {
-      if (call.timer) clearTimeout(call.timer);
-      call.reject(new ForkdError("agent_error", `${reason} while ${call.op} was in flight`));
-      this.calls.delete(id);
+    if (this.silenceTimer) clearTimeout(this.silenceTimer);
+    for (const [id, call] of [...this.calls]) {
+      this.settle(id, call);
+      call.reject(new ForkdError("agent_error", message(call.op)));
     }
+    this.retired.clear();
+    this.pendingCancels.clear();
+  }
+
+  private sendCancel(target: number): void {
+    if (this.closed) return;
+    const id = this.nextId++;
+    this.retire(id, { op: "cancel", target, chunkBytes: 0, chunkFrames: 0 });
+    if (this.pendingCancels.size === 0) this.silentSince = performance.now();
+    this.pendingCancels.add(id);
+    this.armSilenceCheck();
+    this.socket.write(encodeFrame({ id, op: "cancel", target }));
+  }
+
+  private retire(id: number, entry: Retired): void {
+    this.retired.set(id, entry);
+    if (this.retired.size > MAX_RETIRED_IDS) {
+      const oldest = this.retired.keys().next().value;
+      if (oldest !== undefined) {
+        this.retired.delete(oldest);
+        this.pendingCancels.delete(oldest);
+      }
+    }
+  }
+
+  // An agent that has answered on this connection and then neither answers a cancel
+  // nor sends anything else for the grace period is hung or hostile. Before its first
+  // answer the guest may still be booting, so silence then proves nothing.
+  private armSilenceCheck(): void {
+    if (this.silenceTimer || this.closed) return;
+    const check = () => {
+      this.silenceTimer = undefined;
+      if (this.closed || this.pendingCancels.size === 0) return;
+      const silentMs = performance.now() - this.silentSince;
+      if (this.answered && silentMs >= this.graceMs) {
+        const pending = this.decoder.pendingBytes;
+        this.violate(
+          `the agent stopped answering: nothing for ${Math.round(silentMs / 1000)} s after a cancel${pending ? `, with ${pending} bytes of an unfinished frame` : ""}`,
+        );
+        return;
+      }
+      this.silenceTimer = setTimeout(check, Math.max(10, this.graceMs - silentMs));
+      this.silenceTimer.unref();
+    };
+    this.silenceTimer = setTimeout(check, this.graceMs);
+    this.silenceTimer.unref();
   }
 
   get isClosed(): boolean {
     return this.closed;
   }
 
-  call<T>(request: Record<string, unknown> & { op: string }, opts: CallOpts & { onChunk?: Call["onChunk"] } = {}): Promise<T> {
-    if (this.closed) return Promise.reject(new ForkdError("agent_error", "the agent connection is closed"));
+  call<T>(
+    request: Record<string, unknown> & { op: string },
+    opts: CallOpts & {
+      onChunk?: Call["onChunk"];
+      output?: { max: number; cancel: boolean };
+      validate?: (value: unknown) => string | undefined;
+    } = {},
+  ): Promise<T> {
+    if (this.closed) {
+      return Promise.reject(
+        new ForkdError(
+          "agent_error",
+          this.violation ? `the agent broke the protocol (${this.violation}); its channel is closed` : "the agent connection is closed",
+        ),
+      );
+    }
     const id = this.nextId++;
+    const timeoutMs = opts.timeoutMs ?? defaultDeadlineMs(request);
     return new Promise<T>((resolve, reject) => {
-      const call: Call = { resolve: resolve as (v: unknown) => void, reject, onChunk: opts.onChunk, op: request.op };
-      const cancel = (reason: string, code: "vm_timeout" | "agent_error") => {
-        if (!this.calls.has(id)) return;
-        this.calls.delete(id);
+      const call: Call = {
+        op: request.op,
+        resolve: resolve as (v: unknown) => void,
+        reject,
+        validate: opts.validate ?? isObjectValue,
+        startedAt: performance.now(),
+        ...(opts.onChunk ? { onChunk: opts.onChunk } : {}),
+        ...(opts.output
+          ? { output: { ...opts.output, bytes: 0, truncated: false, cancelSent: false, droppedBytes: 0, droppedFrames: 0 } }
+          : {}),
+      };
+      const giveUp = (reason: string, code: "vm_timeout" | "agent_error") => {
+        if (this.calls.get(id) !== call) return;
+        this.settle(id, call);
+        // Its late frames are expected: dropped, within a budget, not violations.
+        this.retire(id, { op: request.op, chunkBytes: 0, chunkFrames: 0 });
         // Tell the agent to stop the work; its answer to the cancel is not awaited.
-        this.socket.write(encodeFrame({ id: this.nextId++, op: "cancel", target: id }));
+        this.sendCancel(id);
         reject(new ForkdError(code, reason));
       };
-      if (opts.timeoutMs !== undefined) {
-        call.timer = setTimeout(
-          () => cancel(`agent ${request.op} did not answer within ${opts.timeoutMs} ms`, "vm_timeout"),
-          opts.timeoutMs,
-        );
+      call.timer = setTimeout(() => giveUp(`agent ${request.op} did not answer within ${timeoutMs} ms`, "vm_timeout"), timeoutMs);
+      const signal = opts.signal;
+      if (signal) {
+        const onAbort = () => giveUp(`agent ${request.op} was aborted`, "agent_error");
+        signal.addEventListener("abort", onAbort, { once: true });
+        call.cleanup = () => signal.removeEventListener("abort", onAbort);
       }
-      opts.signal?.addEventListener("abort", () => cancel(`agent ${request.op} was aborted`, "agent_error"), { once: true });
       this.calls.set(id, call);
       let frame: Buffer;
       try {
         frame = encodeFrame({ ...request, id });
       } catch (err) {
-        this.calls.delete(id);
-        if (call.timer) clearTimeout(call.timer);
+        this.settle(id, call);
         reject(new ForkdError("too_large", (err as Error).message));
         return;
       }
       this.socket.write(frame);
+      if (signal?.aborted) giveUp(`agent ${request.op} was aborted`, "agent_error");
     });
   }
 
   ping(opts?: CallOpts): Promise<PingResult> {
-    return this.call({ op: "ping" }, opts);
+    return this.call({ op: "ping" }, { ...opts, validate: validatePing });
   }
 
-  exec(request: Omit<ExecRequest, "op">, opts: ExecOpts = {}): Promise<ExecResult> {
+  exec(request: Omit<ExecRequest, "op">, opts: ExecOpts = {}): Promise<ExecOutcome> {
+    const { onStdout, onStderr, maxOutputBytes, cancelOnOutputLimit, ...callOpts } = opts;
     return this.call(
       { op: "exec", ...request },
       {
-        ...opts,
-        onChunk: (stream, data) => (stream === "stdout" ? opts.onStdout?.(data) : opts.onStderr?.(data)),
+        ...callOpts,
+        validate: validateExecResult,
+        output: { max: maxOutputBytes ?? defaultMaxOutputBytes(), cancel: cancelOnOutputLimit === true },
+        onChunk: (stream, data) => (stream === "stdout" ? onStdout?.(data) : onStderr?.(data)),
       },
     );
   }
 
   eval(code: string, opts: CallOpts & { evalTimeoutMs?: number; language?: "javascript" | "python" } = {}): Promise<EvalResult> {
+    const { evalTimeoutMs, language, ...callOpts } = opts;
     return this.call(
       {
         op: "eval",
         code,
-        ...(opts.evalTimeoutMs ? { timeoutMs: opts.evalTimeoutMs } : {}),
-        ...(opts.language ? { language: opts.language } : {}),
+        ...(evalTimeoutMs ? { timeoutMs: evalTimeoutMs } : {}),
+        ...(language ? { language } : {}),
       },
-      opts,
+      { ...callOpts, validate: validateEvalResult },
     );
   }
 
   files<T = unknown>(request: DistributiveOmit<FilesRequest, "op">, opts?: CallOpts): Promise<T> {
-    return this.call({ op: "files", ...(request as Record<string, unknown>) }, opts);
+    return this.call({ op: "files", ...(request as Record<string, unknown>) }, { ...opts, validate: isObjectValue });
   }
 
   identity(request: Omit<IdentityRequest, "op">, opts?: CallOpts): Promise<{ applied: string[] }> {
-    return this.call({ op: "identity", ...request }, opts);
+    return this.call({ op: "identity", ...request }, { ...opts, validate: validateIdentityResult });
   }
 
   close(): void {
     this.socket.destroy();
-    this.failAll("the agent connection was closed by the host");
+    this.failAll((op) => `the agent connection was closed by the host while ${op} was in flight`);
   }
+}
+
+function safely(work: () => void): void {
+  try {
+    work();
+  } catch {
+    // A consumer's failure is its own; the channel goes on.
+  }
+}
+
+/** Decoded size of a base64 string already checked to be well formed, without decoding it. */
+function base64Bytes(data: string): number {
+  const padding = data.endsWith("==") ? 2 : data.endsWith("=") ? 1 : 0;
+  return (data.length / 4) * 3 - padding;
+}
+
+function isObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
+}
+
+const isFiniteNumber = (v: unknown): v is number => typeof v === "number" && Number.isFinite(v);
+
+function isObjectValue(value: unknown): string | undefined {
+  return isObject(value) ? undefined : "is not an object";
+}
+
+function validatePing(value: unknown): string | undefined {
+  if (!isObject(value)) return "is not an object";
+  if (typeof value.version !== "string" || !isFiniteNumber(value.uptimeMs) || typeof value.hostname !== "string") {
+    return "lacks a string version and hostname and a numeric uptimeMs";
+  }
+  if (value.runtimes !== undefined && !(Array.isArray(value.runtimes) && value.runtimes.every((r) => typeof r === "string"))) {
+    return "has runtimes that are not strings";
+  }
+  return undefined;
+}
+
+function validateExecResult(value: unknown): string | undefined {
+  if (!isObject(value)) return "is not an object";
+  if (!(value.exitCode === null || Number.isSafeInteger(value.exitCode))) return "has an exitCode that is neither null nor an integer";
+  if (!(value.signal === null || typeof value.signal === "string")) return "has a signal that is neither null nor a string";
+  if (typeof value.timedOut !== "boolean" || !isFiniteNumber(value.durationMs)) return "lacks a boolean timedOut and a numeric durationMs";
+  return undefined;
+}
+
+function validateEvalResult(value: unknown): string | undefined {
+  if (!isObject(value) || !("value" in value)) return "is not an object with a value";
+  if (typeof value.type !== "string" || !isFiniteNumber(value.durationMs)) return "lacks a string type and a numeric durationMs";
+  if (value.stdout !== undefined && typeof value.stdout !== "string") return "has a stdout that is not a string";
+  return undefined;
+}
+
+function validateIdentityResult(value: unknown): string | undefined {
+  if (!isObject(value) || !Array.isArray(value.applied) || !value.applied.every((a) => typeof a === "string")) {
+    return "lacks an applied list of strings";
+  }
+  return undefined;
 }
 
 /** An error the agent itself reported (bad request, file not found, eval exception…). */
