@@ -13,6 +13,9 @@ export type AuditEntry = {
   error_code?: string;
 };
 
+/** Something the daemon noticed outside any request: a guest that broke the agent protocol. */
+export type AuditEvent = { ts: string; event: "sandbox_unhealthy"; sandboxes: string[]; reason: string };
+
 /** Append-only JSON lines. Reopened on SIGHUP so logrotate can move the file away. Never given headers: no token can land here. */
 export class AuditLog {
   private fd: number | undefined;
@@ -32,7 +35,7 @@ export class AuditLog {
     this.open();
   }
 
-  write(entry: AuditEntry): void {
+  write(entry: AuditEntry | AuditEvent): void {
     if (this.fd === undefined) return;
     fs.writeSync(this.fd, `${JSON.stringify(entry)}\n`);
   }

@@ -1,4 +1,4 @@
-import { type AgentClient, connectSandbox, validateSandboxId } from "@forkd/core";
+import { type AgentClient, connectSandbox, validateSandboxId, watchAgentHealth } from "@forkd/core";
 
 /**
  * One persistent agent connection per sandbox. The virtio-serial chardev takes
@@ -7,6 +7,9 @@ import { type AgentClient, connectSandbox, validateSandboxId } from "@forkd/core
  */
 export class AgentPool {
   private readonly agents = new Map<string, Promise<AgentClient>>();
+
+  /** `onUnhealthy` hears of every guest that breaks the protocol (its row is marked already). */
+  constructor(private readonly onUnhealthy?: (id: string, reason: string) => void) {}
 
   /**
    * The agent of a sandbox for an API call. An open pooled connection proves the
@@ -30,7 +33,9 @@ export class AgentPool {
   }
 
   private connect(id: string): Promise<AgentClient> {
-    const pending = connectSandbox(id);
+    // An unhealthy sandbox is refused here at once (409), so a hostile guest is never
+    // reconnected to in a loop.
+    const pending = connectSandbox(id, undefined, this.onUnhealthy);
     this.agents.set(id, pending);
     pending.catch(() => this.agents.delete(id));
     return pending;
@@ -38,6 +43,7 @@ export class AgentPool {
 
   /** Adopt a connection someone else opened (the fork path already has one). */
   adopt(id: string, agent: AgentClient): void {
+    watchAgentHealth(id, agent, this.onUnhealthy);
     this.agents.set(id, Promise.resolve(agent));
   }
 

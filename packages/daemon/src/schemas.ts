@@ -97,6 +97,9 @@ export const Sandbox = z.object({
   memory_limit_mib: z.number().nullable(),
   expires_at: z.string().nullable(),
   metadata: z.record(z.string(), z.string()),
+  /** "unhealthy": its guest broke the agent protocol; agent calls answer 409 until it is killed. */
+  health: z.enum(["healthy", "unhealthy"]),
+  health_reason: z.string().nullable(),
 });
 export const SandboxList = z.object({ sandboxes: z.array(Sandbox) });
 

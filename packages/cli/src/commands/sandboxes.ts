@@ -92,12 +92,13 @@ export function registerSandboxes(program: Command): void {
         process.stdout.write("no sandboxes; start some with `forkd fork --tag TAG -n N`\n");
         return;
       }
-      const table = plainTable(["ID", "TAG", "STATE", "PID", "MEMORY", "LIMIT", "NETWORK", "CREATED"]);
+      const table = plainTable(["ID", "TAG", "STATE", "HEALTH", "PID", "MEMORY", "LIMIT", "NETWORK", "CREATED"]);
       for (const r of rows) {
         table.push([
           r.id,
           r.snapshot_tag ?? "-",
           r.state,
+          r.health === "unhealthy" ? `unhealthy: ${r.health_reason ?? "broke the agent protocol"}` : "ok",
           r.pid,
           `${r.memory_mib} MiB`,
           r.memory_limit_mib ? `${r.memory_limit_mib} MiB` : "-",

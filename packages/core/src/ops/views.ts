@@ -33,6 +33,9 @@ export type ApiSandbox = {
   memory_limit_mib: number | null;
   expires_at: string | null;
   metadata: Record<string, string>;
+  /** "unhealthy" once its guest broke the agent protocol; its agent calls are refused from then on. */
+  health: "healthy" | "unhealthy";
+  health_reason: string | null;
 };
 
 export function apiSnapshotView(s: SnapshotInfo): ApiSnapshot {
@@ -68,5 +71,7 @@ export function apiSandboxView(s: SandboxInfo): ApiSandbox {
     memory_limit_mib: s.memory_limit_mib,
     expires_at: s.expires_at_ms ? new Date(s.expires_at_ms).toISOString() : null,
     metadata: s.metadata ? (JSON.parse(s.metadata) as Record<string, string>) : {},
+    health: s.health === "unhealthy" ? "unhealthy" : "healthy",
+    health_reason: s.health_reason ?? null,
   };
 }

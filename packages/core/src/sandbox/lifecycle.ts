@@ -1,7 +1,7 @@
 // Sandboxes after their birth: find them from any process (SQLite), check they live, tear them down.
 import { ForkdError } from "../common/errors.js";
 import { validateSandboxId } from "../common/validate.js";
-import type { AgentClient } from "../guest/agent-client.js";
+import { AgentClient } from "../guest/agent-client.js";
 import { waitForAgent } from "../guest/agent-wait.js";
 import { type SandboxRow, sandboxes } from "../store/state.js";
 import { runtimePaths } from "../vmm/plan.js";
@@ -33,10 +33,44 @@ export function listSandboxes(): SandboxInfo[] {
   return sandboxes.list().map((row) => ({ ...row, alive: sandboxAlive(row) }));
 }
 
-/** Connect to a sandbox's agent. One client at a time: the chardev queues a second until the first leaves. */
-export async function connectSandbox(id: string, timeoutMs = 30_000): Promise<AgentClient> {
+/**
+ * Connect to a sandbox's agent. One client at a time: the chardev queues a second until the first leaves.
+ * A sandbox whose guest broke the protocol is refused at once: reconnecting would only
+ * hand the same hostile guest another channel. `onUnhealthy` hears of a violation on this one.
+ */
+export async function connectSandbox(
+  id: string,
+  timeoutMs = 30_000,
+  onUnhealthy?: (id: string, reason: string) => void,
+): Promise<AgentClient> {
   const row = getSandbox(id);
-  return waitForAgent(runtimePaths(row.run_dir).agent, timeoutMs, row.run_dir);
+  refuseUnhealthy(row);
+  const socketPath = runtimePaths(row.run_dir).agent;
+  const agent = await AgentClient.connect(socketPath, { timeoutMs });
+  watchAgentHealth(id, agent, onUnhealthy);
+  return waitForAgent(socketPath, timeoutMs, row.run_dir, undefined, undefined, agent);
+}
+
+/** Record a protocol violation on the sandbox's row when its agent channel reports one. */
+export function watchAgentHealth(id: string, agent: AgentClient, onUnhealthy?: (id: string, reason: string) => void): void {
+  agent.onViolation((reason) => {
+    const clean = reason.replace(/[^\x20-\x7e]/g, "?").slice(0, 500);
+    try {
+      sandboxes.markUnhealthy(id, clean);
+    } catch {
+      // The state file being busy must not turn a guest's misbehaviour into ours.
+    }
+    onUnhealthy?.(id, clean);
+  });
+}
+
+export function refuseUnhealthy(row: Pick<SandboxRow, "id" | "health" | "health_reason">): void {
+  if (row.health !== "unhealthy") return;
+  throw new ForkdError(
+    "invalid_state",
+    `sandbox ${row.id} is unhealthy (${row.health_reason ?? "its guest broke the agent protocol"}); its agent is no longer trusted: kill it`,
+    { id: row.id, health: "unhealthy", health_reason: row.health_reason ?? null },
+  );
 }
 
 export async function killSandbox(id: string): Promise<void> {

@@ -26,6 +26,9 @@ export type SandboxRow = {
   expires_at_ms: number | null;
   /** User-supplied string pairs, JSON-encoded. */
   metadata: string | null;
+  /** "unhealthy" once its guest broke the agent protocol (never cleared: kill it); null while healthy. */
+  health?: "unhealthy" | null;
+  health_reason?: string | null;
 };
 
 export type BranchRow = {
@@ -104,6 +107,8 @@ function migrate(database: Database.Database): void {
   const columns = new Set((database.prepare("PRAGMA table_info(sandboxes)").all() as { name: string }[]).map((c) => c.name));
   if (!columns.has("expires_at_ms")) database.exec("ALTER TABLE sandboxes ADD COLUMN expires_at_ms INTEGER");
   if (!columns.has("metadata")) database.exec("ALTER TABLE sandboxes ADD COLUMN metadata TEXT");
+  if (!columns.has("health")) database.exec("ALTER TABLE sandboxes ADD COLUMN health TEXT");
+  if (!columns.has("health_reason")) database.exec("ALTER TABLE sandboxes ADD COLUMN health_reason TEXT");
 }
 
 export const sandboxes = {
@@ -126,6 +131,12 @@ export const sandboxes = {
   },
   setState(id: string, state: SandboxRow["state"]): void {
     openState().prepare("UPDATE sandboxes SET state = ? WHERE id = ?").run(state, id);
+  },
+  /** The first reason sticks: later violations of the same guest add nothing. */
+  markUnhealthy(id: string, reason: string): void {
+    openState()
+      .prepare("UPDATE sandboxes SET health = 'unhealthy', health_reason = COALESCE(health_reason, ?) WHERE id = ?")
+      .run(reason, id);
   },
   remove(id: string): void {
     openState().prepare("DELETE FROM sandboxes WHERE id = ?").run(id);
