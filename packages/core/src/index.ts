@@ -10,6 +10,8 @@ export * from "./common/validate.js";
 export * from "./guest/agent-client.js";
 export * from "./guest/agent-wait.js";
 export * from "./guest/image.js";
+export * from "./net/netns.js";
+export * from "./net/policy.js";
 export * from "./ops/cleanup.js";
 export * from "./ops/doctor.js";
 export * from "./ops/images.js";

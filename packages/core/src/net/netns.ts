@@ -1,0 +1,303 @@
+// The egress namespace of one forkd instance (one per FORKD_RUN_DIR): every VMM
+// with a NIC runs inside it, so user-mode networking's 10.0.2.2 is this
+// namespace's loopback (down: nothing listens there), not the host's. Its only
+// uplink is a veth pair to the host, masqueraded there; an nftables filter in the
+// namespace decides by the VMM's uid what each sandbox may reach (net/policy.ts).
+import { createHash } from "node:crypto";
+import fs from "node:fs";
+import path from "node:path";
+import { forkdRunDir } from "../common/config.js";
+import { ensureRuntimeDir } from "../common/dirs.js";
+import { ForkdError } from "../common/errors.js";
+import { runChecked, runProgram } from "../common/program.js";
+import {
+  type EgressLayout,
+  type EgressPolicy,
+  egressLayout,
+  inV4Cidr,
+  NS_TABLE,
+  parseResolvConf,
+  renderHostRemoval,
+  renderHostRuleset,
+  renderNamespaceRuleset,
+  renderSandboxRemoval,
+  renderSandboxRules,
+  uplinkSubnet,
+} from "./policy.js";
+
+const IP = "ip";
+const NFT = "nft";
+
+/** On unless turned off: FORKD_NETWORK_POLICY=off (or `forkd daemon --network-policy off`); doctor then fails its check. */
+export function egressPolicyEnabled(env = process.env): boolean {
+  return env.FORKD_NETWORK_POLICY !== "off";
+}
+
+/** A daemon started with the policy off leaves this mark, so `forkd doctor` run beside it knows. */
+function offMarkPath(): string {
+  return path.join(forkdRunDir(), "network-policy-off");
+}
+
+export function markEgressPolicy(enabled: boolean): void {
+  if (enabled) {
+    fs.rmSync(offMarkPath(), { force: true });
+    return;
+  }
+  ensureRuntimeDir();
+  fs.writeFileSync(offMarkPath(), "FORKD_NETWORK_POLICY=off\n", { mode: 0o600 });
+}
+
+export function egressPolicyMarkedOff(): boolean {
+  return fs.existsSync(offMarkPath());
+}
+
+function layoutHash(runDir = forkdRunDir()): string {
+  return createHash("sha256").update(path.resolve(runDir)).digest("hex").slice(0, 10);
+}
+
+function statePath(): string {
+  return path.join(forkdRunDir(), "netns.json");
+}
+
+type NamespaceState = EgressLayout & { subnetIndex: number; loopbackResolvers: string[] };
+
+export function netnsPath(name: string): string {
+  return `/run/netns/${name}`;
+}
+
+function readState(): NamespaceState | undefined {
+  try {
+    return JSON.parse(fs.readFileSync(statePath(), "utf8")) as NamespaceState;
+  } catch {
+    return undefined;
+  }
+}
+
+/** What stands in the way of applying the policy on this host, each with its fix. */
+export async function egressProblems(): Promise<{ detail: string; fix: string }[]> {
+  const problems: { detail: string; fix: string }[] = [];
+  if (process.geteuid?.() !== 0) {
+    problems.push({ detail: "network namespaces and nftables rules need root", fix: "run forkd as root" });
+  }
+  if (!fs.existsSync("/proc/self/ns/net")) {
+    problems.push({ detail: "this kernel has no network namespaces", fix: "use a kernel with CONFIG_NET_NS" });
+  }
+  const nft = await runProgram(NFT, ["--version"]).catch(() => undefined);
+  if (nft?.code !== 0) problems.push({ detail: "the nft program is not installed", fix: "apt-get install nftables" });
+  const ip = await runProgram(IP, ["-V"]).catch(() => undefined);
+  if (ip?.code !== 0) problems.push({ detail: "the ip program is not installed", fix: "apt-get install iproute2" });
+  const forward = readTrim("/proc/sys/net/ipv4/ip_forward");
+  if (forward !== "1") {
+    problems.push({
+      detail: "net.ipv4.ip_forward is off, so the namespace's traffic cannot be routed out",
+      fix: "sysctl -w net.ipv4.ip_forward=1 (`npm run setup` sets it and persists it in /etc/sysctl.d/60-forkd.conf)",
+    });
+  }
+  return problems;
+}
+
+function unsupported(problems: { detail: string; fix: string }[]): ForkdError {
+  return new ForkdError(
+    "not_supported",
+    `the network egress policy cannot be applied on this host: ${problems.map((p) => `${p.detail} (fix: ${p.fix})`).join("; ")}; or run without it, knowingly: \`forkd daemon --network-policy off\` / FORKD_NETWORK_POLICY=off (sandboxes then reach the host's loopback services and private networks, and \`forkd doctor\` reports a failed check)`,
+    { problems },
+  );
+}
+
+/**
+ * The namespace path VMMs with a NIC run in, created on first use (idempotent, and
+ * safe against other forkd processes of the same runtime dir), or undefined when
+ * the policy is off.
+ */
+export async function ensureEgressNamespace(): Promise<string | undefined> {
+  if (!egressPolicyEnabled()) return undefined;
+  const existing = readState();
+  if (existing && isComplete(existing)) return netnsPath(existing.netns);
+  const problems = await egressProblems();
+  if (problems.length) throw unsupported(problems);
+  return withLock(async () => {
+    const again = readState();
+    if (again && isComplete(again)) return netnsPath(again.netns);
+    await removeLayout(again ?? egressLayout(layoutHash(), 0));
+    const state = await createNamespace();
+    fs.writeFileSync(statePath(), `${JSON.stringify(state)}\n`, { mode: 0o600 });
+    return netnsPath(state.netns);
+  });
+}
+
+function isComplete(s: NamespaceState): boolean {
+  return fs.existsSync(netnsPath(s.netns)) && fs.existsSync(`/sys/class/net/${s.hostVeth}`);
+}
+
+async function createNamespace(): Promise<NamespaceState> {
+  const hash = layoutHash();
+  const taken = await hostV4Addresses();
+  let subnetIndex = Number.parseInt(hash.slice(0, 6), 16);
+  // Another forkd instance's uplink (or anything else on the host) may hold this /30 already.
+  for (let i = 0; i < 256; i++, subnetIndex++) {
+    const { hostAddr } = uplinkSubnet(subnetIndex);
+    const net = `${hostAddr.replace(/\.\d+$/, `.${Number(hostAddr.split(".")[3]) - 1}`)}/30`;
+    if (!taken.some((a) => inV4Cidr(a, net))) break;
+  }
+  const layout = egressLayout(hash, subnetIndex);
+  const resolvers = parseResolvConf(readTrim("/etc/resolv.conf") ?? "");
+  const hostAddrs = [...taken, ...(await hostV6Addresses())];
+  try {
+    await runChecked(IP, ["netns", "add", layout.netns]);
+    await runChecked(IP, ["link", "add", layout.hostVeth, "type", "veth", "peer", "name", layout.nsVeth, "netns", layout.netns]);
+    // No IPv6 on the uplink: the namespace has no v6 route out, and the host's side offers it no link-local address.
+    writeSysctl(`/proc/sys/net/ipv6/conf/${layout.hostVeth}/disable_ipv6`, "1");
+    await runChecked(IP, ["addr", "add", `${layout.hostAddr}/30`, "dev", layout.hostVeth]);
+    await runChecked(IP, ["link", "set", layout.hostVeth, "up"]);
+    await runChecked(IP, ["-n", layout.netns, "addr", "add", `${layout.nsAddr}/30`, "dev", layout.nsVeth]);
+    await runChecked(IP, ["-n", layout.netns, "link", "set", layout.nsVeth, "up"]);
+    await runChecked(IP, ["-n", layout.netns, "route", "add", "default", "via", layout.hostAddr]);
+    // The namespace's filter goes in before its host side opens: there is no moment without it.
+    await nftInNamespace(layout.netns, renderNamespaceRuleset({ nameservers: resolvers, hostAddrs }));
+    await runChecked(NFT, ["-f", "-"], { input: renderHostRuleset(layout, resolvers) });
+  } catch (err) {
+    await removeLayout(layout);
+    throw err;
+  }
+  return { ...layout, subnetIndex, loopbackResolvers: resolvers.loopback };
+}
+
+async function removeLayout(layout: Pick<EgressLayout, "netns" | "hostVeth" | "hostTable">): Promise<void> {
+  // Deleting the namespace deletes its end of the veth, and with it the host's end.
+  if (fs.existsSync(netnsPath(layout.netns))) await runProgram(IP, ["netns", "delete", layout.netns]).catch(() => {});
+  if (fs.existsSync(`/sys/class/net/${layout.hostVeth}`)) await runProgram(IP, ["link", "delete", layout.hostVeth]).catch(() => {});
+  await runProgram(NFT, ["-f", "-"], { input: renderHostRemoval(layout) }).catch(() => {});
+}
+
+function nftInNamespace(netns: string, ruleset: string) {
+  return runChecked(IP, ["netns", "exec", netns, NFT, "-f", "-"], { input: ruleset });
+}
+
+/** Install one sandbox's rules (keyed by its VMM uid) before its VMM starts. */
+export async function applySandboxEgress(uid: number, rules: EgressPolicy | "none"): Promise<void> {
+  const state = readState();
+  if (!state || !egressPolicyEnabled()) throw new ForkdError("internal", "the egress namespace is not set up");
+  await nftInNamespace(state.netns, renderSandboxRules(uid, rules));
+}
+
+/** Remove one sandbox's rules; nothing to do when the policy is off or the namespace is gone. */
+export async function removeSandboxEgress(uid: number | undefined): Promise<void> {
+  if (uid === undefined) return;
+  const state = readState();
+  if (!state || !fs.existsSync(netnsPath(state.netns))) return;
+  await nftInNamespace(state.netns, renderSandboxRemoval(uid)).catch(() => {});
+}
+
+/** uids with rules in the namespace (for cleanup to drop those whose sandbox is gone). */
+export async function sandboxEgressUids(): Promise<number[]> {
+  const state = readState();
+  if (!state || !fs.existsSync(netnsPath(state.netns))) return [];
+  const res = await runProgram(IP, ["netns", "exec", state.netns, NFT, "-j", "list", "map", "inet", NS_TABLE, "sandboxes"]);
+  if (res.code !== 0) return [];
+  const parsed = JSON.parse(res.stdout) as { nftables: { map?: { elem?: [number, unknown][] } }[] };
+  return parsed.nftables.flatMap((o) => (o.map?.elem ?? []).map((e) => Number(e[0])));
+}
+
+/** Pids of processes inside the namespace (by the namespace's inode): any one means it is in use. */
+export function namespacePids(netns: string): number[] {
+  let ino: number;
+  try {
+    ino = fs.statSync(netnsPath(netns)).ino;
+  } catch {
+    return [];
+  }
+  const pids: number[] = [];
+  for (const entry of fs.readdirSync("/proc")) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      if (fs.readlinkSync(`/proc/${entry}/ns/net`) === `net:[${ino}]`) pids.push(Number(entry));
+    } catch {
+      // exited, or not ours to read
+    }
+  }
+  return pids;
+}
+
+export type EgressNamespaceInfo = { netns: string; path: string; hostVeth: string; hostTable: string; loopbackResolvers: string[] };
+
+export function egressNamespaceInfo(): EgressNamespaceInfo | undefined {
+  const s = readState();
+  return s
+    ? { netns: s.netns, path: netnsPath(s.netns), hostVeth: s.hostVeth, hostTable: s.hostTable, loopbackResolvers: s.loopbackResolvers }
+    : undefined;
+}
+
+/** Remove this instance's namespace, veth and host table, unless a process still runs inside. */
+export async function removeEgressNamespace(): Promise<boolean> {
+  const state = readState() ?? { ...egressLayout(layoutHash(), 0) };
+  if (!readState() && !fs.existsSync(netnsPath(state.netns))) return false;
+  if (namespacePids(state.netns).length > 0) return false;
+  await removeLayout(state);
+  fs.rmSync(statePath(), { force: true });
+  return true;
+}
+
+async function withLock<T>(work: () => Promise<T>): Promise<T> {
+  ensureRuntimeDir();
+  const lock = path.join(forkdRunDir(), "netns.lock");
+  const deadline = Date.now() + 30_000;
+  for (;;) {
+    try {
+      fs.writeFileSync(lock, String(process.pid), { flag: "wx", mode: 0o600 });
+      break;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
+      const owner = Number(readTrim(lock));
+      if (!Number.isInteger(owner) || owner <= 0 || !pidAlive(owner)) {
+        fs.rmSync(lock, { force: true });
+        continue;
+      }
+      if (Date.now() > deadline) throw new ForkdError("vm_timeout", `waited 30 s for process ${owner} to set up the egress namespace`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+  try {
+    return await work();
+  } finally {
+    fs.rmSync(lock, { force: true });
+  }
+}
+
+function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
+async function hostV4Addresses(): Promise<string[]> {
+  return hostAddresses("-4");
+}
+
+async function hostV6Addresses(): Promise<string[]> {
+  return hostAddresses("-6");
+}
+
+async function hostAddresses(family: "-4" | "-6"): Promise<string[]> {
+  const res = await runChecked(IP, ["-j", family, "addr", "show"]);
+  const links = JSON.parse(res.stdout || "[]") as { addr_info?: { local?: string }[] }[];
+  return links.flatMap((l) => (l.addr_info ?? []).map((a) => a.local).filter((a): a is string => typeof a === "string"));
+}
+
+function writeSysctl(file: string, value: string): void {
+  try {
+    fs.writeFileSync(file, value);
+  } catch {
+    // No IPv6 on this host: nothing to turn off.
+  }
+}
+
+function readTrim(file: string): string | undefined {
+  try {
+    return fs.readFileSync(file, "utf8").trim();
+  } catch {
+    return undefined;
+  }
+}
