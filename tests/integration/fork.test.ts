@@ -4,7 +4,7 @@ import { spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import http from "node:http";
 import path from "node:path";
-import { connectSandbox, listSandboxes, listSnapshots } from "@forkd/core";
+import { cgroupDirs, connectSandbox, listSandboxes, listSnapshots } from "@forkd/core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { CLI, isolateForkd, qemuPidsUnder } from "../helpers/env.js";
 
@@ -169,12 +169,16 @@ describe("networking and limits", () => {
   it("puts a child under a memory cgroup and removes it with the child", () => {
     const [limited] = forkJson(["--tag", TAG, "-n", "1", "--memory-limit-mib", "512"]);
     const row = listSandboxes().find((s) => s.id === limited!.id);
-    expect(row?.cgroup).toBeTruthy();
-    const limitFile = ["memory.max", "memory.limit_in_bytes"].map((f) => path.join(row!.cgroup!, f)).find((f) => fs.existsSync(f));
+    // One dir on cgroup v2; on v1 one per hierarchy (memory, cpu).
+    const dirs = cgroupDirs(row?.cgroup);
+    expect(dirs.length).toBeGreaterThan(0);
+    const limitFile = dirs
+      .flatMap((d) => ["memory.max", "memory.limit_in_bytes"].map((f) => path.join(d, f)))
+      .find((f) => fs.existsSync(f));
     expect(Number(fs.readFileSync(limitFile!, "utf8"))).toBe(512 * 2 ** 20);
-    expect(fs.readFileSync(path.join(row!.cgroup!, "cgroup.procs"), "utf8")).toContain(String(row!.pid));
+    expect(fs.readFileSync(path.join(path.dirname(limitFile!), "cgroup.procs"), "utf8")).toContain(String(row!.pid));
     forkd(["kill", limited!.id]);
-    expect(fs.existsSync(row!.cgroup!)).toBe(false);
+    for (const dir of dirs) expect(fs.existsSync(dir)).toBe(false);
   });
 });
 

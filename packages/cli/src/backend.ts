@@ -59,6 +59,7 @@ export interface Backend {
     tag: string;
     n: number;
     memoryLimitMib?: number;
+    cpuLimit?: number;
     network: boolean;
     concurrency: number;
     onChild?: () => void;
@@ -114,6 +115,7 @@ class DirectBackend implements Backend {
       tag: a.tag,
       n: a.n,
       memoryLimitMib: a.memoryLimitMib,
+      cpuLimit: a.cpuLimit,
       network: a.network,
       concurrency: a.concurrency,
       onChild: a.onChild,
@@ -229,6 +231,7 @@ class DaemonBackend implements Backend {
         n: a.n,
         network: a.network,
         ...(a.memoryLimitMib ? { memory_limit_mib: a.memoryLimitMib } : {}),
+        ...(a.cpuLimit !== undefined ? { cpu_limit: a.cpuLimit } : {}),
       });
       return res.sandboxes;
     });

@@ -77,6 +77,8 @@ export const CreateSandboxesBody = z
     snapshot_tag: z.string(),
     n: z.number().int().optional(),
     memory_limit_mib: z.number().int().optional(),
+    /** CPUs each sandbox may use (a cgroup quota; fractions allowed, e.g. 0.5); its vCPUs by default. Out of range: 400. */
+    cpu_limit: z.number().optional(),
     network: z.boolean().optional(),
     /** Kill each sandbox this long after it starts (E2B's timeoutMs). */
     timeout_ms: z.number().int().optional(),

@@ -9,6 +9,8 @@ export type SandboxOpts = {
   /** The sandbox is killed this long after it starts; E2B's default is 5 minutes, and so is ours. */
   timeoutMs?: number;
   metadata?: Record<string, string>;
+  /** CPUs the sandbox may use (a cgroup quota; fractions allowed, e.g. 0.5); its vCPUs by default. */
+  cpuLimit?: number;
   controller?: Controller;
 };
 
@@ -169,6 +171,7 @@ export class Sandbox {
       n,
       timeout_ms: opts.timeoutMs ?? DEFAULT_TIMEOUT_MS,
       ...(opts.metadata ? { metadata: opts.metadata } : {}),
+      ...(opts.cpuLimit !== undefined ? { cpu_limit: opts.cpuLimit } : {}),
     });
     const failed = res.sandboxes.filter((s) => !s.ok);
     if (failed.length === res.sandboxes.length) {

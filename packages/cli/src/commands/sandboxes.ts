@@ -1,11 +1,25 @@
 import fs from "node:fs";
-import { cleanup, ForkdError } from "@forkd/core";
+import { cleanup, ForkdError, validateCpuLimit } from "@forkd/core";
 import type { Command } from "commander";
 import { type ForkRow, openBackend } from "../backend.js";
 import { percentile, round1 } from "../stats.js";
 import { collect, fmtMs, parseIntOption, plainTable, spinner } from "../ui.js";
 
-type ForkCliOpts = { tag: string; n: number; memoryLimitMib?: number; net: boolean; json?: boolean; concurrency: number };
+type ForkCliOpts = {
+  tag: string;
+  n: number;
+  memoryLimitMib?: number;
+  cpuLimit?: number;
+  net: boolean;
+  json?: boolean;
+  concurrency: number;
+};
+
+function parseCpuLimit(value: string): number {
+  if (!/^(\d+\.?\d*|\.\d+)$/.test(value))
+    throw new ForkdError("bad_request", `--cpu-limit must be a number of CPUs such as 0.5 or 2, got '${value}'`);
+  return validateCpuLimit(Number(value), "--cpu-limit");
+}
 
 export function registerSandboxes(program: Command): void {
   program
@@ -14,6 +28,7 @@ export function registerSandboxes(program: Command): void {
     .requiredOption("--tag <tag>", "snapshot to fork from")
     .option("-n, --count <n>", "number of children (1-1000)", parseIntOption("-n"), 1)
     .option("--memory-limit-mib <m>", "cap each child's host memory with a cgroup", parseIntOption("--memory-limit-mib"))
+    .option("--cpu-limit <cpus>", "cap each child's CPU use with a cgroup quota, fractions allowed (default: its vCPUs)", parseCpuLimit)
     .option("--no-net", "children get no outbound network (the NIC stays, isolated)")
     .option("--concurrency <n>", "restores in flight at once", parseIntOption("--concurrency"), 16)
     .option("--json", "print a JSON array of children with timings")
@@ -30,6 +45,7 @@ export function registerSandboxes(program: Command): void {
           tag: opts.tag,
           n,
           memoryLimitMib: opts.memoryLimitMib,
+          cpuLimit: opts.cpuLimit,
           network: opts.net,
           concurrency: opts.concurrency,
           onChild: () => {

@@ -4,6 +4,7 @@ import { chooseAccel } from "../boot/vm.js";
 import { qemuBinary } from "../common/config.js";
 import { runProgram } from "../common/program.js";
 import { discoverKernel, getImage } from "../guest/image.js";
+import { detectCgroups } from "../sandbox/cgroup.js";
 import { confinementEnabled, hiddenPaths, launcherPath, VMM_GID, VMM_UID_BASE, VMM_UID_COUNT } from "../vmm/confine.js";
 
 export type CheckStatus = "pass" | "warn" | "fail";
@@ -101,16 +102,18 @@ export async function runDoctor(opts: { accel?: string } = {}): Promise<Check[]>
           fix: "sysctl -w vm.unprivileged_userfaultfd=1 (npm run setup does it; see the README's security model for the trade-off)",
         },
   );
-  const cgroup = fs.existsSync("/sys/fs/cgroup/cgroup.controllers")
-    ? "v2 (unified)"
-    : fs.existsSync("/sys/fs/cgroup/memory")
-      ? "v1 (memory controller)"
-      : "none";
+  const cgroups = detectCgroups();
+  const controllers = cgroups ? (["memory", "cpu"] as const).filter((c) => Boolean(cgroups[c])) : [];
+  const missing = (["memory", "cpu"] as const).filter((c) => !controllers.includes(c));
   checks.push({
     name: "cgroups",
-    status: cgroup === "none" ? "warn" : "pass",
-    detail: cgroup,
-    ...(cgroup === "none" ? { fix: "mount a memory cgroup to use --memory-limit-mib" } : {}),
+    status: missing.length > 0 ? "warn" : "pass",
+    detail: cgroups ? `v${cgroups.version}: ${controllers.join(", ") || "neither memory nor cpu"}` : "none",
+    ...(missing.length > 0
+      ? {
+          fix: `mount the ${missing.join(" and ")} controller${missing.length > 1 ? "s" : ""}: without cpu, sandboxes run with no CPU quota (one spinning guest can starve the rest); without memory, --memory-limit-mib is refused`,
+        }
+      : {}),
   });
   return checks;
 }

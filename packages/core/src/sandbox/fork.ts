@@ -20,7 +20,7 @@ import {
   saveConsole,
 } from "../vmm/process.js";
 import { QmpClient } from "../vmm/qmp.js";
-import { limitMemory, removeCgroup } from "./cgroup.js";
+import { limitSandbox, removeCgroup, validateCpuLimit } from "./cgroup.js";
 
 export const MAX_FORK = 1000;
 
@@ -28,6 +28,8 @@ export type ForkOpts = {
   tag: string;
   n: number;
   memoryLimitMib?: number;
+  /** CPUs each child may use (a cgroup quota; fractions allowed); its vCPUs by default. */
+  cpuLimit?: number;
   network?: boolean;
   /** Restores in flight at once. */
   concurrency?: number;
@@ -68,6 +70,7 @@ export async function forkSandboxes(opts: ForkOpts): Promise<ForkChildResult[]> 
   if (opts.memoryLimitMib !== undefined && (!Number.isInteger(opts.memoryLimitMib) || opts.memoryLimitMib < 64)) {
     throw new ForkdError("bad_request", `--memory-limit-mib must be a whole number of at least 64, got ${opts.memoryLimitMib}`);
   }
+  if (opts.cpuLimit !== undefined) validateCpuLimit(opts.cpuLimit);
   if (opts.ttlMs !== undefined && (!Number.isInteger(opts.ttlMs) || opts.ttlMs < 1000 || opts.ttlMs > 30 * 24 * 3_600_000)) {
     throw new ForkdError("bad_request", `the sandbox timeout must be a whole number of ms from 1000 to 30 days, got ${opts.ttlMs}`);
   }
@@ -132,7 +135,12 @@ async function restoreChild(snapshot: SnapshotInfo, memoryPath: string, opts: Fo
       fs.closeSync(vmstate);
     }
     pid = launched.pid;
-    if (opts.memoryLimitMib !== undefined) cgroup = limitMemory(id, pid, opts.memoryLimitMib);
+    // Every child gets a CPU quota, asked for or not: a guest spinning all its vCPUs must not starve its neighbours.
+    cgroup = limitSandbox(id, pid, {
+      ...(opts.memoryLimitMib !== undefined ? { memoryMib: opts.memoryLimitMib } : {}),
+      cpus: opts.cpuLimit ?? snapshot.vcpus,
+      cpusRequested: opts.cpuLimit !== undefined,
+    });
     sandboxes.insert({
       id,
       tag: snapshot.tag,

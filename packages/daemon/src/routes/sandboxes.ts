@@ -33,6 +33,7 @@ export function registerSandboxRoutes({ r, ctx, err, touch }: RouteDeps): void {
       tag: body.snapshot_tag,
       n,
       memoryLimitMib: body.memory_limit_mib,
+      cpuLimit: body.cpu_limit,
       network: body.network,
       ...(body.timeout_ms !== undefined ? { ttlMs: body.timeout_ms } : {}),
       ...(body.metadata ? { metadata: body.metadata } : {}),
