@@ -9,6 +9,7 @@ import {
   apiSandboxView,
   apiSnapshotView,
   type BranchStatus,
+  compactSnapshot,
   connectSandbox,
   createSnapshot,
   ERROR_STATUS,
@@ -20,6 +21,8 @@ import {
   listSandboxes,
   listSnapshots,
   removeSnapshot,
+  type SnapshotDetails,
+  snapshotDetails,
   startBranch,
 } from "@forkd/core";
 import { Controller, ForkdApiError } from "@forkd/sdk";
@@ -54,13 +57,17 @@ export interface Backend {
   readonly kind: "daemon" | "direct";
   createSnapshot(args: SnapshotArgs): Promise<ApiSnapshot>;
   listSnapshots(): Promise<ApiSnapshot[]>;
-  removeSnapshot(tag: string, force: boolean): Promise<void>;
+  removeSnapshot(tag: string, opts: { force?: boolean; cascade?: boolean }): Promise<void>;
+  snapshotInfo(tag: string): Promise<SnapshotDetails>;
+  compactSnapshot(tag: string, to: string): Promise<ApiSnapshot>;
   fork(args: {
     tag: string;
     n: number;
     memoryLimitMib?: number;
     cpuLimit?: number;
     network: boolean;
+    allowOut?: string[];
+    denyOut?: string[];
     concurrency: number;
     onChild?: () => void;
   }): Promise<ForkRow[]>;
@@ -107,8 +114,14 @@ class DirectBackend implements Backend {
   async listSnapshots() {
     return (await listSnapshots()).map(apiSnapshotView);
   }
-  async removeSnapshot(tag: string, force: boolean) {
-    await removeSnapshot(tag, { force });
+  snapshotInfo(tag: string) {
+    return snapshotDetails(tag);
+  }
+  async compactSnapshot(tag: string, to: string) {
+    return apiSnapshotView(await compactSnapshot(tag, to));
+  }
+  async removeSnapshot(tag: string, opts: { force?: boolean; cascade?: boolean }) {
+    await removeSnapshot(tag, opts);
   }
   async fork(a: Parameters<Backend["fork"]>[0]) {
     const results = await forkSandboxes({
@@ -117,6 +130,8 @@ class DirectBackend implements Backend {
       memoryLimitMib: a.memoryLimitMib,
       cpuLimit: a.cpuLimit,
       network: a.network,
+      ...(a.allowOut?.length ? { allowOut: a.allowOut } : {}),
+      ...(a.denyOut?.length ? { denyOut: a.denyOut } : {}),
       concurrency: a.concurrency,
       onChild: a.onChild,
     });
@@ -221,8 +236,14 @@ class DaemonBackend implements Backend {
   listSnapshots() {
     return viaApi(async () => (await this.controller.listSnapshots()).snapshots);
   }
-  removeSnapshot(tag: string, force: boolean) {
-    return viaApi(() => this.controller.deleteSnapshot(tag, { force }));
+  removeSnapshot(tag: string, opts: { force?: boolean; cascade?: boolean }) {
+    return viaApi(() => this.controller.deleteSnapshot(tag, opts));
+  }
+  snapshotInfo(tag: string) {
+    return viaApi(() => this.controller.snapshotInfo(tag));
+  }
+  compactSnapshot(tag: string, to: string) {
+    return viaApi(() => this.controller.compactSnapshot(tag, to));
   }
   fork(a: Parameters<Backend["fork"]>[0]) {
     return viaApi(async () => {
@@ -232,6 +253,8 @@ class DaemonBackend implements Backend {
         network: a.network,
         ...(a.memoryLimitMib ? { memory_limit_mib: a.memoryLimitMib } : {}),
         ...(a.cpuLimit !== undefined ? { cpu_limit: a.cpuLimit } : {}),
+        ...(a.allowOut?.length ? { allow_out: a.allowOut } : {}),
+        ...(a.denyOut?.length ? { deny_out: a.denyOut } : {}),
       });
       return res.sandboxes;
     });

@@ -37,8 +37,24 @@ export const Snapshot = z.object({
   staged: z.boolean(),
   parent: z.string().nullable(),
   branched_from: z.string().nullable(),
+  /** "diff": only the pages that differ from `parent` are stored. */
+  storage: z.enum(["full", "diff"]),
+  /** Bytes this snapshot's own files take in the store (a diff layer: its pages only). */
+  physical_bytes: z.number(),
   status: z.literal("ready"),
 });
+export const SnapshotInfo = z.object({
+  tag: z.string(),
+  depth: z.number(),
+  ancestors: z.array(z.string()),
+  dependents: z.array(z.string()),
+  logical_bytes: z.number(),
+  physical_bytes: z.number(),
+  layers: z.array(
+    z.object({ tag: z.string(), kind: z.enum(["full", "diff"]), physical_bytes: z.number(), changed_pages: z.number().nullable() }),
+  ),
+});
+export const CompactBody = z.object({ to: z.string() }).strict();
 export const PendingSnapshot = z.object({
   tag: z.string(),
   status: z.enum(["writing", "failed"]),
@@ -80,6 +96,10 @@ export const CreateSandboxesBody = z
     /** CPUs each sandbox may use (a cgroup quota; fractions allowed, e.g. 0.5); its vCPUs by default. Out of range: 400. */
     cpu_limit: z.number().optional(),
     network: z.boolean().optional(),
+    /** Exceptions to the default egress deny: IP, CIDR, IP:PORT, [v6]:PORT or CIDR:PORT (allow_out wins over deny_out). */
+    allow_out: z.array(z.string()).optional(),
+    /** Destinations the default egress policy allows that these sandboxes may not reach. */
+    deny_out: z.array(z.string()).optional(),
     /** Kill each sandbox this long after it starts (E2B's timeoutMs). */
     timeout_ms: z.number().int().optional(),
     metadata: z.record(z.string(), z.string()).optional(),
@@ -96,6 +116,9 @@ export const Sandbox = z.object({
   memory_mib: z.number(),
   vcpus: z.number(),
   network: z.string(),
+  network_policy: z
+    .object({ mode: z.enum(["none", "public", "unfiltered"]), allow_out: z.array(z.string()), deny_out: z.array(z.string()) })
+    .nullable(),
   memory_limit_mib: z.number().nullable(),
   expires_at: z.string().nullable(),
   metadata: z.record(z.string(), z.string()),
@@ -139,6 +162,8 @@ export const ExecResponse = z.object({
   stdout: z.string(),
   stderr: z.string(),
   duration_ms: z.number(),
+  /** Output passed the daemon's limit (FORKD_MAX_OUTPUT_BYTES, default 16 MiB): the rest was dropped and the command killed. */
+  truncated: z.boolean(),
 });
 
 export const EvalBody = z
@@ -169,6 +194,7 @@ export const Version = z.object({ version: z.string(), api: z.literal("v1"), nod
 
 export type CreateSnapshotBodyT = z.infer<typeof CreateSnapshotBody>;
 export type SnapshotT = z.infer<typeof Snapshot>;
+export type SnapshotInfoT = z.infer<typeof SnapshotInfo>;
 export type CreateSandboxesBodyT = z.infer<typeof CreateSandboxesBody>;
 export type SandboxT = z.infer<typeof Sandbox>;
 export type ForkResultT = z.infer<typeof ForkResult>;

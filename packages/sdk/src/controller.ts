@@ -29,7 +29,14 @@ export class ForkdApiError extends Error {
 }
 
 export type ExecStreamOpts = { onStdout?: (data: Buffer) => void; onStderr?: (data: Buffer) => void; signal?: AbortSignal };
-export type ExecExit = { exit_code: number | null; signal: string | null; timed_out: boolean; duration_ms: number };
+export type ExecExit = {
+  exit_code: number | null;
+  signal: string | null;
+  timed_out: boolean;
+  duration_ms: number;
+  /** The daemon dropped output this client read too slowly to take (a `truncated` line marks each gap). */
+  truncated?: boolean;
+};
 
 function defaultHome(): string {
   return process.env.FORKD_HOME ?? "/var/lib/forkd";
@@ -136,8 +143,23 @@ export class Controller {
   getSnapshot(tag: string): Promise<S.SnapshotT> {
     return this.request("GET", `/v1/snapshots/${encodeURIComponent(tag)}`);
   }
-  deleteSnapshot(tag: string, opts: { force?: boolean } = {}): Promise<void> {
-    return this.request("DELETE", `/v1/snapshots/${encodeURIComponent(tag)}${opts.force ? "?force=true" : ""}`);
+  /** force: kill its live children; cascade: also remove the snapshots stored as layers on it. */
+  deleteSnapshot(tag: string, opts: { force?: boolean; cascade?: boolean } = {}): Promise<void> {
+    const query = new URLSearchParams({
+      ...(opts.force ? { force: "true" } : {}),
+      ...(opts.cascade ? { cascade: "true" } : {}),
+    }).toString();
+    return this.request("DELETE", `/v1/snapshots/${encodeURIComponent(tag)}${query ? `?${query}` : ""}`);
+  }
+
+  /** Depth, ancestors, dependents and layer sizes of a snapshot's chain. */
+  snapshotInfo(tag: string): Promise<S.SnapshotInfoT> {
+    return this.request("GET", `/v1/snapshots/${encodeURIComponent(tag)}/info`);
+  }
+
+  /** A standalone copy of a snapshot (its whole memory, no parent) under a new tag. */
+  compactSnapshot(tag: string, to: string): Promise<S.SnapshotT> {
+    return this.request("POST", `/v1/snapshots/${encodeURIComponent(tag)}/compact`, { to });
   }
 
   /** ready, writing (a BRANCH still materialising) or failed, with the reason. */
@@ -202,7 +224,13 @@ export class Controller {
         if (event.type === "stdout") opts.onStdout?.(Buffer.from(event.data ?? "", "base64"));
         else if (event.type === "stderr") opts.onStderr?.(Buffer.from(event.data ?? "", "base64"));
         else if (event.type === "exit")
-          exit = { exit_code: event.exit_code, signal: event.signal, timed_out: event.timed_out, duration_ms: event.duration_ms };
+          exit = {
+            exit_code: event.exit_code,
+            signal: event.signal,
+            timed_out: event.timed_out,
+            duration_ms: event.duration_ms,
+            ...(event.truncated ? { truncated: true } : {}),
+          };
         else if (event.type === "error")
           throw new ForkdApiError(502, event.error?.code ?? "agent_error", event.error?.message ?? "exec failed");
       }

@@ -58,13 +58,14 @@ export function registerSnapshots(program: Command): void {
         process.stdout.write("no snapshots; create one with `forkd snapshot --tag NAME`\n");
         return;
       }
-      const table = plainTable(["TAG", "IMAGE", "MEMORY", "RESIDENT", "VMSTATE", "STAGED", "PARENT", "CREATED"]);
+      const table = plainTable(["TAG", "IMAGE", "LOGICAL", "PHYSICAL", "STORAGE", "VMSTATE", "STAGED", "PARENT", "CREATED"]);
       for (const s of snapshots) {
         table.push([
           s.tag,
           s.image,
-          `${s.memory_mib} MiB`,
-          fmtBytes(s.resident_bytes),
+          fmtBytes(s.memory_bytes),
+          fmtBytes(s.physical_bytes),
+          s.storage === "diff" ? `diff on ${s.parent}` : "full",
           fmtBytes(s.vmstate_bytes),
           s.staged ? "yes" : "no",
           s.branched_from ?? s.parent ?? "-",
@@ -76,12 +77,50 @@ export function registerSnapshots(program: Command): void {
 
   program
     .command("rmi")
-    .description("remove a snapshot (refused while children of it are alive, unless --force kills them)")
+    .description("remove snapshots (refused while children are alive or other snapshots are layers on one, unless --force / --cascade)")
+    .argument("<tags...>")
+    .option("--force", "kill their live children first")
+    .option("--cascade", "also remove the snapshots stored as layers on them")
+    .action(async (tags: string[], opts: { force?: boolean; cascade?: boolean }) => {
+      const backend = await openBackend();
+      for (const tag of tags) {
+        await backend.removeSnapshot(tag, { force: opts.force === true, cascade: opts.cascade === true });
+        process.stdout.write(`removed ${tag}\n`);
+      }
+    });
+
+  program
+    .command("snapshot-info")
+    .description("a snapshot's chain: depth, ancestors, dependents, and the bytes each layer stores")
     .argument("<tag>")
-    .option("--force", "kill its live children first")
-    .action(async (tag: string, opts: { force?: boolean }) => {
-      await (await openBackend()).removeSnapshot(tag, opts.force === true);
-      process.stdout.write(`removed ${tag}\n`);
+    .option("--json", "machine-readable output")
+    .action(async (tag: string, opts: { json?: boolean }) => {
+      const info = await (await openBackend()).snapshotInfo(tag);
+      if (opts.json) {
+        process.stdout.write(`${JSON.stringify(info, null, 2)}\n`);
+        return;
+      }
+      process.stdout.write(
+        `${info.tag}: depth ${info.depth}, logical ${fmtBytes(info.logical_bytes)}, physical ${fmtBytes(info.physical_bytes)}\n` +
+          `ancestors: ${info.ancestors.join(" → ") || "none"}\ndependents: ${info.dependents.join(", ") || "none"}\n`,
+      );
+      const table = plainTable(["LAYER", "KIND", "PHYSICAL", "CHANGED PAGES"]);
+      for (const l of info.layers) table.push([l.tag, l.kind, fmtBytes(l.physical_bytes), l.changed_pages ?? "-"]);
+      process.stdout.write(`${table.toString()}\n`);
+    });
+
+  program
+    .command("compact")
+    .description("write a standalone copy of a snapshot (whole memory, no parent) under a new tag")
+    .argument("<tag>")
+    .requiredOption("--to <tag>", "tag of the copy")
+    .action(async (tag: string, opts: { to: string }) => {
+      const snap = await withSpinner(
+        `compacting ${tag} into ${opts.to}`,
+        async () => (await openBackend()).compactSnapshot(tag, opts.to),
+        (s) => `${s.tag}: ${fmtBytes(s.physical_bytes)} standalone`,
+      );
+      if (!process.stderr.isTTY) process.stdout.write(`${snap.tag}\n`);
     });
 }
 

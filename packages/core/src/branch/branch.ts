@@ -8,8 +8,8 @@ import { ForkdError } from "../common/errors.js";
 import { validateName } from "../common/validate.js";
 import { planRestore } from "../sandbox/fork.js";
 import { getSandbox } from "../sandbox/lifecycle.js";
+import { ancestorsOf, MAX_CHAIN_DEPTH, stageSnapshot } from "../store/chains.js";
 import { getSnapshot, registerSnapshot, type SnapshotInfo, snapshotWorkDirs } from "../store/snapshots.js";
-import { ensureStaged } from "../store/staging.js";
 import { branches } from "../store/state.js";
 import { confinementEnabled } from "../vmm/confine.js";
 import { migrateToFile, openMigrationSink } from "../vmm/migration-sink.js";
@@ -231,9 +231,13 @@ export async function materializeCapture(opts: MaterializeOpts): Promise<Snapsho
     await removeRunDir(runDir);
   }
   await fsp.rm(opts.streamPath, { force: true });
+  // Store only what changed since the source's snapshot, unless the chain is at its limit.
+  const depth = (await ancestorsOf(snapshot)).length + 1;
+  const diffFrom = depth < MAX_CHAIN_DEPTH ? { memorySha256: snapshot.memorySha256, stagedPath: await stageSnapshot(snapshot) } : undefined;
   return registerSnapshot({
     work: opts.work,
     stageWork: opts.stageWork,
+    ...(diffFrom ? { diffFrom } : {}),
     base: {
       tag: opts.tag,
       image: snapshot.image,
@@ -261,7 +265,7 @@ export async function planBranch(sourceId: string, opts: { tag?: string; mode?: 
   const tag = validateName(opts.tag ?? `${row.tag}-branch-${Date.now().toString(36)}`, "tag");
   const existing = await getSnapshot(tag).catch(() => undefined);
   if (existing) throw new ForkdError("conflict", `snapshot ${tag} already exists; pick another tag`, { tag });
-  const memoryPath = await ensureStaged(snapshot);
+  const memoryPath = await stageSnapshot(snapshot);
   const live = liveBranchSupport(memoryPath);
   let mode: BranchMode;
   if (opts.mode === undefined) mode = live.ok ? "live" : "diff";

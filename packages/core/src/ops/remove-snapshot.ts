@@ -1,4 +1,6 @@
-// rmi: unregister a snapshot, and with --force kill the sandboxes forked from it first.
+// rmi: unregister a snapshot. Snapshots stored as layers on it keep it (409 naming
+// them) unless --cascade removes them too; live sandboxes keep it unless --force
+// kills them first.
 import { randomBytes } from "node:crypto";
 import fsp from "node:fs/promises";
 import path from "node:path";
@@ -6,20 +8,35 @@ import { snapshotsDir } from "../common/config.js";
 import { ForkdError } from "../common/errors.js";
 import { fsyncDir } from "../common/fsutil.js";
 import { killSandbox } from "../sandbox/lifecycle.js";
-import { getSnapshot } from "../store/snapshots.js";
+import { dependentsOf, subtreeOf } from "../store/chains.js";
+import { getSnapshot, type SnapshotInfo } from "../store/snapshots.js";
 import { stagedPath, stageKey } from "../store/staging.js";
 import { branches, sandboxes, staged } from "../store/state.js";
 import { isAlive } from "../vmm/process.js";
 
-export type RemoveSnapshotOpts = { force?: boolean };
+export type RemoveSnapshotOpts = {
+  /** Kill the live sandboxes forked from the snapshots removed. */
+  force?: boolean;
+  /** Also remove every snapshot stored as a layer on this one, and theirs. */
+  cascade?: boolean;
+};
 
-export async function removeSnapshot(tag: string, opts: RemoveSnapshotOpts = {}): Promise<{ killed: string[] }> {
+export async function removeSnapshot(tag: string, opts: RemoveSnapshotOpts = {}): Promise<{ killed: string[]; removed: string[] }> {
   const snapshot = await getSnapshot(tag);
-  const live = sandboxes.byTag(tag).filter((s) => isAlive(s.pid));
+  const dependents = await dependentsOf(tag);
+  if (dependents.length > 0 && !opts.cascade) {
+    throw new ForkdError(
+      "conflict",
+      `snapshot ${tag} is the base of ${dependents.map((d) => d.tag).join(", ")} (stored as layers on it); remove them first, use --cascade to remove them with it, or \`forkd compact\` one to a standalone copy`,
+      { tag, dependents: dependents.map((d) => d.tag) },
+    );
+  }
+  const doomed = opts.cascade ? await subtreeOf(tag) : [snapshot];
+  const live = doomed.flatMap((s) => sandboxes.byTag(s.tag).filter((row) => isAlive(row.pid)));
   if (live.length > 0 && !opts.force) {
     throw new ForkdError(
       "conflict",
-      `snapshot ${tag} has ${live.length} live sandbox(es) (${live.map((s) => s.id).join(", ")}); kill them first or use --force`,
+      `snapshot ${tag}${doomed.length > 1 ? " and its dependents" : ""} have ${live.length} live sandbox(es) (${live.map((s) => s.id).join(", ")}); kill them first or use --force`,
       { tag, sandboxes: live.map((s) => s.id) },
     );
   }
@@ -28,6 +45,12 @@ export async function removeSnapshot(tag: string, opts: RemoveSnapshotOpts = {})
     await killSandbox(s.id);
     killed.push(s.id);
   }
+  // Leaves first: a crash midway leaves whole chains, never a layer without its base.
+  for (const s of doomed) await unregister(s);
+  return { killed, removed: doomed.map((s) => s.tag) };
+}
+
+async function unregister(snapshot: SnapshotInfo): Promise<void> {
   // Unregister first (rename to a dot-dir) so a crash mid-delete never leaves a half snapshot listed.
   const doomed = path.join(snapshotsDir(), `.rm-${process.pid}-${randomBytes(4).toString("hex")}`);
   await fsp.rename(snapshot.dir, doomed);
@@ -35,6 +58,5 @@ export async function removeSnapshot(tag: string, opts: RemoveSnapshotOpts = {})
   await fsp.rm(doomed, { recursive: true, force: true });
   await fsp.rm(path.dirname(stagedPath(snapshot)), { recursive: true, force: true });
   staged.remove(stageKey(snapshot));
-  branches.remove(tag);
-  return { killed };
+  branches.remove(snapshot.tag);
 }

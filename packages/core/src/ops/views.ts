@@ -1,6 +1,8 @@
 // The public shapes of snapshots and sandboxes (snake_case, as the REST API and
 // every --json output show them): one mapping, used by the daemon and the CLI.
+import type { ApiNetworkPolicy } from "../net/policy.js";
 import type { SandboxInfo } from "../sandbox/lifecycle.js";
+import { physicalBytes } from "../store/chains.js";
 import type { SnapshotInfo } from "../store/snapshots.js";
 
 export type ApiSnapshot = {
@@ -17,6 +19,8 @@ export type ApiSnapshot = {
   staged: boolean;
   parent: string | null;
   branched_from: string | null;
+  storage: "full" | "diff";
+  physical_bytes: number;
   status: "ready";
 };
 
@@ -30,6 +34,8 @@ export type ApiSandbox = {
   memory_mib: number;
   vcpus: number;
   network: string;
+  /** What the NIC may reach: none, public (the default policy with this sandbox's lists) or unfiltered (policy off). */
+  network_policy: ApiNetworkPolicy | null;
   memory_limit_mib: number | null;
   expires_at: string | null;
   metadata: Record<string, string>;
@@ -53,6 +59,8 @@ export function apiSnapshotView(s: SnapshotInfo): ApiSnapshot {
     staged: s.staged,
     parent: s.parent,
     branched_from: s.branchedFrom,
+    storage: s.layer ? "diff" : "full",
+    physical_bytes: physicalBytes(s),
     status: "ready",
   };
 }
@@ -68,6 +76,7 @@ export function apiSandboxView(s: SandboxInfo): ApiSandbox {
     memory_mib: s.memory_mib,
     vcpus: s.vcpus,
     network: s.network,
+    network_policy: s.network_policy ? (JSON.parse(s.network_policy) as ApiNetworkPolicy) : null,
     memory_limit_mib: s.memory_limit_mib,
     expires_at: s.expires_at_ms ? new Date(s.expires_at_ms).toISOString() : null,
     metadata: s.metadata ? (JSON.parse(s.metadata) as Record<string, string>) : {},

@@ -5,8 +5,10 @@ import fsp from "node:fs/promises";
 import { ForkdError } from "../common/errors.js";
 import { AgentClient } from "../guest/agent-client.js";
 import { waitForAgent } from "../guest/agent-wait.js";
+import { applySandboxEgress, egressPolicyEnabled, ensureEgressNamespace, removeSandboxEgress } from "../net/netns.js";
+import { type EgressPolicy, isEmptyPolicy, parseEgressPolicy, policyView } from "../net/policy.js";
+import { stageSnapshot } from "../store/chains.js";
 import { getSnapshot, type SnapshotInfo } from "../store/snapshots.js";
-import { ensureStaged } from "../store/staging.js";
 import { sandboxes } from "../store/state.js";
 import { runtimePaths, type VmPlan } from "../vmm/plan.js";
 import {
@@ -17,6 +19,7 @@ import {
   newSandboxId,
   processStartTime,
   removeRunDir,
+  runDirUid,
   saveConsole,
 } from "../vmm/process.js";
 import { QmpClient } from "../vmm/qmp.js";
@@ -31,6 +34,10 @@ export type ForkOpts = {
   /** CPUs each child may use (a cgroup quota; fractions allowed); its vCPUs by default. */
   cpuLimit?: number;
   network?: boolean;
+  /** Exceptions to the default egress deny (private CIDRs, say): IP, CIDR, IP:PORT, [v6]:PORT, CIDR:PORT. */
+  allowOut?: string[];
+  /** Destinations the default would allow that this sandbox may not reach; allow_out wins where both match. */
+  denyOut?: string[];
   /** Restores in flight at once. */
   concurrency?: number;
   /** Each child must answer its first ping within this. */
@@ -77,8 +84,16 @@ export async function forkSandboxes(opts: ForkOpts): Promise<ForkChildResult[]> 
   if (opts.metadata !== undefined && JSON.stringify(opts.metadata).length > 16_384) {
     throw new ForkdError("too_large", "metadata is limited to 16 KiB of JSON");
   }
+  const policy = parseEgressPolicy({ allowOut: opts.allowOut, denyOut: opts.denyOut });
+  if (!isEmptyPolicy(policy) && !egressPolicyEnabled()) {
+    throw new ForkdError(
+      "not_supported",
+      "allow_out/deny_out need the network egress policy, which is off here (FORKD_NETWORK_POLICY=off / --network-policy off)",
+    );
+  }
   const snapshot = await getSnapshot(opts.tag);
-  const memoryPath = await ensureStaged(snapshot);
+  const memoryPath = await stageSnapshot(snapshot);
+  const netns = await ensureEgressNamespace();
   const concurrency = Math.max(1, Math.min(opts.concurrency ?? 16, n));
   const results: ForkChildResult[] = new Array(n);
   let next = 0;
@@ -86,7 +101,7 @@ export async function forkSandboxes(opts: ForkOpts): Promise<ForkChildResult[]> 
     while (next < n) {
       const index = next++;
       opts.signal?.throwIfAborted();
-      const result = await restoreChild(snapshot, memoryPath, opts);
+      const result = await restoreChild(snapshot, memoryPath, opts, { policy, netns });
       results[index] = result;
       opts.onChild?.(result);
     }
@@ -117,20 +132,39 @@ export function planRestore(
   };
 }
 
-async function restoreChild(snapshot: SnapshotInfo, memoryPath: string, opts: ForkOpts): Promise<ForkChildResult> {
+async function restoreChild(
+  snapshot: SnapshotInfo,
+  memoryPath: string,
+  opts: ForkOpts,
+  egress: { policy: EgressPolicy; netns: string | undefined },
+): Promise<ForkChildResult> {
   const id = newSandboxId();
   const runDir = await makeRunDir(id);
   const plan = planRestore(snapshot, { runDir, memory: { kind: "file", path: memoryPath, share: false }, network: opts.network ?? true });
+  const uid = runDirUid(runDir);
+  const mode = plan.network === "user" ? (egress.netns ? "public" : "unfiltered") : "none";
   let pid: number | undefined;
   let cgroup: string | undefined;
   let qmp: QmpClient | undefined;
   let agent: AgentClient | undefined;
   const t0 = performance.now();
   try {
+    // Again per child, after its runtime dir exists: cleanup removes an unused namespace only when no VM dir is left.
+    const netns = egress.netns ? await ensureEgressNamespace() : undefined;
+    if (netns) {
+      // Always written, even for the default: a freed uid may still carry a dead sandbox's rules.
+      if (uid !== undefined) await applySandboxEgress(uid, plan.network === "user" ? egress.policy : "none");
+      else if (!isEmptyPolicy(egress.policy)) {
+        throw new ForkdError(
+          "not_supported",
+          "allow_out/deny_out are keyed by each VMM's own uid, which needs confinement (FORKD_CONFINE is off)",
+        );
+      }
+    }
     const vmstate = fs.openSync(snapshot.vmstatePath, "r");
     let launched: ReturnType<typeof launchQemu>;
     try {
-      launched = launchQemu({ plan, dieWithParent: false, inheritFds: [vmstate] });
+      launched = launchQemu({ plan, dieWithParent: false, inheritFds: [vmstate], ...(netns ? { netns } : {}) });
     } finally {
       fs.closeSync(vmstate);
     }
@@ -154,6 +188,7 @@ async function restoreChild(snapshot: SnapshotInfo, memoryPath: string, opts: Fo
       memory_mib: snapshot.memoryMib,
       vcpus: snapshot.vcpus,
       network: plan.network,
+      network_policy: JSON.stringify(policyView(mode, mode === "none" ? { allowOut: [], denyOut: [] } : egress.policy)),
       memory_limit_mib: opts.memoryLimitMib ?? null,
       cgroup: cgroup ?? null,
       expires_at_ms: opts.ttlMs !== undefined ? Date.now() + opts.ttlMs : null,
@@ -227,6 +262,7 @@ async function restoreChild(snapshot: SnapshotInfo, memoryPath: string, opts: Fo
     if (pid !== undefined) await killAndWait(pid, runDir);
     await removeCgroup(cgroup);
     sandboxes.remove(id);
+    await removeSandboxEgress(uid);
     await removeRunDir(runDir);
     const e = err instanceof ForkdError ? err : new ForkdError("vm_start_failed", (err as Error).message);
     return { ok: false, id, error: { code: e.code, message: e.message, ...(consoleLog ? { console: consoleLog } : {}) } };

@@ -9,8 +9,10 @@ import { ensurePrivateDir, ensureStagingDir, ensureStateDir } from "../common/di
 import { ForkdError } from "../common/errors.js";
 import { exists, fsyncDir, readJson, sha256File, writeFileAtomic } from "../common/fsutil.js";
 import { validateName } from "../common/validate.js";
+import { imageFiles } from "../guest/image.js";
 import type { Accel } from "../vmm/plan.js";
 import { shareWithVmms } from "../vmm/process.js";
+import { PAGE_BYTES, pagemapBytes, writeDiffLayer } from "./layers.js";
 import { enforceStageBudget, rememberVerified, stagedPath, stageKey } from "./staging.js";
 import { branches, staged } from "./state.js";
 
@@ -34,10 +36,24 @@ export type SnapshotManifest = {
   branchedFrom: string | null;
   /** For a BRANCH: how the capture was taken and how long the source was paused. */
   branch?: { mode: "full" | "diff" | "live"; pauseMs: number; captureMs: number };
+  /**
+   * Present when only the pages that differ from `parent` are stored (layer.bin +
+   * pagemap.bin), pinned to the parent's memory digest, checked when this layer
+   * was registered: a parent whose memory is not that one cannot be its base.
+   */
+  layer?: { parentSha256: string; changedPages: number; layerBytes: number; pagemapBytes: number };
   timings: { bootMs: number; warmMs: number; saveMs: number; totalMs: number };
 };
 
-export type SnapshotInfo = SnapshotManifest & { dir: string; memoryPath: string; vmstatePath: string; staged: boolean };
+export type SnapshotInfo = SnapshotManifest & {
+  dir: string;
+  /** The whole memory image in the durable store; absent (not on disk) for a diff layer. */
+  memoryPath: string;
+  layerPath: string;
+  pagemapPath: string;
+  vmstatePath: string;
+  staged: boolean;
+};
 
 export function tagDir(tag: string): string {
   return path.join(snapshotsDir(), tag);
@@ -45,10 +61,14 @@ export function tagDir(tag: string): string {
 
 async function info(manifest: SnapshotManifest): Promise<SnapshotInfo> {
   const dir = tagDir(manifest.tag);
+  const { kernel, initrd, rootfs } = imageFiles(manifest.image.name, manifest.image.digest);
   return {
     ...manifest,
+    image: { ...manifest.image, kernel, initrd, rootfs },
     dir,
     memoryPath: path.join(dir, "memory.bin"),
+    layerPath: path.join(dir, "layer.bin"),
+    pagemapPath: path.join(dir, "pagemap.bin"),
     vmstatePath: path.join(dir, "vmstate.bin"),
     staged: await exists(stagedPath(manifest)),
   };
@@ -99,7 +119,9 @@ export type RegisterOpts = {
   work: string;
   /** Dot-dir on shmem holding memory.bin; becomes the staged image. */
   stageWork: string;
-  base: Omit<SnapshotManifest, "schema" | "createdAt" | "sizes" | "memorySha256">;
+  base: Omit<SnapshotManifest, "schema" | "createdAt" | "sizes" | "memorySha256" | "layer">;
+  /** Store only the pages that differ from this parent (its staged memory image, verified). */
+  diffFrom?: { memorySha256: string; stagedPath: string };
 };
 
 /**
@@ -113,8 +135,24 @@ export async function registerSnapshot(opts: RegisterOpts): Promise<SnapshotInfo
   const memoryPath = path.join(stageWork, "memory.bin");
   const vmstatePath = path.join(work, "vmstate.bin");
   const memorySha256 = await sha256File(memoryPath);
-  await fsp.copyFile(memoryPath, path.join(work, "memory.bin"));
-  for (const f of ["memory.bin", "vmstate.bin"]) {
+  let layer: SnapshotManifest["layer"];
+  if (opts.diffFrom) {
+    // The parent's staged image is hashed again here, once: the layer is only as good as its base.
+    const parentSha256 = await sha256File(opts.diffFrom.stagedPath);
+    if (parentSha256 !== opts.diffFrom.memorySha256) {
+      throw new ForkdError("integrity_failed", `the parent memory image ${opts.diffFrom.stagedPath} changed since it was registered`);
+    }
+    const stats = await writeDiffLayer(opts.diffFrom.stagedPath, memoryPath, path.join(work, "layer.bin"), path.join(work, "pagemap.bin"));
+    layer = {
+      parentSha256,
+      changedPages: stats.changedPages,
+      layerBytes: stats.layerBytes,
+      pagemapBytes: pagemapBytes(stats.pages * PAGE_BYTES),
+    };
+  } else {
+    await fsp.copyFile(memoryPath, path.join(work, "memory.bin"));
+  }
+  for (const f of [...(layer ? ["layer.bin", "pagemap.bin"] : ["memory.bin"]), "vmstate.bin"]) {
     const handle = await fsp.open(path.join(work, f), "r");
     await handle.sync();
     await handle.close();
@@ -124,9 +162,12 @@ export async function registerSnapshot(opts: RegisterOpts): Promise<SnapshotInfo
   const manifest: SnapshotManifest = {
     schema: SNAPSHOT_SCHEMA,
     ...base,
+    // Image files are named by build, not by path (see imageFiles): the record is relocatable.
+    image: { ...base.image, kernel: "vmlinuz", initrd: "initrd.cpio", rootfs: "rootfs.ext4" },
     createdAt: new Date().toISOString(),
     sizes: { memoryBytes: memStat.size, memoryAllocatedBytes: memStat.blocks * 512, vmstateBytes: (await fsp.stat(vmstatePath)).size },
     memorySha256,
+    ...(layer ? { layer } : {}),
   };
   await writeFileAtomic(path.join(work, "manifest.json"), `${JSON.stringify(manifest, null, 2)}\n`, { mode: 0o444 });
   try {

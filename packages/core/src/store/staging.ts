@@ -19,7 +19,15 @@ import { sandboxes, staged } from "./state.js";
 export type StageableSnapshot = { tag: string; memorySha256: string };
 
 /** What verifying a staged image needs: the durable copy and what registration recorded. */
-export type VerifiableSnapshot = StageableSnapshot & { memoryPath: string; sizes: { memoryBytes: number } };
+export type VerifiableSnapshot = StageableSnapshot & {
+  memoryPath: string;
+  sizes: { memoryBytes: number };
+  /**
+   * Writes the whole memory image to the given file, for a snapshot whose durable
+   * copy is a diff layer (its parent's image plus its pages); absent: copy memoryPath.
+   */
+  assemble?: (target: string) => Promise<void>;
+};
 
 export function stageKey(manifest: StageableSnapshot): string {
   return `${manifest.tag}@${manifest.memorySha256.slice(0, 16)}`;
@@ -87,8 +95,8 @@ export async function checkStaged(file: string, snapshot: VerifiableSnapshot): P
 
 /** A fresh staged copy from the durable store, refused unless it hashes to the recorded digest. */
 async function stageFromStore(snapshot: VerifiableSnapshot, target: string): Promise<void> {
-  const durable = await fsp.stat(snapshot.memoryPath).catch(() => undefined);
-  if (durable?.size !== snapshot.sizes.memoryBytes) {
+  const durable = snapshot.assemble ? undefined : await fsp.stat(snapshot.memoryPath).catch(() => undefined);
+  if (!snapshot.assemble && durable?.size !== snapshot.sizes.memoryBytes) {
     throw integrityError(snapshot, durable ? `is ${durable.size} bytes, not the ${snapshot.sizes.memoryBytes} recorded` : "is missing");
   }
   const dir = path.dirname(target);
@@ -96,7 +104,8 @@ async function stageFromStore(snapshot: VerifiableSnapshot, target: string): Pro
   await fsp.mkdir(temp, { mode: 0o700 });
   try {
     const copy = path.join(temp, "memory.bin");
-    await fsp.copyFile(snapshot.memoryPath, copy, fs.constants.COPYFILE_FICLONE);
+    if (snapshot.assemble) await snapshot.assemble(copy);
+    else await fsp.copyFile(snapshot.memoryPath, copy, fs.constants.COPYFILE_FICLONE);
     shareWithVmms(copy);
     // Hashing the copy checks the durable bytes and the copy at once: what children map is what was hashed.
     const sha256 = await sha256File(copy);

@@ -2,11 +2,13 @@
 import {
   apiSnapshotView,
   branches,
+  compactSnapshot,
   createSnapshot,
   ForkdError,
   getSnapshot,
   listSnapshots,
   removeSnapshot,
+  snapshotDetails,
   validateName,
 } from "@forkd/core";
 import { z } from "zod";
@@ -63,17 +65,32 @@ export function registerSnapshotRoutes({ r, ctx, err, touch }: RouteDeps): void 
     {
       schema: {
         params: S.TagParam,
-        querystring: z.object({ force: z.enum(["true", "false"]).optional() }).strict(),
+        querystring: z.object({ force: z.enum(["true", "false"]).optional(), cascade: z.enum(["true", "false"]).optional() }).strict(),
         response: { 204: z.null(), ...err },
       },
     },
     async (request, reply) => {
-      const { killed } = await removeSnapshot(request.params.tag, { force: request.query.force === "true" });
+      const { killed, removed } = await removeSnapshot(request.params.tag, {
+        force: request.query.force === "true",
+        cascade: request.query.cascade === "true",
+      });
+      for (const tag of removed) touch(request, "snapshots", tag);
       for (const id of killed) {
         ctx.pool.drop(id);
         touch(request, "sandboxes", id);
       }
       return reply.code(204).send(null);
+    },
+  );
+  r.get("/v1/snapshots/:tag/info", { schema: { params: S.TagParam, response: { 200: S.SnapshotInfo, ...err } } }, async (request) =>
+    snapshotDetails(request.params.tag),
+  );
+  r.post(
+    "/v1/snapshots/:tag/compact",
+    { schema: { params: S.TagParam, body: S.CompactBody, response: { 201: S.Snapshot, ...err } } },
+    async (request, reply) => {
+      touch(request, "snapshots", request.body.to);
+      return reply.code(201).send(apiSnapshotView(await compactSnapshot(request.params.tag, request.body.to)));
     },
   );
 }

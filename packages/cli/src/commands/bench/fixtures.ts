@@ -4,7 +4,6 @@ import { randomBytes } from "node:crypto";
 import fs from "node:fs";
 import os from "node:os";
 import {
-  ensureStaged,
   ForkdError,
   getSnapshot,
   killAndWait,
@@ -16,6 +15,7 @@ import {
   QmpClient,
   removeRunDir,
   runtimePaths,
+  stageSnapshot,
   Vm,
 } from "@forkd/core";
 import { Controller } from "@forkd/sdk";
@@ -34,7 +34,7 @@ export async function coldBootsMs(runs: number, image: string, accel: "kvm" | "t
 /** PSS of a QEMU started exactly like a child (same flags, same memory file) but with no guest running. */
 export async function vmmFloorBytes(tag: string): Promise<number> {
   const snapshot = await getSnapshot(tag);
-  const memoryPath = await ensureStaged(snapshot);
+  const memoryPath = await stageSnapshot(snapshot);
   const id = newSandboxId();
   const runDir = await makeRunDir(id);
   const launched = launchQemu({
