@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static e2fsprogs zstd gcc libc6-dev binutils util-linux debootstrap)
+APT_PACKAGES=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static e2fsprogs zstd gcc libc6-dev binutils util-linux debootstrap nftables iproute2)
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 
@@ -58,6 +58,18 @@ if [ "$(id -u)" -eq 0 ] && [ -w /proc/sys/vm/unprivileged_userfaultfd ]; then
   fi
   if [ -d /etc/sysctl.d ] && [ ! -f /etc/sysctl.d/60-forkd.conf ]; then
     printf '# forkd: live BRANCH of VMMs that run as unprivileged uids\nvm.unprivileged_userfaultfd = 1\n' >/etc/sysctl.d/60-forkd.conf
+  fi
+fi
+# Sandboxes' network: every VMM runs in forkd's egress namespace, whose traffic
+# the host routes (and masquerades) out; routing needs forwarding on (trade-off in
+# the README's security model). Persisted in a file of its own.
+if [ "$(id -u)" -eq 0 ] && [ -w /proc/sys/net/ipv4/ip_forward ]; then
+  if [ "$(cat /proc/sys/net/ipv4/ip_forward)" != 1 ]; then
+    say "enabling net.ipv4.ip_forward for the sandboxes' egress namespace"
+    sysctl -q -w net.ipv4.ip_forward=1
+  fi
+  if [ -d /etc/sysctl.d ] && [ ! -f /etc/sysctl.d/61-forkd-net.conf ]; then
+    printf '# forkd: route the sandboxes'"'"' egress namespace out (see the README security model)\nnet.ipv4.ip_forward = 1\n' >/etc/sysctl.d/61-forkd-net.conf
   fi
 fi
 

@@ -1,7 +1,19 @@
 import fs from "node:fs";
 import net from "node:net";
 import path from "node:path";
-import { cleanup, ensureRuntimeDir, ensureStateDir, expireSandboxes, ForkdError, forkdHome, forkdRunDir, listSandboxes } from "@forkd/core";
+import {
+  cleanup,
+  egressPolicyEnabled,
+  ensureEgressNamespace,
+  ensureRuntimeDir,
+  ensureStateDir,
+  expireSandboxes,
+  ForkdError,
+  forkdHome,
+  forkdRunDir,
+  listSandboxes,
+  markEgressPolicy,
+} from "@forkd/core";
 import type { FastifyInstance } from "fastify";
 import { AuditLog } from "./audit.js";
 import { ensureLocalToken, isLoopback, readTokenFile } from "./auth.js";
@@ -19,6 +31,8 @@ export type DaemonOpts = {
   auditLog?: string;
   maxSandboxes?: number;
   maxBranches?: number;
+  /** "off" runs sandboxes without the egress policy (FORKD_NETWORK_POLICY=off for this process); doctor then fails. */
+  networkPolicy?: "on" | "off";
   log?: (line: string) => void;
 };
 
@@ -76,6 +90,11 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
 
   // Reconcile before serving: dead sandboxes are reaped, live ones re-adopted.
   const report = await cleanup();
+  // A host that cannot apply the egress policy is refused here, not at the first fork.
+  if (opts.networkPolicy === "off") process.env.FORKD_NETWORK_POLICY = "off";
+  markEgressPolicy(egressPolicyEnabled());
+  if (egressPolicyEnabled()) await ensureEgressNamespace();
+  else log("forkd daemon: the network egress policy is OFF: sandboxes reach the host's loopback services and private networks");
   const live = listSandboxes().filter((s) => s.alive);
   await Promise.all(
     live.map((s) => pool.get(s.id).catch((err: Error) => log(`forkd daemon: could not reconnect to ${s.id}: ${err.message}`))),

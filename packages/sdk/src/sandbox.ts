@@ -11,6 +11,12 @@ export type SandboxOpts = {
   metadata?: Record<string, string>;
   /** CPUs the sandbox may use (a cgroup quota; fractions allowed, e.g. 0.5); its vCPUs by default. */
   cpuLimit?: number;
+  /** E2B's switch: false gives the sandbox no network at all. */
+  allowInternetAccess?: boolean;
+  /** Destinations the default egress policy denies that this sandbox may reach: IP, CIDR, IP:PORT, [v6]:PORT, CIDR:PORT. */
+  allowOut?: string[];
+  /** Destinations the default allows that this sandbox may not reach; allowOut wins where both match. */
+  denyOut?: string[];
   controller?: Controller;
 };
 
@@ -172,6 +178,9 @@ export class Sandbox {
       timeout_ms: opts.timeoutMs ?? DEFAULT_TIMEOUT_MS,
       ...(opts.metadata ? { metadata: opts.metadata } : {}),
       ...(opts.cpuLimit !== undefined ? { cpu_limit: opts.cpuLimit } : {}),
+      ...(opts.allowInternetAccess === false ? { network: false } : {}),
+      ...(opts.allowOut?.length ? { allow_out: opts.allowOut } : {}),
+      ...(opts.denyOut?.length ? { deny_out: opts.denyOut } : {}),
     });
     const failed = res.sandboxes.filter((s) => !s.ok);
     if (failed.length === res.sandboxes.length) {

@@ -1,3 +1,4 @@
+import { ForkdError } from "@forkd/core";
 import { startDaemon } from "@forkd/daemon";
 import type { Command } from "commander";
 import { parseIntOption } from "../ui.js";
@@ -10,6 +11,7 @@ type DaemonCliOpts = {
   tlsKey?: string;
   auditLog?: string;
   maxSandboxes: number;
+  networkPolicy: string;
 };
 
 export function registerDaemon(program: Command): void {
@@ -24,8 +26,16 @@ export function registerDaemon(program: Command): void {
     .option("--audit-log <file>", "append-only JSON lines (default $FORKD_HOME/audit.log); reopened on SIGHUP")
     .option("--max-sandboxes <n>", "refuse forks beyond this many live sandboxes (503)", parseIntOption("--max-sandboxes"), 1000)
     .option("--max-branches <n>", "BRANCHes in progress at once; more get 503", parseIntOption("--max-branches"), 4)
+    .option(
+      "--network-policy <on|off>",
+      "egress policy for sandboxes: on (public internet only, per-sandbox allow/deny) or off (they reach the host's loopback and private networks; `forkd doctor` fails)",
+      "on",
+    )
     .action(async (opts: DaemonCliOpts) => {
-      const daemon = await startDaemon(opts);
+      if (opts.networkPolicy !== "on" && opts.networkPolicy !== "off") {
+        throw new ForkdError("bad_request", `--network-policy is on or off, got '${opts.networkPolicy}'`);
+      }
+      const daemon = await startDaemon({ ...opts, networkPolicy: opts.networkPolicy });
       await new Promise<void>((resolve) => {
         const stop = () => resolve();
         process.once("SIGTERM", stop);

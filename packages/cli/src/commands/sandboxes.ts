@@ -11,6 +11,8 @@ type ForkCliOpts = {
   memoryLimitMib?: number;
   cpuLimit?: number;
   net: boolean;
+  allowOut: string[];
+  denyOut: string[];
   json?: boolean;
   concurrency: number;
 };
@@ -30,6 +32,13 @@ export function registerSandboxes(program: Command): void {
     .option("--memory-limit-mib <m>", "cap each child's host memory with a cgroup", parseIntOption("--memory-limit-mib"))
     .option("--cpu-limit <cpus>", "cap each child's CPU use with a cgroup quota, fractions allowed (default: its vCPUs)", parseCpuLimit)
     .option("--no-net", "children get no outbound network (the NIC stays, isolated)")
+    .option("--allow-out <dest>", "also reach this IP, CIDR, IP:PORT, [v6]:PORT or CIDR:PORT the default denies (repeatable)", collect, [])
+    .option(
+      "--deny-out <dest>",
+      "never reach this destination the default allows (repeatable; --allow-out wins where both match)",
+      collect,
+      [],
+    )
     .option("--concurrency <n>", "restores in flight at once", parseIntOption("--concurrency"), 16)
     .option("--json", "print a JSON array of children with timings")
     .action(async (opts: ForkCliOpts & { count: number }) => {
@@ -47,6 +56,8 @@ export function registerSandboxes(program: Command): void {
           memoryLimitMib: opts.memoryLimitMib,
           cpuLimit: opts.cpuLimit,
           network: opts.net,
+          allowOut: opts.allowOut,
+          denyOut: opts.denyOut,
           concurrency: opts.concurrency,
           onChild: () => {
             done++;

@@ -7,6 +7,7 @@ import { ForkdError } from "../common/errors.js";
 import type { AgentClient } from "../guest/agent-client.js";
 import { waitForAgent } from "../guest/agent-wait.js";
 import { getImage, type ImageManifest } from "../guest/image.js";
+import { applySandboxEgress, ensureEgressNamespace } from "../net/netns.js";
 import { type AccelChoice, selectAccel } from "../vmm/accel.js";
 import { type Accel, guestAppend, runtimePaths, type VmPlan } from "../vmm/plan.js";
 import {
@@ -19,6 +20,7 @@ import {
   newSandboxId,
   raceExit,
   removeRunDir,
+  runDirUid,
   saveConsole,
 } from "../vmm/process.js";
 import { QmpClient } from "../vmm/qmp.js";
@@ -80,7 +82,11 @@ export class Vm {
     let agent: AgentClient | undefined;
     try {
       if (opts.memoryPath) grantToVmm(path.dirname(opts.memoryPath), runDir);
-      launched = launchQemu({ plan, dieWithParent: opts.ephemeral ?? false });
+      // A VM with a NIC (a snapshot parent, `forkd run`) gets the default egress policy, like a child.
+      const netns = plan.network === "user" ? await ensureEgressNamespace() : undefined;
+      const uid = runDirUid(runDir);
+      if (netns && uid !== undefined) await applySandboxEgress(uid, { allowOut: [], denyOut: [] });
+      launched = launchQemu({ plan, dieWithParent: opts.ephemeral ?? false, ...(netns ? { netns } : {}) });
       const t1 = performance.now();
       qmp = await raceExit(QmpClient.connect(runtimePaths(runDir).qmp, { timeoutMs: 10_000, signal: opts.signal }), launched, runDir);
       const t2 = performance.now();

@@ -1,8 +1,10 @@
 // cleanup: what crashes and time limits leave behind, across sandboxes, branches and temp dirs.
+import fs from "node:fs";
 import fsp from "node:fs/promises";
 import path from "node:path";
 import { recoverBranches } from "../branch/branch.js";
-import { shmDir, snapshotsDir, vmsRunDir } from "../common/config.js";
+import { forkdRunDir, shmDir, snapshotsDir, vmsRunDir } from "../common/config.js";
+import { removeEgressNamespace, removeSandboxEgress, sandboxEgressUids } from "../net/netns.js";
 import { expireSandboxes, reapSandbox, sandboxAlive } from "../sandbox/lifecycle.js";
 import { sandboxes } from "../store/state.js";
 import { runtimePaths } from "../vmm/plan.js";
@@ -14,6 +16,10 @@ export type CleanupReport = {
   failedBranches: string[];
   strayRunDirs: string[];
   strayTempDirs: string[];
+  /** uids whose egress rules outlived their sandbox. */
+  strayEgressRules: number[];
+  /** The egress namespace was removed: no VM used it any more. */
+  egressNamespaceRemoved: boolean;
 };
 
 /**
@@ -27,6 +33,8 @@ export async function cleanup(): Promise<CleanupReport> {
     failedBranches: recoverBranches(),
     strayRunDirs: [],
     strayTempDirs: [],
+    strayEgressRules: [],
+    egressNamespaceRemoved: false,
   };
   const known = new Set<string>();
   for (const row of sandboxes.list()) {
@@ -57,6 +65,14 @@ export async function cleanup(): Promise<CleanupReport> {
     report.strayRunDirs.push(name);
   }
   await releaseStaleUids();
+  for (const uid of await sandboxEgressUids().catch(() => [])) {
+    if (fs.existsSync(path.join(forkdRunDir(), "uids", String(uid)))) continue;
+    await removeSandboxEgress(uid);
+    report.strayEgressRules.push(uid);
+  }
+  // Unused: no sandbox left and no VM being started (each owns a runtime dir first); namespacePids is checked inside too.
+  const vmDirsLeft = await fsp.readdir(vmsRunDir()).catch(() => [] as string[]);
+  if (sandboxes.list().length === 0 && vmDirsLeft.length === 0) report.egressNamespaceRemoved = await removeEgressNamespace();
   for (const base of [snapshotsDir(), path.join(shmDir(), "images")]) {
     let names: string[] = [];
     try {

@@ -4,6 +4,7 @@ import { chooseAccel } from "../boot/vm.js";
 import { qemuBinary } from "../common/config.js";
 import { runProgram } from "../common/program.js";
 import { discoverKernel, getImage } from "../guest/image.js";
+import { egressNamespaceInfo, egressPolicyEnabled, egressPolicyMarkedOff, egressProblems } from "../net/netns.js";
 import { detectCgroups } from "../sandbox/cgroup.js";
 import { confinementEnabled, hiddenPaths, launcherPath, VMM_GID, VMM_UID_BASE, VMM_UID_COUNT } from "../vmm/confine.js";
 
@@ -102,6 +103,7 @@ export async function runDoctor(opts: { accel?: string } = {}): Promise<Check[]>
           fix: "sysctl -w vm.unprivileged_userfaultfd=1 (npm run setup does it; see the README's security model for the trade-off)",
         },
   );
+  checks.push(await egressCheck());
   const cgroups = detectCgroups();
   const controllers = cgroups ? (["memory", "cpu"] as const).filter((c) => Boolean(cgroups[c])) : [];
   const missing = (["memory", "cpu"] as const).filter((c) => !controllers.includes(c));
@@ -116,6 +118,34 @@ export async function runDoctor(opts: { accel?: string } = {}): Promise<Check[]>
       : {}),
   });
   return checks;
+}
+
+async function egressCheck(): Promise<Check> {
+  const name = "egress policy";
+  if (!egressPolicyEnabled() || egressPolicyMarkedOff()) {
+    return {
+      name,
+      status: "fail",
+      detail:
+        "off (FORKD_NETWORK_POLICY=off or `forkd daemon --network-policy off`): sandboxes with a network reach the host's loopback services (10.0.2.2), cloud metadata and private networks",
+      fix: "unset FORKD_NETWORK_POLICY and start the daemon without --network-policy off",
+    };
+  }
+  const problems = await egressProblems();
+  if (problems.length) {
+    return { name, status: "fail", detail: problems.map((p) => p.detail).join("; "), fix: problems.map((p) => p.fix).join("; ") };
+  }
+  const ns = egressNamespaceInfo();
+  const where = ns ? `namespace ${ns.netns}` : "a namespace is created on first use";
+  if (ns?.loopbackResolvers.length) {
+    return {
+      name,
+      status: "warn",
+      detail: `public internet only (${where}); the host's resolver ${ns.loopbackResolvers.join(", ")} is on its loopback, which sandboxes never reach: they have no DNS`,
+      fix: "list non-loopback resolvers in /etc/resolv.conf (with systemd-resolved: link it to /run/systemd/resolve/resolv.conf), then `forkd cleanup` with no sandbox running",
+    };
+  }
+  return { name, status: "pass", detail: `public internet only, per-sandbox allow_out/deny_out (${where})` };
 }
 
 function readTrim(file: string): string | undefined {

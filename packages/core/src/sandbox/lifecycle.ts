@@ -3,9 +3,10 @@ import { ForkdError } from "../common/errors.js";
 import { validateSandboxId } from "../common/validate.js";
 import { AgentClient } from "../guest/agent-client.js";
 import { waitForAgent } from "../guest/agent-wait.js";
+import { removeSandboxEgress } from "../net/netns.js";
 import { type SandboxRow, sandboxes } from "../store/state.js";
 import { runtimePaths } from "../vmm/plan.js";
-import { isAlive, isOurQemu, killAndWait, processStartTime, removeRunDir } from "../vmm/process.js";
+import { isAlive, isOurQemu, killAndWait, processStartTime, removeRunDir, runDirUid } from "../vmm/process.js";
 import { QmpClient } from "../vmm/qmp.js";
 import { removeCgroup } from "./cgroup.js";
 
@@ -92,6 +93,8 @@ export async function killSandbox(id: string): Promise<void> {
 
 export async function reapSandbox(row: SandboxRow): Promise<void> {
   await removeCgroup(row.cgroup);
+  // Before the uid is freed with the runtime dir: its next holder must not inherit these rules.
+  await removeSandboxEgress(runDirUid(row.run_dir));
   await removeRunDir(row.run_dir);
   sandboxes.remove(row.id);
 }

@@ -20,6 +20,8 @@ export type SandboxRow = {
   memory_mib: number;
   vcpus: number;
   network: string;
+  /** What its NIC may reach (net/policy.ts ApiNetworkPolicy), JSON-encoded; null for rows from before the egress policy. */
+  network_policy?: string | null;
   memory_limit_mib: number | null;
   cgroup: string | null;
   /** Killed by the daemon's reaper (or `forkd cleanup`) after this time; null: no time limit. */
@@ -107,6 +109,7 @@ function migrate(database: Database.Database): void {
   const columns = new Set((database.prepare("PRAGMA table_info(sandboxes)").all() as { name: string }[]).map((c) => c.name));
   if (!columns.has("expires_at_ms")) database.exec("ALTER TABLE sandboxes ADD COLUMN expires_at_ms INTEGER");
   if (!columns.has("metadata")) database.exec("ALTER TABLE sandboxes ADD COLUMN metadata TEXT");
+  if (!columns.has("network_policy")) database.exec("ALTER TABLE sandboxes ADD COLUMN network_policy TEXT");
   if (!columns.has("health")) database.exec("ALTER TABLE sandboxes ADD COLUMN health TEXT");
   if (!columns.has("health_reason")) database.exec("ALTER TABLE sandboxes ADD COLUMN health_reason TEXT");
 }
@@ -115,10 +118,10 @@ export const sandboxes = {
   insert(row: SandboxRow): void {
     openState()
       .prepare(
-        `INSERT INTO sandboxes (id, tag, image, pid, pid_start, run_dir, state, created_at, accel, memory_mib, vcpus, network, memory_limit_mib, cgroup, expires_at_ms, metadata)
-         VALUES (@id, @tag, @image, @pid, @pid_start, @run_dir, @state, @created_at, @accel, @memory_mib, @vcpus, @network, @memory_limit_mib, @cgroup, @expires_at_ms, @metadata)`,
+        `INSERT INTO sandboxes (id, tag, image, pid, pid_start, run_dir, state, created_at, accel, memory_mib, vcpus, network, network_policy, memory_limit_mib, cgroup, expires_at_ms, metadata)
+         VALUES (@id, @tag, @image, @pid, @pid_start, @run_dir, @state, @created_at, @accel, @memory_mib, @vcpus, @network, @network_policy, @memory_limit_mib, @cgroup, @expires_at_ms, @metadata)`,
       )
-      .run(row);
+      .run({ network_policy: null, ...row });
   },
   get(id: string): SandboxRow | undefined {
     return openState().prepare("SELECT * FROM sandboxes WHERE id = ?").get(id) as SandboxRow | undefined;

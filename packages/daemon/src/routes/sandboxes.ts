@@ -35,6 +35,8 @@ export function registerSandboxRoutes({ r, ctx, err, touch }: RouteDeps): void {
       memoryLimitMib: body.memory_limit_mib,
       cpuLimit: body.cpu_limit,
       network: body.network,
+      ...(body.allow_out ? { allowOut: body.allow_out } : {}),
+      ...(body.deny_out ? { denyOut: body.deny_out } : {}),
       ...(body.timeout_ms !== undefined ? { ttlMs: body.timeout_ms } : {}),
       ...(body.metadata ? { metadata: body.metadata } : {}),
       concurrency: 4,
