@@ -4,6 +4,7 @@ import { registerBench } from "./commands/bench/index.js";
 import { registerDaemon } from "./commands/daemon.js";
 import { registerDoctor } from "./commands/doctor.js";
 import { registerImage } from "./commands/image.js";
+import { registerPacks } from "./commands/packs.js";
 import { registerQuickstart } from "./commands/quickstart.js";
 import { registerRun } from "./commands/run.js";
 import { registerSandboxes } from "./commands/sandboxes.js";
@@ -19,6 +20,7 @@ const program = new Command()
 
 registerRun(program);
 registerSnapshots(program);
+registerPacks(program);
 registerSandboxes(program);
 registerImage(program);
 registerDoctor(program);

@@ -55,6 +55,25 @@ export const SnapshotInfo = z.object({
   ),
 });
 export const CompactBody = z.object({ to: z.string() }).strict();
+/** A path on the daemon's host: absolute, no NUL. */
+const HostPath = z
+  .string()
+  .min(2)
+  .max(4096)
+  .refine((p) => p.startsWith("/") && !p.includes("\0"), "must be an absolute path");
+export const PackBody = z.object({ path: HostPath }).strict();
+export const UnpackBody = z.object({ path: HostPath, tag: z.string().optional() }).strict();
+export const Job = z.object({
+  id: z.string(),
+  kind: z.enum(["pack", "unpack", "push", "pull"]),
+  status: z.enum(["running", "succeeded", "failed"]),
+  progress: z.object({ done_bytes: z.number(), total_bytes: z.number(), step: z.string() }),
+  result: z.record(z.string(), z.unknown()).nullable(),
+  error: z.object({ code: z.string(), message: z.string() }).nullable(),
+  created_at: z.string(),
+  finished_at: z.string().nullable(),
+});
+export const JobIdParam = z.object({ id: z.string().regex(/^job-[0-9a-f]{12}$/, "job ids look like job-0123456789ab") }).strict();
 export const PendingSnapshot = z.object({
   tag: z.string(),
   status: z.enum(["writing", "failed"]),
@@ -195,6 +214,9 @@ export const Version = z.object({ version: z.string(), api: z.literal("v1"), nod
 export type CreateSnapshotBodyT = z.infer<typeof CreateSnapshotBody>;
 export type SnapshotT = z.infer<typeof Snapshot>;
 export type SnapshotInfoT = z.infer<typeof SnapshotInfo>;
+export type JobT = z.infer<typeof Job>;
+export type PackBodyT = z.infer<typeof PackBody>;
+export type UnpackBodyT = z.infer<typeof UnpackBody>;
 export type CreateSandboxesBodyT = z.infer<typeof CreateSandboxesBody>;
 export type SandboxT = z.infer<typeof Sandbox>;
 export type ForkResultT = z.infer<typeof ForkResult>;

@@ -9,6 +9,7 @@ import { BODY_LIMIT_BYTES, classify, errorBody } from "./http-errors.js";
 import { registerAgentCallRoutes } from "./routes/agent-calls.js";
 import { registerBranchRoutes } from "./routes/branch.js";
 import { ERROR_RESPONSES, type RouteDeps, type ServerContext, touch } from "./routes/context.js";
+import { registerJobRoutes } from "./routes/jobs.js";
 import { registerSandboxRoutes } from "./routes/sandboxes.js";
 import { registerSnapshotRoutes } from "./routes/snapshots.js";
 import { registerSystemRoutes } from "./routes/system.js";
@@ -96,6 +97,7 @@ export async function buildServer(ctx: ServerContext, opts: { https?: { cert: Bu
     registerSandboxRoutes,
     registerBranchRoutes,
     registerAgentCallRoutes,
+    registerJobRoutes,
   ]) {
     register(deps);
   }

@@ -157,6 +157,31 @@ export class Controller {
     return this.request("GET", `/v1/snapshots/${encodeURIComponent(tag)}/info`);
   }
 
+  /** Pack a snapshot and everything it needs into one file on the daemon's host (a job). */
+  packSnapshot(tag: string, body: S.PackBodyT): Promise<S.JobT> {
+    return this.request("POST", `/v1/snapshots/${encodeURIComponent(tag)}/pack`, body);
+  }
+
+  /** Verify and register a pack file on the daemon's host (a job). */
+  unpackSnapshot(body: S.UnpackBodyT): Promise<S.JobT> {
+    return this.request("POST", "/v1/snapshots/unpack", body);
+  }
+
+  getJob(id: string): Promise<S.JobT> {
+    return this.request("GET", `/v1/jobs/${encodeURIComponent(id)}`);
+  }
+
+  /** Poll a job until it ends; `onProgress` sees each state. A failed job throws with its code. */
+  async waitForJob(id: string, opts: { intervalMs?: number; onProgress?: (job: S.JobT) => void } = {}): Promise<S.JobT> {
+    for (;;) {
+      const job = await this.getJob(id);
+      opts.onProgress?.(job);
+      if (job.status === "succeeded") return job;
+      if (job.status === "failed") throw new ForkdApiError(500, job.error?.code ?? "internal", job.error?.message ?? "the job failed");
+      await new Promise((r) => setTimeout(r, opts.intervalMs ?? 250));
+    }
+  }
+
   /** A standalone copy of a snapshot (its whole memory, no parent) under a new tag. */
   compactSnapshot(tag: string, to: string): Promise<S.SnapshotT> {
     return this.request("POST", `/v1/snapshots/${encodeURIComponent(tag)}/compact`, { to });

@@ -259,30 +259,40 @@ export async function unpackFile(file: string, opts: { tag?: string; onProgress?
       compressedRead += chunk.length;
       opts.onProgress?.(compressedRead, total, "verifying");
     });
+    let readError: ForkdError | undefined;
     const reading = pipeline(input, new DecompressStream(), extract).catch((err: Error) => {
-      throw err instanceof ForkdError ? err : badPack(`${path.basename(file)} is not a complete zstd-compressed tar (${err.message})`);
+      readError =
+        err instanceof ForkdError ? err : badPack(`${path.basename(file)} is damaged, cut short or not a forkd pack (${err.message})`);
+      throw readError;
     });
-    for await (const entry of extract) {
-      const { name, type, size } = entry.header;
-      if (type !== "file") throw badPack(`member ${name} is a ${type}, not a plain file`);
-      if (!index) {
-        if (name !== INDEX_NAME || (size ?? 0) > MAX_INDEX_BYTES) throw badPack(`its first member is ${name}, not ${INDEX_NAME}`);
-        const chunks: Buffer[] = [];
-        for await (const chunk of entry) chunks.push(chunk as Buffer);
-        try {
-          index = validateIndex(JSON.parse(Buffer.concat(chunks).toString("utf8")));
-        } catch (err) {
-          throw err instanceof ForkdError ? err : badPack(`its index is not JSON`);
+    reading.catch(() => {});
+    try {
+      for await (const entry of extract) {
+        const { name, type, size } = entry.header;
+        if (type !== "file") throw badPack(`member ${name} is a ${type}, not a plain file`);
+        if (!index) {
+          if (name !== INDEX_NAME || (size ?? 0) > MAX_INDEX_BYTES) throw badPack(`its first member is ${name}, not ${INDEX_NAME}`);
+          const chunks: Buffer[] = [];
+          for await (const chunk of entry) chunks.push(chunk as Buffer);
+          try {
+            index = validateIndex(JSON.parse(Buffer.concat(chunks).toString("utf8")));
+          } catch (err) {
+            throw err instanceof ForkdError ? err : badPack(`its index is not JSON`);
+          }
+          await checkRoom(index);
+          continue;
         }
-        await checkRoom(index);
-        continue;
+        const declared = index.files.find((f) => f.path === name);
+        if (!declared) throw badPack(`member ${name} is not in its index`);
+        if (received.has(name)) throw badPack(`member ${name} appears twice`);
+        if (size !== declared.encoded_bytes) throw badPack(`member ${name} is ${size} bytes, its index says ${declared.encoded_bytes}`);
+        await receiveMember(work, declared, entry as unknown as AsyncIterable<Buffer>);
+        received.add(name);
       }
-      const declared = index.files.find((f) => f.path === name);
-      if (!declared) throw badPack(`member ${name} is not in its index`);
-      if (received.has(name)) throw badPack(`member ${name} appears twice`);
-      if (size !== declared.encoded_bytes) throw badPack(`member ${name} is ${size} bytes, its index says ${declared.encoded_bytes}`);
-      await receiveMember(work, declared, entry as unknown as AsyncIterable<Buffer>);
-      received.add(name);
+    } catch (err) {
+      // A broken stream surfaces in the loop too: the reader's reason is the one to give.
+      await reading.catch(() => {});
+      throw readError ?? err;
     }
     await reading;
     if (!index) throw badPack("it is empty");

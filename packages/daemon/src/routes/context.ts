@@ -10,6 +10,7 @@ import type {
 } from "fastify";
 import type { ZodTypeProvider } from "fastify-type-provider-zod";
 import type { AuditLog } from "../audit.js";
+import type { JobRegistry } from "../jobs.js";
 import type { Metrics } from "../metrics.js";
 import type { AgentPool } from "../pool.js";
 import * as S from "../schemas.js";
@@ -24,6 +25,7 @@ export type ServerContext = {
   maxSandboxes: number;
   /** BRANCHes in progress at once across all sources; more get 503. */
   maxBranches: number;
+  jobs: JobRegistry;
 };
 
 export type RouteDeps = {
