@@ -17,6 +17,7 @@ import {
 import type { FastifyInstance } from "fastify";
 import { AuditLog } from "./audit.js";
 import { ensureLocalToken, isLoopback, readTokenFile } from "./auth.js";
+import { JobRegistry } from "./jobs.js";
 import { createMetrics } from "./metrics.js";
 import { AgentPool } from "./pool.js";
 import { buildServer, FORKD_VERSION } from "./server.js";
@@ -86,7 +87,15 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
     audit.write({ ts: new Date().toISOString(), event: "sandbox_unhealthy", sandboxes: [id], reason });
     log(`forkd daemon: sandbox ${id} is unhealthy: ${reason}`);
   });
-  const ctx = { token, audit, metrics, pool, maxSandboxes: opts.maxSandboxes ?? 1000, maxBranches: opts.maxBranches ?? 4 };
+  const ctx = {
+    token,
+    audit,
+    metrics,
+    pool,
+    maxSandboxes: opts.maxSandboxes ?? 1000,
+    maxBranches: opts.maxBranches ?? 4,
+    jobs: new JobRegistry(),
+  };
 
   // Reconcile before serving: dead sandboxes are reaped, live ones re-adopted.
   const report = await cleanup();
