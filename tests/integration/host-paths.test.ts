@@ -78,7 +78,8 @@ describe("image builds never write through a root's symlinks", () => {
   }
   function rootfsOf(name: string): string {
     const manifest = JSON.parse(fs.readFileSync(path.join(ownEnv.FORKD_HOME, "images", name, "current.json"), "utf8"));
-    return manifest.rootfs;
+    // Records name their files relative to the build's dir (older ones, absolutely).
+    return path.resolve(ownEnv.FORKD_HOME, "images", name, manifest.digest, manifest.rootfs);
   }
 
   afterAll(() => fs.rmSync(host, { recursive: true, force: true }));
@@ -138,12 +139,8 @@ describe("image builds never write through a root's symlinks", () => {
     expect(statInImage(rootfs, `${host}/tmpdir`).type).toBe("directory");
     const manifest = JSON.parse(fs.readFileSync(path.join(ownEnv.FORKD_HOME, "images", "links", "current.json"), "utf8"));
     expect(manifest.runtimes).toEqual(["javascript"]);
-    // And the guest boots on forkd's own files. Unconfined: this is about the image, and the
-    // test's temp dirs (mkdtemp, 0700) are not traversable by a confined VMM's uid.
-    const run = forkd(["run", "--image", "links", "--accel", "tcg", "--", "cat", "/etc/resolv.conf"], {
-      ...ownEnv,
-      FORKD_CONFINE: "off",
-    });
+    // And the guest boots on forkd's own files.
+    const run = forkd(["run", "--image", "links", "--accel", "tcg", "--", "cat", "/etc/resolv.conf"], ownEnv);
     expect(run.code, run.stderr).toBe(0);
     expect(run.stdout).toBe("nameserver 10.0.2.3\n");
   });
@@ -165,6 +162,16 @@ describe("image builds never write through a root's symlinks", () => {
     expect(statInImage(rootfs, "/opt/forkd").type).toBe("directory");
     expect(statInImage(rootfs, "/opt/forkd/bin/node.bin").size).toBeGreaterThan(10 * 2 ** 20);
     expect(statInImage(rootfs, "/opt/forkd/marker").type).toMatch(/^missing/);
+  });
+
+  it("builds the busybox base into a fresh store, whose home it makes 0700, and boots it", () => {
+    const fresh = { FORKD_HOME: path.join(dir, "fresh-home") };
+    const res = forkd(["image", "build", "--name", "base"], fresh);
+    expect(res.code, res.stderr).toBe(0);
+    expect(fs.statSync(fresh.FORKD_HOME).mode & 0o7777).toBe(0o700);
+    const run = forkd(["run", "--accel", "tcg", "--", "cat", "/etc/hostname"], fresh);
+    expect(run.code, run.stderr).toBe(0);
+    expect(run.stdout).toBe("forkd\n");
   });
 
   it("fails with a clear error when the root has a file where forkd needs a directory", () => {

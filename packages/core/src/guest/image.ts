@@ -6,6 +6,7 @@ import fs from "node:fs/promises";
 import { createRequire } from "node:module";
 import path from "node:path";
 import { imagesDir } from "../common/config.js";
+import { ensureStateDir } from "../common/dirs.js";
 import { ForkdError } from "../common/errors.js";
 import { exists, fsyncDir, readJson, sha256File, writeFileAtomic } from "../common/fsutil.js";
 import { runChecked, runProgram } from "../common/program.js";
@@ -293,6 +294,7 @@ export async function buildGuestImage(
     if (current?.digest !== digest) await writeFileAtomic(path.join(root, "current.json"), `${JSON.stringify(complete, null, 2)}\n`);
     return { manifest: complete, cached: true };
   }
+  ensureStateDir();
   await fs.mkdir(root, { recursive: true, mode: 0o755 });
   const work = await fs.mkdtemp(path.join(root, ".build-"));
   try {
@@ -359,6 +361,8 @@ export async function buildGuestImage(
       runtimes,
     };
     await writeFileAtomic(path.join(work, "image.json"), `${JSON.stringify(manifest, null, 2)}\n`);
+    // mkdtemp made it 0700; VMMs run as their own uids and must reach the kernel, initrd and root in it.
+    await fs.chmod(work, 0o755);
     await fs.rm(finalDir, { recursive: true, force: true });
     await fs.rename(work, finalDir);
     await fsyncDir(root);
@@ -391,6 +395,7 @@ async function prepareBaseRoot(
     const file = path.resolve(opts.fromTar);
     if (!(await fs.stat(file).catch(() => undefined))?.isFile()) throw new ForkdError("bad_request", `--from-tar ${file} is not a file`);
     const digest = await sha256File(file);
+    ensureStateDir();
     await fs.mkdir(imagesDir(), { recursive: true, mode: 0o755 });
     const dir = await fs.mkdtemp(path.join(imagesDir(), ".tar-"));
     progress("unpacking the root tarball");
@@ -616,6 +621,8 @@ async function freshForkdDir(tree: string): Promise<void> {
 }
 
 async function assembleRootTree(tree: string, inputs: Inputs, guestctl: string, work: string): Promise<void> {
+  // A busybox image starts from nothing; a copied base root already made it.
+  await fs.mkdir(tree, { recursive: true, mode: 0o755 });
   await freshForkdDir(tree);
   for (const d of [
     "bin",
