@@ -3,6 +3,7 @@ import type { Command } from "commander";
 import { registerApiBench } from "./api.js";
 import { registerBootBench } from "./boot.js";
 import { registerBranchBench } from "./branch.js";
+import { registerChainBench } from "./chain.js";
 import { registerConfineBench } from "./confine.js";
 import { registerFanoutBench } from "./fanout.js";
 import { registerSpawnBench } from "./spawn.js";
@@ -16,6 +17,7 @@ export function registerBench(program: Command): void {
     registerBranchBench,
     registerFanoutBench,
     registerConfineBench,
+    registerChainBench,
   ])
     register(bench);
 }
