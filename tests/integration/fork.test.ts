@@ -2,11 +2,11 @@
 // against real QEMU: isolation, identity, lifecycle, limits, crash safety.
 import { spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
-import http from "node:http";
 import path from "node:path";
 import { cgroupDirs, connectSandbox, listSandboxes, listSnapshots } from "@forkd/core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { CLI, isolateForkd, qemuPidsUnder } from "../helpers/env.js";
+import { startUpstream, type Upstream } from "../helpers/upstream.js";
 
 const env = isolateForkd();
 process.env.FORKD_SHM_DIR = path.join(env.runDir, "shm");
@@ -145,23 +145,21 @@ describe("children", () => {
 });
 
 describe("networking and limits", () => {
-  let server: http.Server;
-  let port: number;
+  // The host itself is out of a guest's reach by design (tests/integration/egress.test.ts):
+  // "outside" is a namespace of this test's own on a documentation address.
+  let upstream: Upstream;
   beforeAll(async () => {
-    server = http.createServer((_req, res) => res.end("from-host"));
-    await new Promise<void>((r) => server.listen(0, "127.0.0.1", () => r()));
-    port = (server.address() as { port: number }).port;
+    upstream = await startUpstream({ hostAddr: "203.0.113.13", addr: "203.0.113.14", body: "from-upstream" });
   });
-  afterAll(() => server.close());
+  afterAll(() => upstream?.stop());
 
   it("user networking reaches out; --no-net children reach nothing", async () => {
     const [netChild] = forkJson(["--tag", TAG, "-n", "1"]);
     const [offline] = forkJson(["--tag", TAG, "-n", "1", "--no-net"]);
-    // 10.0.2.2 is the host as seen through QEMU user-mode networking.
-    const get = `printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 10.0.2.2 ${port}`;
-    expect((await sh(netChild!.id, get)).out).toContain("from-host");
+    const get = `printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 ${upstream.addr} ${upstream.port}`;
+    expect((await sh(netChild!.id, get)).out).toContain("from-upstream");
     const offlineOut = (await sh(offline!.id, `${get}; echo "exit=$?"`)).out;
-    expect(offlineOut).not.toContain("from-host");
+    expect(offlineOut).not.toContain("from-upstream");
     expect(offlineOut).toMatch(/exit=[1-9]/);
     forkd(["kill", netChild!.id, offline!.id]);
   });
