@@ -149,7 +149,10 @@ describe("per-sandbox lists", () => {
     expect(await get(id, priv.addr, priv.port)).toMatch(/ ERR:/);
     expect(await get(id, "10.0.2.2", hostPort)).toMatch(/ ERR:/);
     expect((await api.getSandbox(id)).network_policy).toEqual({ mode: "none", allow_out: [], deny_out: [] });
+    const uid = runDirUid(listSandboxes().find((s) => s.id === id)!.run_dir)!;
+    expect(nsRuleset()).toMatch(new RegExp(`chain sb_${uid} \\{\\s+drop\\s+\\}`));
     await api.deleteSandbox(id);
+    expect(nsRuleset()).not.toContain(`sb_${uid}`);
   });
 
   it("a bad entry is a 400 naming it, over REST and in the CLI", async () => {

@@ -295,7 +295,8 @@ export function renderSandboxRules(uid: number, rules: EgressPolicy | "none"): s
   const chain = `sb_${uid}`;
   const lines = renderSandboxRemoval(uid).trimEnd().split("\n");
   if (rules === "none") {
-    lines.push(`add element inet ${NS_TABLE} sandboxes { ${uid} : drop }`);
+    lines.push(`add chain inet ${NS_TABLE} ${chain}`, `add rule inet ${NS_TABLE} ${chain} drop`);
+    lines.push(`add element inet ${NS_TABLE} sandboxes { ${uid} : jump ${chain} }`);
   } else if (!isEmptyPolicy(rules)) {
     lines.push(`add chain inet ${NS_TABLE} ${chain}`);
     for (const e of rules.allowOut) lines.push(`add rule inet ${NS_TABLE} ${chain} ${match(e)} accept`);
@@ -306,7 +307,11 @@ export function renderSandboxRules(uid: number, rules: EgressPolicy | "none"): s
   return `${lines.join("\n")}\n`;
 }
 
-/** Remove a uid's rules; succeeds whether or not it had any (the adds make the deletes always valid). */
+/**
+ * Remove a uid's rules; succeeds whether or not it had any: the adds make the
+ * deletes always valid, and re-adding an element is a no-op only when its verdict
+ * is the same, which is why every sandbox (even "none") maps to its own chain.
+ */
 export function renderSandboxRemoval(uid: number): string {
   checkUid(uid);
   const chain = `sb_${uid}`;
