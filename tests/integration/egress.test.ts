@@ -8,7 +8,7 @@ import http from "node:http";
 import os from "node:os";
 import path from "node:path";
 import { egressNamespaceInfo, listSandboxes, runDirUid } from "@forkd/core";
-import { Controller } from "@forkd/sdk";
+import { ALL_TRAFFIC, Controller, Sandbox } from "@forkd/sdk";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type DaemonHandle, startDaemonProcess, stopDaemon } from "../helpers/daemon.js";
 import { CLI, isolateForkd } from "../helpers/env.js";
@@ -119,7 +119,14 @@ describe("default policy", () => {
 describe("per-sandbox lists", () => {
   it("deny_out blocks an otherwise allowed destination; allow_out wins where both match", async () => {
     const denied = await fork({ deny_out: ["203.0.113.0/24"] });
-    const narrowed = await fork({ deny_out: ["0.0.0.0/0"], allow_out: [`${pub.addr}:${pub.port}`] });
+    // Through the SDK's E2B-shaped options: an allow-list.
+    const narrowed = (
+      await Sandbox.create({
+        template: TAG,
+        controller: api,
+        network: { denyOut: [ALL_TRAFFIC], allowOut: [`${pub.addr}:${pub.port}`] },
+      })
+    ).sandboxId;
     const [a, b] = await Promise.all([get(denied, pub.addr, pub.port), get(narrowed, pub.addr, pub.port)]);
     expect(a).toMatch(/ ERR:/);
     expect(b).toContain("BODY:upstream-public");

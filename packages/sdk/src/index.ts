@@ -1,5 +1,6 @@
 export { Controller, type ControllerOpts, type ExecExit, ForkdApiError } from "./controller.js";
 export {
+  ALL_TRAFFIC,
   CommandExitError,
   CommandHandle,
   type CommandResult,

@@ -17,8 +17,13 @@ export type SandboxOpts = {
   allowOut?: string[];
   /** Destinations the default allows that this sandbox may not reach; allowOut wins where both match. */
   denyOut?: string[];
+  /** E2B's shape of the same lists (`denyOut: [ALL_TRAFFIC], allowOut: [...]` is an allow-list); joined with the two above. */
+  network?: { allowOut?: string[]; denyOut?: string[] };
   controller?: Controller;
 };
+
+/** E2B's name for every IPv4 destination. */
+export const ALL_TRAFFIC = "0.0.0.0/0";
 
 export const DEFAULT_TIMEOUT_MS = 300_000;
 
@@ -179,8 +184,7 @@ export class Sandbox {
       ...(opts.metadata ? { metadata: opts.metadata } : {}),
       ...(opts.cpuLimit !== undefined ? { cpu_limit: opts.cpuLimit } : {}),
       ...(opts.allowInternetAccess === false ? { network: false } : {}),
-      ...(opts.allowOut?.length ? { allow_out: opts.allowOut } : {}),
-      ...(opts.denyOut?.length ? { deny_out: opts.denyOut } : {}),
+      ...egressLists(opts),
     });
     const failed = res.sandboxes.filter((s) => !s.ok);
     if (failed.length === res.sandboxes.length) {
@@ -225,4 +229,10 @@ export class Sandbox {
   async kill(): Promise<void> {
     await this.controller.deleteSandbox(this.sandboxId);
   }
+}
+
+function egressLists(opts: Omit<SandboxOpts, "template">): { allow_out?: string[]; deny_out?: string[] } {
+  const allow = [...(opts.allowOut ?? []), ...(opts.network?.allowOut ?? [])];
+  const deny = [...(opts.denyOut ?? []), ...(opts.network?.denyOut ?? [])];
+  return { ...(allow.length ? { allow_out: allow } : {}), ...(deny.length ? { deny_out: deny } : {}) };
 }
