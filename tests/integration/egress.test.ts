@@ -2,7 +2,7 @@
 // the default reaches a public-looking upstream (in a namespace of this test's own)
 // and never the host; deny_out and allow_out change that per sandbox; network:false
 // reaches nothing. Every address used here is on this machine.
-import { spawnSync } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import http from "node:http";
 import os from "node:os";
@@ -204,6 +204,28 @@ describe("turned off, and cleaned up", () => {
     expect(checks({ FORKD_NETWORK_POLICY: "off" })).toMatchObject({ status: "fail", detail: expect.stringMatching(/off/) });
     expect(checks({})?.status).toMatch(/pass|warn/);
     expect(forkd(["fork", "--tag", TAG, "--deny-out", "1.1.1.1"], direct).stderr).toMatch(/need the network egress policy, which is off/);
+  });
+
+  it("a host without nft: the daemon refuses to start and names the fix, unless told --network-policy off", async () => {
+    // A forkd instance of its own (no namespace yet) whose PATH has neither nft nor ip.
+    const dir = fs.mkdtempSync(path.join(env.runDir, "no-nft-"));
+    const bare = { ...process.env, PATH: dir, FORKD_HOME: path.join(dir, "home"), FORKD_RUN_DIR: path.join(dir, "run") };
+    const args = [CLI, "daemon", "--listen", "none", "--socket", path.join(dir, "d.sock")];
+    const refused = spawnSync(process.execPath, args, { env: bare, encoding: "utf8", timeout: 60_000 });
+    expect(refused.status).not.toBe(0);
+    expect(refused.stderr).toContain("the nft program is not installed (fix: apt-get install nftables)");
+    expect(refused.stderr).toContain("--network-policy off");
+    const off = spawn(process.execPath, [...args, "--network-policy", "off"], { env: bare, stdio: ["ignore", "ignore", "pipe"] });
+    let stderr = "";
+    off.stderr!.setEncoding("utf8").on("data", (d: string) => (stderr += d));
+    const deadline = Date.now() + 60_000;
+    while (!/unix .*d\.sock/.test(stderr) && off.exitCode === null && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    off.kill("SIGTERM");
+    expect(stderr).toContain("the network egress policy is OFF");
+    expect(stderr).toMatch(/unix .*d\.sock/);
+    const doctor = spawnSync(process.execPath, [CLI, "doctor", "--json"], { env: bare, encoding: "utf8", timeout: 120_000 });
+    const check = (JSON.parse(doctor.stdout) as { name: string; status: string; detail: string }[]).find((c) => c.name === "egress policy");
+    expect(check).toMatchObject({ status: "fail", detail: expect.stringMatching(/off/) });
   });
 
   it("cleanup removes the namespace, its veth and the host table once no VM uses them", async () => {
