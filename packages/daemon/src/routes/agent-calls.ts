@@ -5,6 +5,13 @@ import { z } from "zod";
 import * as S from "../schemas.js";
 import type { RouteDeps } from "./context.js";
 
+/**
+ * NDJSON a streamed exec may hold for an HTTP client that reads slower than the
+ * guest writes. Past it, output is dropped (and a `truncated` line says how much),
+ * so a slow or stalled client costs the daemon this much and no more.
+ */
+export const STREAM_BUFFER_BYTES = 1024 * 1024;
+
 export function registerAgentCallRoutes({ r, ctx, err }: RouteDeps): void {
   r.post("/v1/sandboxes/:id/ping", { schema: { params: S.IdParam, response: { 200: S.PingResponse, ...err } } }, async (request) => {
     const agent = await ctx.pool.forSandbox(request.params.id);
@@ -38,7 +45,13 @@ export function registerAgentCallRoutes({ r, ctx, err }: RouteDeps): void {
       const stdout: Buffer[] = [];
       const stderr: Buffer[] = [];
       const t0 = performance.now();
-      const res = await agent.exec(exec, { onStdout: (d) => stdout.push(d), onStderr: (d) => stderr.push(d) });
+      // Buffered output is capped (FORKD_MAX_OUTPUT_BYTES, 16 MiB by default); a command
+      // that passes the cap is killed, since nobody could see the rest of what it writes.
+      const res = await agent.exec(exec, {
+        onStdout: (d) => stdout.push(d),
+        onStderr: (d) => stderr.push(d),
+        cancelOnOutputLimit: true,
+      });
       ctx.metrics.callSeconds.labels("exec").observe((performance.now() - t0) / 1000);
       return {
         exit_code: res.exitCode,
@@ -47,6 +60,7 @@ export function registerAgentCallRoutes({ r, ctx, err }: RouteDeps): void {
         stdout: Buffer.concat(stdout).toString("utf8"),
         stderr: Buffer.concat(stderr).toString("utf8"),
         duration_ms: res.durationMs,
+        truncated: res.truncated,
       };
     },
   );
@@ -56,21 +70,53 @@ export function registerAgentCallRoutes({ r, ctx, err }: RouteDeps): void {
     const exec = execRequest(request.body);
     const agent = await ctx.pool.forSandbox(request.params.id);
     const out = new PassThrough();
-    const line = (obj: unknown) => out.write(`${JSON.stringify(obj)}\n`);
+    const line = (obj: unknown) => {
+      if (!out.writableEnded && !out.destroyed) out.write(`${JSON.stringify(obj)}\n`);
+    };
+    let dropped = 0;
+    let truncated = false;
+    const flushDropped = () => {
+      if (dropped === 0) return;
+      line({ type: "truncated", dropped_bytes: dropped });
+      dropped = 0;
+    };
+    const output = (type: "stdout" | "stderr", d: Buffer) => {
+      if (out.writableLength + out.readableLength >= STREAM_BUFFER_BYTES) {
+        dropped += d.length;
+        truncated = true;
+        return;
+      }
+      flushDropped();
+      line({ type, data: d.toString("base64") });
+    };
+    // The response, not the request: a request's close fires once its body is read.
+    // A client that goes away before the exit line cancels the command in the guest.
     const abort = new AbortController();
-    request.raw.on("close", () => {
-      if (!reply.raw.writableFinished) abort.abort();
+    reply.raw.on("close", () => {
+      if (reply.raw.writableFinished) return;
+      abort.abort();
+      out.destroy();
     });
     const t0 = performance.now();
     agent
       .exec(exec, {
         signal: abort.signal,
-        onStdout: (d) => line({ type: "stdout", data: d.toString("base64") }),
-        onStderr: (d) => line({ type: "stderr", data: d.toString("base64") }),
+        // The stream's own bound is STREAM_BUFFER_BYTES; a fast reader may take any amount.
+        maxOutputBytes: Number.POSITIVE_INFINITY,
+        onStdout: (d) => output("stdout", d),
+        onStderr: (d) => output("stderr", d),
       })
       .then((res) => {
         ctx.metrics.callSeconds.labels("exec").observe((performance.now() - t0) / 1000);
-        line({ type: "exit", exit_code: res.exitCode, signal: res.signal, timed_out: res.timedOut, duration_ms: res.durationMs });
+        flushDropped();
+        line({
+          type: "exit",
+          exit_code: res.exitCode,
+          signal: res.signal,
+          timed_out: res.timedOut,
+          duration_ms: res.durationMs,
+          truncated,
+        });
       })
       .catch((e: Error) => line({ type: "error", error: { code: isForkdError(e) ? e.code : "internal", message: e.message } }))
       .finally(() => out.end());
