@@ -6,6 +6,7 @@ import { registerDoctor } from "./commands/doctor.js";
 import { registerImage } from "./commands/image.js";
 import { registerPacks } from "./commands/packs.js";
 import { registerQuickstart } from "./commands/quickstart.js";
+import { registerRegistry } from "./commands/registry.js";
 import { registerRun } from "./commands/run.js";
 import { registerSandboxes } from "./commands/sandboxes.js";
 import { registerSnapshots } from "./commands/snapshots.js";
@@ -21,6 +22,7 @@ const program = new Command()
 registerRun(program);
 registerSnapshots(program);
 registerPacks(program);
+registerRegistry(program);
 registerSandboxes(program);
 registerImage(program);
 registerDoctor(program);

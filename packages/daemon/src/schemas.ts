@@ -63,6 +63,10 @@ const HostPath = z
   .refine((p) => p.startsWith("/") && !p.includes("\0"), "must be an absolute path");
 export const PackBody = z.object({ path: HostPath }).strict();
 export const UnpackBody = z.object({ path: HostPath, tag: z.string().optional() }).strict();
+/** A registry reference (HOST/REPO:TAG), a hub name (OWNER/NAME) or a pack URL; checked by core, which names the three forms. */
+const PullRef = z.string().min(1).max(4096);
+export const PushBody = z.object({ ref: PullRef }).strict();
+export const PullBody = z.object({ ref: PullRef, tag: z.string().optional(), hub: z.string().max(4096).optional() }).strict();
 export const Job = z.object({
   id: z.string(),
   kind: z.enum(["pack", "unpack", "push", "pull"]),
@@ -217,6 +221,8 @@ export type SnapshotInfoT = z.infer<typeof SnapshotInfo>;
 export type JobT = z.infer<typeof Job>;
 export type PackBodyT = z.infer<typeof PackBody>;
 export type UnpackBodyT = z.infer<typeof UnpackBody>;
+export type PushBodyT = z.infer<typeof PushBody>;
+export type PullBodyT = z.infer<typeof PullBody>;
 export type CreateSandboxesBodyT = z.infer<typeof CreateSandboxesBody>;
 export type SandboxT = z.infer<typeof Sandbox>;
 export type ForkResultT = z.infer<typeof ForkResult>;

@@ -10,6 +10,7 @@ import { registerAgentCallRoutes } from "./routes/agent-calls.js";
 import { registerBranchRoutes } from "./routes/branch.js";
 import { ERROR_RESPONSES, type RouteDeps, type ServerContext, touch } from "./routes/context.js";
 import { registerJobRoutes } from "./routes/jobs.js";
+import { registerRegistryRoutes } from "./routes/registry.js";
 import { registerSandboxRoutes } from "./routes/sandboxes.js";
 import { registerSnapshotRoutes } from "./routes/snapshots.js";
 import { registerSystemRoutes } from "./routes/system.js";
@@ -98,6 +99,7 @@ export async function buildServer(ctx: ServerContext, opts: { https?: { cert: Bu
     registerBranchRoutes,
     registerAgentCallRoutes,
     registerJobRoutes,
+    registerRegistryRoutes,
   ]) {
     register(deps);
   }

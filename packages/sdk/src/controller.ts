@@ -167,6 +167,16 @@ export class Controller {
     return this.request("POST", "/v1/snapshots/unpack", body);
   }
 
+  /** Push a snapshot chain to an OCI registry, HOST/REPO:TAG (a job; blobs the registry has are not sent again). */
+  pushSnapshot(tag: string, body: S.PushBodyT): Promise<S.JobT> {
+    return this.request("POST", `/v1/snapshots/${encodeURIComponent(tag)}/push`, body);
+  }
+
+  /** Pull a snapshot chain from a registry reference, a hub name (OWNER/NAME, with `hub`) or a pack URL (a job). */
+  pullSnapshot(body: S.PullBodyT): Promise<S.JobT> {
+    return this.request("POST", "/v1/snapshots/pull", body);
+  }
+
   getJob(id: string): Promise<S.JobT> {
     return this.request("GET", `/v1/jobs/${encodeURIComponent(id)}`);
   }

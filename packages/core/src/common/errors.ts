@@ -26,8 +26,12 @@ export const ERROR_STATUS = {
   io_error: 500,
   /** One of forkd's directories is not private to it (owner, mode or a symlink). */
   unsafe_path: 500,
-  /** A memory image does not match the digest recorded when its snapshot was registered. */
+  /** A memory image does not match the digest recorded when its snapshot was registered, or a downloaded blob its digest. */
   integrity_failed: 500,
+  /** A registry or hub that cannot be reached (unknown host, refused connection, TLS) or answers outside the protocol. */
+  registry_unreachable: 502,
+  /** A registry that refuses the credentials forkd sent (or asks for some and none are configured). */
+  registry_denied: 502,
   internal: 500,
 } as const;
 

@@ -23,7 +23,7 @@ import { encodeSparse, planSparse, SparseDecoder, type SparsePlan } from "./spar
 export const PACK_FORMAT = "forkd-pack";
 export const PACK_VERSION = 1;
 const INDEX_NAME = "forkd-pack.json";
-const MAX_INDEX_BYTES = 1 << 20;
+export const MAX_INDEX_BYTES = 1 << 20;
 /** Larger than any guest memory forkd makes (64 GiB) or a root image it builds. */
 const MAX_FILE_BYTES = 80 * 2 ** 30;
 
@@ -42,6 +42,8 @@ export type PackIndex = {
 export type Progress = (done: number, total: number, what: string) => void;
 
 type Member = { file: PackFile; source: string; sparse?: SparsePlan };
+/** One file of a pack, with where its bytes come from. */
+export type PackMember = Member;
 
 const DIGEST_RE = /^[0-9a-f]{64}$/;
 /** The only member names a pack may hold. */
