@@ -9,7 +9,8 @@ const PACKAGES = {
   core: ["atomic", "agent"],
   daemon: ["atomic", "agent", "core"],
   sdk: ["daemon"],
-  cli: ["atomic", "agent", "core", "daemon", "sdk"],
+  mcp: [],
+  cli: ["atomic", "agent", "core", "daemon", "sdk", "mcp"],
 };
 
 const layerRules = CORE_LAYERS.slice(0, -1).map((layer, i) => ({

@@ -4,6 +4,7 @@ import { registerBench } from "./commands/bench/index.js";
 import { registerDaemon } from "./commands/daemon.js";
 import { registerDoctor } from "./commands/doctor.js";
 import { registerImage } from "./commands/image.js";
+import { registerMcp } from "./commands/mcp.js";
 import { registerPacks } from "./commands/packs.js";
 import { registerQuickstart } from "./commands/quickstart.js";
 import { registerRegistry } from "./commands/registry.js";
@@ -27,6 +28,7 @@ registerSandboxes(program);
 registerImage(program);
 registerDoctor(program);
 registerDaemon(program);
+registerMcp(program);
 registerBench(program);
 registerQuickstart(program);
 
