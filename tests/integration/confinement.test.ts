@@ -109,7 +109,7 @@ describe("every VMM runs confined", () => {
       await new Promise((r) => setTimeout(r, 100));
       return res;
     });
-    expect(children.result.sandboxes.every((c) => c.ok)).toBe(true);
+    expect(children.result).toHaveLength(2);
     expectConfined(children.seen);
     const uids = new Set([...children.seen.values()].map((s) => s.uid));
     expect(uids.size).toBe(2);
@@ -118,7 +118,7 @@ describe("every VMM runs confined", () => {
   });
 
   it("BRANCH capture and materialiser, in every mode", async () => {
-    const source = (await api.createSandboxes({ snapshot_tag: "conf", n: 1 })).sandboxes[0]!.id;
+    const source = (await api.createSandboxes({ snapshot_tag: "conf", n: 1 }))[0]!.id;
     for (const mode of ["full", "diff", "live"] as const) {
       const run = await watchVmms(() => api.branchSandbox(source, { tag: `conf-${mode}`, mode }));
       expect(run.result.status).toBe("ready");
@@ -126,8 +126,8 @@ describe("every VMM runs confined", () => {
       // source + the materialiser that loaded the capture
       expect(run.seen.size).toBeGreaterThanOrEqual(2);
     }
-    const child = (await api.createSandboxes({ snapshot_tag: "conf-live", n: 1 })).sandboxes[0]!;
-    expect(child.ok).toBe(true);
+    const [child] = await api.createSandboxes({ snapshot_tag: "conf-live", n: 1 });
+    expect(child?.state).toBe("running");
   });
 
   it("`forkd run` VMs too", async () => {
@@ -145,7 +145,7 @@ describe("every VMM runs confined", () => {
 
 describe("a VMM's view of the host", () => {
   it("has no token, state database, other VMs' dirs, /root or /etc/shadow; outside it the uid reads nothing of forkd's", async () => {
-    const [a, b] = (await api.listSandboxes()).sandboxes.filter((s) => s.state === "running");
+    const [a, b] = (await api.listSandboxes()).filter((s) => s.state === "running");
     expect(a && b).toBeTruthy();
     const uid = Number(/^Uid:\s*(\d+)/m.exec(fs.readFileSync(`/proc/${a!.pid}/status`, "utf8"))![1]);
     const inside = (argv: string[]) => asVmm(a!.pid, uid, argv);
@@ -172,7 +172,7 @@ describe("a VMM's view of the host", () => {
   });
 
   it("a guest printing forever costs a bounded console, never the disk", async () => {
-    const [a] = (await api.listSandboxes()).sandboxes.filter((s) => s.state === "running");
+    const [a] = (await api.listSandboxes()).filter((s) => s.state === "running");
     const before = spawnSync("du", ["-sk", env.runDir], { encoding: "utf8" }).stdout;
     await api.exec(a!.id, {
       cmd: "i=0; while [ $i -lt 4000 ]; do echo 0123456789012345678901234567890123456789012345678901234567890123456789 > /dev/console; i=$((i+1)); done",

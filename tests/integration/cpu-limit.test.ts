@@ -148,7 +148,7 @@ describe("cpu_limit through the daemon and the SDK", () => {
       expect(err.status, String(bad)).toBe(400);
       expect(err.message).toMatch(/^cpu_limit must be a number of CPUs from 0\.01 to \d+/);
     }
-    expect((await controller.listSandboxes()).sandboxes).toEqual([]);
+    expect(await controller.listSandboxes()).toEqual([]);
   });
 
   it("applies the SDK's cpuLimit as the sandbox's quota", async () => {

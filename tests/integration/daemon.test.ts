@@ -82,7 +82,7 @@ function postHuge(route: string, bytes: number): Promise<{ status: number; body:
 }
 
 function errorCode(res: Res): string | undefined {
-  return (res.body as { error?: { code: string } }).error?.code;
+  return (res.body as { code?: string }).code;
 }
 
 beforeAll(async () => {
@@ -131,8 +131,15 @@ describe("snapshots", () => {
   it("creates a warm snapshot and lists it", async () => {
     const res = await call("POST", "/v1/snapshots", { body: { tag: TAG, warm_eval: ["globalThis.answer = 41"] } });
     expect(res.status, res.text).toBe(201);
-    expect(res.body).toMatchObject({ tag: TAG, status: "ready", parent: null });
-    expect(((await call("GET", "/v1/snapshots")).body as { snapshots: { tag: string }[] }).snapshots.map((s) => s.tag)).toContain(TAG);
+    expect(res.body).toMatchObject({
+      tag: TAG,
+      status: "ready",
+      parent: null,
+      dir: expect.any(String),
+      created_at_unix: expect.any(Number),
+    });
+    // forkd's shape: a bare array
+    expect(((await call("GET", "/v1/snapshots")).body as { tag: string }[]).map((s) => s.tag)).toContain(TAG);
     expect((await call("GET", `/v1/snapshots/${TAG}`)).status).toBe(200);
   });
 
@@ -142,7 +149,14 @@ describe("snapshots", () => {
       expect(res.status, `${tag}: ${res.text}`).toBe(400);
       expect(errorCode(res)).toBe("invalid_tag");
     }
-    expect((await call("POST", "/v1/snapshots", { body: { tag: TAG } })).status).toBe(409);
+    // forkd answers an existing tag with 400 ("DELETE first")
+    const dup = await call("POST", "/v1/snapshots", { body: { tag: TAG } });
+    expect(dup.status).toBe(400);
+    expect(dup.body).toMatchObject({
+      error: expect.stringContaining("already exists"),
+      code: "bad_request",
+      remediation: expect.any(String),
+    });
     expect((await call("GET", "/v1/snapshots/nope")).status).toBe(404);
     expect((await call("GET", "/v1/snapshots/..%2Fx")).status).toBe(400);
   });
@@ -154,11 +168,13 @@ describe("sandboxes", () => {
   it("forks children and lists them", async () => {
     const res = await call("POST", "/v1/sandboxes", { body: { snapshot_tag: TAG, n: 2 } });
     expect(res.status, res.text).toBe(201);
-    const created = (res.body as { sandboxes: { id: string; ok: boolean }[] }).sandboxes;
-    expect(created.every((s) => s.ok)).toBe(true);
+    const created = res.body as { id: string; snapshot_tag: string; guest_addr: string; timings: { total_ms: number } }[];
+    expect(created).toHaveLength(2);
+    expect(created[0]).toMatchObject({ snapshot_tag: TAG, has_branched: false, branch_count: 0, netns: null });
+    expect(created[0]!.timings.total_ms).toBeGreaterThan(0);
     id = created[0]!.id;
-    const listed = (await call("GET", "/v1/sandboxes")).body as { sandboxes: { id: string; state: string }[] };
-    expect(listed.sandboxes.map((s) => s.id)).toEqual(expect.arrayContaining(created.map((s) => s.id)));
+    const listed = (await call("GET", "/v1/sandboxes")).body as { id: string; state: string }[];
+    expect(listed.map((s) => s.id)).toEqual(expect.arrayContaining(created.map((s) => s.id)));
     expect((await call("GET", `/v1/sandboxes/${id}`)).body).toMatchObject({ id, snapshot_tag: TAG, state: "running" });
     expect((await call("POST", `/v1/sandboxes/${id}/ping`)).body).toMatchObject({ hostname: id });
   });
@@ -186,10 +202,17 @@ describe("sandboxes", () => {
   });
 
   it("evaluates in the warm context and moves files", async () => {
-    expect((await call("POST", `/v1/sandboxes/${id}/eval`, { body: { code: "answer + 1" } })).body).toMatchObject({ value: 42 });
+    expect((await call("POST", `/v1/sandboxes/${id}/eval`, { body: { code: "answer + 1" } })).body).toMatchObject({
+      result: "42",
+      error: null,
+      exit_code: 0,
+      value: 42,
+      language: "javascript",
+    });
+    // As forkd: the code's own exception is an answer with exit_code 1, not a failed call.
     const thrown = await call("POST", `/v1/sandboxes/${id}/eval`, { body: { code: "throw new Error('boom')" } });
-    expect(thrown.status).toBe(400);
-    expect((thrown.body as { error: { message: string } }).error.message).toMatch(/boom/);
+    expect(thrown.status).toBe(200);
+    expect(thrown.body).toMatchObject({ result: null, exit_code: 1, error: expect.stringMatching(/boom/) });
     expect((await call("POST", `/v1/sandboxes/${id}/files`, { body: { action: "write", path: "/root/f.txt", data: "hi" } })).status).toBe(
       200,
     );
@@ -213,7 +236,7 @@ describe("sandboxes", () => {
     expect((await call("POST", "/v1/sandboxes", { raw: "x", contentType: "text/plain" })).status).toBe(415);
     const big = await postHuge("/v1/sandboxes", 100 * 2 ** 20);
     expect(big.status).toBe(413);
-    expect(JSON.parse(big.body).error.code).toBe("too_large");
+    expect(JSON.parse(big.body).code).toBe("too_large");
     expect((await call("POST", `/v1/sandboxes/${id}/exec`, { body: { argv: ["true"], timeout_ms: 10 ** 9 } })).status).toBe(400);
     expect((await call("POST", `/v1/sandboxes/${id}/exec`, { body: { argv: ["true"], cmd: "true" } })).status).toBe(400);
     expect((await call("POST", `/v1/sandboxes/${id}/exec`, { body: { argv: "true" } })).status).toBe(422);
@@ -221,7 +244,7 @@ describe("sandboxes", () => {
     expect((await call("GET", "/v1/sandboxes/not-an-id")).status).toBe(400);
     expect((await call("GET", "/v1/nothing-here")).status).toBe(404);
     for (const res of [await fork({ snapshot_tag: TAG, n: 0 }), await call("GET", "/v1/nothing-here")]) {
-      expect(res.body).toMatchObject({ error: { code: expect.any(String), message: expect.any(String) } });
+      expect(res.body).toMatchObject({ error: expect.any(String), code: expect.any(String), remediation: expect.any(String) });
     }
     expect((await call("GET", "/healthz")).status).toBe(200);
   });
@@ -252,7 +275,7 @@ describe("sandboxes", () => {
 
   it("kills a sandbox when its time limit passes", async () => {
     const res = await call("POST", "/v1/sandboxes", { body: { snapshot_tag: TAG, timeout_ms: 1500, metadata: { owner: "test" } } });
-    const ttlId = (res.body as { sandboxes: { id: string }[] }).sandboxes[0]!.id;
+    const ttlId = (res.body as { id: string }[])[0]!.id;
     expect((await call("GET", `/v1/sandboxes/${ttlId}`)).body).toMatchObject({
       metadata: { owner: "test" },
       expires_at: expect.any(String),
@@ -295,7 +318,7 @@ describe("audit log", () => {
 describe("restart", () => {
   it("re-adopts live sandboxes after kill -9 and reaps the dead", async () => {
     const res = await call("POST", "/v1/sandboxes", { body: { snapshot_tag: TAG, n: 2 } });
-    const [keep, doomed] = (res.body as { sandboxes: { id: string }[] }).sandboxes.map((s) => s.id) as [string, string];
+    const [keep, doomed] = (res.body as { id: string }[]).map((s) => s.id) as [string, string];
     await call("POST", `/v1/sandboxes/${keep}/eval`, { body: { code: "globalThis.before = 'restart'" } });
     await stopDaemon(daemon, "SIGKILL");
     const doomedPid = (await import("@forkd/core")).listSandboxes().find((s) => s.id === doomed)!.pid;
@@ -356,7 +379,7 @@ describe("SDK against the real daemon", () => {
     const controller = new Controller({ url: daemon.url, token: daemon.token });
     expect((await controller.health()).ok).toBe(true);
     expect((await controller.version()).api).toBe("v1");
-    expect((await controller.listSnapshots()).snapshots.map((s) => s.tag)).toContain(TAG);
+    expect((await controller.listSnapshots()).map((s) => s.tag)).toContain(TAG);
     expect((await controller.getSnapshot(TAG)).tag).toBe(TAG);
     const err = await controller.getSnapshot("missing").catch((e: unknown) => e);
     expect(err).toBeInstanceOf(ForkdApiError);

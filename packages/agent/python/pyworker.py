@@ -85,7 +85,10 @@ for line in sys.stdin:
         value, printed = run(request.get("code", ""))
         text, kind, is_repr = to_wire(value)
         # The value is spliced in as JSON text: encoded once, not encoded, decoded and encoded again.
+        # repr too, as forkd's clients read results (bounded: a huge array's repr is not worth shipping twice).
+        shown = text if is_repr else json.dumps(repr(value)[:65536])
         head = json.dumps({"id": request.get("id"), "ok": True, "type": kind, "repr": is_repr, "stdout": printed, "duration_ms": (time.perf_counter() - started) * 1000})
+        head = head[:-1] + ', "text": ' + shown + "}"
         ANSWERS.write(head[:-1] + ', "value": ' + text + "}\n")
         ANSWERS.flush()
     except BaseException as err:  # a user's exception, SystemExit included, never ends the worker

@@ -34,7 +34,14 @@ export type ExecResult = {
 };
 
 export type EvalRequest = { op: "eval"; code: string; language?: "javascript" | "python"; timeoutMs?: number };
-export type EvalResult = { value: unknown; type: string; durationMs: number; stdout?: string };
+export type EvalResult = {
+  value: unknown;
+  type: string;
+  durationMs: number;
+  stdout?: string;
+  /** Python: the value's repr (what forkd's clients show as the result). */
+  text?: string;
+};
 
 export type FilesRequest =
   | { op: "files"; action: "read"; path: string }

@@ -9,6 +9,7 @@ import {
   apiSandboxView,
   apiSnapshotView,
   type BranchStatus,
+  branchesBySource,
   compactSnapshot,
   connectSandbox,
   createSnapshot,
@@ -50,7 +51,14 @@ export type SnapshotArgs = {
 };
 
 /** What a BRANCH reports, the same through the daemon and directly. */
-export type BranchRow = BranchStatus;
+export type BranchRow = {
+  tag: string;
+  mode?: string;
+  status: string;
+  pause_ms?: number;
+  total_ms?: number | null;
+  branched_from?: string;
+};
 
 export interface Backend {
   branch(id: string, args: { tag?: string; mode?: string; wait: boolean }): Promise<BranchRow>;
@@ -150,7 +158,8 @@ class DirectBackend implements Backend {
     );
   }
   async listSandboxes() {
-    return listSandboxes().map(apiSandboxView);
+    const bySource = branchesBySource();
+    return listSandboxes().map((sb) => apiSandboxView(sb, bySource));
   }
   private async withAgent<T>(id: string, work: (agent: Awaited<ReturnType<typeof connectSandbox>>) => Promise<T>): Promise<T> {
     getSandbox(id);
@@ -212,12 +221,13 @@ class DaemonBackend implements Backend {
   constructor(private readonly controller: Controller) {}
 
   branch(id: string, a: { tag?: string; mode?: string; wait: boolean }) {
-    return viaApi(() =>
-      this.controller.branchSandbox(id, {
-        ...(a.tag ? { tag: a.tag } : {}),
-        ...(a.mode ? { mode: a.mode as "full" | "diff" | "live" } : {}),
-        wait: a.wait,
-      }),
+    return viaApi(
+      async (): Promise<BranchRow> =>
+        this.controller.branchSandbox(id, {
+          ...(a.tag ? { tag: a.tag } : {}),
+          ...(a.mode ? { mode: a.mode as "full" | "diff" | "live" } : {}),
+          wait: a.wait,
+        }),
     );
   }
 
@@ -234,7 +244,7 @@ class DaemonBackend implements Backend {
     );
   }
   listSnapshots() {
-    return viaApi(async () => (await this.controller.listSnapshots()).snapshots);
+    return viaApi(async () => (await this.controller.listSnapshots()).filter((snap) => snap.status === "ready") as ApiSnapshot[]);
   }
   removeSnapshot(tag: string, opts: { force?: boolean; cascade?: boolean }) {
     return viaApi(() => this.controller.deleteSnapshot(tag, opts));
@@ -256,11 +266,24 @@ class DaemonBackend implements Backend {
         ...(a.allowOut?.length ? { allow_out: a.allowOut } : {}),
         ...(a.denyOut?.length ? { deny_out: a.denyOut } : {}),
       });
-      return res.sandboxes;
+      return res.map(
+        (c): ForkRow => ({
+          id: c.id,
+          ok: true,
+          ...(c.timings
+            ? {
+                vmm_start_ms: c.timings.vmm_start_ms,
+                restore_ms: c.timings.restore_ms,
+                first_answer_ms: c.timings.first_answer_ms,
+                total_ms: c.timings.total_ms,
+              }
+            : {}),
+        }),
+      );
     });
   }
   listSandboxes() {
-    return viaApi(async () => (await this.controller.listSandboxes()).sandboxes);
+    return viaApi(() => this.controller.listSandboxes());
   }
   exec(id: string, a: ExecArgs, onStdout: (d: Buffer) => void, onStderr: (d: Buffer) => void) {
     return viaApi(async () => {
@@ -279,7 +302,16 @@ class DaemonBackend implements Backend {
     });
   }
   eval(id: string, code: string, language?: "javascript" | "python") {
-    return viaApi(() => this.controller.eval(id, { code, ...(language ? { language } : {}) }));
+    return viaApi(async () => {
+      const res = await this.controller.eval(id, { code, ...(language ? { language } : {}) });
+      if (res.exit_code !== 0) throw new ForkdError("bad_request", res.error ?? "the code raised an error", { agentCode: "eval_error" });
+      return {
+        value: res.value,
+        type: res.type ?? typeof res.value,
+        duration_ms: res.duration_ms,
+        ...(res.stdout ? { stdout: res.stdout } : {}),
+      };
+    });
   }
   files(id: string, a: FilesArgs) {
     return viaApi(() =>

@@ -120,7 +120,7 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
     if (await socketInUse(socket)) throw new ForkdError("conflict", `another daemon already listens on ${socket}`);
     fs.rmSync(socket, { force: true });
   }
-  const unixServer = await buildServer(ctx);
+  const unixServer = await buildServer(ctx, { requireToken: false });
   const oldUmask = process.umask(0o177);
   try {
     await unixServer.listen({ path: socket });
@@ -132,7 +132,7 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
   let tcpAddress: { host: string; port: number } | undefined;
   if (tcp) {
     const https = opts.tlsCert && opts.tlsKey ? { cert: fs.readFileSync(opts.tlsCert), key: fs.readFileSync(opts.tlsKey) } : undefined;
-    const tcpServer = await buildServer(ctx, { ...(https ? { https } : {}) });
+    const tcpServer = await buildServer(ctx, { requireToken: true, ...(https ? { https } : {}) });
     await tcpServer.listen({ host: tcp.host, port: tcp.port });
     const address = tcpServer.server.address();
     tcpAddress = { host: tcp.host, port: typeof address === "object" && address ? address.port : tcp.port };

@@ -6,8 +6,43 @@ import type { FastifyError } from "fastify";
 /** Large enough for an 8 MiB file write (base64 grows it by a third), small enough to refuse abuse early. */
 export const BODY_LIMIT_BYTES = 12 * 2 ** 20;
 
+/** One line per code saying what to do next: an agent reading the error can act on it. */
+const REMEDIATION: Record<string, string> = {
+  bad_request: "fix the field the message names and send the request again",
+  invalid_tag: "use 1-64 characters of letters, digits, '_', '.' and '-', starting with a letter, digit or '_'",
+  invalid_id: "list sandboxes with GET /v1/sandboxes (forkd ls) and use one of their ids",
+  invalid_path: "send an absolute path inside the sandbox",
+  unauthorized: "send Authorization: Bearer <token> (the daemon's token file, or FORKD_TOKEN), or use the unix socket",
+  not_found: "check the path or name; GET /v1/openapi.json lists the routes",
+  image_not_found: "build the image first: forkd image build --name NAME",
+  snapshot_not_found: "list snapshots with GET /v1/snapshots (forkd images), or create one with POST /v1/snapshots",
+  sandbox_not_found: "list sandboxes with GET /v1/sandboxes (forkd ls); a sandbox whose VMM exited is removed",
+  conflict: "pick another name, or remove what holds it first (the message says what)",
+  invalid_state: "wait until the resource is in a state that allows this, or kill and recreate the sandbox",
+  too_large: "send less: split the file or the output, or raise the limit the message names",
+  unsupported_media_type: "send JSON with Content-Type: application/json",
+  validation_failed: "fix the fields the message names (unknown fields are refused) and send the request again",
+  over_limit: "retry after Retry-After seconds, or free what the message says is short",
+  missing_dependency: "install what the message names (npm run setup does it on Debian), then retry",
+  not_supported: "this host cannot do that; forkd doctor says why and what would",
+  vm_start_failed: "read the console log the message names; forkd doctor checks the host",
+  vm_timeout: "retry with a longer timeout, or check the sandbox is not overloaded",
+  agent_error: "the guest agent did not answer as expected; retry, or kill and recreate the sandbox",
+  qmp_error: "the VMM refused the operation; retry, or kill and recreate the sandbox",
+  io_error: "check disk space and permissions of forkd's directories (forkd doctor)",
+  integrity_failed: "remove the damaged snapshot (forkd rmi TAG) and create or pull it again",
+  unsafe_path: "fix the ownership or mode of the directory the message names",
+  internal: "see the daemon's log; this is a bug in forkd",
+};
+
+/** forkd's error body ({"error": message}) with our code and next step beside it, never instead. */
 export function errorBody(code: string, message: string, details?: Record<string, unknown>) {
-  return { error: { code, message, ...(details && Object.keys(details).length ? { details } : {}) } };
+  return {
+    error: message,
+    code,
+    remediation: REMEDIATION[code] ?? REMEDIATION.internal!,
+    ...(details && Object.keys(details).length ? { details } : {}),
+  };
 }
 
 /** Fastify's own failures (parsing, limits, content types) mapped onto our codes. */

@@ -5,8 +5,12 @@ import { z } from "zod";
 
 export const MAX_EXEC_TIMEOUT_MS = 3_600_000;
 
+/** forkd's error body ({"error": message}) with our stable code and a one-line next step beside it. */
 export const ErrorBody = z.object({
-  error: z.object({ code: z.string(), message: z.string(), details: z.record(z.string(), z.unknown()).optional() }),
+  error: z.string(),
+  code: z.string(),
+  remediation: z.string(),
+  details: z.record(z.string(), z.unknown()).optional(),
 });
 
 export const TagParam = z.object({ tag: z.string() }).strict();
@@ -16,6 +20,13 @@ export const CreateSnapshotBody = z
   .object({
     tag: z.string(),
     image: z.string().optional(),
+    // forkd boots a kernel and rootfs it is given; forkd here builds parents from images
+    // (`image`), so these are accepted for forkd's clients and not used.
+    kernel: z.string().optional(),
+    rootfs: z.string().optional(),
+    rw: z.boolean().optional(),
+    tap: z.string().nullable().optional(),
+    boot_wait_secs: z.number().int().min(0).max(60).optional(),
     warm: z.array(z.string()).max(64).optional(),
     warm_eval: z.array(z.string()).max(64).optional(),
     memory_mib: z.number().int().optional(),
@@ -24,27 +35,45 @@ export const CreateSnapshotBody = z
   .strict();
 
 export const Snapshot = z.object({
+  // forkd v0.5.3's SnapshotInfo
   tag: z.string(),
-  image: z.string(),
-  image_digest: z.string(),
-  created_at: z.string(),
-  memory_mib: z.number(),
-  vcpus: z.number(),
-  memory_bytes: z.number(),
-  resident_bytes: z.number(),
-  vmstate_bytes: z.number(),
-  memory_sha256: z.string(),
-  staged: z.boolean(),
-  parent: z.string().nullable(),
-  branched_from: z.string().nullable(),
+  dir: z.string(),
+  created_at_unix: z.number(),
+  branched_from: z.string().optional(),
+  pause_ms: z.number().optional(),
+  warning: z.string().optional(),
+  status: z.enum(["ready", "writing", "failed"]),
+  // ours (absent while a BRANCH is writing or after it failed)
+  image: z.string().optional(),
+  image_digest: z.string().optional(),
+  created_at: z.string().optional(),
+  memory_mib: z.number().optional(),
+  vcpus: z.number().optional(),
+  memory_bytes: z.number().optional(),
+  resident_bytes: z.number().optional(),
+  vmstate_bytes: z.number().optional(),
+  memory_sha256: z.string().optional(),
+  staged: z.boolean().optional(),
+  parent: z.string().nullable().optional(),
   /** "diff": only the pages that differ from `parent` are stored. */
-  storage: z.enum(["full", "diff"]),
+  storage: z.enum(["full", "diff"]).optional(),
   /** Bytes this snapshot's own files take in the store (a diff layer: its pages only). */
-  physical_bytes: z.number(),
-  status: z.literal("ready"),
+  physical_bytes: z.number().optional(),
+  mode: z.string().optional(),
+  error: z.string().nullable().optional(),
+  // a BRANCH's own measures
+  total_ms: z.number().nullable().optional(),
 });
 export const SnapshotInfo = z.object({
   tag: z.string(),
+  dir: z.string(),
+  created_at_unix: z.number(),
+  memory_logical_bytes: z.number(),
+  memory_physical_bytes: z.number(),
+  vmstate_bytes: z.number(),
+  parent_tag: z.string().optional(),
+  parent_content_hash: z.string().optional(),
+  chain_depth: z.number(),
   depth: z.number(),
   ancestors: z.array(z.string()),
   dependents: z.array(z.string()),
@@ -78,30 +107,24 @@ export const Job = z.object({
   finished_at: z.string().nullable(),
 });
 export const JobIdParam = z.object({ id: z.string().regex(/^job-[0-9a-f]{12}$/, "job ids look like job-0123456789ab") }).strict();
-export const PendingSnapshot = z.object({
-  tag: z.string(),
-  status: z.enum(["writing", "failed"]),
-  mode: z.string(),
-  branched_from: z.string(),
-  error: z.string().nullable(),
-  created_at: z.string(),
-});
-export const SnapshotList = z.object({ snapshots: z.array(Snapshot), pending: z.array(PendingSnapshot) });
+export const SnapshotList = z.array(Snapshot);
 
 export const BranchBody = z
-  .object({ tag: z.string().optional(), mode: z.enum(["full", "diff", "live"]).optional(), wait: z.boolean().optional() })
+  .object({
+    tag: z.string().nullable().optional(),
+    mode: z.enum(["full", "diff", "live"]).nullable().optional(),
+    /** forkd's older flags for mode diff and mode live. */
+    diff: z.boolean().optional(),
+    live: z.boolean().optional(),
+    /** forkd measured an extra diff for timing; every BRANCH here reports its pause, so it changes nothing. */
+    measure_diff: z.boolean().optional(),
+    wait: z.boolean().optional(),
+    /** forkd's chain edge: must be the source's snapshot (every BRANCH here is a layer on it). */
+    parent_tag: z.string().nullable().optional(),
+  })
   .strict();
-export const BranchResponse = z.object({
-  tag: z.string(),
-  mode: z.enum(["full", "diff", "live"]),
-  status: z.enum(["writing", "ready", "failed"]),
-  pause_ms: z.number(),
-  total_ms: z.number().nullable(),
-  memory_bytes: z.number().nullable(),
-  branched_from: z.string(),
-  parent: z.string(),
-  error: z.string().optional(),
-});
+/** forkd answers a BRANCH with the new snapshot's SnapshotInfo; ours adds how it went. */
+export const BranchResponse = Snapshot;
 export const SnapshotStatus = z.object({
   tag: z.string(),
   status: z.enum(["writing", "ready", "failed"]),
@@ -115,7 +138,13 @@ export const CreateSandboxesBody = z
   .object({
     snapshot_tag: z.string(),
     n: z.number().int().optional(),
-    memory_limit_mib: z.number().int().optional(),
+    /** forkd puts each child in its own netns; here every child always has a private network and its own egress rules. */
+    per_child_netns: z.boolean().optional(),
+    /** forkd options with no meaning here (children are always restored warm, RAM is always shmem-backed). */
+    prewarm: z.boolean().optional(),
+    live_fork: z.boolean().optional(),
+    hugepages: z.boolean().optional(),
+    memory_limit_mib: z.number().int().nullable().optional(),
     /** CPUs each sandbox may use (a cgroup quota; fractions allowed, e.g. 0.5); its vCPUs by default. Out of range: 400. */
     cpu_limit: z.number().optional(),
     network: z.boolean().optional(),
@@ -130,11 +159,20 @@ export const CreateSandboxesBody = z
   .strict();
 
 export const Sandbox = z.object({
+  // forkd v0.5.3's SandboxInfo
   id: z.string(),
   snapshot_tag: z.string().nullable(),
+  netns: z.string().nullable(),
+  guest_addr: z.string(),
+  created_at_unix: z.number(),
+  pid: z.number(),
+  memory_limit_mib: z.number().nullable(),
+  has_branched: z.boolean(),
+  last_branch_memory_path: z.string().nullable(),
+  branch_count: z.number(),
+  // ours
   image: z.string(),
   state: z.string(),
-  pid: z.number(),
   created_at: z.string(),
   memory_mib: z.number(),
   vcpus: z.number(),
@@ -142,48 +180,43 @@ export const Sandbox = z.object({
   network_policy: z
     .object({ mode: z.enum(["none", "public", "unfiltered"]), allow_out: z.array(z.string()), deny_out: z.array(z.string()) })
     .nullable(),
-  memory_limit_mib: z.number().nullable(),
   expires_at: z.string().nullable(),
   metadata: z.record(z.string(), z.string()),
   /** "unhealthy": its guest broke the agent protocol; agent calls answer 409 until it is killed. */
   health: z.enum(["healthy", "unhealthy"]),
   health_reason: z.string().nullable(),
+  /** On the answer to a fork: how long each step of this child's restore took. */
+  timings: z.object({ vmm_start_ms: z.number(), restore_ms: z.number(), first_answer_ms: z.number(), total_ms: z.number() }).optional(),
 });
-export const SandboxList = z.object({ sandboxes: z.array(Sandbox) });
-
-export const ForkResult = z.object({
-  sandboxes: z.array(
-    z.object({
-      id: z.string(),
-      ok: z.boolean(),
-      vmm_start_ms: z.number().optional(),
-      restore_ms: z.number().optional(),
-      first_answer_ms: z.number().optional(),
-      total_ms: z.number().optional(),
-      error: z.object({ code: z.string(), message: z.string(), console: z.string().optional() }).optional(),
-    }),
-  ),
-  wall_ms: z.number(),
-});
+export const SandboxList = z.array(Sandbox);
+/** forkd answers a fork with the children's SandboxInfo, as a bare array. */
+export const ForkResult = z.array(Sandbox);
 
 export const ExecBody = z
   .object({
+    /** forkd's argv. */
+    args: z.array(z.string()).min(1).optional(),
     argv: z.array(z.string()).min(1).optional(),
+    /** A shell command line (run with /bin/sh -c). */
     cmd: z.string().optional(),
     env: z.record(z.string(), z.string()).optional(),
     cwd: z.string().optional(),
     stdin: z.string().optional(),
     stdin_encoding: z.enum(["utf8", "base64"]).optional(),
+    /** forkd's timeout, in seconds. */
+    timeout_secs: z.number().int().optional(),
     timeout_ms: z.number().int().optional(),
   })
   .strict();
 
 export const ExecResponse = z.object({
-  exit_code: z.number().nullable(),
-  signal: z.string().nullable(),
-  timed_out: z.boolean(),
+  // forkd v0.5.3
   stdout: z.string(),
   stderr: z.string(),
+  exit_code: z.number().nullable(),
+  // ours
+  signal: z.string().nullable(),
+  timed_out: z.boolean(),
   duration_ms: z.number(),
   /** Output passed the daemon's limit (FORKD_MAX_OUTPUT_BYTES, default 16 MiB): the rest was dropped and the command killed. */
   truncated: z.boolean(),
@@ -192,7 +225,18 @@ export const ExecResponse = z.object({
 export const EvalBody = z
   .object({ code: z.string(), language: z.enum(["javascript", "python"]).optional(), timeout_ms: z.number().int().optional() })
   .strict();
-export const EvalResponse = z.object({ value: z.unknown(), type: z.string(), duration_ms: z.number(), stdout: z.string().optional() });
+export const EvalResponse = z.object({
+  // forkd v0.5.3: the value as text (Python: its repr), or the error as text
+  result: z.string().nullable(),
+  error: z.string().nullable(),
+  exit_code: z.number(),
+  // ours
+  value: z.unknown().optional(),
+  type: z.string().optional(),
+  language: z.enum(["javascript", "python"]),
+  duration_ms: z.number(),
+  stdout: z.string().optional(),
+});
 
 export const FilesBody = z.discriminatedUnion("action", [
   z.object({ action: z.literal("read"), path: z.string() }).strict(),
@@ -211,7 +255,15 @@ export const FilesBody = z.discriminatedUnion("action", [
   z.object({ action: z.literal("remove"), path: z.string(), recursive: z.boolean().optional() }).strict(),
 ]);
 
-export const PingResponse = z.object({ version: z.string(), uptime_ms: z.number(), hostname: z.string(), rtt_ms: z.number() });
+export const PingResponse = z.object({
+  pong: z.literal(true),
+  agent_lang: z.string(),
+  warmup_ready: z.boolean(),
+  version: z.string(),
+  uptime_ms: z.number(),
+  hostname: z.string(),
+  rtt_ms: z.number(),
+});
 export const Health = z.object({ ok: z.literal(true) });
 export const Version = z.object({ version: z.string(), api: z.literal("v1"), node: z.string(), accel: z.string() });
 
@@ -237,4 +289,3 @@ export type ErrorBodyT = z.infer<typeof ErrorBody>;
 export type BranchBodyT = z.infer<typeof BranchBody>;
 export type BranchResponseT = z.infer<typeof BranchResponse>;
 export type SnapshotStatusT = z.infer<typeof SnapshotStatus>;
-export type PendingSnapshotT = z.infer<typeof PendingSnapshot>;

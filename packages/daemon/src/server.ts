@@ -29,7 +29,16 @@ declare module "fastify" {
   }
 }
 
-export async function buildServer(ctx: ServerContext, opts: { https?: { cert: Buffer; key: Buffer } } = {}): Promise<FastifyInstance> {
+export type ServerOpts = {
+  https?: { cert: Buffer; key: Buffer };
+  /**
+   * The unix socket (0600, root's) needs no token: its permissions are the
+   * credential, as with Docker's. TCP always needs one.
+   */
+  requireToken: boolean;
+};
+
+export async function buildServer(ctx: ServerContext, opts: ServerOpts = { requireToken: true }): Promise<FastifyInstance> {
   const app = Fastify({
     bodyLimit: BODY_LIMIT_BYTES,
     logger: false,
@@ -37,6 +46,21 @@ export async function buildServer(ctx: ServerContext, opts: { https?: { cert: Bu
   }) as unknown as FastifyInstance;
   // The API speaks JSON only: anything else is a 415, not a string body that fails the schema.
   app.removeContentTypeParser("text/plain");
+  // forkd's clients send Content-Type: application/json with an empty body on calls
+  // that take none (ping): an empty body is no body, not a parse error.
+  app.removeContentTypeParser("application/json");
+  app.addContentTypeParser("application/json", { parseAs: "string" }, (_request, body, done) => {
+    const text = String(body);
+    if (text.trim() === "") return done(null, undefined);
+    try {
+      done(null, JSON.parse(text));
+    } catch (err) {
+      const e = new Error(`the body is not valid JSON: ${(err as Error).message}`) as Error & { statusCode: number; code: string };
+      e.statusCode = 400;
+      e.code = "FST_ERR_CTP_INVALID_JSON_BODY";
+      done(e, undefined);
+    }
+  });
   app.setValidatorCompiler(validatorCompiler);
   app.setSerializerCompiler(serializerCompiler);
   await app.register(swagger, {
@@ -51,7 +75,7 @@ export async function buildServer(ctx: ServerContext, opts: { https?: { cert: Bu
 
   app.addHook("onRequest", async (request, reply) => {
     (request as FastifyRequest & { startedAt: number }).startedAt = performance.now();
-    if (request.url === "/healthz") return;
+    if (request.url === "/healthz" || !opts.requireToken) return;
     if (!tokenMatches(ctx.token, bearer(request.headers.authorization))) {
       request.errorCode = "unauthorized";
       await reply

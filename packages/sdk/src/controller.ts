@@ -15,7 +15,7 @@ export type ControllerOpts = {
   requestTimeoutMs?: number;
 };
 
-/** An error the API answered with: `code` is the stable code, `status` the HTTP status. */
+/** An error the API answered with: `code` is the stable code, `status` the HTTP status, `remediation` what to do next. */
 export class ForkdApiError extends Error {
   override readonly name = "ForkdApiError";
   constructor(
@@ -23,6 +23,7 @@ export class ForkdApiError extends Error {
     readonly code: string,
     message: string,
     readonly details?: Record<string, unknown>,
+    readonly remediation?: string,
   ) {
     super(message);
   }
@@ -51,7 +52,10 @@ export class Controller {
   constructor(opts: ControllerOpts = {}) {
     this.token = opts.token;
     this.requestTimeoutMs = opts.requestTimeoutMs ?? 120_000;
-    if (opts.url) {
+    if (opts.url?.startsWith("unix:")) {
+      this.base = "http://forkd";
+      this.dispatcher = new Agent({ connect: { socketPath: opts.url.slice("unix:".length) } });
+    } else if (opts.url) {
       this.base = opts.url.replace(/\/+$/, "");
       this.dispatcher = undefined;
     } else {
@@ -61,10 +65,13 @@ export class Controller {
     }
   }
 
-  /** FORKD_URL or FORKD_SOCKET, FORKD_TOKEN or the daemon's local token file. */
+  /**
+   * As forkd's clients: FORKD_URL (http(s)://HOST:PORT, or unix:/path/to.sock) and
+   * FORKD_TOKEN; without a URL, the local unix socket, which needs no token.
+   */
   static fromEnv(): Controller {
     let token = process.env.FORKD_TOKEN;
-    if (!token) {
+    if (!token && process.env.FORKD_URL && !process.env.FORKD_URL.startsWith("unix:")) {
       try {
         token = fs.readFileSync(path.join(defaultHome(), "token"), "utf8").trim();
       } catch {
@@ -115,9 +122,10 @@ export class Controller {
     }
     throw new ForkdApiError(
       res.status,
-      body?.error?.code ?? "http_error",
-      body?.error?.message ?? `HTTP ${res.status}`,
-      body?.error?.details,
+      body?.code ?? "http_error",
+      typeof body?.error === "string" ? body.error : `HTTP ${res.status}`,
+      body?.details,
+      body?.remediation,
     );
   }
 
@@ -134,7 +142,7 @@ export class Controller {
     return this.request("GET", "/v1/openapi.json");
   }
 
-  listSnapshots(): Promise<{ snapshots: S.SnapshotT[] }> {
+  listSnapshots(): Promise<S.SnapshotT[]> {
     return this.request("GET", "/v1/snapshots");
   }
   createSnapshot(body: S.CreateSnapshotBodyT): Promise<S.SnapshotT> {
@@ -214,7 +222,7 @@ export class Controller {
     }
   }
 
-  listSandboxes(): Promise<{ sandboxes: S.SandboxT[] }> {
+  listSandboxes(): Promise<S.SandboxT[]> {
     return this.request("GET", "/v1/sandboxes");
   }
   createSandboxes(body: S.CreateSandboxesBodyT): Promise<S.ForkResultT> {
@@ -278,6 +286,45 @@ export class Controller {
   }
   files<T = Record<string, unknown>>(id: string, body: S.FilesBodyT): Promise<T> {
     return this.request("POST", `/v1/sandboxes/${encodeURIComponent(id)}/files`, body);
+  }
+
+  // forkd v0.5.3's TypeScript SDK names, so code written for @deeplethe/forkd runs unchanged.
+
+  /** forkd: POST /v1/sandboxes with forkd's options; the children's SandboxInfo. */
+  spawnSandboxes(opts: {
+    snapshotTag: string;
+    n?: number;
+    perChildNetns?: boolean;
+    memoryLimitMib?: number;
+    prewarm?: boolean;
+    liveFork?: boolean;
+    hugepages?: boolean;
+  }): Promise<S.SandboxT[]> {
+    return this.createSandboxes({
+      snapshot_tag: opts.snapshotTag,
+      n: opts.n ?? 1,
+      per_child_netns: opts.perChildNetns ?? false,
+      ...(opts.memoryLimitMib !== undefined ? { memory_limit_mib: opts.memoryLimitMib } : {}),
+      ...(opts.prewarm !== undefined ? { prewarm: opts.prewarm } : {}),
+      ...(opts.liveFork !== undefined ? { live_fork: opts.liveFork } : {}),
+      ...(opts.hugepages !== undefined ? { hugepages: opts.hugepages } : {}),
+    });
+  }
+  /** forkd: DELETE /v1/sandboxes/:id. */
+  killSandbox(id: string): Promise<void> {
+    return this.deleteSandbox(id);
+  }
+  /** forkd: exec an argv (no shell) with a timeout in seconds. */
+  execCommand(id: string, args: string[], opts: { timeoutSecs?: number } = {}): Promise<S.ExecResponseT> {
+    return this.exec(id, { args, timeout_secs: opts.timeoutSecs ?? 30 });
+  }
+  /** forkd: eval in the sandbox's main language; {result, error, exit_code}. */
+  evalCode(id: string, code: string): Promise<S.EvalResponseT> {
+    return this.eval(id, { code });
+  }
+  /** forkd: ping. */
+  pingSandbox(id: string): Promise<S.PingResponseT> {
+    return this.ping(id);
   }
 
   async close(): Promise<void> {

@@ -186,11 +186,7 @@ export class Sandbox {
       ...(opts.allowInternetAccess === false ? { network: false } : {}),
       ...egressLists(opts),
     });
-    const failed = res.sandboxes.filter((s) => !s.ok);
-    if (failed.length === res.sandboxes.length) {
-      throw new ForkdApiError(500, failed[0]?.error?.code ?? "vm_start_failed", failed[0]?.error?.message ?? "no sandbox started");
-    }
-    return res.sandboxes.filter((s) => s.ok).map((s) => new Sandbox(s.id, controller, opts.envs));
+    return res.map((s) => new Sandbox(s.id, controller, opts.envs));
   }
 
   static async connect(sandboxId: string, opts: Omit<SandboxOpts, "template"> = {}): Promise<Sandbox> {
@@ -209,7 +205,13 @@ export class Sandbox {
       ...(opts.timeoutMs ? { timeout_ms: opts.timeoutMs } : {}),
       ...(opts.language ? { language: opts.language } : {}),
     });
-    return { value: res.value, type: res.type, durationMs: res.duration_ms, ...(res.stdout ? { stdout: res.stdout } : {}) };
+    if (res.exit_code !== 0) throw new ForkdApiError(400, "eval_error", res.error ?? "the code raised an error");
+    return {
+      value: res.value,
+      type: res.type ?? typeof res.value,
+      durationMs: res.duration_ms,
+      ...(res.stdout ? { stdout: res.stdout } : {}),
+    };
   }
 
   /** forkd's addition: capture this running sandbox as a new snapshot that more sandboxes fork from. */

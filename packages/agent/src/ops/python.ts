@@ -12,6 +12,7 @@ type WorkerAnswer = {
   value?: unknown;
   type?: string;
   stdout?: string;
+  text?: string;
   error?: { type: string; message: string; traceback: string };
 };
 
@@ -117,6 +118,7 @@ export class PythonWorker {
         type: answer.type ?? "NoneType",
         durationMs: performance.now() - started,
         ...(answer.stdout ? { stdout: answer.stdout } : {}),
+        ...(typeof answer.text === "string" ? { text: answer.text } : {}),
       } as EvalResult;
     };
     const next = this.chain.then(run, run);

@@ -62,14 +62,14 @@ export function registerSnapshots(program: Command): void {
       for (const s of snapshots) {
         table.push([
           s.tag,
-          s.image,
+          s.image ?? "-",
           fmtBytes(s.memory_bytes),
           fmtBytes(s.physical_bytes),
           s.storage === "diff" ? `diff on ${s.parent}` : "full",
           fmtBytes(s.vmstate_bytes),
           s.staged ? "yes" : "no",
           s.branched_from ?? s.parent ?? "-",
-          s.created_at,
+          s.created_at ?? "-",
         ]);
       }
       process.stdout.write(`${table.toString()}\n`);
@@ -130,8 +130,9 @@ async function runBranch(id: string, opts: { tag?: string; mode?: string; wait: 
     `branching ${id}`,
     () => backend.branch(id, opts),
     (r) =>
-      `${r.tag}: ${r.mode} BRANCH of ${r.branched_from}, source paused ${r.pause_ms.toFixed(1)} ms, ${r.status}${r.total_ms ? ` in ${(r.total_ms / 1000).toFixed(2)} s` : ""}`,
+      `${r.tag}: ${r.mode} BRANCH of ${r.branched_from}, source paused ${(r.pause_ms ?? Number.NaN).toFixed(1)} ms, ${r.status}${r.total_ms ? ` in ${(r.total_ms / 1000).toFixed(2)} s` : ""}`,
   );
   if (opts.json) process.stdout.write(`${JSON.stringify(result, null, 2)}\n`);
-  else if (!process.stderr.isTTY) process.stdout.write(`${result.tag} ${result.status} pause_ms=${result.pause_ms.toFixed(1)}\n`);
+  else if (!process.stderr.isTTY)
+    process.stdout.write(`${result.tag} ${result.status} pause_ms=${(result.pause_ms ?? Number.NaN).toFixed(1)}\n`);
 }

@@ -518,6 +518,7 @@ function validateEvalResult(value: unknown): string | undefined {
   if (!isObject(value) || !("value" in value)) return "is not an object with a value";
   if (typeof value.type !== "string" || !isFiniteNumber(value.durationMs)) return "lacks a string type and a numeric durationMs";
   if (value.stdout !== undefined && typeof value.stdout !== "string") return "has a stdout that is not a string";
+  if (value.text !== undefined && typeof value.text !== "string") return "has a text that is not a string";
   return undefined;
 }
 

@@ -89,7 +89,17 @@ export function physicalBytes(snapshot: SnapshotInfo): number {
 }
 
 export type SnapshotDetails = {
+  // forkd v0.5.3's SnapshotInfoDetail
   tag: string;
+  dir: string;
+  created_at_unix: number;
+  memory_logical_bytes: number;
+  memory_physical_bytes: number;
+  vmstate_bytes: number;
+  parent_tag?: string;
+  parent_content_hash?: string;
+  chain_depth: number;
+  // ours
   depth: number;
   ancestors: string[];
   dependents: string[];
@@ -104,6 +114,13 @@ export async function snapshotDetails(tag: string): Promise<SnapshotDetails> {
   const chain = [...ancestors, snapshot];
   return {
     tag,
+    dir: snapshot.dir,
+    created_at_unix: Math.floor(Date.parse(snapshot.createdAt) / 1000),
+    memory_logical_bytes: snapshot.sizes.memoryBytes,
+    memory_physical_bytes: physicalBytes(snapshot) - snapshot.sizes.vmstateBytes,
+    vmstate_bytes: snapshot.sizes.vmstateBytes,
+    ...(snapshot.layer && snapshot.parent ? { parent_tag: snapshot.parent, parent_content_hash: snapshot.layer.parentSha256 } : {}),
+    chain_depth: ancestors.length,
     depth: ancestors.length,
     ancestors: ancestors.map((a) => a.tag),
     dependents: (await dependentsOf(tag)).map((d) => d.tag),

@@ -1,6 +1,6 @@
 // Calls into a sandbox's guest agent: ping, exec (whole or streamed), eval, files.
 import { PassThrough } from "node:stream";
-import { ForkdError, isForkdError } from "@forkd/core";
+import { AgentCallError, ForkdError, getImage, getSandbox, isForkdError } from "@forkd/core";
 import { z } from "zod";
 import * as S from "../schemas.js";
 import type { RouteDeps } from "./context.js";
@@ -12,27 +12,58 @@ import type { RouteDeps } from "./context.js";
  */
 export const STREAM_BUFFER_BYTES = 1024 * 1024;
 
+const languageOfImage = new Map<string, "javascript" | "python">();
+
+/** What eval runs when the caller does not say: the main runtime of the sandbox's image. */
+async function mainLanguage(id: string): Promise<"javascript" | "python"> {
+  const image = getSandbox(id).image;
+  let language = languageOfImage.get(image);
+  if (!language) {
+    const runtimes = await getImage(image)
+      .then((m) => m.runtimes)
+      .catch(() => ["javascript"]);
+    language = runtimes.includes("python") ? "python" : "javascript";
+    languageOfImage.set(image, language);
+  }
+  return language;
+}
+
 export function registerAgentCallRoutes({ r, ctx, err }: RouteDeps): void {
   r.post("/v1/sandboxes/:id/ping", { schema: { params: S.IdParam, response: { 200: S.PingResponse, ...err } } }, async (request) => {
     const agent = await ctx.pool.forSandbox(request.params.id);
+    const language = await mainLanguage(request.params.id);
     const t0 = performance.now();
     const pong = await agent.ping({ timeoutMs: 10_000 });
-    return { version: pong.version, uptime_ms: pong.uptimeMs, hostname: pong.hostname, rtt_ms: performance.now() - t0 };
+    return {
+      pong: true as const,
+      agent_lang: language === "python" ? "python" : "node",
+      warmup_ready: true,
+      version: pong.version,
+      uptime_ms: pong.uptimeMs,
+      hostname: pong.hostname,
+      rtt_ms: performance.now() - t0,
+    };
   });
 
   const execRequest = (body: S.ExecBodyT) => {
-    if ((body.argv === undefined) === (body.cmd === undefined)) {
-      throw new ForkdError("bad_request", "exec takes exactly one of `argv` (array of strings) or `cmd` (shell string)");
+    if (body.args && body.argv) throw new ForkdError("bad_request", "send the command as `args` (forkd's name) or `argv`, not both");
+    const argv = body.args ?? body.argv;
+    if ((argv === undefined) === (body.cmd === undefined)) {
+      throw new ForkdError("bad_request", "exec takes exactly one of `args` (array of strings, no shell) or `cmd` (a shell command line)");
     }
-    if (body.timeout_ms !== undefined && (body.timeout_ms < 1 || body.timeout_ms > S.MAX_EXEC_TIMEOUT_MS)) {
-      throw new ForkdError("bad_request", `timeout_ms must be from 1 to ${S.MAX_EXEC_TIMEOUT_MS}, got ${body.timeout_ms}`);
+    if (body.timeout_secs !== undefined && body.timeout_ms !== undefined) {
+      throw new ForkdError("bad_request", "send the timeout as `timeout_secs` (forkd's) or `timeout_ms`, not both");
+    }
+    const timeoutMs = body.timeout_secs !== undefined ? body.timeout_secs * 1000 : body.timeout_ms;
+    if (timeoutMs !== undefined && (timeoutMs < 1 || timeoutMs > S.MAX_EXEC_TIMEOUT_MS)) {
+      throw new ForkdError("bad_request", `the timeout must be from 1 ms to ${S.MAX_EXEC_TIMEOUT_MS / 1000} s, got ${timeoutMs} ms`);
     }
     return {
-      ...(body.argv ? { argv: body.argv } : { cmd: body.cmd }),
+      ...(argv ? { argv } : { cmd: body.cmd }),
       ...(body.env ? { env: body.env } : {}),
       ...(body.cwd ? { cwd: body.cwd } : {}),
       ...(body.stdin !== undefined ? { stdin: Buffer.from(body.stdin, body.stdin_encoding ?? "utf8").toString("base64") } : {}),
-      ...(body.timeout_ms ? { timeoutMs: body.timeout_ms } : {}),
+      ...(timeoutMs ? { timeoutMs } : {}),
     };
   };
 
@@ -127,19 +158,32 @@ export function registerAgentCallRoutes({ r, ctx, err }: RouteDeps): void {
     "/v1/sandboxes/:id/eval",
     { schema: { params: S.IdParam, body: S.EvalBody, response: { 200: S.EvalResponse, ...err } } },
     async (request) => {
-      if (request.body.language === "python") {
-        throw new ForkdError("bad_request", "language 'python' is not available in this sandbox's image; it has: javascript");
-      }
       const agent = await ctx.pool.forSandbox(request.params.id);
+      const language = request.body.language ?? (await mainLanguage(request.params.id));
       const t0 = performance.now();
-      const res = await agent.eval(request.body.code, {
-        ...(request.body.timeout_ms ? { evalTimeoutMs: request.body.timeout_ms } : {}),
-        ...(request.body.language ? { language: request.body.language } : {}),
-        // The agent enforces the eval's own timeout; the call may take a little longer.
-        timeoutMs: (request.body.timeout_ms ?? 30_000) + 10_000,
-      });
-      ctx.metrics.callSeconds.labels("eval").observe((performance.now() - t0) / 1000);
-      return { value: res.value, type: res.type, duration_ms: res.durationMs, ...(res.stdout ? { stdout: res.stdout } : {}) };
+      try {
+        const res = await agent.eval(request.body.code, {
+          ...(request.body.timeout_ms ? { evalTimeoutMs: request.body.timeout_ms } : {}),
+          language,
+          // The agent enforces the eval's own timeout; the call may take a little longer.
+          timeoutMs: (request.body.timeout_ms ?? 30_000) + 10_000,
+        });
+        ctx.metrics.callSeconds.labels("eval").observe((performance.now() - t0) / 1000);
+        return {
+          result: res.text ?? (typeof res.value === "string" ? res.value : (JSON.stringify(res.value) ?? String(res.value))),
+          error: null,
+          exit_code: 0,
+          value: res.value,
+          type: res.type,
+          language,
+          duration_ms: res.durationMs,
+          ...(res.stdout ? { stdout: res.stdout } : {}),
+        };
+      } catch (e) {
+        // As forkd: the code's own exception is an answer (exit_code 1), not a failed call.
+        if (!(e instanceof AgentCallError) || e.agentCode !== "eval_error") throw e;
+        return { result: null, error: e.message, exit_code: 1, language, duration_ms: performance.now() - t0 };
+      }
     },
   );
 

@@ -1,5 +1,5 @@
 // BRANCH a running sandbox into a new snapshot, within the daemon-wide cap.
-import { ForkdError, getSandbox, startBranch } from "@forkd/core";
+import { apiPendingSnapshotView, apiSnapshotView, branches, ForkdError, getSandbox, getSnapshot, startBranch } from "@forkd/core";
 import * as S from "../schemas.js";
 import type { RouteDeps } from "./context.js";
 
@@ -11,7 +11,19 @@ export function registerBranchRoutes({ r, ctx, err, touch }: RouteDeps): void {
     "/v1/sandboxes/:id/branch",
     { schema: { params: S.IdParam, body: S.BranchBody, response: { 201: S.BranchResponse, 202: S.BranchResponse, ...err } } },
     async (request, reply) => {
-      getSandbox(request.params.id);
+      const source = getSandbox(request.params.id);
+      const body = request.body;
+      if (body.mode && (body.diff || body.live)) {
+        throw new ForkdError("bad_request", "send either `mode` or the older `diff`/`live` flags, not both");
+      }
+      if (body.diff && body.live) throw new ForkdError("bad_request", "`diff` and `live` are two modes: send one (or `mode`)");
+      const mode = body.mode ?? (body.live ? "live" : body.diff ? "diff" : undefined);
+      if (body.parent_tag && body.parent_tag !== source.tag) {
+        throw new ForkdError(
+          "bad_request",
+          `parent_tag '${body.parent_tag}' is not ${request.params.id}'s snapshot (${source.tag ?? "none"}); a BRANCH is always a layer on the snapshot its source was forked from`,
+        );
+      }
       if (inFlightBranches >= ctx.maxBranches) {
         throw new ForkdError("over_limit", `${inFlightBranches} BRANCHes are in progress, the limit is ${ctx.maxBranches}; retry shortly`);
       }
@@ -19,7 +31,7 @@ export function registerBranchRoutes({ r, ctx, err, touch }: RouteDeps): void {
       ctx.metrics.branchesInFlight.inc();
       let started: Awaited<ReturnType<typeof startBranch>>;
       try {
-        started = await startBranch(request.params.id, { tag: request.body.tag, mode: request.body.mode });
+        started = await startBranch(request.params.id, { ...(body.tag ? { tag: body.tag } : {}), ...(mode ? { mode } : {}) });
       } catch (e) {
         inFlightBranches--;
         ctx.metrics.branchesInFlight.dec();
@@ -31,13 +43,22 @@ export function registerBranchRoutes({ r, ctx, err, touch }: RouteDeps): void {
         inFlightBranches--;
         ctx.metrics.branchesInFlight.dec();
       });
-      if (request.body.wait === false) {
+      if (body.wait === false) {
         done.catch(() => {});
-        return reply.code(202).send(started.status);
+        const pending = branches.get(started.status.tag);
+        return reply.code(202).send({
+          ...(pending
+            ? apiPendingSnapshotView(pending)
+            : { tag: started.status.tag, dir: "", created_at_unix: 0, status: "writing" as const }),
+          mode: started.status.mode,
+          pause_ms: Math.round(started.status.pause_ms),
+          parent: started.status.parent,
+          total_ms: null,
+        });
       }
       const finished = await done;
       if (finished.status === "failed") throw new ForkdError("vm_start_failed", `BRANCH failed: ${finished.error}`, { tag: finished.tag });
-      return reply.code(201).send(finished);
+      return reply.code(201).send({ ...apiSnapshotView(await getSnapshot(finished.tag)), total_ms: finished.total_ms });
     },
   );
 }

@@ -1,6 +1,7 @@
 // Sandboxes: list, fork from a snapshot, show, kill.
 import {
   apiSandboxView,
+  branchesBySource,
   ForkdError,
   forkSandboxes,
   getSandbox,
@@ -14,9 +15,10 @@ import * as S from "../schemas.js";
 import type { RouteDeps } from "./context.js";
 
 export function registerSandboxRoutes({ r, ctx, err, touch }: RouteDeps): void {
-  r.get("/v1/sandboxes", { schema: { response: { 200: S.SandboxList, ...err } } }, async () => ({
-    sandboxes: listSandboxes().map(apiSandboxView),
-  }));
+  r.get("/v1/sandboxes", { schema: { response: { 200: S.SandboxList, ...err } } }, async () => {
+    const bySource = branchesBySource();
+    return listSandboxes().map((s) => apiSandboxView(s, bySource));
+  });
   r.post("/v1/sandboxes", { schema: { body: S.CreateSandboxesBody, response: { 201: S.ForkResult, ...err } } }, async (request, reply) => {
     const body = request.body;
     const n = validateForkCount(body.n ?? 1);
@@ -28,11 +30,10 @@ export function registerSandboxRoutes({ r, ctx, err, touch }: RouteDeps): void {
         `${alive} sandboxes run and ${n} more would pass this daemon's limit of ${ctx.maxSandboxes}; kill some or raise --max-sandboxes`,
       );
     }
-    const started = performance.now();
     const results = await forkSandboxes({
       tag: body.snapshot_tag,
       n,
-      memoryLimitMib: body.memory_limit_mib,
+      ...(typeof body.memory_limit_mib === "number" ? { memoryLimitMib: body.memory_limit_mib } : {}),
       cpuLimit: body.cpu_limit,
       network: body.network,
       ...(body.allow_out ? { allowOut: body.allow_out } : {}),
@@ -46,25 +47,36 @@ export function registerSandboxRoutes({ r, ctx, err, touch }: RouteDeps): void {
       },
     });
     for (const child of results) touch(request, "sandboxes", child.id);
-    if (!results.some((c) => c.ok)) {
-      const first = results.find((c) => !c.ok);
-      throw new ForkdError("vm_start_failed", `no child could be restored: ${first && !first.ok ? first.error.message : "unknown"}`);
+    const failed = results.filter((c) => !c.ok);
+    if (failed.length > 0) {
+      // forkd's fork is all or nothing: a caller given some ids and an error would leak the rest.
+      for (const child of results) {
+        if (!child.ok) continue;
+        ctx.pool.drop(child.id);
+        await killSandbox(child.id).catch(() => {});
+      }
+      const first = failed[0]!;
+      throw new ForkdError(
+        "vm_start_failed",
+        `${failed.length} of ${n} children could not be restored, so none were kept: ${first.ok ? "" : first.error.message}`,
+        { failures: failed.map((c) => (c.ok ? null : { id: c.id, ...c.error })) },
+      );
     }
-    return reply.code(201).send({
-      wall_ms: performance.now() - started,
-      sandboxes: results.map((c) =>
-        c.ok
-          ? {
-              id: c.id,
-              ok: true,
-              vmm_start_ms: c.timings.vmmStartMs,
-              restore_ms: c.timings.restoreMs,
-              first_answer_ms: c.timings.firstAnswerMs,
-              total_ms: c.timings.totalMs,
-            }
-          : { id: c.id, ok: false, error: c.error },
-      ),
-    });
+    const bySource = branchesBySource();
+    return reply.code(201).send(
+      results.map((c) => {
+        if (!c.ok) throw new ForkdError("internal", "unreachable");
+        return {
+          ...apiSandboxView(getSandbox(c.id), bySource),
+          timings: {
+            vmm_start_ms: c.timings.vmmStartMs,
+            restore_ms: c.timings.restoreMs,
+            first_answer_ms: c.timings.firstAnswerMs,
+            total_ms: c.timings.totalMs,
+          },
+        };
+      }),
+    );
   });
   r.get("/v1/sandboxes/:id", { schema: { params: S.IdParam, response: { 200: S.Sandbox, ...err } } }, async (request) =>
     apiSandboxView(getSandbox(request.params.id)),

@@ -1,5 +1,6 @@
 // Snapshots: list (with BRANCHes still writing or failed), status, create warm, show, remove.
 import {
+  apiPendingSnapshotView,
   apiSnapshotView,
   branches,
   compactSnapshot,
@@ -16,20 +17,18 @@ import * as S from "../schemas.js";
 import type { RouteDeps } from "./context.js";
 
 export function registerSnapshotRoutes({ r, ctx, err, touch }: RouteDeps): void {
-  r.get("/v1/snapshots", { schema: { response: { 200: S.SnapshotList, ...err } } }, async () => ({
-    snapshots: (await listSnapshots()).map(apiSnapshotView),
-    pending: branches
-      .list()
-      .filter((b) => b.status !== "ready")
-      .map((b) => ({
-        tag: b.tag,
-        status: b.status as "writing" | "failed",
-        mode: b.mode,
-        branched_from: b.source_id,
-        error: b.error,
-        created_at: b.created_at,
-      })),
-  }));
+  r.get("/v1/snapshots", { schema: { response: { 200: S.SnapshotList, ...err } } }, async () => {
+    const ready = await listSnapshots();
+    const readyTags = new Set(ready.map((snap) => snap.tag));
+    // As forkd does: ready snapshots, then BRANCHes still writing (and ones that failed).
+    return [
+      ...ready.map(apiSnapshotView),
+      ...branches
+        .list()
+        .filter((b) => b.status !== "ready" && !readyTags.has(b.tag))
+        .map(apiPendingSnapshotView),
+    ];
+  });
   r.get("/v1/snapshots/:tag/status", { schema: { params: S.TagParam, response: { 200: S.SnapshotStatus, ...err } } }, async (request) => {
     const tag = validateName(request.params.tag, "tag");
     const branch = branches.get(tag);
@@ -47,6 +46,16 @@ export function registerSnapshotRoutes({ r, ctx, err, touch }: RouteDeps): void 
   r.post("/v1/snapshots", { schema: { body: S.CreateSnapshotBody, response: { 201: S.Snapshot, ...err } } }, async (request, reply) => {
     const body = request.body;
     touch(request, "snapshots", body.tag);
+    if (await getSnapshot(body.tag).catch(() => undefined)) {
+      // forkd answers an existing tag with 400 (DELETE first), not 409.
+      throw new ForkdError(
+        "bad_request",
+        `snapshot ${body.tag} already exists; DELETE /v1/snapshots/${body.tag} first or pick another tag`,
+        {
+          tag: body.tag,
+        },
+      );
+    }
     const snapshot = await createSnapshot({
       tag: body.tag,
       image: body.image,
@@ -87,10 +96,12 @@ export function registerSnapshotRoutes({ r, ctx, err, touch }: RouteDeps): void 
   );
   r.post(
     "/v1/snapshots/:tag/compact",
-    { schema: { params: S.TagParam, body: S.CompactBody, response: { 201: S.Snapshot, ...err } } },
+    { schema: { params: S.TagParam, body: S.CompactBody, response: { 200: S.Snapshot, ...err } } },
     async (request, reply) => {
       touch(request, "snapshots", request.body.to);
-      return reply.code(201).send(apiSnapshotView(await compactSnapshot(request.params.tag, request.body.to)));
+      if (request.body.to === request.params.tag) throw new ForkdError("bad_request", "compact target tag must differ from source tag");
+      const copy = apiSnapshotView(await compactSnapshot(request.params.tag, request.body.to));
+      return reply.code(200).send({ ...copy, branched_from: `compact:${request.params.tag}` });
     },
   );
 }

@@ -29,7 +29,7 @@ export function registerApiBench(bench: Command): void {
           const t0 = performance.now();
           const res = await controller.createSandboxes({ snapshot_tag: tag, n: 1 });
           apiSpawn.push(performance.now() - t0);
-          created.push(...res.sandboxes.map((c) => c.id));
+          created.push(...res.map((c) => c.id));
           s.text = `spawn ${i + 1}/${opts.spawns} directly`;
           const t1 = performance.now();
           const [direct] = await forkSandboxes({ tag, n: 1 });

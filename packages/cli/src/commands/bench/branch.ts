@@ -31,7 +31,7 @@ export function registerBranchBench(bench: Command): void {
           await controller.createSnapshot({ tag: base, memory_mib: memoryMib });
           cleanupTags.push(base);
           for (const workload of workloads) {
-            const source = (await controller.createSandboxes({ snapshot_tag: base, n: 1 })).sandboxes[0]!.id;
+            const source = (await controller.createSandboxes({ snapshot_tag: base, n: 1 }))[0]!.id;
             if (workload === "dirty") {
               // Rewrite a quarter of guest RAM on tmpfs in a loop, detached from the exec.
               const mib = Math.floor(memoryMib / 4);
@@ -47,7 +47,7 @@ export function registerBranchBench(bench: Command): void {
                 s.text = `${memoryMib} MiB ${workload} ${mode}: branch ${i + 1}/${opts.samples}`;
                 const tag = `${base}-${workload}-${mode}-${i}`;
                 const res = await controller.branchSandbox(source, { tag, mode });
-                pauses.push(res.pause_ms);
+                pauses.push(res.pause_ms ?? Number.NaN);
                 totals.push(res.total_ms ?? Number.NaN);
                 await controller.deleteSnapshot(tag, { force: true });
               }
