@@ -42,13 +42,15 @@ export class Progress {
     const seconds = () => (performance.now() - t0) / 1000;
     await this.report(0, `${what}: started`);
     const timer = setInterval(() => void this.report(seconds(), `${what}: ${seconds().toFixed(1)} s`), HEARTBEAT_MS);
+    let result: T;
     try {
-      const result = await work;
-      const done = seconds();
-      await this.report(done, `${what}: done in ${done.toFixed(1)} s`, "complete");
-      return result;
+      result = await work;
     } finally {
+      // Stopped before the last word, so no heartbeat can follow "done".
       clearInterval(timer);
     }
+    const done = seconds();
+    await this.report(done, `${what}: done in ${done.toFixed(1)} s`, "complete");
+    return result;
   }
 }
