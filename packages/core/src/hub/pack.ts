@@ -263,6 +263,8 @@ export async function unpackFile(file: string, opts: { tag?: string; onProgress?
     });
     let readError: ForkdError | undefined;
     const reading = pipeline(input, new DecompressStream(), extract).catch((err: Error) => {
+      // Closed early because a check below refused the content: that refusal is the reason.
+      if ((err as NodeJS.ErrnoException).code === "ERR_STREAM_PREMATURE_CLOSE") throw err;
       readError =
         err instanceof ForkdError ? err : badPack(`${path.basename(file)} is damaged, cut short or not a forkd pack (${err.message})`);
       throw readError;

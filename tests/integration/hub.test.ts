@@ -1,0 +1,609 @@
+// Snapshots that travel, against real servers on loopback: Debian's docker-registry
+// (CNCF distribution, htpasswd auth, filesystem storage in a temp dir) and a plain
+// Node HTTP server for a hub index and pack URLs. A warm snapshot and two BRANCH
+// layers are pushed from one FORKD_HOME and pulled into fresh ones, where children
+// see the parent's warm state; shared bases cross the wire once; tampered,
+// truncated, escaping, mismatched and symlinked content is refused with nothing
+// registered; a pull killed with SIGKILL resumes its download and completes.
+import { type ChildProcess, spawn } from "node:child_process";
+import { createHash, randomBytes } from "node:crypto";
+import fs from "node:fs";
+import http from "node:http";
+import net from "node:net";
+import path from "node:path";
+import { Controller } from "@forkd/sdk";
+import tar from "tar-stream";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { compress } from "zstd-napi";
+import { type DaemonHandle, startDaemonProcess, stopDaemon } from "../helpers/daemon.js";
+import { CLI, isolateForkd } from "../helpers/env.js";
+
+const USER = "forkd";
+const PASSWORD = "forkd-test-secret";
+/** bcrypt of PASSWORD (cost 4: the registry checks it on every request). */
+const HTPASSWD = `${USER}:$2b$04$EXQ2Scc2CgD56amWJjon0.xF8S0Mh3D30lhupTf2OvTeYLCtQU.jW\n`;
+
+type Home = { home: string; runDir: string; shm: string; env: NodeJS.ProcessEnv };
+
+const homeA = isolateForkd();
+const shmRoots: string[] = [];
+const creds = { FORKD_REGISTRY_USERNAME: USER, FORKD_REGISTRY_PASSWORD: PASSWORD };
+
+function shmFor(name: string): string {
+  const dir = path.join("/dev/shm", `forkd-test-hub-${process.pid}-${name}`);
+  shmRoots.push(dir);
+  return dir;
+}
+
+process.env.FORKD_SHM_DIR = shmFor("a");
+Object.assign(process.env, creds);
+const A: Home = { home: homeA.home, runDir: homeA.runDir, shm: process.env.FORKD_SHM_DIR, env: { ...process.env } };
+
+/** A fresh FORKD_HOME laid out as isolateForkd's (so the global teardown finds its egress namespace); images linked in or not. */
+function freshHome(name: string, linkImages: boolean): Home {
+  const root = fs.mkdtempSync(path.join(process.env.FORKD_TEST_ROOT ?? "/tmp", "forkd-test-"));
+  const home = path.join(root, "home");
+  const runDir = path.join(root, "run");
+  fs.mkdirSync(home, { mode: 0o700 });
+  fs.mkdirSync(runDir, { mode: 0o700 });
+  if (linkImages) fs.symlinkSync(fs.readlinkSync(path.join(A.home, "images")), path.join(home, "images"));
+  const shm = shmFor(name);
+  return { home, runDir, shm, env: { ...process.env, FORKD_HOME: home, FORKD_RUN_DIR: runDir, FORKD_SHM_DIR: shm } };
+}
+
+type Run = { code: number | null; stdout: string; stderr: string };
+
+/** The CLI as its own process (never spawnSync: the servers this test runs answer from this event loop). */
+function forkd(args: string[], env: NodeJS.ProcessEnv, onSpawn?: (child: ChildProcess) => void): Promise<Run> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [CLI, ...args], { env, stdio: ["ignore", "pipe", "pipe"] });
+    onSpawn?.(child);
+    let stdout = "";
+    let stderr = "";
+    child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
+    child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
+    child.on("error", reject);
+    child.on("close", (code) => resolve({ code, stdout, stderr }));
+  });
+}
+
+async function forkdJson<T>(args: string[], env: NodeJS.ProcessEnv): Promise<T> {
+  const res = await forkd([...args, "--json"], env);
+  if (res.code !== 0) throw new Error(`forkd ${args.join(" ")} exited ${res.code}: ${res.stderr}`);
+  return JSON.parse(res.stdout) as T;
+}
+
+async function sh(id: string, cmd: string, env: NodeJS.ProcessEnv): Promise<string> {
+  const res = await forkd(["exec", id, "--shell", "--", cmd], env);
+  if (res.code !== 0) throw new Error(`exec ${cmd} exited ${res.code}: ${res.stderr}`);
+  return res.stdout;
+}
+
+async function forkOne(tag: string, env: NodeJS.ProcessEnv): Promise<string> {
+  const rows = await forkdJson<{ id: string; ok: boolean }[]>(["fork", "--tag", tag], env);
+  expect(rows[0]?.ok).toBe(true);
+  return rows[0]!.id;
+}
+
+/** Snapshots registered in a home (dot-dirs are temp dirs, never snapshots). */
+function registered(h: Home): string[] {
+  const dir = path.join(h.home, "snapshots");
+  if (!fs.existsSync(dir)) return [];
+  return fs
+    .readdirSync(dir)
+    .filter((n) => !n.startsWith(".") && fs.existsSync(path.join(dir, n, "manifest.json")))
+    .sort();
+}
+
+function tempDirs(h: Home): string[] {
+  const dir = path.join(h.home, "snapshots");
+  return fs.existsSync(dir) ? fs.readdirSync(dir).filter((n) => n.startsWith(".")) : [];
+}
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.listen(0, "127.0.0.1", () => {
+      const port = (s.address() as net.AddressInfo).port;
+      s.close(() => resolve(port));
+    });
+    s.on("error", reject);
+  });
+}
+
+// --- the registry -----------------------------------------------------------
+
+let registry: ChildProcess;
+let registryPort = 0;
+let registryData = "";
+let registryLog = "";
+const REPO = "forkd/app";
+
+async function startRegistry(): Promise<void> {
+  const dir = fs.mkdtempSync(path.join(process.env.FORKD_TEST_ROOT ?? "/tmp", "registry-"));
+  registryData = path.join(dir, "data");
+  fs.writeFileSync(path.join(dir, "htpasswd"), HTPASSWD);
+  registryPort = await freePort();
+  const config = [
+    "version: 0.1",
+    "log:",
+    "  level: warn",
+    "  accesslog:",
+    "    disabled: true",
+    "storage:",
+    "  filesystem:",
+    `    rootdirectory: ${registryData}`,
+    "http:",
+    `  addr: 127.0.0.1:${registryPort}`,
+    `  secret: ${randomBytes(16).toString("hex")}`,
+    "auth:",
+    "  htpasswd:",
+    "    realm: forkd-test",
+    `    path: ${path.join(dir, "htpasswd")}`,
+    "",
+  ].join("\n");
+  fs.writeFileSync(path.join(dir, "config.yml"), config);
+  registry = spawn("/usr/bin/docker-registry", ["serve", path.join(dir, "config.yml")], { stdio: ["ignore", "ignore", "pipe"] });
+  registry.stderr!.setEncoding("utf8").on("data", (d: string) => (registryLog = (registryLog + d).slice(-20_000)));
+  const deadline = Date.now() + 20_000;
+  while (Date.now() < deadline) {
+    const status = await fetch(`http://127.0.0.1:${registryPort}/v2/`).then(
+      (r) => r.status,
+      () => 0,
+    );
+    if (status === 401) return;
+    if (registry.exitCode !== null) break;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`docker-registry did not start: ${registryLog}`);
+}
+
+const authHeader = `Basic ${Buffer.from(`${USER}:${PASSWORD}`).toString("base64")}`;
+
+type OciManifest = {
+  config: { digest: string; size: number };
+  layers: { digest: string; size: number; annotations: Record<string, string> }[];
+};
+
+async function registryManifest(tag: string): Promise<{ manifest: OciManifest; bytes: number }> {
+  const res = await fetch(`http://127.0.0.1:${registryPort}/v2/${REPO}/manifests/${tag}`, {
+    headers: { authorization: authHeader, accept: "application/vnd.oci.image.manifest.v1+json" },
+  });
+  expect(res.status).toBe(200);
+  const text = await res.text();
+  return { manifest: JSON.parse(text) as OciManifest, bytes: Buffer.byteLength(text) };
+}
+
+function blobData(digest: string): string {
+  const hex = digest.slice("sha256:".length);
+  return path.join(registryData, "docker/registry/v2/blobs/sha256", hex.slice(0, 2), hex, "data");
+}
+
+/** A TCP proxy to the registry that slows its answers to `bytesPerSecond`: a pull through it can be killed midway. */
+function slowProxy(bytesPerSecond: number): Promise<{ port: number; close: () => void }> {
+  const sockets = new Set<net.Socket>();
+  const server = net.createServer((client) => {
+    const upstream = net.connect(registryPort, "127.0.0.1");
+    sockets.add(client).add(upstream);
+    client.pipe(upstream);
+    upstream.on("data", (chunk: Buffer) => {
+      client.write(chunk);
+      upstream.pause();
+      setTimeout(() => upstream.resume(), (chunk.length / bytesPerSecond) * 1000);
+    });
+    upstream.on("end", () => client.end());
+    const close = () => {
+      client.destroy();
+      upstream.destroy();
+    };
+    client.on("error", close).on("close", close);
+    upstream.on("error", close).on("close", close);
+  });
+  return new Promise((resolve) => {
+    server.listen(0, "127.0.0.1", () =>
+      resolve({
+        port: (server.address() as net.AddressInfo).port,
+        close: () => {
+          for (const s of sockets) s.destroy();
+          server.close();
+        },
+      }),
+    );
+  });
+}
+
+// --- the hub: a plain HTTP server with Range support ---------------------------
+
+const hubFiles = new Map<string, Buffer>();
+let hub: http.Server;
+let hubUrl = "";
+
+function startHub(): Promise<void> {
+  hub = http.createServer((req, res) => {
+    const body = hubFiles.get((req.url ?? "").split("?")[0]!);
+    if (!body) {
+      res.writeHead(404).end();
+      return;
+    }
+    const range = /^bytes=(\d+)-$/.exec(req.headers.range ?? "");
+    if (range && Number(range[1]) < body.length) {
+      const from = Number(range[1]);
+      res.writeHead(206, { "content-length": body.length - from, "content-range": `bytes ${from}-${body.length - 1}/${body.length}` });
+      res.end(body.subarray(from));
+      return;
+    }
+    res.writeHead(200, { "content-length": body.length }).end(body);
+  });
+  return new Promise((resolve) =>
+    hub.listen(0, "127.0.0.1", () => {
+      hubUrl = `http://127.0.0.1:${(hub.address() as net.AddressInfo).port}`;
+      resolve();
+    }),
+  );
+}
+
+// --- crafted packs --------------------------------------------------------------
+
+const sha256 = (b: Buffer | string) => createHash("sha256").update(b).digest("hex");
+
+type Entry = { name: string; data?: Buffer; type?: "file" | "symlink"; linkname?: string };
+
+/**
+ * A small pack that forkd accepts (a made-up image build and one snapshot, every
+ * digest right), or one spoiled by `spoil`: members rewritten, added or replaced
+ * after the index was written.
+ */
+async function craftPack(tag: string, spoil: (entries: Entry[]) => Entry[] = (e) => e): Promise<{ pack: Buffer; imageDigest: string }> {
+  const imageDigest = randomBytes(32).toString("hex");
+  const memory = Buffer.concat([Buffer.from(`memory of ${tag}\n`), Buffer.alloc(8192, 7)]);
+  const img = `images/craftimg/${imageDigest}`;
+  const manifest = {
+    schema: 1,
+    tag,
+    createdAt: new Date().toISOString(),
+    image: { name: "craftimg", digest: imageDigest, kernel: "vmlinuz", initrd: "initrd.cpio", rootfs: "rootfs.ext4" },
+    kernelVersion: "0",
+    accel: "kvm",
+    vcpus: 1,
+    memoryMib: 128,
+    network: false,
+    warm: { commands: [], evals: [] },
+    sizes: { memoryBytes: memory.length, memoryAllocatedBytes: memory.length, vmstateBytes: 16 },
+    memorySha256: sha256(memory),
+    parent: null,
+    branchedFrom: null,
+    timings: { bootMs: 0, warmMs: 0, saveMs: 0, totalMs: 0 },
+  };
+  const members: Entry[] = [
+    { name: `${img}/image.json`, data: Buffer.from(JSON.stringify({ name: "craftimg", digest: imageDigest })) },
+    { name: `${img}/vmlinuz`, data: Buffer.from("not a kernel") },
+    { name: `${img}/initrd.cpio`, data: Buffer.from("not an initrd") },
+    { name: `${img}/rootfs.ext4`, data: Buffer.from("not a root image") },
+    { name: `snapshots/${tag}/manifest.json`, data: Buffer.from(JSON.stringify(manifest)) },
+    { name: `snapshots/${tag}/vmstate.bin`, data: Buffer.from("device state 16B") },
+    { name: `snapshots/${tag}/memory.bin`, data: memory },
+  ];
+  const index = {
+    format: "forkd-pack",
+    version: 1,
+    created_at: new Date().toISOString(),
+    head: tag,
+    snapshots: [tag],
+    images: [{ name: "craftimg", digest: imageDigest }],
+    files: members.map((m) => ({
+      path: m.name,
+      size: m.data!.length,
+      sha256: sha256(m.data!),
+      encoding: "raw",
+      encoded_bytes: m.data!.length,
+    })),
+  };
+  const entries = spoil([{ name: "forkd-pack.json", data: Buffer.from(JSON.stringify(index)) }, ...members]);
+  const pack = tar.pack();
+  const chunks: Buffer[] = [];
+  const ended = new Promise((resolve, reject) => pack.on("end", resolve).on("error", reject));
+  pack.on("data", (c: Buffer) => chunks.push(c));
+  for (const e of entries) {
+    if (e.type === "symlink") pack.entry({ name: e.name, type: "symlink", linkname: e.linkname });
+    else pack.entry({ name: e.name, size: e.data!.length, mode: 0o644 }, e.data!);
+  }
+  pack.finalize();
+  await ended;
+  const archive = Buffer.concat(chunks);
+  expect(archive.length).toBeGreaterThan(10 * 512);
+  return { pack: compress(archive), imageDigest };
+}
+
+// --- the suite --------------------------------------------------------------------
+
+const BASE = "hub-base";
+const L1 = "hub-l1";
+const L2 = "hub-l2";
+const ref = (tag: string, port = registryPort) => `127.0.0.1:${port}/${REPO}:${tag}`;
+let B: Home;
+let daemon: DaemonHandle | undefined;
+const children: { id: string; env: NodeJS.ProcessEnv }[] = [];
+
+type PushJson = { blobs: number; blobs_uploaded: number; blobs_present: number; uploaded_bytes: number; members_uploaded: string[] };
+type PullJson = {
+  tag: string;
+  registered: string[];
+  reused: string[];
+  images_added: string[];
+  downloaded_bytes: number;
+  transfer_bytes: number;
+  members_downloaded?: string[];
+  members_local?: string[];
+};
+
+beforeAll(async () => {
+  await Promise.all([startRegistry(), startHub()]);
+  // One warm parent and two BRANCH layers on it, each carrying a file written before its BRANCH.
+  await forkd(["snapshot", "--tag", BASE, "--memory-mib", "128", "--warm", "echo warm-state > /root/warm.txt"], A.env).then((r) =>
+    expect(r.code, r.stderr).toBe(0),
+  );
+  const source = await forkOne(BASE, A.env);
+  children.push({ id: source, env: A.env });
+  await sh(source, "echo branch-one > /root/branch1.txt", A.env);
+  await forkdJson(["branch", source, "--tag", L1, "--mode", "diff"], A.env);
+  await sh(source, "echo branch-two > /root/branch2.txt", A.env);
+  await forkdJson(["branch", source, "--tag", L2, "--mode", "diff"], A.env);
+  B = freshHome("b", false);
+});
+
+afterAll(async () => {
+  for (const c of children) await forkd(["kill", c.id], c.env).catch(() => {});
+  if (daemon) await stopDaemon(daemon, "SIGKILL");
+  registry?.kill("SIGKILL");
+  hub?.close();
+  for (const dir of shmRoots) fs.rmSync(dir, { recursive: true, force: true });
+});
+
+describe("registry push and pull", () => {
+  it("pushes a chain from one home and pulls it into a fresh one, whose child sees the warm and branched state", async () => {
+    const pushed = await forkdJson<PushJson>(["push", L1, ref(L1)], A.env);
+    // A fresh registry: every blob (image build, base, layer, index) goes up once.
+    expect(pushed.blobs_uploaded).toBe(pushed.blobs);
+    expect(pushed.members_uploaded).toEqual(expect.arrayContaining([`snapshots/${BASE}/memory.bin`, `snapshots/${L1}/layer.bin`]));
+    expect(pushed.members_uploaded.some((m) => m.endsWith("/rootfs.ext4"))).toBe(true);
+
+    // B has nothing, not even the image build; its credentials come from docker's config.json.
+    const dockerConfig = path.join(B.home, "..", "docker");
+    fs.mkdirSync(dockerConfig);
+    fs.writeFileSync(
+      path.join(dockerConfig, "config.json"),
+      JSON.stringify({ auths: { [`127.0.0.1:${registryPort}`]: { auth: Buffer.from(`${USER}:${PASSWORD}`).toString("base64") } } }),
+    );
+    const env = { ...B.env, DOCKER_CONFIG: dockerConfig, FORKD_REGISTRY_USERNAME: "", FORKD_REGISTRY_PASSWORD: "" };
+    delete env.FORKD_REGISTRY_USERNAME;
+    delete env.FORKD_REGISTRY_PASSWORD;
+    const pulled = await forkdJson<PullJson>(["pull", ref(L1)], env);
+    expect(pulled).toMatchObject({ tag: L1, registered: [BASE, L1], reused: [] });
+    expect(pulled.images_added).toHaveLength(1);
+    expect(pulled.downloaded_bytes).toBeGreaterThanOrEqual(pulled.transfer_bytes);
+    expect(registered(B)).toEqual([BASE, L1]);
+    expect(fs.readdirSync(path.join(B.home, "hub", "blobs"))).toEqual([]);
+
+    const child = await forkOne(L1, B.env);
+    children.push({ id: child, env: B.env });
+    expect(await sh(child, "cat /root/warm.txt /root/branch1.txt; test -e /root/branch2.txt && echo LEAK || echo clean", B.env)).toBe(
+      "warm-state\nbranch-one\nclean\n",
+    );
+  });
+
+  it("pushes a second layer on the same base through the REST API: only the new layer's blobs go up", async () => {
+    daemon = await startDaemonProcess(A.runDir);
+    const api = new Controller({ url: daemon.url, token: daemon.token });
+    const job = await api.pushSnapshot(L2, { ref: ref(L2) });
+    expect(job.kind).toBe("push");
+    const done = await api.waitForJob(job.id);
+    const result = done.result as unknown as PushJson;
+    expect(result.members_uploaded.sort()).toEqual(
+      [`snapshots/${L2}/layer.bin`, `snapshots/${L2}/manifest.json`, `snapshots/${L2}/pagemap.bin`, `snapshots/${L2}/vmstate.bin`].sort(),
+    );
+    // The layer's four files and the index; the image build and the base were there.
+    expect(result.blobs_uploaded).toBe(5);
+    expect(result.blobs_present).toBe(result.blobs - 5);
+    expect(done.progress.done_bytes).toBe(done.progress.total_bytes);
+
+    // Pulling what this home already has fetches the manifests and registers nothing.
+    const again = await api.waitForJob((await api.pullSnapshot({ ref: ref(L1) })).id);
+    expect(again.result).toMatchObject({ registered: [], reused: [BASE, L1] });
+    expect((again.result as unknown as PullJson).members_downloaded).toEqual([
+      `snapshots/${BASE}/manifest.json`,
+      `snapshots/${L1}/manifest.json`,
+    ]);
+    await stopDaemon(daemon);
+    daemon = undefined;
+  });
+
+  it("pulls a layer whose base is already here by downloading only that layer", async () => {
+    const pulled = await forkdJson<PullJson>(["pull", ref(L2)], B.env);
+    expect(pulled).toMatchObject({ tag: L2, registered: [L2], reused: [BASE] });
+    const ownFiles = ["manifest.json", "vmstate.bin", "layer.bin", "pagemap.bin"].map((f) => `snapshots/${L2}/${f}`);
+    expect(pulled.members_downloaded).toEqual([`snapshots/${BASE}/manifest.json`, ...ownFiles]);
+    const { manifest, bytes } = await registryManifest(L2);
+    const size = (title: string) => manifest.layers.find((l) => l.annotations["org.opencontainers.image.title"] === title)!.size;
+    const expected = bytes + manifest.config.size + size(`snapshots/${BASE}/manifest.json`) + ownFiles.reduce((s, f) => s + size(f), 0);
+    expect(pulled.downloaded_bytes).toBe(expected);
+    expect(pulled.downloaded_bytes).toBeLessThan(pulled.transfer_bytes / 20);
+    const child = await forkOne(L2, B.env);
+    children.push({ id: child, env: B.env });
+    expect(await sh(child, "cat /root/warm.txt /root/branch1.txt /root/branch2.txt", B.env)).toBe("warm-state\nbranch-one\nbranch-two\n");
+  });
+
+  it("names what was tried: refused or missing credentials, a missing tag, a registry that is not there", async () => {
+    const C = freshHome("cred", true);
+    const wrong = await forkd(["pull", ref(L1)], { ...C.env, FORKD_REGISTRY_PASSWORD: "not-the-password" });
+    expect(wrong.code).toBe(1);
+    expect(wrong.stderr).toMatch(/refused the credentials of user 'forkd' \(credentials from FORKD_REGISTRY_USERNAME/);
+    expect(wrong.stderr).toContain("[registry_denied]");
+    expect(wrong.stderr).not.toContain("not-the-password");
+    const none = { ...C.env, DOCKER_CONFIG: path.join(C.home, "nowhere") };
+    delete none.FORKD_REGISTRY_USERNAME;
+    delete none.FORKD_REGISTRY_PASSWORD;
+    const anonymous = await forkd(["pull", ref(L1)], none);
+    expect(anonymous.stderr).toMatch(/asks for credentials to read the manifest of .*answered 401.*FORKD_REGISTRY_USERNAME/);
+    const missing = await forkd(["pull", ref("no-such-tag")], C.env);
+    expect(missing.stderr).toMatch(
+      /no tag 127\.0\.0\.1:\d+\/forkd\/app:no-such-tag: GET http:\/\/127\.0\.0\.1:\d+\/v2\/forkd\/app\/manifests\/no-such-tag answered 404/,
+    );
+    const closed = await freePort();
+    const down = await forkd(["push", L1, ref(L1, closed)], A.env);
+    expect(down.stderr).toMatch(new RegExp(`cannot reach http://127\\.0\\.0\\.1:${closed}/v2/.*connection refused`));
+    const form = await forkd(["pull", "not/a/form"], C.env);
+    expect(form.code).toBe(2);
+    expect(form.stderr).toMatch(/HOST\[:PORT\]\/REPO.*OWNER\/NAME.*https:\/\//);
+    expect(registered(C)).toEqual([]);
+  });
+
+  it("refuses a blob the registry serves tampered, leaving nothing registered and no temp dir", async () => {
+    const { manifest } = await registryManifest(L2);
+    const layer = manifest.layers.find((l) => l.annotations["org.opencontainers.image.title"] === `snapshots/${L2}/layer.bin`)!;
+    const file = blobData(layer.digest);
+    const original = fs.readFileSync(file);
+    const tampered = Buffer.from(original);
+    tampered[Math.floor(tampered.length / 2)]! ^= 0xff;
+    fs.writeFileSync(file, tampered);
+    try {
+      const C = freshHome("tamper", true);
+      const res = await forkd(["pull", ref(L2)], C.env);
+      expect(res.code).toBe(1);
+      expect(res.stderr).toMatch(
+        new RegExp(`blob ${layer.digest} \\(snapshots/${L2}/layer.bin\\).*does not match its sha256.*\\[integrity_failed\\]`),
+      );
+      expect(registered(C)).toEqual([]);
+      expect(tempDirs(C)).toEqual([]);
+      expect(fs.readdirSync(path.join(C.home, "hub", "blobs")).filter((n) => n.includes(layer.digest.slice(7)))).toEqual([]);
+    } finally {
+      fs.writeFileSync(file, original);
+    }
+  });
+
+  it("a pull killed with SIGKILL midway registers nothing, and the next pull resumes the download and completes", async () => {
+    const E = freshHome("kill", true);
+    const proxy = await slowProxy(6 * 2 ** 20);
+    const blobs = path.join(E.home, "hub", "blobs");
+    let partialAtKill = 0;
+    try {
+      const killed = await forkd(["pull", ref(L1, proxy.port)], E.env, (child) => {
+        const timer = setInterval(() => {
+          const partial = fs.existsSync(blobs) ? fs.readdirSync(blobs).find((n) => n.endsWith(".partial")) : undefined;
+          const size = partial ? fs.statSync(path.join(blobs, partial)).size : 0;
+          if (size > 4 * 2 ** 20) {
+            clearInterval(timer);
+            child.kill("SIGKILL");
+          }
+        }, 20);
+        child.on("close", () => clearInterval(timer));
+      });
+      expect(killed.code).toBeNull();
+    } finally {
+      proxy.close();
+    }
+    expect(registered(E)).toEqual([]);
+    const partials = fs.readdirSync(blobs).filter((n) => n.endsWith(".partial"));
+    expect(partials).toHaveLength(1);
+    partialAtKill = fs.statSync(path.join(blobs, partials[0]!)).size;
+    expect(partialAtKill).toBeGreaterThan(4 * 2 ** 20);
+
+    const pulled = await forkdJson<PullJson>(["pull", ref(L1)], E.env);
+    expect(pulled).toMatchObject({ tag: L1, registered: [BASE, L1] });
+    const { manifest, bytes } = await registryManifest(L1);
+    const size = (title: string) => manifest.layers.find((l) => l.annotations["org.opencontainers.image.title"] === title)!.size;
+    const whole = bytes + manifest.config.size + pulled.members_downloaded!.reduce((s, f) => s + size(f), 0);
+    expect(pulled.downloaded_bytes).toBeLessThanOrEqual(whole - partialAtKill);
+    expect(registered(E)).toEqual([BASE, L1]);
+    expect(fs.readdirSync(blobs)).toEqual([]);
+  });
+});
+
+describe("hub index and pack URLs", () => {
+  let D: Home;
+  const imageDirs = () => fs.readdirSync(path.join(D.home, "images", "craftimg")).filter((n) => /^[0-9a-f]{64}$/.test(n));
+
+  beforeAll(() => {
+    D = freshHome("packs", false);
+  });
+
+  async function refused(name: string, pack: Buffer, expectError: RegExp, sha?: string): Promise<void> {
+    const before = registered(D);
+    const images = fs.existsSync(path.join(D.home, "images", "craftimg")) ? imageDirs() : [];
+    hubFiles.set(`/packs/${name}.forkd.tar.zst`, pack);
+    hubFiles.set(
+      "/registry.json",
+      Buffer.from(JSON.stringify({ snapshots: { [`acme/${name}`]: { url: `packs/${name}.forkd.tar.zst`, sha256: sha ?? sha256(pack) } } })),
+    );
+    const res = await forkd(["pull", `acme/${name}`, "--hub", `${hubUrl}/registry.json`], D.env);
+    expect(res.code, res.stdout).not.toBe(0);
+    expect(res.stderr).toMatch(expectError);
+    expect(registered(D)).toEqual(before);
+    expect(tempDirs(D)).toEqual([]);
+    if (images.length) expect(imageDirs()).toEqual(images);
+  }
+
+  it("pulls OWNER/NAME through a hub index, and a pack by URL", async () => {
+    const { pack, imageDigest } = await craftPack("craft-ok");
+    hubFiles.set("/packs/ok.forkd.tar.zst", pack);
+    hubFiles.set(
+      "/registry.json",
+      Buffer.from(
+        JSON.stringify({ snapshots: { "acme/ok": { url: "packs/ok.forkd.tar.zst", sha256: sha256(pack), description: "crafted" } } }),
+      ),
+    );
+    const viaHub = await forkdJson<PullJson>(["pull", "acme/ok", "--hub", `${hubUrl}/registry.json`], D.env);
+    expect(viaHub).toMatchObject({ tag: "craft-ok", registered: ["craft-ok"], images_added: [`craftimg@${imageDigest.slice(0, 12)}`] });
+    expect(viaHub.downloaded_bytes).toBe(pack.length);
+    const viaUrl = await forkdJson<PullJson>(["pull", `${hubUrl}/packs/ok.forkd.tar.zst`, "--tag", "craft-url"], {
+      ...D.env,
+      FORKD_HUB_URL: "",
+    });
+    expect(viaUrl).toMatchObject({ tag: "craft-url", registered: ["craft-url"] });
+    const unknown = await forkd(["pull", "acme/nope", "--hub", `${hubUrl}/registry.json`], D.env);
+    expect(unknown.stderr).toMatch(
+      /no snapshot acme\/nope in the hub index at http:\/\/127\.0\.0\.1:\d+\/registry\.json \(it lists acme\/ok\)/,
+    );
+    expect(registered(D)).toEqual(["craft-ok", "craft-url"]);
+  });
+
+  it("refuses a pack whose sha256 differs from the hub index's", async () => {
+    const { pack } = await craftPack("craft-sha");
+    await refused("sha", pack, /the pack at .* does not match its sha256/, sha256("something else"));
+  });
+
+  it("refuses a truncated pack", async () => {
+    const { pack } = await craftPack("craft-cut");
+    await refused("cut", pack.subarray(0, Math.floor(pack.length * 0.6)), /damaged, cut short or not a forkd pack/);
+  });
+
+  it("refuses a pack with a ../ member and writes nothing outside", async () => {
+    const { pack } = await craftPack("craft-dotdot", (entries) => [
+      entries[0]!,
+      { name: "../../escape.txt", data: Buffer.from("out") },
+      ...entries.slice(1),
+    ]);
+    await refused("dotdot", pack, /member \.\.\/\.\.\/escape\.txt is not in its index/);
+    const { pack: named } = await craftPack("craft-dotdot2", (entries) => {
+      const index = JSON.parse(entries[0]!.data!.toString());
+      index.files[0].path = "snapshots/../../escape.txt";
+      return [{ name: "forkd-pack.json", data: Buffer.from(JSON.stringify(index)) }, ...entries.slice(1)];
+    });
+    await refused("dotdot2", named, /names a member 'snapshots\/\.\.\/\.\.\/escape\.txt' forkd never writes/);
+    for (const dir of [D.home, path.dirname(D.home), path.join(D.home, "snapshots")])
+      expect(fs.existsSync(path.join(dir, "escape.txt"))).toBe(false);
+  });
+
+  it("refuses a pack whose member bytes do not match the index sha256", async () => {
+    const { pack } = await craftPack("craft-bytes", (entries) =>
+      entries.map((e) => (e.name.endsWith("/memory.bin") ? { ...e, data: Buffer.from(e.data!).fill(9, 100, 200) } : e)),
+    );
+    await refused("bytes", pack, /memory\.bin does not match its sha256 in the index/);
+  });
+
+  it("refuses a symlink member", async () => {
+    const { pack } = await craftPack("craft-link", (entries) =>
+      entries.map((e) => (e.name.endsWith("/memory.bin") ? { name: e.name, type: "symlink" as const, linkname: "/etc/shadow" } : e)),
+    );
+    await refused("link", pack, /member snapshots\/craft-link\/memory\.bin is a symlink, not a plain file/);
+  });
+});
