@@ -15,6 +15,8 @@ const LONG_CALL_MS = 15 * 60_000;
 /** forkd's wait_for_text reads the last 4 KiB of the file each poll. */
 const TAIL_BYTES = 4096;
 const EXCERPT_CHARS = 256;
+/** tail is not in the image (exit 127). */
+const NO_TAIL = "\u0000no-tail";
 
 const INSTRUCTIONS = `forkd runs code in microVM sandboxes forked copy-on-write from warm snapshots.
 Typical flow: list_snapshots (or create_snapshot) -> spawn_sandboxes -> exec_command / eval_code / write_file / read_file -> branch_sandbox to fork a running sandbox's state into a new snapshot -> kill_sandbox when done.`;
@@ -272,16 +274,41 @@ export function createForkdMcpServer({ client }: ForkdMcpOpts): McpServer {
       const elapsed = () => Math.round(performance.now() - started);
       // The marker may straddle the window's start: read enough to hold it whole.
       const window = TAIL_BYTES + Buffer.byteLength(args.marker);
-      let excerpt = "";
-      for (;;) {
-        // An argv, never a shell line: the path reaches tail as one argument, and
-        // `--` keeps a path that starts with '-' from being read as an option.
-        const res = await client.post<{ stdout?: unknown }>(
+      // An argv, never a shell line: the path reaches tail as one argument, and
+      // `--` keeps a path that starts with '-' from being read as an option.
+      const tailByExec = async () => {
+        const res = await client.post<{ stdout?: unknown; exit_code?: unknown }>(
           sandboxPath(args.sandbox_id, "/exec"),
           { argv: ["tail", "-c", String(window), "--", args.path], timeout_ms: 5000 },
           { signal: extra.signal },
         );
-        excerpt = typeof res?.stdout === "string" ? res.stdout : "";
+        if (res?.exit_code === 127) return NO_TAIL;
+        return typeof res?.stdout === "string" ? res.stdout : "";
+      };
+      // An image without tail (a custom root): read the whole file through the files API instead.
+      const tailByRead = async () => {
+        try {
+          const res = await client.post<{ data?: string }>(
+            sandboxPath(args.sandbox_id, "/files"),
+            { action: "read", path: args.path },
+            { signal: extra.signal },
+          );
+          const bytes = Buffer.from(res?.data ?? "", "base64");
+          return bytes.subarray(Math.max(0, bytes.length - window)).toString("utf8");
+        } catch (err) {
+          // Not there yet is an empty file, as forkd's `tail … || true` has it.
+          if (err instanceof DaemonError && err.code === "not_found") return "";
+          throw err;
+        }
+      };
+      let excerpt = "";
+      let haveTail = true;
+      for (;;) {
+        excerpt = haveTail ? await tailByExec() : await tailByRead();
+        if (excerpt === NO_TAIL) {
+          haveTail = false;
+          excerpt = await tailByRead();
+        }
         if (excerpt.includes(args.marker))
           return toolResult({ found: true, elapsed_ms: elapsed(), last_excerpt: lastChars(excerpt, EXCERPT_CHARS) });
         if (elapsed() + args.poll_interval_ms >= timeoutMs) break;
