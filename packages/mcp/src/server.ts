@@ -132,9 +132,17 @@ export function createForkdMcpServer({ client }: ForkdMcpOpts): McpServer {
         .positive()
         .optional()
         .describe("cgroup memory limit of each sandbox's VMM in MiB (at least 64); none by default, unlike forkd-mcp's 256"),
-      prewarm: z.boolean().default(false).describe("Fault the snapshot's pages in after restore (forkd option; passed to the daemon)"),
-      live_fork: z.boolean().default(false).describe("forkd's memfd-backed guest RAM for live BRANCH (passed to the daemon)"),
-      hugepages: z.boolean().default(false).describe("forkd's huge pages with live_fork (passed to the daemon)"),
+      prewarm: z
+        .boolean()
+        .default(false)
+        .describe("forkd: fault pages in after restore; accepted, no effect here (children are always restored warm)"),
+      live_fork: z
+        .boolean()
+        .default(false)
+        .describe(
+          "forkd: memfd-backed RAM for live BRANCH; accepted, no effect here (guest RAM is always shared memory, live BRANCH always works)",
+        ),
+      hugepages: z.boolean().default(false).describe("forkd: huge pages with live_fork; accepted, no effect here"),
       network: z.boolean().optional().describe("false: no network at all. Default: the daemon's egress policy (public internet only)"),
       allow_out: z.array(z.string()).optional().describe("Egress exceptions: IP, CIDR, IP:PORT or CIDR:PORT (wins over deny_out)"),
       deny_out: z.array(z.string()).optional().describe("Destinations the default policy allows that these sandboxes may not reach"),
@@ -180,7 +188,10 @@ export function createForkdMcpServer({ client }: ForkdMcpOpts): McpServer {
       tag: tagName("New snapshot tag ([A-Za-z0-9_-]{1,64}); generated when omitted").nullable().optional(),
       diff: z.boolean().default(false).describe("forkd's legacy flag for mode 'diff'"),
       live: z.boolean().default(false).describe("forkd's legacy flag for mode 'live'"),
-      measure_diff: z.boolean().default(false).describe("forkd: a full snapshot plus a throwaway diff for timing"),
+      measure_diff: z
+        .boolean()
+        .default(false)
+        .describe("forkd: a full snapshot plus a throwaway diff for timing; accepted, no effect here (every BRANCH reports its pause)"),
       mode: z.enum(["full", "diff", "live"]).nullable().optional().describe("Capture mode; the daemon's default when omitted"),
       wait: z.boolean().default(true).describe("false: answer once the sandbox resumes, while the snapshot is still being written"),
       parent_tag: z.string().nullable().optional().describe("forkd chain edge: must be the source sandbox's snapshot tag (diff mode)"),
