@@ -42,6 +42,8 @@ export const MEMBER_MEDIA_TYPE = "application/vnd.forkd.pack.member.v1+zstd";
 const TITLE = "org.opencontainers.image.title";
 const ZSTD_LEVEL = 3;
 const BLOB_DIGEST_RE = /^sha256:([0-9a-f]{64})$/;
+/** Entries kept in the push cache (each is a member digest → blob digest, ~200 bytes). */
+const MAX_CACHED_BLOBS = 4096;
 
 export type Descriptor = { mediaType: string; digest: string; size: number; annotations?: Record<string, string> };
 export type SnapshotManifestOci = {
@@ -249,6 +251,9 @@ export async function pushSnapshot(tag: string, refArg: string, opts: RefOpts & 
       const entry = cache[key]!;
       const here = `${ref.host}/${ref.repository}`;
       entry.repos = [...(entry.repos ?? []).filter((r) => r !== here), here].slice(-8);
+      // Most recently used last: the oldest are the ones dropped when the cache is trimmed.
+      delete cache[key];
+      cache[key] = entry;
       result.blob_bytes += blob.size;
       layers.push({ mediaType: MEMBER_MEDIA_TYPE, digest: blob.digest, size: blob.size, annotations: { [TITLE]: m.file.path } });
     }
@@ -273,7 +278,8 @@ export async function pushSnapshot(tag: string, refArg: string, opts: RefOpts & 
     result.digest = `sha256:${sha256(manifestBytes)}`;
     opts.onProgress?.(total, total, "writing the manifest");
     await client.putManifest(ref.tag, manifestBytes, OCI_MANIFEST);
-    await writeFileAtomic(blobCachePath(), `${JSON.stringify(cache)}\n`, { mode: 0o600 });
+    const keep = Object.entries(cache).slice(-MAX_CACHED_BLOBS);
+    await writeFileAtomic(blobCachePath(), `${JSON.stringify(Object.fromEntries(keep))}\n`, { mode: 0o600 });
     return result;
   } finally {
     await fsp.rm(temp, { recursive: true, force: true });

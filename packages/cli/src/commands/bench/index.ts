@@ -6,6 +6,7 @@ import { registerBranchBench } from "./branch.js";
 import { registerChainBench } from "./chain.js";
 import { registerConfineBench } from "./confine.js";
 import { registerFanoutBench } from "./fanout.js";
+import { registerPackBench } from "./pack.js";
 import { registerSpawnBench } from "./spawn.js";
 
 export function registerBench(program: Command): void {
@@ -18,6 +19,7 @@ export function registerBench(program: Command): void {
     registerFanoutBench,
     registerConfineBench,
     registerChainBench,
+    registerPackBench,
   ])
     register(bench);
 }
