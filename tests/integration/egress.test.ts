@@ -78,7 +78,7 @@ beforeAll(async () => {
 afterAll(async () => {
   if (daemon) await stopDaemon(daemon, "SIGKILL");
   forkd(["kill", "--all"]);
-  forkd(["cleanup"]);
+  forkd(["cleanup", "-y"]);
   hostServer?.close();
   pub?.stop();
   priv?.stop();
@@ -233,7 +233,7 @@ describe("turned off, and cleaned up", () => {
     expect(fs.existsSync(ns.path)).toBe(true);
     await stopDaemon(daemon);
     expect(forkd(["kill", "--all"]).code).toBe(0);
-    const report = JSON.parse(forkd(["cleanup", "--json"]).stdout);
+    const report = JSON.parse(forkd(["cleanup", "-y", "--json"]).stdout);
     expect(report.egressNamespaceRemoved).toBe(true);
     expect(fs.existsSync(ns.path)).toBe(false);
     expect(fs.existsSync(`/sys/class/net/${ns.hostVeth}`)).toBe(false);

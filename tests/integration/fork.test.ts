@@ -187,7 +187,7 @@ describe("fan-out and teardown", () => {
     const answers = await Promise.all(children.map(async (c) => (await sh(c.id, "hostname")).out.trim()));
     expect(new Set(answers).size).toBe(20);
     expect(forkd(["kill", "--all"]).code).toBe(0);
-    expect(forkd(["cleanup"]).code).toBe(0);
+    expect(forkd(["cleanup", "-y"]).code).toBe(0);
     expect(qemuPidsUnder(env.runDir)).toEqual([]);
     expect(fs.readdirSync(path.join(env.runDir, "vms"))).toEqual([]);
     expect(forkd(["ls", "--json"]).stdout.trim()).toBe("[]");
@@ -199,7 +199,7 @@ describe("fan-out and teardown", () => {
     process.kill(row.pid, "SIGKILL");
     const deadline = Date.now() + 5000;
     while (qemuPidsUnder(row.run_dir).length > 0 && Date.now() < deadline) spawnSync("sleep", ["0.05"]);
-    const report = JSON.parse(forkd(["cleanup", "--json"]).stdout);
+    const report = JSON.parse(forkd(["cleanup", "-y", "--json"]).stdout);
     expect(report.reaped).toContain(child!.id);
     expect(fs.existsSync(row.run_dir)).toBe(false);
   });
@@ -216,7 +216,7 @@ describe("fan-out and teardown", () => {
     await new Promise((r) => child.once("exit", r));
     expect((await listSnapshots()).map((s) => s.tag)).not.toContain("crashy");
     expect(JSON.parse(forkd(["images", "--json"]).stdout).map((s: { tag: string }) => s.tag)).not.toContain("crashy");
-    const report = JSON.parse(forkd(["cleanup", "--json"]).stdout);
+    const report = JSON.parse(forkd(["cleanup", "-y", "--json"]).stdout);
     expect(report.strayTempDirs.length).toBeGreaterThan(0);
     expect(fs.readdirSync(snapshotsDir).filter((n) => n.startsWith("."))).toEqual([]);
     const gone = Date.now() + 5000;

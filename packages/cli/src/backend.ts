@@ -6,13 +6,17 @@ import path from "node:path";
 import {
   type ApiSandbox,
   type ApiSnapshot,
+  type ApiWorkspace,
   apiSandboxView,
   apiSnapshotView,
+  apiWorkspaceView,
   type BranchStatus,
   branchesBySource,
   compactSnapshot,
   connectSandbox,
   createSnapshot,
+  createWorkspace,
+  deleteWorkspace,
   ERROR_STATUS,
   ForkdError,
   forkdRunDir,
@@ -21,10 +25,13 @@ import {
   killSandbox,
   listSandboxes,
   listSnapshots,
+  listWorkspaces,
   removeSnapshot,
+  resumeWorkspace,
   type SnapshotDetails,
   snapshotDetails,
   startBranch,
+  suspendWorkspace,
 } from "@forkd/core";
 import { Controller, ForkdApiError } from "@forkd/sdk";
 
@@ -37,6 +44,7 @@ export type ForkRow = {
   total_ms?: number;
   error?: { code: string; message: string; console?: string };
 };
+export type { ApiWorkspace };
 export type ExecArgs = { argv?: string[]; cmd?: string; env?: Record<string, string>; cwd?: string; timeoutMs?: number; stdin?: Buffer };
 export type ExecOutcome = { exitCode: number | null; signal: string | null; timedOut: boolean };
 export type FilesArgs = { action: "read" | "write" | "list"; path: string; data?: Buffer };
@@ -88,6 +96,14 @@ export interface Backend {
   ): Promise<{ value: unknown; type: string; duration_ms: number; stdout?: string }>;
   files(id: string, args: FilesArgs): Promise<Record<string, unknown>>;
   kill(id: string): Promise<void>;
+  ping(id: string): Promise<Record<string, unknown>>;
+  workspaces: {
+    list(): Promise<ApiWorkspace[]>;
+    create(name: string, snapshotTag: string, memoryLimitMib?: number): Promise<ApiWorkspace>;
+    suspend(name: string, diff: boolean): Promise<ApiWorkspace>;
+    resume(name: string): Promise<ApiWorkspace>;
+    remove(name: string): Promise<void>;
+  };
 }
 
 class DirectBackend implements Backend {
@@ -202,6 +218,24 @@ class DirectBackend implements Backend {
   kill(id: string) {
     return killSandbox(id);
   }
+  async ping(id: string) {
+    const agent = await connectSandbox(id);
+    try {
+      const t0 = performance.now();
+      const pong = await agent.ping({ timeoutMs: 10_000 });
+      return { pong: true, version: pong.version, uptime_ms: pong.uptimeMs, hostname: pong.hostname, rtt_ms: performance.now() - t0 };
+    } finally {
+      agent.close();
+    }
+  }
+  readonly workspaces = {
+    list: async () => listWorkspaces().map(apiWorkspaceView),
+    create: async (name: string, snapshotTag: string, memoryLimitMib?: number) =>
+      apiWorkspaceView(await createWorkspace({ name, snapshotTag, ...(memoryLimitMib !== undefined ? { memoryLimitMib } : {}) })),
+    suspend: async (name: string, diff: boolean) => apiWorkspaceView(await suspendWorkspace(name, { diff })),
+    resume: async (name: string) => apiWorkspaceView(await resumeWorkspace(name)),
+    remove: (name: string) => deleteWorkspace(name),
+  };
 }
 
 /** API errors come back as ForkdError with the same code, so the CLI reports both paths alike. */
@@ -215,7 +249,6 @@ async function viaApi<T>(work: () => Promise<T>): Promise<T> {
     throw err;
   }
 }
-
 class DaemonBackend implements Backend {
   readonly kind = "daemon" as const;
   constructor(private readonly controller: Controller) {}
@@ -328,6 +361,23 @@ class DaemonBackend implements Backend {
   kill(id: string) {
     return viaApi(() => this.controller.deleteSandbox(id));
   }
+  ping(id: string) {
+    return viaApi(async (): Promise<Record<string, unknown>> => this.controller.ping(id));
+  }
+  readonly workspaces = {
+    list: () => viaApi(() => this.controller.listWorkspaces()),
+    create: (name: string, snapshotTag: string, memoryLimitMib?: number) =>
+      viaApi(() =>
+        this.controller.createWorkspace({
+          name,
+          snapshot_tag: snapshotTag,
+          ...(memoryLimitMib !== undefined ? { memory_limit_mib: memoryLimitMib } : {}),
+        }),
+      ),
+    suspend: (name: string, diff: boolean) => viaApi(() => this.controller.suspendWorkspace(name, { diff })),
+    resume: (name: string) => viaApi(() => this.controller.resumeWorkspace(name)),
+    remove: (name: string) => viaApi(() => this.controller.deleteWorkspace(name)),
+  };
 }
 
 /**

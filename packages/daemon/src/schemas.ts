@@ -264,6 +264,29 @@ export const PingResponse = z.object({
   hostname: z.string(),
   rtt_ms: z.number(),
 });
+export const Workspace = z.object({
+  id: z.string(),
+  name: z.string(),
+  source_snapshot_tag: z.string(),
+  current_state_tag: z.string().optional(),
+  status: z.enum(["running", "suspended", "stale"]),
+  live_sandbox_id: z.string().optional(),
+  created_at_unix: z.number(),
+  last_active_unix: z.number(),
+  memory_limit_mib: z.number().nullable(),
+});
+export const WorkspaceList = z.array(Workspace);
+export const CreateWorkspaceBody = z
+  .object({
+    name: z.string(),
+    snapshot_tag: z.string(),
+    /** forkd's option; every sandbox here has a private network anyway. */
+    per_child_netns: z.boolean().optional(),
+    memory_limit_mib: z.number().int().nullable().optional(),
+  })
+  .strict();
+export const SuspendWorkspaceBody = z.object({ diff: z.boolean().optional() }).strict();
+export const NameParam = z.object({ name: z.string() }).strict();
 export const Health = z.object({ ok: z.literal(true) });
 export const Version = z.object({ version: z.string(), api: z.literal("v1"), node: z.string(), accel: z.string() });
 
@@ -271,6 +294,8 @@ export type CreateSnapshotBodyT = z.infer<typeof CreateSnapshotBody>;
 export type SnapshotT = z.infer<typeof Snapshot>;
 export type SnapshotInfoT = z.infer<typeof SnapshotInfo>;
 export type JobT = z.infer<typeof Job>;
+export type WorkspaceT = z.infer<typeof Workspace>;
+export type CreateWorkspaceBodyT = z.infer<typeof CreateWorkspaceBody>;
 export type PackBodyT = z.infer<typeof PackBody>;
 export type UnpackBodyT = z.infer<typeof UnpackBody>;
 export type PushBodyT = z.infer<typeof PushBody>;

@@ -14,6 +14,7 @@ import { registerRegistryRoutes } from "./routes/registry.js";
 import { registerSandboxRoutes } from "./routes/sandboxes.js";
 import { registerSnapshotRoutes } from "./routes/snapshots.js";
 import { registerSystemRoutes } from "./routes/system.js";
+import { registerWorkspaceRoutes } from "./routes/workspaces.js";
 
 export { BODY_LIMIT_BYTES } from "./http-errors.js";
 export type { ServerContext } from "./routes/context.js";
@@ -123,6 +124,7 @@ export async function buildServer(ctx: ServerContext, opts: ServerOpts = { requi
     registerBranchRoutes,
     registerAgentCallRoutes,
     registerJobRoutes,
+    registerWorkspaceRoutes,
     registerRegistryRoutes,
   ]) {
     register(deps);

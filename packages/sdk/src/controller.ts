@@ -288,6 +288,31 @@ export class Controller {
     return this.request("POST", `/v1/sandboxes/${encodeURIComponent(id)}/files`, body);
   }
 
+  listWorkspaces(): Promise<S.WorkspaceT[]> {
+    return this.request("GET", "/v1/workspaces");
+  }
+  createWorkspace(body: S.CreateWorkspaceBodyT): Promise<S.WorkspaceT> {
+    return this.request("POST", "/v1/workspaces", body, { timeoutMs: 10 * 60_000 });
+  }
+  getWorkspace(name: string): Promise<S.WorkspaceT> {
+    return this.request("GET", `/v1/workspaces/${encodeURIComponent(name)}`);
+  }
+  deleteWorkspace(name: string): Promise<void> {
+    return this.request("DELETE", `/v1/workspaces/${encodeURIComponent(name)}`);
+  }
+  /** Capture the workspace's sandbox to disk and stop it. */
+  suspendWorkspace(name: string, opts: { diff?: boolean } = {}): Promise<S.WorkspaceT> {
+    return this.request(
+      "POST",
+      `/v1/workspaces/${encodeURIComponent(name)}/suspend`,
+      { diff: opts.diff ?? false },
+      { timeoutMs: 10 * 60_000 },
+    );
+  }
+  resumeWorkspace(name: string): Promise<S.WorkspaceT> {
+    return this.request("POST", `/v1/workspaces/${encodeURIComponent(name)}/resume`, {}, { timeoutMs: 10 * 60_000 });
+  }
+
   // forkd v0.5.3's TypeScript SDK names, so code written for @deeplethe/forkd runs unchanged.
 
   /** forkd: POST /v1/sandboxes with forkd's options; the children's SandboxInfo. */

@@ -1,5 +1,5 @@
 import fs from "node:fs";
-import { cleanup, ForkdError, validateCpuLimit } from "@forkd/core";
+import { cleanup, ForkdError, forkdHome, validateCpuLimit } from "@forkd/core";
 import type { Command } from "commander";
 import { type ForkRow, openBackend } from "../backend.js";
 import { percentile, round1 } from "../stats.js";
@@ -24,6 +24,53 @@ function parseCpuLimit(value: string): number {
 }
 
 export function registerSandboxes(program: Command): void {
+  program
+    .command("ping")
+    .description("ask a sandbox's agent to answer (forkd's ping)")
+    .argument("<id>")
+    .action(async (id: string) => {
+      process.stdout.write(`${JSON.stringify(await (await openBackend()).ping(id), null, 2)}\n`);
+    });
+
+  program
+    .command("where")
+    .description("print where forkd keeps its state (FORKD_HOME)")
+    .action(() => {
+      process.stdout.write(`${forkdHome()}\n`);
+    });
+
+  program
+    .command("spawn")
+    .description("forkd's spawn: restore N children from a snapshot (the same as fork, with forkd's flags)")
+    .requiredOption("--tag <tag>", "snapshot to spawn from")
+    .option("-n, --n <n>", "number of children (1-1000)", parseIntOption("-n"), 1)
+    .option("--per-child-netns", "accepted: every sandbox here has a private network and its own egress rules")
+    .option("--memory-limit-mib <m>", "cap each child's host memory with a cgroup", parseIntOption("--memory-limit-mib"))
+    .option("--prewarm", "accepted: children here are always restored warm")
+    .option("--live-fork", "accepted: every child here can be live-BRANCHed")
+    .option("--hugepages", "accepted and ignored")
+    .option("--json", "print a JSON array of children")
+    .action(async (opts: { tag: string; n: number; memoryLimitMib?: number; json?: boolean }) => {
+      if (opts.n < 1 || opts.n > 1000) throw new ForkdError("bad_request", `-n must be from 1 to 1000, got ${opts.n}`);
+      const backend = await openBackend();
+      const s = spinner(`spawning ${opts.n} from ${opts.tag}`);
+      let results: ForkRow[];
+      try {
+        results = await backend.fork({
+          tag: opts.tag,
+          n: opts.n,
+          ...(opts.memoryLimitMib !== undefined ? { memoryLimitMib: opts.memoryLimitMib } : {}),
+          network: true,
+          concurrency: 16,
+        });
+      } finally {
+        s.stop();
+      }
+      if (opts.json) process.stdout.write(`${JSON.stringify(results, null, 2)}\n`);
+      else for (const r of results) process.stdout.write(r.ok ? `  ✓ ${r.id}\n` : `  ✗ ${r.id}: ${r.error?.message}\n`);
+      if (results.some((r) => !r.ok)) process.exitCode = 1;
+    });
+
   program
     .command("fork")
     .description("restore N children from a snapshot, copy-on-write; they keep running after this command exits")
@@ -239,15 +286,20 @@ export function registerSandboxes(program: Command): void {
 
   program
     .command("cleanup")
-    .description("reap dead sandboxes, stray runtime dirs and abandoned snapshot temp dirs (never a live process of someone else)")
+    .description(
+      "show what crashes left behind (dead sandboxes, stray runtime dirs, abandoned temp dirs, interrupted BRANCHes); -y removes it (never a live process of someone else)",
+    )
+    .option("-y, --yes", "remove what is found (without it, nothing is changed)")
     .option("--json", "machine-readable output")
-    .action(async (opts: { json?: boolean }) => {
-      const report = await cleanup();
-      if (opts.json) process.stdout.write(`${JSON.stringify(report)}\n`);
+    .action(async (opts: { yes?: boolean; json?: boolean }) => {
+      const report = await cleanup({ dryRun: !opts.yes });
+      if (opts.json) process.stdout.write(`${JSON.stringify({ ...report, dry_run: !opts.yes })}\n`);
       else {
+        const verb = opts.yes ? "reaped" : "would reap";
         process.stdout.write(
-          `reaped ${report.reaped.length} dead sandbox(es), ${report.strayRunDirs.length} stray runtime dir(s), ${report.strayTempDirs.length} abandoned temp dir(s)\n`,
+          `${verb} ${report.reaped.length} dead sandbox(es), ${report.strayRunDirs.length} stray runtime dir(s), ${report.strayTempDirs.length} abandoned temp dir(s)${report.failedBranches.length ? `, ${report.failedBranches.length} interrupted BRANCH(es)` : ""}\n`,
         );
+        if (!opts.yes) process.stdout.write("nothing was changed; run `forkd cleanup -y` to remove them\n");
       }
     });
 }

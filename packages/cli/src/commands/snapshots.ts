@@ -1,3 +1,4 @@
+import { ForkdError } from "@forkd/core";
 import type { Command } from "commander";
 import { openBackend, type SnapshotArgs } from "../backend.js";
 import { collect, fmtBytes, parseIntOption, plainTable, withSpinner } from "../ui.js";
@@ -17,11 +18,21 @@ export function registerSnapshots(program: Command): void {
     .option("--json", "print the snapshot as JSON")
     .option("--from-sandbox <id>", "BRANCH this running sandbox instead of booting a parent (same as `forkd branch`)")
     .option("--mode <mode>", "with --from-sandbox: full, diff or live")
-    .action(async (opts: SnapshotCliOpts) => {
+    .option("--live", "with --from-sandbox: mode live (forkd's flag)")
+    .option("--diff", "with --from-sandbox: mode diff (forkd's flag)")
+    .option("--no-wait", "with --from-sandbox: answer once the source runs again (needs the daemon)")
+    .action(async (opts: SnapshotCliOpts & { live?: boolean; diff?: boolean; wait: boolean }) => {
       const backend = await openBackend();
       if (opts.fromSandbox) {
-        await runBranch(opts.fromSandbox, { tag: opts.tag, mode: opts.mode, wait: true, json: opts.json });
+        if ([opts.mode, opts.live, opts.diff].filter(Boolean).length > 1) {
+          throw new ForkdError("bad_request", "choose one of --mode, --live and --diff");
+        }
+        const mode = opts.mode ?? (opts.live ? "live" : opts.diff ? "diff" : undefined);
+        await runBranch(opts.fromSandbox, { tag: opts.tag, ...(mode ? { mode } : {}), wait: opts.wait, json: opts.json });
         return;
+      }
+      if (opts.live || opts.diff || !opts.wait) {
+        throw new ForkdError("bad_request", "--live, --diff and --no-wait go with --from-sandbox ID");
       }
       const started = performance.now();
       const snapshot = await withSpinner(
@@ -107,6 +118,18 @@ export function registerSnapshots(program: Command): void {
       const table = plainTable(["LAYER", "KIND", "PHYSICAL", "CHANGED PAGES"]);
       for (const l of info.layers) table.push([l.tag, l.kind, fmtBytes(l.physical_bytes), l.changed_pages ?? "-"]);
       process.stdout.write(`${table.toString()}\n`);
+    });
+
+  program
+    .command("snapshot-compact")
+    .description("forkd's name for compact: write a standalone copy of --from under --to")
+    .requiredOption("--from <tag>", "snapshot to copy")
+    .requiredOption("--to <tag>", "tag of the copy")
+    .action(async (opts: { from: string; to: string }) => {
+      const snap = await withSpinner(`compacting ${opts.from} into ${opts.to}`, async () =>
+        (await openBackend()).compactSnapshot(opts.from, opts.to),
+      );
+      process.stdout.write(`${snap.tag}\n`);
     });
 
   program

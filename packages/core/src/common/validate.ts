@@ -3,7 +3,7 @@ import { ForkdError } from "./errors.js";
 /** Tags and image names: a letter, digit or '_' first, then up to 63 of [A-Za-z0-9_.-], never '..'. */
 export const NAME_RE = /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$/;
 
-export function validateName(value: unknown, what: "tag" | "image name"): string {
+export function validateName(value: unknown, what: "tag" | "image name" | "workspace name"): string {
   const code = what === "tag" ? "invalid_tag" : "bad_request";
   if (typeof value !== "string" || value.length === 0) throw new ForkdError(code, `${what} must be a non-empty string`);
   if (value.length > 64) throw new ForkdError(code, `${what} '${value.slice(0, 70)}…' is ${value.length} characters; the limit is 64`);

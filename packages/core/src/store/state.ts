@@ -76,6 +76,18 @@ CREATE TABLE IF NOT EXISTS branches (
   owner_pid INTEGER NOT NULL,
   created_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS workspaces (
+  name TEXT PRIMARY KEY,
+  id TEXT NOT NULL,
+  source_tag TEXT NOT NULL,
+  state_tag TEXT,
+  states TEXT NOT NULL,
+  status TEXT NOT NULL,
+  sandbox_id TEXT,
+  memory_limit_mib INTEGER,
+  created_ms INTEGER NOT NULL,
+  last_active_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS staged (
   key TEXT PRIMARY KEY,
   tag TEXT NOT NULL,
@@ -204,5 +216,49 @@ export const branches = {
   },
   remove(tag: string): void {
     openState().prepare("DELETE FROM branches WHERE tag = ?").run(tag);
+  },
+};
+
+export type WorkspaceRow = {
+  name: string;
+  id: string;
+  source_tag: string;
+  /** The snapshot it resumes from: its latest suspend, or null before the first. */
+  state_tag: string | null;
+  /** Every state snapshot it made and still holds, oldest first (JSON array): removed with it. */
+  states: string;
+  status: "running" | "suspended" | "stale";
+  sandbox_id: string | null;
+  memory_limit_mib: number | null;
+  created_ms: number;
+  last_active_ms: number;
+};
+
+export const workspaces = {
+  /** False when the name is taken. */
+  insert(row: WorkspaceRow): boolean {
+    const res = openState()
+      .prepare(
+        `INSERT OR IGNORE INTO workspaces (name, id, source_tag, state_tag, states, status, sandbox_id, memory_limit_mib, created_ms, last_active_ms)
+         VALUES (@name, @id, @source_tag, @state_tag, @states, @status, @sandbox_id, @memory_limit_mib, @created_ms, @last_active_ms)`,
+      )
+      .run(row);
+    return res.changes === 1;
+  },
+  get(name: string): WorkspaceRow | undefined {
+    return openState().prepare("SELECT * FROM workspaces WHERE name = ?").get(name) as WorkspaceRow | undefined;
+  },
+  list(): WorkspaceRow[] {
+    return openState().prepare("SELECT * FROM workspaces ORDER BY name").all() as WorkspaceRow[];
+  },
+  update(name: string, fields: Partial<Omit<WorkspaceRow, "name" | "id" | "created_ms">>): void {
+    const keys = Object.keys(fields);
+    if (keys.length === 0) return;
+    openState()
+      .prepare(`UPDATE workspaces SET ${keys.map((k) => `${k} = @${k}`).join(", ")} WHERE name = @name`)
+      .run({ ...fields, name });
+  },
+  remove(name: string): void {
+    openState().prepare("DELETE FROM workspaces WHERE name = ?").run(name);
   },
 };

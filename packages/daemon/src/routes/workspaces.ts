@@ -1,0 +1,55 @@
+// Workspaces (forkd's /v1/workspaces): named sandboxes suspended to disk and resumed.
+import {
+  apiWorkspaceView,
+  createWorkspace,
+  deleteWorkspace,
+  getWorkspace,
+  listWorkspaces,
+  resumeWorkspace,
+  suspendWorkspace,
+} from "@forkd/core";
+import { z } from "zod";
+import * as S from "../schemas.js";
+import type { RouteDeps } from "./context.js";
+
+export function registerWorkspaceRoutes({ r, ctx, err, touch }: RouteDeps): void {
+  r.get("/v1/workspaces", { schema: { response: { 200: S.WorkspaceList, ...err } } }, async () => listWorkspaces().map(apiWorkspaceView));
+  r.post("/v1/workspaces", { schema: { body: S.CreateWorkspaceBody, response: { 201: S.Workspace, ...err } } }, async (request, reply) => {
+    touch(request, "snapshots", request.body.snapshot_tag);
+    const row = await createWorkspace({
+      name: request.body.name,
+      snapshotTag: request.body.snapshot_tag,
+      ...(typeof request.body.memory_limit_mib === "number" ? { memoryLimitMib: request.body.memory_limit_mib } : {}),
+    });
+    touch(request, "sandboxes", row.sandbox_id);
+    return reply.code(201).send(apiWorkspaceView(row));
+  });
+  r.get("/v1/workspaces/:name", { schema: { params: S.NameParam, response: { 200: S.Workspace, ...err } } }, async (request) =>
+    apiWorkspaceView(getWorkspace(request.params.name)),
+  );
+  r.delete("/v1/workspaces/:name", { schema: { params: S.NameParam, response: { 204: z.null(), ...err } } }, async (request, reply) => {
+    const row = getWorkspace(request.params.name);
+    if (row.sandbox_id) ctx.pool.drop(row.sandbox_id);
+    await deleteWorkspace(request.params.name);
+    return reply.code(204).send(null);
+  });
+  r.post(
+    "/v1/workspaces/:name/suspend",
+    { schema: { params: S.NameParam, body: S.SuspendWorkspaceBody.optional(), response: { 200: S.Workspace, ...err } } },
+    async (request) => {
+      const before = getWorkspace(request.params.name);
+      const row = await suspendWorkspace(request.params.name, { diff: request.body?.diff === true });
+      if (before.sandbox_id) {
+        ctx.pool.drop(before.sandbox_id);
+        touch(request, "sandboxes", before.sandbox_id);
+      }
+      touch(request, "snapshots", row.state_tag);
+      return apiWorkspaceView(row);
+    },
+  );
+  r.post("/v1/workspaces/:name/resume", { schema: { params: S.NameParam, response: { 200: S.Workspace, ...err } } }, async (request) => {
+    const row = await resumeWorkspace(request.params.name);
+    touch(request, "sandboxes", row.sandbox_id);
+    return apiWorkspaceView(row);
+  });
+}
