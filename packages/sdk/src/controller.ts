@@ -39,6 +39,15 @@ export type ExecExit = {
   truncated?: boolean;
 };
 
+function isLoopbackUrl(url: string): boolean {
+  try {
+    const host = new URL(url).hostname.replace(/^\[|\]$/g, "");
+    return host === "localhost" || host === "::1" || /^127\.\d+\.\d+\.\d+$/.test(host);
+  } catch {
+    return false;
+  }
+}
+
 function defaultHome(): string {
   return process.env.FORKD_HOME ?? "/var/lib/forkd";
 }
@@ -71,7 +80,8 @@ export class Controller {
    */
   static fromEnv(): Controller {
     let token = process.env.FORKD_TOKEN;
-    if (!token && process.env.FORKD_URL && !process.env.FORKD_URL.startsWith("unix:")) {
+    // The local token file is this host's secret: only ever sent to a daemon on this host.
+    if (!token && process.env.FORKD_URL && isLoopbackUrl(process.env.FORKD_URL)) {
       try {
         token = fs.readFileSync(path.join(defaultHome(), "token"), "utf8").trim();
       } catch {
