@@ -5,12 +5,13 @@
 // see the parent's warm state; shared bases cross the wire once; tampered,
 // truncated, escaping, mismatched and symlinked content is refused with nothing
 // registered; a pull killed with SIGKILL resumes its download and completes.
-import { type ChildProcess, spawn } from "node:child_process";
-import { createHash, randomBytes } from "node:crypto";
+import { type ChildProcess, execFile, spawn } from "node:child_process";
+import { createHash, createPrivateKey, randomBytes, sign, X509Certificate } from "node:crypto";
 import fs from "node:fs";
 import http from "node:http";
 import net from "node:net";
 import path from "node:path";
+import { promisify } from "node:util";
 import { Controller } from "@forkd/sdk";
 import tar from "tar-stream";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -25,6 +26,7 @@ const HTPASSWD = `${USER}:$2b$04$EXQ2Scc2CgD56amWJjon0.xF8S0Mh3D30lhupTf2OvTeYLC
 
 type Home = { home: string; runDir: string; shm: string; env: NodeJS.ProcessEnv };
 
+const execFileP = promisify(execFile);
 const homeA = isolateForkd();
 const shmRoots: string[] = [];
 const creds = { FORKD_REGISTRY_USERNAME: USER, FORKD_REGISTRY_PASSWORD: PASSWORD };
@@ -113,17 +115,16 @@ function freePort(): Promise<number> {
 
 // --- the registry -----------------------------------------------------------
 
-let registry: ChildProcess;
+const registries: ChildProcess[] = [];
 let registryPort = 0;
 let registryData = "";
-let registryLog = "";
 const REPO = "forkd/app";
 
-async function startRegistry(): Promise<void> {
+/** A docker-registry of our own on a free loopback port, storage in a temp dir, with the given `auth:` section. */
+async function startRegistry(auth: (dir: string) => string[]): Promise<{ port: number; data: string }> {
   const dir = fs.mkdtempSync(path.join(process.env.FORKD_TEST_ROOT ?? "/tmp", "registry-"));
-  registryData = path.join(dir, "data");
-  fs.writeFileSync(path.join(dir, "htpasswd"), HTPASSWD);
-  registryPort = await freePort();
+  const data = path.join(dir, "data");
+  const port = await freePort();
   const config = [
     "version: 0.1",
     "log:",
@@ -132,30 +133,39 @@ async function startRegistry(): Promise<void> {
     "    disabled: true",
     "storage:",
     "  filesystem:",
-    `    rootdirectory: ${registryData}`,
+    `    rootdirectory: ${data}`,
     "http:",
-    `  addr: 127.0.0.1:${registryPort}`,
+    `  addr: 127.0.0.1:${port}`,
     `  secret: ${randomBytes(16).toString("hex")}`,
     "auth:",
-    "  htpasswd:",
-    "    realm: forkd-test",
-    `    path: ${path.join(dir, "htpasswd")}`,
+    ...auth(dir),
     "",
   ].join("\n");
   fs.writeFileSync(path.join(dir, "config.yml"), config);
-  registry = spawn("/usr/bin/docker-registry", ["serve", path.join(dir, "config.yml")], { stdio: ["ignore", "ignore", "pipe"] });
-  registry.stderr!.setEncoding("utf8").on("data", (d: string) => (registryLog = (registryLog + d).slice(-20_000)));
+  const child = spawn("/usr/bin/docker-registry", ["serve", path.join(dir, "config.yml")], { stdio: ["ignore", "ignore", "pipe"] });
+  registries.push(child);
+  let log = "";
+  child.stderr!.setEncoding("utf8").on("data", (d: string) => (log = (log + d).slice(-20_000)));
   const deadline = Date.now() + 20_000;
   while (Date.now() < deadline) {
-    const status = await fetch(`http://127.0.0.1:${registryPort}/v2/`).then(
+    const status = await fetch(`http://127.0.0.1:${port}/v2/`).then(
       (r) => r.status,
       () => 0,
     );
-    if (status === 401) return;
-    if (registry.exitCode !== null) break;
+    if (status === 401) return { port, data };
+    if (child.exitCode !== null) break;
     await new Promise((r) => setTimeout(r, 100));
   }
-  throw new Error(`docker-registry did not start: ${registryLog}`);
+  throw new Error(`docker-registry did not start: ${log}`);
+}
+
+async function startHtpasswdRegistry(): Promise<void> {
+  const started = await startRegistry((dir) => {
+    fs.writeFileSync(path.join(dir, "htpasswd"), HTPASSWD);
+    return ["  htpasswd:", "    realm: forkd-test", `    path: ${path.join(dir, "htpasswd")}`];
+  });
+  registryPort = started.port;
+  registryData = started.data;
 }
 
 const authHeader = `Basic ${Buffer.from(`${USER}:${PASSWORD}`).toString("base64")}`;
@@ -240,6 +250,86 @@ function startHub(): Promise<void> {
       resolve();
     }),
   );
+}
+
+// --- a token service, as Docker Hub's, GHCR's and Harbor's: Basic credentials in, a signed JWT out ---
+
+const ISSUER = "forkd-test-issuer";
+const SERVICE = "forkd-test-registry";
+let tokenServer: http.Server | undefined;
+const tokenRequests: { scopes: string[]; user: string | null }[] = [];
+
+/** A registry that trusts tokens signed by a key of our own, and the service that signs them. */
+async function startTokenRegistry(): Promise<{ port: number }> {
+  const dir = fs.mkdtempSync(path.join(process.env.FORKD_TEST_ROOT ?? "/tmp", "token-"));
+  const keyFile = path.join(dir, "key.pem");
+  const certFile = path.join(dir, "cert.pem");
+  await execFileP("openssl", [
+    "req",
+    "-x509",
+    "-newkey",
+    "rsa:2048",
+    "-nodes",
+    "-keyout",
+    keyFile,
+    "-out",
+    certFile,
+    "-days",
+    "1",
+    "-subj",
+    "/CN=forkd-test-token",
+  ]);
+  const key = createPrivateKey(fs.readFileSync(keyFile));
+  const der = new X509Certificate(fs.readFileSync(certFile)).raw.toString("base64");
+  const b64 = (value: unknown) => Buffer.from(JSON.stringify(value)).toString("base64url");
+  tokenServer = http.createServer((req, res) => {
+    const scopes = new URL(req.url ?? "/", "http://token").searchParams.getAll("scope");
+    let user: string | null = null;
+    const basic = /^Basic (.+)$/.exec(req.headers.authorization ?? "");
+    if (basic) {
+      const [u, p] = Buffer.from(basic[1]!, "base64").toString().split(":");
+      if (u !== USER || p !== PASSWORD) {
+        tokenRequests.push({ scopes, user: `refused:${u}` });
+        res.writeHead(401, { "content-type": "application/json" }).end('{"details":"incorrect username or password"}');
+        return;
+      }
+      user = u;
+    }
+    tokenRequests.push({ scopes, user });
+    // Anonymous callers get a token that grants nothing, as a private repository's service answers.
+    const access = user
+      ? scopes.map((scope) => {
+          const [type, name, actions] = scope.split(":");
+          return { type, name, actions: (actions ?? "").split(",") };
+        })
+      : [];
+    const now = Math.floor(Date.now() / 1000);
+    const header = b64({ typ: "JWT", alg: "RS256", x5c: [der] });
+    const claims = b64({
+      iss: ISSUER,
+      sub: user ?? "",
+      aud: SERVICE,
+      exp: now + 300,
+      nbf: now - 10,
+      iat: now,
+      jti: randomBytes(8).toString("hex"),
+      access,
+    });
+    const signature = sign("sha256", Buffer.from(`${header}.${claims}`), key).toString("base64url");
+    res
+      .writeHead(200, { "content-type": "application/json" })
+      .end(JSON.stringify({ token: `${header}.${claims}.${signature}`, expires_in: 300 }));
+  });
+  const tokenPort = await new Promise<number>((resolve) =>
+    tokenServer!.listen(0, "127.0.0.1", () => resolve((tokenServer!.address() as net.AddressInfo).port)),
+  );
+  return startRegistry(() => [
+    "  token:",
+    `    realm: http://127.0.0.1:${tokenPort}/token`,
+    `    service: ${SERVICE}`,
+    `    issuer: ${ISSUER}`,
+    `    rootcertbundle: ${certFile}`,
+  ]);
 }
 
 // --- crafted packs --------------------------------------------------------------
@@ -337,7 +427,7 @@ type PullJson = {
 };
 
 beforeAll(async () => {
-  await Promise.all([startRegistry(), startHub()]);
+  await Promise.all([startHtpasswdRegistry(), startHub()]);
   // One warm parent and two BRANCH layers on it, each carrying a file written before its BRANCH.
   await forkd(["snapshot", "--tag", BASE, "--memory-mib", "128", "--warm", "echo warm-state > /root/warm.txt"], A.env).then((r) =>
     expect(r.code, r.stderr).toBe(0),
@@ -354,7 +444,8 @@ beforeAll(async () => {
 afterAll(async () => {
   for (const c of children) await forkd(["kill", c.id], c.env).catch(() => {});
   if (daemon) await stopDaemon(daemon, "SIGKILL");
-  registry?.kill("SIGKILL");
+  for (const r of registries) r.kill("SIGKILL");
+  tokenServer?.close();
   hub?.close();
   for (const dir of shmRoots) fs.rmSync(dir, { recursive: true, force: true });
 });
@@ -515,6 +606,29 @@ describe("registry push and pull", () => {
     expect(pulled.downloaded_bytes).toBeLessThanOrEqual(whole - partialAtKill);
     expect(registered(E)).toEqual([BASE, L1]);
     expect(fs.readdirSync(blobs)).toEqual([]);
+  });
+});
+
+describe("a registry with Bearer tokens (as Docker Hub, GHCR and Harbor)", () => {
+  it("pushes and pulls with a token from the challenge's realm for the repository's scope, and names a refusal", async () => {
+    const { port } = await startTokenRegistry();
+    const tref = `127.0.0.1:${port}/${REPO}:bearer`;
+    const pushed = await forkdJson<PushJson>(["push", L1, tref], A.env);
+    expect(pushed.blobs_uploaded).toBe(pushed.blobs);
+    expect(tokenRequests.filter((r) => r.user === USER).map((r) => r.scopes)).toContainEqual([`repository:${REPO}:pull,push`]);
+    const pulled = await forkdJson<PullJson>(["pull", tref], B.env);
+    expect(pulled).toMatchObject({ tag: L1, registered: [], reused: [BASE, L1] });
+    expect(tokenRequests.filter((r) => r.user === USER).map((r) => r.scopes)).toContainEqual([`repository:${REPO}:pull`]);
+    const wrong = await forkd(["pull", tref], { ...B.env, FORKD_REGISTRY_PASSWORD: "not-the-password" });
+    expect(wrong.stderr).toMatch(/refused the credentials of user 'forkd' .*GET http:\/\/127\.0\.0\.1:\d+\/token answered 401/);
+    expect(wrong.stderr).not.toContain("not-the-password");
+    const anonymous = { ...B.env };
+    delete anonymous.FORKD_REGISTRY_USERNAME;
+    delete anonymous.FORKD_REGISTRY_PASSWORD;
+    anonymous.DOCKER_CONFIG = path.join(B.home, "nowhere");
+    const denied = await forkd(["pull", tref], anonymous);
+    expect(denied.stderr).toMatch(/asks for credentials to read the manifest of .*\[registry_denied\]/);
+    expect(tokenRequests.some((r) => r.user === null)).toBe(true);
   });
 });
 

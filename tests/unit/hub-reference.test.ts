@@ -10,6 +10,7 @@ import {
   parsePullSource,
   parseRegistryRef,
   registryCredentials,
+  unreachable,
   validateHubIndex,
   validateOciManifest,
 } from "@forkd/core";
@@ -133,6 +134,23 @@ describe("credentials", () => {
     process.env.FORKD_REGISTRY_PASSWORD = "env-pass";
     expect(registryCredentials("reg.example.com:5000")).toMatchObject({ username: "env-user", password: "env-pass" });
     fs.rmSync(dir, { recursive: true, force: true });
+  });
+});
+
+describe("connection failures", () => {
+  it("says which host and what happened, in words", () => {
+    const url = new URL("https://registry.example.com/v2/");
+    const dns = Object.assign(new TypeError("fetch failed"), {
+      cause: Object.assign(new Error("getaddrinfo ENOTFOUND"), { code: "ENOTFOUND" }),
+    });
+    expect(unreachable(dns, url).message).toBe(
+      "cannot reach https://registry.example.com/v2/: unknown host 'registry.example.com': the name does not resolve",
+    );
+    expect(unreachable(dns, url).code).toBe("registry_unreachable");
+    const tls = Object.assign(new TypeError("fetch failed"), {
+      cause: Object.assign(new Error("wrong version number"), { code: "EPROTO" }),
+    });
+    expect(unreachable(tls, url).message).toMatch(/TLS failed.*--insecure-registry registry\.example\.com/);
   });
 });
 

@@ -16,6 +16,7 @@ export * from "./hub/pack.js";
 export * from "./hub/pull.js";
 export * from "./hub/reference.js";
 export * from "./hub/registry.js";
+export * from "./hub/registry-client.js";
 export * from "./hub/sparse.js";
 export * from "./net/netns.js";
 export * from "./net/policy.js";
