@@ -6,10 +6,53 @@ import os from "node:os";
 import path from "node:path";
 import { qemuPidsUnder } from "./env.js";
 
+/**
+ * Every QEMU any test starts must run confined (its own uid, seccomp, no_new_privs,
+ * no capabilities): watched for the whole run, so a code path that forgets the
+ * launcher fails the suite whichever test took it.
+ */
+function watchConfinement(root: string): { stop: () => string[] } {
+  const unconfined = new Map<number, string>();
+  const firstSeen = new Map<number, number>();
+  const timer = setInterval(() => {
+    for (const pid of qemuPidsUnder(root)) {
+      if (unconfined.has(pid)) continue;
+      try {
+        if (!fs.readlinkSync(`/proc/${pid}/exe`).includes("qemu-system")) continue; // still the launcher
+        // QEMU installs its seccomp filter itself, early in its start: judge it once it has had a second.
+        const seen = firstSeen.get(pid) ?? Date.now();
+        firstSeen.set(pid, seen);
+        if (Date.now() - seen < 1000) continue;
+        const status = fs.readFileSync(`/proc/${pid}/status`, "utf8");
+        const field = (name: string) => new RegExp(`^${name}:\\s*(\\S+)`, "m").exec(status)?.[1];
+        const why = [
+          field("Uid") === "0" ? "runs as root" : "",
+          field("Seccomp") !== "2" ? "no seccomp filter" : "",
+          field("NoNewPrivs") !== "1" ? "no no_new_privs" : "",
+          field("CapEff") !== "0000000000000000" ? "has capabilities" : "",
+        ].filter(Boolean);
+        if (why.length)
+          unconfined.set(pid, `${why.join(", ")}: ${fs.readFileSync(`/proc/${pid}/cmdline`, "utf8").replaceAll("\0", " ").slice(0, 300)}`);
+      } catch {
+        // exited meanwhile
+      }
+    }
+  }, 200);
+  timer.unref();
+  return {
+    stop: () => {
+      clearInterval(timer);
+      return [...unconfined.values()];
+    },
+  };
+}
+
 export default function setup(): () => void {
   const root = fs.mkdtempSync(path.join(os.tmpdir(), "forkd-tests-"));
   process.env.FORKD_TEST_ROOT = root;
+  const watcher = watchConfinement(root);
   return () => {
+    const unconfined = watcher.stop();
     for (const pid of qemuPidsUnder(root)) {
       try {
         process.kill(pid, "SIGKILL");
@@ -19,6 +62,11 @@ export default function setup(): () => void {
     }
     removeEgressNamespaces(root);
     fs.rmSync(root, { recursive: true, force: true });
+    if (unconfined.length > 0) {
+      // A teardown that throws does not fail vitest's exit status: set it.
+      process.exitCode = 1;
+      throw new Error(`QEMU processes ran unconfined during the tests:\n${unconfined.join("\n")}`);
+    }
   };
 }
 
