@@ -14,6 +14,25 @@ DEFAULT_URL = "http://127.0.0.1:8889"
 DEFAULT_RUN_DIR = "/run/forkd"
 
 
+def is_loopback(host: str) -> bool:
+    """localhost, 127.x.y.z or ::1."""
+    host = host.strip("[]").lower()
+    if host in ("localhost", "::1"):
+        return True
+    parts = host.split(".")
+    return len(parts) == 4 and parts[0] == "127" and all(p.isdigit() for p in parts)
+
+
+def local_token() -> Optional[str]:
+    """The local daemon's token, ``$FORKD_HOME/token`` (``/var/lib/forkd/token``), if readable."""
+    path = os.path.join(os.environ.get("FORKD_HOME") or "/var/lib/forkd", "token")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
 def default_socket_path() -> str:
     """``$FORKD_RUN_DIR/forkd.sock``, ``/run/forkd/forkd.sock`` by default."""
     return os.path.join(os.environ.get("FORKD_RUN_DIR") or DEFAULT_RUN_DIR, "forkd.sock")

@@ -72,8 +72,9 @@ class Controller:
         Defaults to ``$FORKD_URL``, then the local socket if it exists, then
         ``http://127.0.0.1:8889``.
     token:
-        Bearer token for TCP. Defaults to ``$FORKD_TOKEN``. Not needed (and not
-        sent) over the unix socket.
+        Bearer token for TCP. Defaults to ``$FORKD_TOKEN``; for a daemon on this
+        host's loopback, then to the daemon's own token file ``$FORKD_HOME/token``
+        if this user can read it. Not needed (and not sent) over the unix socket.
     timeout:
         Seconds to wait for an answer. Calls that boot or capture VMs (snapshot,
         spawn, BRANCH, workspace suspend/resume) wait at least 900 s, and exec
@@ -93,6 +94,9 @@ class Controller:
         self._endpoint = _transport.resolve_endpoint(base_url)
         self.base_url: str = self._endpoint.base_url
         self.token: Optional[str] = token if token is not None else os.environ.get("FORKD_TOKEN")
+        if self.token is None and not self._endpoint.is_unix and _transport.is_loopback(self._endpoint.host):
+            # The daemon's own token file is this host's secret: only ever sent to a daemon on this host.
+            self.token = _transport.local_token()
         self.timeout = timeout
         self._ssl_context = ssl_context
 

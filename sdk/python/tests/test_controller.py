@@ -62,6 +62,18 @@ def test_default_is_the_local_socket_then_env(daemon, monkeypatch):
     assert TAG in _tags(c.list_snapshots())
     monkeypatch.setenv("FORKD_URL", daemon.unix_url)
     assert forkd.Controller().is_unix_socket
+    # No FORKD_TOKEN: a daemon on loopback gets the local token file, a remote one never.
+    monkeypatch.delenv("FORKD_TOKEN")
+    monkeypatch.setenv("FORKD_URL", daemon.url)
+    monkeypatch.setenv("FORKD_HOME", str(daemon.home))
+    (daemon.home / "token").write_text(daemon.token + "\n")
+    try:
+        assert TAG in _tags(forkd.Controller().list_snapshots())
+        assert forkd.Controller(base_url="http://192.0.2.1:8889").token is None
+        with pytest.raises(forkd.AuthError):
+            forkd.Controller(token="").list_snapshots()
+    finally:
+        (daemon.home / "token").unlink()
 
 
 def test_spawn_exec_eval_ping_kill(ctl, spawned):
