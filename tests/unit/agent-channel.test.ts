@@ -5,7 +5,8 @@ import fs from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
-import { encodeFrame, FrameDecoder, MAX_FRAME_BYTES, parseResponseFrame } from "@forkd/agent/protocol";
+import { encodeFrame, FrameDecoder, MAX_FRAME_BYTES, parseResponseFrame, type ResponseFrame } from "@forkd/agent/protocol";
+import { AgentServer } from "@forkd/agent/server";
 import { AgentClient, isForkdError } from "@forkd/core";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 
@@ -337,5 +338,23 @@ describe("agent client against a hostile guest", () => {
     }
     await expect(exec).rejects.toThrow(/after it was cancelled/);
     expect(violations).toHaveLength(1);
+  });
+});
+
+describe("agent side of a change of host", () => {
+  it("drops the answers of calls whose host hung up, and of a parent's calls once a child's host says who it is", async () => {
+    const frames: ResponseFrame[] = [];
+    const server = new AgentServer((f) => frames.push(f));
+    server.handle({ id: 1, op: "exec", cmd: "sleep 0.2; echo late" });
+    server.handle({ id: 2, op: "identity", hostname: "child" });
+    await until(() => frames.some((f) => f.id === 2));
+    server.handle({ id: 3, op: "exec", cmd: "sleep 5" });
+    server.abortAll();
+    server.handle({ id: 4, op: "exec", cmd: "sleep 0.3; echo mine" });
+    await until(() => frames.some((f) => f.id === 4 && f.kind === "result"));
+    await until(() => server.inFlight === 0);
+    expect(frames.filter((f) => f.id === 1 || f.id === 3)).toEqual([]);
+    expect(frames.find((f) => f.id === 2)).toMatchObject({ kind: "error" });
+    expect(frames.filter((f) => f.id === 4).map((f) => f.kind)).toEqual(["chunk", "result"]);
   });
 });

@@ -84,6 +84,12 @@ export class AgentServer {
       this.fail(id, "agent_busy", `the agent already runs ${this.running.size} calls; retry when one finishes`);
       return;
     }
+    if (request.op === "identity") {
+      // Identity is a restored child's first call from its own host. Calls still running
+      // were the parent's (a BRANCH taken mid-exec): they run on, but their output is
+      // for a host this child never had, which would count it as unsolicited.
+      for (const runningId of this.running.keys()) this.orphaned.add(runningId);
+    }
     const controller = new AbortController();
     this.running.set(id, { controller });
     this.dispatch(id, request, controller.signal)

@@ -45,9 +45,12 @@ function silenceGraceMs(): number {
   return Number.isSafeInteger(value) && value > 0 ? value : DEFAULT_SILENCE_GRACE_MS;
 }
 
-// A host that hung up mid-call may leave a frame or two queued in the guest that
-// the next connection receives; a few such frames are dropped, more are a flood.
+// A host that hung up mid-call may leave frames queued in the guest that the next
+// connection receives (as may a BRANCH taken mid-exec, for its children): a few are
+// dropped, more are a flood. Output chunks are counted by size, other frames by number.
 const FOREIGN_FRAME_BUDGET = 16;
+const FOREIGN_OUTPUT_BUDGET_BYTES = 4 * 1024 * 1024;
+const FOREIGN_OUTPUT_BUDGET_FRAMES = 256;
 // After a cancel, the agent may still send what it had queued for that call (it
 // queues at most about 1 MiB); beyond this it is ignoring the cancel.
 const CANCELLED_OUTPUT_BUDGET_BYTES = 8 * 1024 * 1024;
@@ -121,6 +124,8 @@ export class AgentClient {
   private nextId = this.firstId;
   private closed = false;
   private foreignFrames = 0;
+  private foreignChunks = 0;
+  private foreignChunkBytes = 0;
   private answered = false;
   private silentSince = 0;
   private silenceTimer: NodeJS.Timeout | undefined;
@@ -222,9 +227,18 @@ export class AgentClient {
       this.violate(`a ${frame.kind} frame for call ${frame.id}, which had already finished`);
       return;
     }
-    this.foreignFrames++;
-    if (this.foreignFrames > FOREIGN_FRAME_BUDGET) {
-      this.violate(`${this.foreignFrames} frames for ids this connection never used (the last for id ${frame.id})`);
+    if (frame.kind === "chunk") {
+      this.foreignChunks++;
+      this.foreignChunkBytes += base64Bytes(frame.data);
+    } else {
+      this.foreignFrames++;
+    }
+    if (
+      this.foreignFrames > FOREIGN_FRAME_BUDGET ||
+      this.foreignChunks > FOREIGN_OUTPUT_BUDGET_FRAMES ||
+      this.foreignChunkBytes > FOREIGN_OUTPUT_BUDGET_BYTES
+    ) {
+      this.violate(`${this.foreignFrames + this.foreignChunks} frames for ids this connection never used (the last for id ${frame.id})`);
     }
   }
 
