@@ -17,7 +17,6 @@ hi
 
 from __future__ import annotations
 
-import base64
 import http.client
 import json
 import math

@@ -40,16 +40,19 @@ def test_create_commands_files_run_code_and_context_manager(daemon, ctl):
         assert (r.stdout, r.exit_code, r.error) == ("done\n", 0, None)
         assert h.kill() is False  # already over
         seen = []
-        h = sb.commands.run("echo started; sleep 2; touch /root/too-late", background=True, on_stdout=seen.append)
+        h = sb.commands.run("echo started; sleep 37; touch /root/too-late", background=True, on_stdout=seen.append)
         deadline = time.monotonic() + 60
         while "started" not in "".join(seen):
             assert time.monotonic() < deadline, "the background command never started"
             time.sleep(0.05)
-        started = time.monotonic()
+        assert "sleep 37" in sb.commands.run(["ps"]).stdout
         assert h.kill() is True
         r = h.wait(timeout=30)
         assert r.error == "killed" and r.stdout == "started\n"
-        time.sleep(max(0.0, started + 3 - time.monotonic()))
+        deadline = time.monotonic() + 30
+        while "sleep 37" in sb.commands.run(["ps"]).stdout:
+            assert time.monotonic() < deadline, "kill() did not stop the command in the guest"
+            time.sleep(0.1)
         assert not sb.files.exists("/root/too-late")
 
         # files
