@@ -504,6 +504,24 @@ describe("registry push and pull", () => {
       `snapshots/${BASE}/manifest.json`,
       `snapshots/${L1}/manifest.json`,
     ]);
+    // Arguments are checked before a job starts: a bad one is a 400 naming what is wrong.
+    const post = (route: string, body: unknown) =>
+      fetch(`${daemon!.url}${route}`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${daemon!.token}`, "content-type": "application/json" },
+        body: JSON.stringify(body),
+      }).then(async (r) => ({ status: r.status, text: await r.text() }));
+    const digestPush = await post(`/v1/snapshots/${L2}/push`, { ref: `127.0.0.1:${registryPort}/${REPO}@sha256:${"0".repeat(64)}` });
+    expect(digestPush.status).toBe(400);
+    expect(digestPush.text).toMatch(/push needs a tag/);
+    expect((await post("/v1/snapshots/no-such-tag/push", { ref: ref("x") })).status).toBe(404);
+    const form = await post("/v1/snapshots/pull", { ref: "not/a/form" });
+    expect(form.status).toBe(400);
+    expect(form.text).toMatch(/OWNER\/NAME/);
+    expect((await post("/v1/snapshots/pull", { ref: ref(L1), hub: "http://127.0.0.1:1/registry.json" })).text).toMatch(
+      /--hub is for OWNER\/NAME/,
+    );
+    expect((await post("/v1/snapshots/pull", { ref: ref(L1), tag: "../x" })).status).toBe(400);
     await stopDaemon(daemon);
     daemon = undefined;
   });

@@ -39,8 +39,28 @@ function alive(pid: number): boolean {
   }
 }
 
+/** Locks this process holds: FILE.lock names a pid, so two jobs of one daemon must queue here instead. */
+const heldHere = new Map<string, Promise<void>>();
+
 /** Run `fn` holding FILE.lock; a lock left by a dead process is taken over. */
 export async function withFileLock<T>(file: string, what: string, fn: () => Promise<T>): Promise<T> {
+  for (let held = heldHere.get(file); held; held = heldHere.get(file)) await held;
+  let release!: () => void;
+  heldHere.set(
+    file,
+    new Promise<void>((resolve) => {
+      release = resolve;
+    }),
+  );
+  try {
+    return await withPidLock(file, what, fn);
+  } finally {
+    heldHere.delete(file);
+    release();
+  }
+}
+
+async function withPidLock<T>(file: string, what: string, fn: () => Promise<T>): Promise<T> {
   const lock = `${file}.lock`;
   for (let attempt = 0; ; attempt++) {
     try {
@@ -103,12 +123,37 @@ export async function fetchFollowing(
   }
 }
 
+/** Remove files in `dir` whose name carries the pid of a process that is gone (group 1 of `re`). */
+export async function removeDeadTemps(dir: string, re: RegExp): Promise<void> {
+  for (const name of await fsp.readdir(dir).catch(() => [] as string[])) {
+    const m = re.exec(name);
+    if (m && !alive(Number(m[1]))) await fsp.rm(path.join(dir, name), { recursive: true, force: true });
+  }
+}
+
 export type Downloaded = {
+  /** The verified bytes: `keepAt` when given, else the shared target. */
   file: string;
   size: number;
-  sha256: string /** Bytes that crossed the network this time. */;
+  sha256: string;
+  /** Bytes that crossed the network this time. */
   downloaded: number;
 };
+
+/**
+ * A private name for the verified target, made while the lock is held: another
+ * pull that finishes first may remove the shared name, never these bytes.
+ */
+async function keep(target: string, keepAt: string | undefined): Promise<string> {
+  if (!keepAt) return target;
+  await fsp.mkdir(path.dirname(keepAt), { recursive: true, mode: 0o700 });
+  await fsp.rm(keepAt, { force: true });
+  await fsp.link(target, keepAt).catch(async (err: NodeJS.ErrnoException) => {
+    if (err.code !== "EXDEV") throw err;
+    await fsp.copyFile(target, keepAt);
+  });
+  return keepAt;
+}
 
 async function hashFile(file: string, hash: ReturnType<typeof createHash>): Promise<number> {
   let n = 0;
@@ -133,6 +178,8 @@ export async function resumableDownload(opts: {
   target: string;
   expect: { size?: number; sha256?: string };
   open: (from: number, signal: AbortSignal) => Promise<Response>;
+  /** Also link the verified bytes here (see keep). */
+  keepAt?: string;
   /** For messages ("blob sha256:… of team/app"). */
   what: string;
   onBytes?: (n: number) => void;
@@ -144,7 +191,7 @@ export async function resumableDownload(opts: {
       const size = await hashFile(target, hash);
       const sha256 = hash.digest("hex");
       if (sha256 === expect.sha256 && (expect.size === undefined || size === expect.size))
-        return { file: target, size, sha256, downloaded: 0 };
+        return { file: await keep(target, opts.keepAt), size, sha256, downloaded: 0 };
       await fsp.rm(target, { force: true });
     }
     const partial = `${target}.partial`;
@@ -224,7 +271,7 @@ export async function resumableDownload(opts: {
       }
       await fsp.rename(partial, target);
       await fsyncDir(path.dirname(target));
-      return { file: target, size: have, sha256, downloaded };
+      return { file: await keep(target, opts.keepAt), size: have, sha256, downloaded };
     }
   });
 }

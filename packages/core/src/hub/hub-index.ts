@@ -4,11 +4,11 @@
 // A relative url is relative to the index's own URL. Pulling a name downloads the
 // pack (resumable, kept under FORKD_HOME/hub/blobs until it registers), checks
 // its sha256 when the index gives one, and unpacks it with every member verified.
-import { createHash } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import fsp from "node:fs/promises";
 import path from "node:path";
 import { ForkdError, isForkdError } from "../common/errors.js";
-import { blobsDir, fetchFollowing, resumableDownload } from "./download.js";
+import { blobsDir, fetchFollowing, removeDeadTemps, resumableDownload } from "./download.js";
 import { type Progress, unpackFile } from "./pack.js";
 import { HUB_NAME_RE, parseFetchUrl, type RefOpts } from "./reference.js";
 import type { PullResult } from "./registry.js";
@@ -18,6 +18,8 @@ export type HubEntry = { url: string; sha256?: string; description?: string };
 export type HubIndex = { snapshots: Record<string, HubEntry> };
 
 const MAX_HUB_INDEX_BYTES = 4 * 2 ** 20;
+/** A pack being unpacked by process PID (left behind only when that process was killed). */
+const UNPACKING_RE = /\.(\d+)-[0-9a-f]{8}\.unpacking$/;
 const SHA_RE = /^[0-9a-f]{64}$/;
 
 /** The hub index to use: --hub, else FORKD_HUB_URL. */
@@ -75,10 +77,12 @@ export async function pullFromUrl(
   const onProgress = opts.onProgress ?? (() => {});
   const key = opts.sha256 ?? createHash("sha256").update(url.href).digest("hex");
   const target = path.join(blobsDir(), `pack-${opts.sha256 ? "" : "url-"}${key}`);
+  await removeDeadTemps(path.dirname(target), UNPACKING_RE);
   let total = 0;
   let done = 0;
   const got = await resumableDownload({
     target,
+    keepAt: `${target}.${process.pid}-${randomBytes(4).toString("hex")}.unpacking`,
     expect: opts.sha256 ? { sha256: opts.sha256 } : {},
     what: `the pack at ${url.href}`,
     open: async (from, signal) => {
@@ -108,12 +112,14 @@ export async function pullFromUrl(
   });
   try {
     const unpacked = await unpackFile(got.file, { ...(opts.tag ? { tag: opts.tag } : {}), onProgress });
-    await fsp.rm(got.file, { force: true });
+    await fsp.rm(target, { force: true });
     return { ...unpacked, source: "url", ref: url.href, downloaded_bytes: got.downloaded, transfer_bytes: got.size };
   } catch (err) {
     // A pack that was refused is no use to a retry; one that only met a taken tag or a full disk is.
-    if (!isForkdError(err, "conflict") && !isForkdError(err, "over_limit")) await fsp.rm(got.file, { force: true });
+    if (!isForkdError(err, "conflict") && !isForkdError(err, "over_limit")) await fsp.rm(target, { force: true });
     throw err;
+  } finally {
+    await fsp.rm(got.file, { force: true });
   }
 }
 

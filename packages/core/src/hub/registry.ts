@@ -18,7 +18,7 @@ import { ForkdError } from "../common/errors.js";
 import { fsyncDir, readJson, sha256File, writeFileAtomic } from "../common/fsutil.js";
 import { validateName } from "../common/validate.js";
 import { getSnapshot, listSnapshots, type SnapshotManifest, snapshotWorkDirs } from "../store/snapshots.js";
-import { blobsDir, hubDir, resumableDownload } from "./download.js";
+import { blobsDir, hubDir, removeDeadTemps, resumableDownload } from "./download.js";
 import {
   checkRoom,
   MAX_INDEX_BYTES,
@@ -180,29 +180,23 @@ async function blobHere(client: RegistryClient, blob: BlobCache[string]): Promis
   return false;
 }
 
-/** Push dirs of processes that died (kill -9 of a push) are removed by the next push. */
-async function removeStalePushDirs(): Promise<void> {
-  for (const name of await fsp.readdir(hubDir()).catch(() => [] as string[])) {
-    const m = /^push-(\d+)-[0-9a-f]+$/.exec(name);
-    if (!m) continue;
-    try {
-      process.kill(Number(m[1]), 0);
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === "ESRCH") await fsp.rm(path.join(hubDir(), name), { recursive: true, force: true });
-    }
-  }
+/** Where a push goes, checked before anything is read or sent: a registry reference with a tag. */
+export function pushTarget(tag: string, refArg: string, opts: RefOpts = {}): RegistryRef & { tag: string } {
+  validateName(tag, "tag");
+  const ref = parseRegistryRef(refArg, opts);
+  if (!ref.tag) throw new ForkdError("bad_request", `push needs a tag to write (HOST/REPO:TAG), not a digest: ${ref.display}`);
+  return ref as RegistryRef & { tag: string };
 }
 
 /** Push `tag` and its chain (image build, ancestors) to REGISTRY/REPO:TAG. */
 export async function pushSnapshot(tag: string, refArg: string, opts: RefOpts & { onProgress?: Progress } = {}): Promise<PushResult> {
-  validateName(tag, "tag");
-  const ref = parseRegistryRef(refArg, opts);
-  if (!ref.tag) throw new ForkdError("bad_request", `push needs a tag to write (HOST/REPO:TAG), not a digest: ${ref.display}`);
+  const ref = pushTarget(tag, refArg, opts);
   const { index, members } = await packMembers(tag);
   const client = new RegistryClient(ref, { ...opts, push: true });
   await client.ping();
   blobsDir();
-  await removeStalePushDirs();
+  // Push dirs of processes that died (kill -9 of a push) go with the next push.
+  await removeDeadTemps(hubDir(), /^push-(\d+)-[0-9a-f]+$/);
   const temp = path.join(hubDir(), `push-${process.pid}-${randomBytes(4).toString("hex")}`);
   await fsp.mkdir(temp, { mode: 0o700 });
   const cache = await loadBlobCache();
@@ -428,8 +422,10 @@ export async function pullFromRegistry(
   const fetchMember = async (work: string, file: PackFile) => {
     const layer = layerFor.get(file.path)!;
     const hex = layer.digest.slice("sha256:".length);
+    const shared = path.join(dir, `sha256-${hex}`);
     const got = await resumableDownload({
-      target: path.join(dir, `sha256-${hex}`),
+      target: shared,
+      keepAt: path.join(work, ".blobs", `sha256-${hex}`),
       expect: { size: layer.size, sha256: hex },
       what: `blob ${layer.digest} (${file.path}) of ${ref.host}/${ref.repository}`,
       open: (from, signal) => client.openBlob(layer.digest, from, signal),
@@ -438,13 +434,14 @@ export async function pullFromRegistry(
         onProgress(done, Math.max(total, done), `downloading ${file.path}`);
       },
     });
-    blobFiles.add(got.file);
+    blobFiles.add(shared);
     downloaded += got.downloaded;
     await receiveBlob(work, file, got.file).catch(async (err: unknown) => {
       // Its digest matched, yet its content is not what the index says: it is no use to a retry either.
-      await fsp.rm(got.file, { force: true });
+      await fsp.rm(shared, { force: true });
       throw err;
     });
+    await fsp.rm(got.file, { force: true });
     result.members_downloaded.push(file.path);
   };
 
