@@ -163,7 +163,7 @@ def _stop(d: Daemon) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    subprocess.run([_node(), str(CLI), "cleanup", "--json"], env=d.env, capture_output=True, timeout=120)
+    subprocess.run([_node(), str(CLI), "cleanup", "-y", "--json"], env=d.env, capture_output=True, timeout=120)
     state = d.run_dir / "netns.json"
     if state.exists():
         try:
