@@ -121,6 +121,19 @@ function watchBystander(): () => Promise<Watch> {
   return stop;
 }
 
+/** The body of a chunked HTTP/1.1 response (the text after its headers). */
+function dechunk(text: string): string {
+  let out = "";
+  let offset = 0;
+  for (;;) {
+    const eol = text.indexOf("\r\n", offset);
+    const size = Number.parseInt(text.slice(offset, eol), 16);
+    if (eol < 0 || !(size > 0)) return out;
+    out += text.slice(eol + 2, eol + 2 + size);
+    offset = eol + 2 + size + 2;
+  }
+}
+
 /** Put the rogue program in a sandbox and start it; it takes the agent's port after `delayMs`. */
 async function turnHostile(id: string, mode: string, payload: Buffer = Buffer.alloc(0), delayMs = 300): Promise<void> {
   const written = await call("POST", `/v1/sandboxes/${id}/files`, { action: "write", path: "/root/rogue.mjs", data: ROGUE });
@@ -153,7 +166,7 @@ async function expectContained(name: string, id: string, watch: Watch, opts: { k
   // Refused at once, not reconnected into the same guest.
   const refused = await ping(id);
   expect(refused.status, refused.text).toBe(409);
-  expect(refused.body).toMatchObject({ error: { code: "invalid_state" } });
+  expect(refused.body.code).toBe("invalid_state");
   expect(refused.text).toContain(view.health_reason as string);
   expect(refused.ms).toBeLessThan(2000);
   expect(watch.failures).toEqual([]);
@@ -181,15 +194,20 @@ function take(): string {
   return id;
 }
 
+/** Fork `n` children, each group just before it is needed: idle TCG guests still cost CPU. */
+async function forkSome(n: number): Promise<string[]> {
+  const forked = await call("POST", "/v1/sandboxes", { snapshot_tag: TAG, n });
+  expect(forked.status, forked.text).toBe(201);
+  const ids = (forked.body as unknown as { id: string }[]).map((s) => s.id);
+  expect(ids.length).toBe(n);
+  return ids;
+}
+
 beforeAll(async () => {
   daemon = await startDaemonProcess(env.runDir);
   const snap = await call("POST", "/v1/snapshots", { tag: TAG });
   expect(snap.status, snap.text).toBe(201);
-  const forked = await call("POST", "/v1/sandboxes", { snapshot_tag: TAG, n: 15 });
-  expect(forked.status, forked.text).toBe(201);
-  const ids = (forked.body as { id: string }[]).map((s) => s.id);
-  expect(ids.length).toBe(15);
-  [bystander, ...pool] = ids as [string, ...string[]];
+  [bystander, ...pool] = (await forkSome(9)) as [string, ...string[]];
   const rtts: number[] = [];
   for (let i = 0; i < 10; i++) {
     const res = await ping(bystander);
@@ -236,6 +254,10 @@ describe("a guest that breaks the frame protocol", () => {
 });
 
 describe("a guest that floods, answers wrongly or falls silent", () => {
+  beforeAll(async () => {
+    pool.push(...(await forkSome(4)));
+  });
+
   it("a flood of chunks for an id nobody asked about", async () => {
     const id = take();
     await turnHostile(id, "flood");
@@ -259,7 +281,7 @@ describe("a guest that floods, answers wrongly or falls silent", () => {
     expect(first?.body.hostname).toBe("rogue");
     const second = await ping(id);
     expect(second.status, second.text).toBe(502);
-    expect(second.body).toMatchObject({ error: { code: "agent_error" } });
+    expect(second.body.code).toBe("agent_error");
     await expectContained("reply for another call's id", id, await stop());
   });
 
@@ -272,7 +294,7 @@ describe("a guest that floods, answers wrongly or falls silent", () => {
     const [a, b] = await Promise.all([pingUntilUnanswered(half), pingUntilUnanswered(silent)]);
     for (const res of [a, b]) {
       expect(res.status, res.text).toBe(504);
-      expect(res.body).toMatchObject({ error: { code: "vm_timeout" } });
+      expect(res.body.code).toBe("vm_timeout");
       expect(res.ms).toBeGreaterThan(PING_DEADLINE_MS - 500);
       expect(res.ms).toBeLessThan(PING_DEADLINE_MS + 3000);
     }
@@ -285,8 +307,11 @@ describe("a guest that floods, answers wrongly or falls silent", () => {
 
 describe("output the daemon must not hoard", () => {
   let worker: string;
-  beforeAll(() => {
-    worker = take();
+  beforeAll(async () => {
+    [worker] = (await forkSome(1)) as [string];
+  });
+  afterAll(async () => {
+    await call("DELETE", `/v1/sandboxes/${worker}`);
   });
 
   it("caps a buffered exec's output and says it was truncated", async () => {
@@ -299,9 +324,9 @@ describe("output the daemon must not hoard", () => {
   });
 
   it("a streaming client that reads nothing costs bounded memory and gets a truncation marker", async () => {
-    const bytes = 40_000_000;
-    const { port } = new URL(daemon.url);
-    const socket = net.createConnection({ host: "127.0.0.1", port: Number(port) });
+    const bytes = 16_000_000;
+    // The unix socket: loopback TCP may buffer 30 MB in the kernel before the daemon sees a slow reader.
+    const socket = net.createConnection({ path: daemon.socket });
     await new Promise((r) => socket.once("connect", r));
     const body = JSON.stringify({ cmd: `yes | head -c ${bytes}` });
     socket.write(
@@ -323,24 +348,27 @@ describe("output the daemon must not hoard", () => {
     socket.setEncoding("utf8").on("data", (d: string) => (received += d));
     socket.resume();
     await new Promise((r) => socket.once("close", r));
-    const lines = received
-      .slice(received.indexOf("\r\n\r\n") + 4)
+    const lines = dechunk(received.slice(received.indexOf("\r\n\r\n") + 4))
       .split("\n")
-      .filter((l) => l.startsWith("{"))
-      .map((l) => JSON.parse(l) as { type: string; dropped_bytes?: number; truncated?: boolean });
+      .filter((l) => l.trim() !== "")
+      .map((l) => JSON.parse(l) as { type: string; data?: string; dropped_bytes?: number; truncated?: boolean });
     const dropped = lines.filter((l) => l.type === "truncated").reduce((sum, l) => sum + (l.dropped_bytes ?? 0), 0);
+    const delivered = lines.filter((l) => l.type === "stdout").reduce((sum, l) => sum + Buffer.from(l.data ?? "", "base64").length, 0);
     const exit = lines.find((l) => l.type === "exit");
     report.push({
       attack: "stream client that never reads",
       output_bytes: bytes,
+      delivered_bytes: delivered,
       dropped_bytes: dropped,
       daemon_rss_growth_mib: Math.round(((watch.maxRss - watch.startRss) / 2 ** 20) * 10) / 10,
     });
     expect(exit).toMatchObject({ truncated: true });
-    expect(dropped).toBeGreaterThan(0);
+    // Every byte is either delivered or counted in a marker: nothing is lost silently.
+    expect(delivered + dropped).toBe(bytes);
+    expect(dropped).toBeGreaterThan(bytes / 2);
     expect(watch.maxRss - watch.startRss).toBeLessThan(RSS_BUDGET_BYTES);
     expect(watch.failures).toEqual([]);
-  });
+  }, 240_000);
 
   it("a streaming client that disconnects cancels its command in the guest", async () => {
     const abort = new AbortController();
@@ -369,7 +397,7 @@ describe("output the daemon must not hoard", () => {
 
 describe("a daemon restart", () => {
   it("re-adopts a guest that turned hostile while it was down without crashing, and keeps refusing unhealthy ones", async () => {
-    const victim = take();
+    const [victim] = (await forkSome(1)) as [string];
     // The rogue takes the port after the daemon is gone; its `null` waits for the next host to attach.
     await turnHostile(victim, "raw-loop", rawFrame("null"), 1500);
     await stopDaemon(daemon, "SIGKILL");
