@@ -465,7 +465,7 @@ describe("registry push and pull", () => {
       path.join(dockerConfig, "config.json"),
       JSON.stringify({ auths: { [`127.0.0.1:${registryPort}`]: { auth: Buffer.from(`${USER}:${PASSWORD}`).toString("base64") } } }),
     );
-    const env = { ...B.env, DOCKER_CONFIG: dockerConfig, FORKD_REGISTRY_USERNAME: "", FORKD_REGISTRY_PASSWORD: "" };
+    const env: Record<string, string | undefined> = { ...B.env, DOCKER_CONFIG: dockerConfig };
     delete env.FORKD_REGISTRY_USERNAME;
     delete env.FORKD_REGISTRY_PASSWORD;
     const pulled = await forkdJson<PullJson>(["pull", ref(L1)], env);
@@ -548,7 +548,7 @@ describe("registry push and pull", () => {
     expect(wrong.stderr).toMatch(/refused the credentials of user 'forkd' \(credentials from FORKD_REGISTRY_USERNAME/);
     expect(wrong.stderr).toContain("[registry_denied]");
     expect(wrong.stderr).not.toContain("not-the-password");
-    const none = { ...C.env, DOCKER_CONFIG: path.join(C.home, "nowhere") };
+    const none: Record<string, string | undefined> = { ...C.env, DOCKER_CONFIG: path.join(C.home, "nowhere") };
     delete none.FORKD_REGISTRY_USERNAME;
     delete none.FORKD_REGISTRY_PASSWORD;
     const anonymous = await forkd(["pull", ref(L1)], none);
