@@ -107,8 +107,8 @@ describe("start-up rules", () => {
         encoding: "utf8",
         timeout: 30_000,
       });
-    fs.writeFileSync(path.join(dir, "placeholder"), "changeme-changeme-changeme\n");
-    fs.writeFileSync(path.join(dir, "short"), "abc123\n");
+    fs.writeFileSync(path.join(dir, "placeholder"), "changeme-changeme-changeme\n", { mode: 0o600 });
+    fs.writeFileSync(path.join(dir, "short"), "abc123\n", { mode: 0o600 });
     expect(run(["--token-file", path.join(dir, "placeholder"), "--listen", "127.0.0.1:0"]).stderr).toMatch(/placeholder/);
     expect(run(["--token-file", path.join(dir, "short"), "--listen", "127.0.0.1:0"]).stderr).toMatch(/shorter than 16 bytes/);
     expect(run(["--listen", "0.0.0.0:0"]).stderr).toMatch(/not loopback\) without --token-file/);

@@ -27,6 +27,8 @@ export * from "./ops/images.js";
 export * from "./ops/remove-snapshot.js";
 export * from "./ops/views.js";
 export * from "./ops/workspaces.js";
+export * from "./sandbox/admission.js";
+export * from "./sandbox/admission-host.js";
 export * from "./sandbox/cgroup.js";
 export * from "./sandbox/fork.js";
 export * from "./sandbox/lifecycle.js";

@@ -26,12 +26,40 @@ export function validateToken(token: string, source: string): string {
   return trimmed;
 }
 
+/**
+ * A token file others on the host can read (or swap) is no secret: refused, with
+ * the fix. Checked on the open descriptor, so what is checked is what is read.
+ */
+export function checkTokenFileMode(file: string, st: fs.Stats): void {
+  if ((st.mode & 0o077) !== 0) {
+    throw new ForkdError(
+      "unsafe_path",
+      `the token file ${file} has mode ${(st.mode & 0o777).toString(8).padStart(4, "0")}: group or others can read or change it, so anyone on this host could use the daemon's token; run: chmod 600 ${file}`,
+      { path: file },
+    );
+  }
+  const euid = process.geteuid?.() ?? 0;
+  if (st.uid !== euid && st.uid !== 0) {
+    throw new ForkdError(
+      "unsafe_path",
+      `the token file ${file} belongs to uid ${st.uid}, who could change it; it must belong to the daemon's user (uid ${euid}) or root: run: chown ${euid} ${file}`,
+      { path: file },
+    );
+  }
+}
+
 export function readTokenFile(file: string): string {
   let text: string;
+  let fd: number | undefined;
   try {
-    text = fs.readFileSync(file, "utf8");
+    fd = fs.openSync(file, "r");
+    checkTokenFileMode(file, fs.fstatSync(fd));
+    text = fs.readFileSync(fd, "utf8");
   } catch (err) {
+    if (err instanceof ForkdError) throw err;
     throw new ForkdError("bad_request", `cannot read the token file ${file}: ${(err as Error).message}`);
+  } finally {
+    if (fd !== undefined) fs.closeSync(fd);
   }
   return validateToken(text, file);
 }
@@ -39,8 +67,10 @@ export function readTokenFile(file: string): string {
 /** Without --token-file the daemon still requires a token: a random one, written 0600 where local clients find it. */
 export function ensureLocalToken(file: string): string {
   try {
-    return validateToken(fs.readFileSync(file, "utf8"), file);
-  } catch {
+    return readTokenFile(file);
+  } catch (err) {
+    // A token others could read is refused, not silently replaced: they may have read it already.
+    if (err instanceof ForkdError && err.code === "unsafe_path") throw err;
     const token = randomBytes(32).toString("base64url");
     fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o700 });
     const temp = `${file}.${randomBytes(4).toString("hex")}.tmp`;

@@ -2,6 +2,8 @@ import fs from "node:fs";
 import net from "node:net";
 import path from "node:path";
 import {
+  AdmissionLedger,
+  admissionLimits,
   cleanup,
   egressPolicyEnabled,
   ensureEgressNamespace,
@@ -29,6 +31,8 @@ export type DaemonOpts = {
   tokenFile?: string;
   tlsCert?: string;
   tlsKey?: string;
+  /** Serve plain HTTP off loopback (a TLS-terminating proxy in front); refused otherwise. */
+  insecureListen?: boolean;
   auditLog?: string;
   maxSandboxes?: number;
   maxBranches?: number;
@@ -73,6 +77,14 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
     throw new ForkdError("bad_request", `refusing to listen on ${tcp.host} (not loopback) without --token-file`);
   }
   if (Boolean(opts.tlsCert) !== Boolean(opts.tlsKey)) throw new ForkdError("bad_request", "--tls-cert and --tls-key go together");
+  // Off loopback the bearer token and every command would cross the network in the clear.
+  if (tcp && !isLoopback(tcp.host) && !opts.tlsCert && !opts.insecureListen) {
+    throw new ForkdError(
+      "bad_request",
+      `refusing to serve plain HTTP on ${tcp.host} (not loopback): the token and every request would cross the network unencrypted; ` +
+        "give --tls-cert and --tls-key, or --insecure-listen when a TLS proxy in front of the daemon terminates it",
+    );
+  }
   // The token and audit log go in FORKD_HOME: refuse a home others could read or swap first.
   ensureStateDir();
   const token = opts.tokenFile ? readTokenFile(opts.tokenFile) : ensureLocalToken(defaultTokenFile());
@@ -92,8 +104,7 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
     audit,
     metrics,
     pool,
-    maxSandboxes: opts.maxSandboxes ?? 1000,
-    maxBranches: opts.maxBranches ?? 4,
+    admission: new AdmissionLedger(admissionLimits({ maxSandboxes: opts.maxSandboxes ?? 1000, maxBranches: opts.maxBranches ?? 4 })),
     jobs: new JobRegistry(),
   };
 

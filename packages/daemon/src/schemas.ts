@@ -5,6 +5,29 @@ import { z } from "zod";
 
 export const MAX_EXEC_TIMEOUT_MS = 3_600_000;
 
+/** The range of every timeout a request may carry (routes check them: outside, 400; see timeouts.ts). */
+export const TIMEOUT_RANGES = {
+  /** exec's timeout_ms (and timeout_secs × 1000). */
+  exec: { min: 1, max: MAX_EXEC_TIMEOUT_MS, unit: "ms" },
+  /** forkd's timeout_secs on exec. */
+  execSecs: { min: 1, max: MAX_EXEC_TIMEOUT_MS / 1000, unit: "s" },
+  eval: { min: 1, max: 3_600_000, unit: "ms" },
+  /** A sandbox's time to live (timeout_ms on POST /v1/sandboxes). */
+  sandbox: { min: 1000, max: 30 * 24 * 3_600_000, unit: "ms" },
+  /** forkd's boot_wait_secs on POST /v1/snapshots (accepted, not used). */
+  bootWait: { min: 0, max: 60, unit: "s" },
+} as const;
+export type TimeoutKind = keyof typeof TIMEOUT_RANGES;
+
+/** A timeout field: any number on the wire, so a value out of range is the route's 400, documented here. */
+function timeout(kind: TimeoutKind) {
+  const r = TIMEOUT_RANGES[kind];
+  return z
+    .number()
+    .optional()
+    .describe(`a whole number of ${r.unit === "ms" ? "milliseconds" : "seconds"} from ${r.min} to ${r.max}; beyond: 400`);
+}
+
 /** forkd's error body ({"error": message}) with our stable code and a one-line next step beside it. */
 export const ErrorBody = z.object({
   error: z.string(),
@@ -26,7 +49,7 @@ export const CreateSnapshotBody = z
     rootfs: z.string().optional(),
     rw: z.boolean().optional(),
     tap: z.string().nullable().optional(),
-    boot_wait_secs: z.number().int().min(0).max(60).optional(),
+    boot_wait_secs: timeout("bootWait"),
     warm: z.array(z.string()).max(64).optional(),
     warm_eval: z.array(z.string()).max(64).optional(),
     memory_mib: z.number().int().optional(),
@@ -153,7 +176,7 @@ export const CreateSandboxesBody = z
     /** Destinations the default egress policy allows that these sandboxes may not reach. */
     deny_out: z.array(z.string()).optional(),
     /** Kill each sandbox this long after it starts (E2B's timeoutMs). */
-    timeout_ms: z.number().int().optional(),
+    timeout_ms: timeout("sandbox"),
     metadata: z.record(z.string(), z.string()).optional(),
   })
   .strict();
@@ -204,8 +227,8 @@ export const ExecBody = z
     stdin: z.string().optional(),
     stdin_encoding: z.enum(["utf8", "base64"]).optional(),
     /** forkd's timeout, in seconds. */
-    timeout_secs: z.number().int().optional(),
-    timeout_ms: z.number().int().optional(),
+    timeout_secs: timeout("execSecs"),
+    timeout_ms: timeout("exec"),
   })
   .strict();
 
@@ -223,7 +246,7 @@ export const ExecResponse = z.object({
 });
 
 export const EvalBody = z
-  .object({ code: z.string(), language: z.enum(["javascript", "python"]).optional(), timeout_ms: z.number().int().optional() })
+  .object({ code: z.string(), language: z.enum(["javascript", "python"]).optional(), timeout_ms: timeout("eval") })
   .strict();
 export const EvalResponse = z.object({
   // forkd v0.5.3: the value as text (Python: its repr), or the error as text

@@ -4,6 +4,7 @@
 import swagger from "@fastify/swagger";
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyRequest } from "fastify";
 import { jsonSchemaTransform, serializerCompiler, validatorCompiler, type ZodTypeProvider } from "fastify-type-provider-zod";
+import { describeCall } from "./audit.js";
 import { bearer, tokenMatches } from "./auth.js";
 import { BODY_LIMIT_BYTES, classify, errorBody } from "./http-errors.js";
 import { registerAgentCallRoutes } from "./routes/agent-calls.js";
@@ -102,6 +103,7 @@ export async function buildServer(ctx: ServerContext, opts: ServerOpts = { requi
       ...(request.touched?.sandboxes.size ? { sandboxes: [...request.touched.sandboxes] } : {}),
       ...(request.touched?.snapshots.size ? { snapshots: [...request.touched.snapshots] } : {}),
       ...(request.errorCode ? { error_code: request.errorCode } : {}),
+      ...describeCall(request.routeOptions.url, request.body),
     });
   });
 
@@ -109,6 +111,8 @@ export async function buildServer(ctx: ServerContext, opts: ServerOpts = { requi
     const c = classify(err);
     request.errorCode = c.code;
     if (c.status >= 500) request.log.error(err);
+    // A refusal over a limit says when to come back (RFC 9110 Retry-After, seconds).
+    if (c.code === "over_limit") void reply.header("retry-after", String(Number(c.details?.retry_after_s) || 5));
     void reply.code(c.status).send(errorBody(c.code, c.message, c.details));
   });
   app.setNotFoundHandler((request, reply) => {

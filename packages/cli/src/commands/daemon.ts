@@ -9,6 +9,7 @@ type DaemonCliOpts = {
   tokenFile?: string;
   tlsCert?: string;
   tlsKey?: string;
+  insecureListen?: boolean;
   auditLog?: string;
   maxSandboxes: number;
   networkPolicy: string;
@@ -23,6 +24,7 @@ export function registerDaemon(program: Command): void {
     .option("--token-file <file>", "bearer token (at least 16 bytes); default: a random one kept in $FORKD_HOME/token")
     .option("--tls-cert <file>", "serve TCP over TLS with this certificate")
     .option("--tls-key <file>", "… and this key")
+    .option("--insecure-listen", "allow plain HTTP on a non-loopback --listen address (only behind a TLS-terminating proxy)")
     .option("--audit-log <file>", "append-only JSON lines (default $FORKD_HOME/audit.log); reopened on SIGHUP")
     .option("--max-sandboxes <n>", "refuse forks beyond this many live sandboxes (503)", parseIntOption("--max-sandboxes"), 1000)
     .option("--max-branches <n>", "BRANCHes in progress at once; more get 503", parseIntOption("--max-branches"), 4)

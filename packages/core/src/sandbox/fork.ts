@@ -9,6 +9,7 @@ import { applySandboxEgress, egressPolicyEnabled, ensureEgressNamespace, removeS
 import { type EgressPolicy, isEmptyPolicy, parseEgressPolicy, policyView } from "../net/policy.js";
 import { stageSnapshot } from "../store/chains.js";
 import { getSnapshot, type SnapshotInfo } from "../store/snapshots.js";
+import { holdStaged, stageKey } from "../store/staging.js";
 import { sandboxes } from "../store/state.js";
 import { runtimePaths, type VmPlan } from "../vmm/plan.js";
 import {
@@ -92,6 +93,16 @@ export async function forkSandboxes(opts: ForkOpts): Promise<ForkChildResult[]> 
     );
   }
   const snapshot = await getSnapshot(opts.tag);
+  // Held from before staging until every child has mapped it: another fork's staging must not evict it meanwhile.
+  const unhold = holdStaged(stageKey(snapshot));
+  try {
+    return await forkStaged(snapshot, n, opts, policy);
+  } finally {
+    unhold();
+  }
+}
+
+async function forkStaged(snapshot: SnapshotInfo, n: number, opts: ForkOpts, policy: EgressPolicy): Promise<ForkChildResult[]> {
   const memoryPath = await stageSnapshot(snapshot);
   const netns = await ensureEgressNamespace();
   const concurrency = Math.max(1, Math.min(opts.concurrency ?? 16, n));

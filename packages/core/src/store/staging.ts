@@ -13,7 +13,7 @@ import { ForkdError } from "../common/errors.js";
 import { sha256File } from "../common/fsutil.js";
 import { confinementEnabled, VMM_GID } from "../vmm/confine.js";
 import { isAlive, shareWithVmms } from "../vmm/process.js";
-import { sandboxes, staged } from "./state.js";
+import { type StagedRow, sandboxes, staged } from "./state.js";
 
 /** What staging needs to know of a snapshot. */
 export type StageableSnapshot = { tag: string; memorySha256: string };
@@ -163,18 +163,97 @@ export async function ensureStaged(snapshot: VerifiableSnapshot): Promise<string
   return target;
 }
 
-/** Evict least recently used staged images beyond the budget, never one with live children or the one just used. */
+/**
+ * Staged images that work in progress still needs (a fork whose children have not
+ * all mapped theirs yet): never evicted while held. Held before staging starts, so
+ * there is no moment between staged and held for an eviction to slip into.
+ */
+const holds = new Map<string, number>();
+
+export function holdStaged(key: string): () => void {
+  holds.set(key, (holds.get(key) ?? 0) + 1);
+  let held = true;
+  return () => {
+    if (!held) return;
+    held = false;
+    const left = (holds.get(key) ?? 1) - 1;
+    if (left > 0) holds.set(key, left);
+    else holds.delete(key);
+  };
+}
+
+/** A staged image nothing uses: no live child maps it, no work holds it, and it is not `keep`. Checked again right before each removal. */
+function idle(row: StagedRow, keep?: string): boolean {
+  if (row.key === keep || holds.has(row.key)) return false;
+  return !sandboxes.byTag(row.tag).some((s) => isAlive(s.pid));
+}
+
+/** Bytes of staged images that could be evicted now. */
+export function evictableStagedBytes(): number {
+  return staged
+    .list()
+    .filter((row) => idle(row))
+    .reduce((sum, row) => sum + row.bytes, 0);
+}
+
+/**
+ * Bytes on the staging filesystem that work in progress has written and no staged
+ * row counts yet: snapshot and BRANCH dot-dirs (parent RAM, capture streams, new
+ * memory images) and copies being staged. They take room on shmem all the same.
+ */
+export async function inProgressStageBytes(): Promise<number> {
+  const imagesDir = path.join(shmDir(), "images");
+  const known = new Set(staged.list().map((row) => path.dirname(row.path)));
+  let entries: string[];
+  try {
+    entries = await fsp.readdir(imagesDir);
+  } catch {
+    return 0;
+  }
+  let total = 0;
+  for (const name of entries) {
+    const dir = path.join(imagesDir, name);
+    if (known.has(dir)) continue;
+    const files = await fsp.readdir(dir).catch(() => [] as string[]);
+    for (const file of files)
+      total += await fsp.lstat(path.join(dir, file)).then(
+        (st) => st.blocks * 512,
+        () => 0,
+      );
+  }
+  return total;
+}
+
+async function evict(row: StagedRow): Promise<void> {
+  await fsp.rm(path.dirname(row.path), { recursive: true, force: true });
+  staged.remove(row.key);
+}
+
+/**
+ * Evict least recently used staged images beyond the budget, never one with live
+ * children, one held by work in progress, or the one just used. Work in progress
+ * on shmem counts against the budget too: it will be a staged image soon.
+ */
 export async function enforceStageBudget(keep: string): Promise<void> {
   const rows = staged.list();
-  let total = rows.reduce((sum, r) => sum + r.bytes, 0);
+  let total = rows.reduce((sum, r) => sum + r.bytes, 0) + (await inProgressStageBytes());
   const budget = stageBudgetBytes();
   for (const row of rows) {
     if (total <= budget) break;
-    if (row.key === keep) continue;
-    const live = sandboxes.byTag(row.tag).some((s) => isAlive(s.pid));
-    if (live) continue;
-    await fsp.rm(path.dirname(row.path), { recursive: true, force: true });
-    staged.remove(row.key);
+    if (!idle(row, keep)) continue;
+    await evict(row);
     total -= row.bytes;
   }
+}
+
+/** Evict idle staged images, least recently used first, until `bytes` are freed or none is left; the bytes freed. */
+export async function evictStaged(bytes: number): Promise<number> {
+  let freed = 0;
+  for (const row of staged.list()) {
+    if (freed >= bytes) break;
+    if (!idle(row)) continue;
+    await evict(row);
+    freed += row.bytes;
+  }
+  return freed;
 }

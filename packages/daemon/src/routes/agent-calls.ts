@@ -3,6 +3,7 @@ import { PassThrough } from "node:stream";
 import { AgentCallError, ForkdError, getImage, getSandbox, isForkdError } from "@forkd/core";
 import { z } from "zod";
 import * as S from "../schemas.js";
+import { boundedTimeout } from "../timeouts.js";
 import type { RouteDeps } from "./context.js";
 
 /**
@@ -54,10 +55,8 @@ export function registerAgentCallRoutes({ r, ctx, err }: RouteDeps): void {
     if (body.timeout_secs !== undefined && body.timeout_ms !== undefined) {
       throw new ForkdError("bad_request", "send the timeout as `timeout_secs` (forkd's) or `timeout_ms`, not both");
     }
-    const timeoutMs = body.timeout_secs !== undefined ? body.timeout_secs * 1000 : body.timeout_ms;
-    if (timeoutMs !== undefined && (timeoutMs < 1 || timeoutMs > S.MAX_EXEC_TIMEOUT_MS)) {
-      throw new ForkdError("bad_request", `the timeout must be from 1 ms to ${S.MAX_EXEC_TIMEOUT_MS / 1000} s, got ${timeoutMs} ms`);
-    }
+    const secs = boundedTimeout(body.timeout_secs, "timeout_secs", "execSecs");
+    const timeoutMs = secs !== undefined ? secs * 1000 : boundedTimeout(body.timeout_ms, "timeout_ms", "exec");
     return {
       ...(argv ? { argv } : { cmd: body.cmd }),
       ...(body.env ? { env: body.env } : {}),
@@ -158,15 +157,16 @@ export function registerAgentCallRoutes({ r, ctx, err }: RouteDeps): void {
     "/v1/sandboxes/:id/eval",
     { schema: { params: S.IdParam, body: S.EvalBody, response: { 200: S.EvalResponse, ...err } } },
     async (request) => {
+      const evalTimeoutMs = boundedTimeout(request.body.timeout_ms, "timeout_ms", "eval");
       const agent = await ctx.pool.forSandbox(request.params.id);
       const language = request.body.language ?? (await mainLanguage(request.params.id));
       const t0 = performance.now();
       try {
         const res = await agent.eval(request.body.code, {
-          ...(request.body.timeout_ms ? { evalTimeoutMs: request.body.timeout_ms } : {}),
+          ...(evalTimeoutMs !== undefined ? { evalTimeoutMs } : {}),
           language,
           // The agent enforces the eval's own timeout; the call may take a little longer.
-          timeoutMs: (request.body.timeout_ms ?? 30_000) + 10_000,
+          timeoutMs: (evalTimeoutMs ?? 30_000) + 10_000,
         });
         ctx.metrics.callSeconds.labels("eval").observe((performance.now() - t0) / 1000);
         return {

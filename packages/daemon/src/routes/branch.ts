@@ -1,10 +1,16 @@
 // BRANCH a running sandbox into a new snapshot, within the daemon-wide cap.
-import { apiPendingSnapshotView, apiSnapshotView, branches, ForkdError, getSandbox, getSnapshot, startBranch } from "@forkd/core";
+import {
+  admitBranch,
+  apiPendingSnapshotView,
+  apiSnapshotView,
+  branches,
+  ForkdError,
+  getSandbox,
+  getSnapshot,
+  startBranch,
+} from "@forkd/core";
 import * as S from "../schemas.js";
 import type { RouteDeps } from "./context.js";
-
-// Shared by the unix-socket and TCP servers of one daemon: the cap is per daemon.
-let inFlightBranches = 0;
 
 export function registerBranchRoutes({ r, ctx, err, touch }: RouteDeps): void {
   r.post(
@@ -24,23 +30,21 @@ export function registerBranchRoutes({ r, ctx, err, touch }: RouteDeps): void {
           `parent_tag '${body.parent_tag}' is not ${request.params.id}'s snapshot (${source.tag ?? "none"}); a BRANCH is always a layer on the snapshot its source was forked from`,
         );
       }
-      if (inFlightBranches >= ctx.maxBranches) {
-        throw new ForkdError("over_limit", `${inFlightBranches} BRANCHes are in progress, the limit is ${ctx.maxBranches}; retry shortly`);
-      }
-      inFlightBranches++;
+      // A slot under --max-branches and room for the capture: held until the snapshot is written (or failed).
+      const ticket = await admitBranch(ctx.admission, source.memory_mib);
       ctx.metrics.branchesInFlight.inc();
       let started: Awaited<ReturnType<typeof startBranch>>;
       try {
         started = await startBranch(request.params.id, { ...(body.tag ? { tag: body.tag } : {}), ...(mode ? { mode } : {}) });
       } catch (e) {
-        inFlightBranches--;
+        ticket.release();
         ctx.metrics.branchesInFlight.dec();
         throw e;
       }
       touch(request, "snapshots", started.status.tag);
       ctx.metrics.branchPauseSeconds.labels(started.status.mode).observe(started.status.pause_ms / 1000);
       const done = started.done.finally(() => {
-        inFlightBranches--;
+        ticket.release();
         ctx.metrics.branchesInFlight.dec();
       });
       if (body.wait === false) {

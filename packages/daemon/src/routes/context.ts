@@ -1,5 +1,6 @@
 // What every route module receives: the typed app, the daemon's context, the
 // error responses every route may give, and the audit helper for what it touched.
+import type { AdmissionLedger } from "@forkd/core";
 import type {
   FastifyBaseLogger,
   FastifyInstance,
@@ -22,9 +23,8 @@ export type ServerContext = {
   audit: AuditLog;
   metrics: Metrics;
   pool: AgentPool;
-  maxSandboxes: number;
-  /** BRANCHes in progress at once across all sources; more get 503. */
-  maxBranches: number;
+  /** Work in flight and the limits it is admitted within (sandboxes, BRANCHes, host memory, shmem); over them: 503. */
+  admission: AdmissionLedger;
   jobs: JobRegistry;
 };
 

@@ -1,5 +1,6 @@
 // Sandboxes: list, fork from a snapshot, show, kill.
 import {
+  admitFork,
   apiSandboxView,
   branchesBySource,
   ForkdError,
@@ -12,6 +13,7 @@ import {
 } from "@forkd/core";
 import { z } from "zod";
 import * as S from "../schemas.js";
+import { boundedTimeout } from "../timeouts.js";
 import type { RouteDeps } from "./context.js";
 
 export function registerSandboxRoutes({ r, ctx, err, touch }: RouteDeps): void {
@@ -22,14 +24,14 @@ export function registerSandboxRoutes({ r, ctx, err, touch }: RouteDeps): void {
   r.post("/v1/sandboxes", { schema: { body: S.CreateSandboxesBody, response: { 201: S.ForkResult, ...err } } }, async (request, reply) => {
     const body = request.body;
     const n = validateForkCount(body.n ?? 1);
+    const ttlMs = boundedTimeout(body.timeout_ms, "timeout_ms", "sandbox");
     touch(request, "snapshots", body.snapshot_tag);
-    const alive = listSandboxes().filter((s) => s.alive).length;
-    if (alive + n > ctx.maxSandboxes) {
-      throw new ForkdError(
-        "over_limit",
-        `${alive} sandboxes run and ${n} more would pass this daemon's limit of ${ctx.maxSandboxes}; kill some or raise --max-sandboxes`,
-      );
-    }
+    // Reserved until the fork is over: by then its children count as alive sandboxes and show in host memory.
+    const ticket = await admitFork(ctx.admission, {
+      tag: body.snapshot_tag,
+      n,
+      memoryLimitMib: typeof body.memory_limit_mib === "number" ? body.memory_limit_mib : undefined,
+    });
     const results = await forkSandboxes({
       tag: body.snapshot_tag,
       n,
@@ -38,14 +40,14 @@ export function registerSandboxRoutes({ r, ctx, err, touch }: RouteDeps): void {
       network: body.network,
       ...(body.allow_out ? { allowOut: body.allow_out } : {}),
       ...(body.deny_out ? { denyOut: body.deny_out } : {}),
-      ...(body.timeout_ms !== undefined ? { ttlMs: body.timeout_ms } : {}),
+      ...(ttlMs !== undefined ? { ttlMs } : {}),
       ...(body.metadata ? { metadata: body.metadata } : {}),
       concurrency: 4,
       keepAgent: (id, agent) => ctx.pool.adopt(id, agent),
       onChild: (child) => {
         if (child.ok) ctx.metrics.spawnSeconds.observe(child.timings.totalMs / 1000);
       },
-    });
+    }).finally(ticket.release);
     for (const child of results) touch(request, "sandboxes", child.id);
     const failed = results.filter((c) => !c.ok);
     if (failed.length > 0) {

@@ -1,5 +1,6 @@
 // Snapshots: list (with BRANCHes still writing or failed), status, create warm, show, remove.
 import {
+  admitSnapshot,
   apiPendingSnapshotView,
   apiSnapshotView,
   branches,
@@ -11,9 +12,11 @@ import {
   removeSnapshot,
   snapshotDetails,
   validateName,
+  validateResources,
 } from "@forkd/core";
 import { z } from "zod";
 import * as S from "../schemas.js";
+import { boundedTimeout } from "../timeouts.js";
 import type { RouteDeps } from "./context.js";
 
 export function registerSnapshotRoutes({ r, ctx, err, touch }: RouteDeps): void {
@@ -46,6 +49,9 @@ export function registerSnapshotRoutes({ r, ctx, err, touch }: RouteDeps): void 
   r.post("/v1/snapshots", { schema: { body: S.CreateSnapshotBody, response: { 201: S.Snapshot, ...err } } }, async (request, reply) => {
     const body = request.body;
     touch(request, "snapshots", body.tag);
+    boundedTimeout(body.boot_wait_secs, "boot_wait_secs", "bootWait");
+    const memoryMib = body.memory_mib ?? 256;
+    validateResources(memoryMib, body.vcpus ?? 1);
     if (await getSnapshot(body.tag).catch(() => undefined)) {
       // forkd answers an existing tag with 400 (DELETE first), not 409.
       throw new ForkdError(
@@ -56,6 +62,8 @@ export function registerSnapshotRoutes({ r, ctx, err, touch }: RouteDeps): void 
         },
       );
     }
+    // The parent's RAM is a file on shmem that may fill to memory_mib: room for it is held until it is registered.
+    const ticket = await admitSnapshot(ctx.admission, memoryMib);
     const snapshot = await createSnapshot({
       tag: body.tag,
       image: body.image,
@@ -63,7 +71,7 @@ export function registerSnapshotRoutes({ r, ctx, err, touch }: RouteDeps): void 
       warmEval: body.warm_eval,
       memoryMib: body.memory_mib,
       vcpus: body.vcpus,
-    });
+    }).finally(ticket.release);
     return reply.code(201).send(apiSnapshotView(snapshot));
   });
   r.get("/v1/snapshots/:tag", { schema: { params: S.TagParam, response: { 200: S.Snapshot, ...err } } }, async (request) =>
@@ -100,7 +108,9 @@ export function registerSnapshotRoutes({ r, ctx, err, touch }: RouteDeps): void 
     async (request, reply) => {
       touch(request, "snapshots", request.body.to);
       if (request.body.to === request.params.tag) throw new ForkdError("bad_request", "compact target tag must differ from source tag");
-      const copy = apiSnapshotView(await compactSnapshot(request.params.tag, request.body.to));
+      // The flat copy is written on shmem first, as a new snapshot's RAM is.
+      const ticket = await admitSnapshot(ctx.admission, (await getSnapshot(request.params.tag)).memoryMib);
+      const copy = apiSnapshotView(await compactSnapshot(request.params.tag, request.body.to).finally(ticket.release));
       return reply.code(200).send({ ...copy, branched_from: `compact:${request.params.tag}` });
     },
   );

@@ -1,0 +1,125 @@
+// Admission control, the I/O: read the host (MemAvailable, free space on the
+// staging filesystem, idle staged images), size the work from its snapshot, and
+// reserve on the daemon's ledger. The figures and the verdict are admission.ts.
+import fs from "node:fs";
+import path from "node:path";
+import { shmDir } from "../common/config.js";
+import { ForkdError } from "../common/errors.js";
+import { getSnapshot, type SnapshotInfo } from "../store/snapshots.js";
+import { evictableStagedBytes, evictStaged } from "../store/staging.js";
+import {
+  type AdmissionLedger,
+  branchNeeds,
+  type Capacity,
+  defaultLimits,
+  forkNeeds,
+  type Limits,
+  type Needs,
+  parseMemInfo,
+  refusalError,
+  snapshotNeeds,
+  type Ticket,
+} from "./admission.js";
+import { listSandboxes } from "./lifecycle.js";
+
+const MIB = 2 ** 20;
+
+/** Free bytes of the filesystem holding `dir` (its nearest existing ancestor: the staging dir may not exist yet). */
+export function freeBytesOn(dir: string): number {
+  let at = path.resolve(dir);
+  while (!fs.existsSync(at) && path.dirname(at) !== at) at = path.dirname(at);
+  const st = fs.statfsSync(at);
+  return st.bavail * st.bsize;
+}
+
+export function readCapacity(): Capacity {
+  const mem = parseMemInfo(fs.readFileSync("/proc/meminfo", "utf8"));
+  return {
+    ...mem,
+    shmFreeBytes: freeBytesOn(shmDir()),
+    shmEvictableBytes: evictableStagedBytes(),
+    sandboxesAlive: listSandboxes().filter((s) => s.alive).length,
+  };
+}
+
+function envNumber(name: string, check: (v: number) => boolean, what: string): number | undefined {
+  const raw = process.env[name];
+  if (raw === undefined || raw === "") return undefined;
+  const value = Number(raw);
+  if (!Number.isFinite(value) || !check(value)) throw new ForkdError("bad_request", `${name} must be ${what}, got '${raw}'`);
+  return value;
+}
+
+/**
+ * The daemon's limits. FORKD_ADMIT_MEMORY_HEADROOM_MIB sets the host memory
+ * admission never hands out; FORKD_ADMIT_DIRTY_FRACTION (0..1) how much of its RAM
+ * a child without a memory limit is counted as writing (1: the worst case).
+ */
+export function admissionLimits(opts: { maxSandboxes: number; maxBranches: number }): Limits {
+  const headroomMib = envNumber("FORKD_ADMIT_MEMORY_HEADROOM_MIB", (v) => v >= 0, "a number of MiB (0 or more)");
+  const dirtyFraction = envNumber("FORKD_ADMIT_DIRTY_FRACTION", (v) => v >= 0 && v <= 1, "a fraction from 0 to 1");
+  return defaultLimits({
+    ...opts,
+    memTotalBytes: parseMemInfo(fs.readFileSync("/proc/meminfo", "utf8")).memTotalBytes,
+    ...(headroomMib !== undefined ? { memoryHeadroomBytes: headroomMib * MIB } : {}),
+    ...(dirtyFraction !== undefined ? { dirtyFraction } : {}),
+  });
+}
+
+/** Bytes staging this snapshot writes to shmem: its memory image unless staged, and unstaged ancestors a layer is assembled from. */
+export async function unstagedChainBytes(snapshot: SnapshotInfo): Promise<number> {
+  let total = 0;
+  let current: SnapshotInfo | undefined = snapshot;
+  for (let depth = 0; current && depth <= 64; depth++) {
+    if (current.staged) break;
+    total += current.sizes.memoryBytes;
+    current = current.layer && current.parent ? await getSnapshot(current.parent).catch(() => undefined) : undefined;
+  }
+  return total;
+}
+
+/**
+ * Reserve `needs` or throw the 503 naming what is short. The check and the
+ * reservation are one synchronous step; idle staged images the verdict counted on
+ * are evicted after it, under the reservation.
+ */
+export async function admit(ledger: AdmissionLedger, needs: Needs): Promise<Ticket> {
+  const verdict = ledger.admit(needs, readCapacity());
+  if (!verdict.ok) throw refusalError(verdict.refusal);
+  if (verdict.evictBytes > 0) {
+    try {
+      await evictStaged(verdict.evictBytes);
+    } catch (err) {
+      verdict.ticket.release();
+      throw err;
+    } finally {
+      verdict.ticket.evicted();
+    }
+  }
+  return verdict.ticket;
+}
+
+export async function admitFork(
+  ledger: AdmissionLedger,
+  opts: { tag: string; n: number; memoryLimitMib?: number | undefined },
+): Promise<Ticket> {
+  const snapshot = await getSnapshot(opts.tag);
+  return admit(
+    ledger,
+    forkNeeds({
+      n: opts.n,
+      guestMemoryBytes: snapshot.memoryMib * MIB,
+      memoryLimitMib: opts.memoryLimitMib,
+      unstagedBytes: await unstagedChainBytes(snapshot),
+      dirtyFraction: ledger.limits.dirtyFraction,
+    }),
+  );
+}
+
+export function admitSnapshot(ledger: AdmissionLedger, memoryMib: number): Promise<Ticket> {
+  return admit(ledger, snapshotNeeds(memoryMib));
+}
+
+export function admitBranch(ledger: AdmissionLedger, guestMemoryMib: number): Promise<Ticket> {
+  return admit(ledger, branchNeeds(guestMemoryMib * MIB));
+}
