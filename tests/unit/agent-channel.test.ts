@@ -307,6 +307,30 @@ describe("agent client against a hostile guest", () => {
     }
   });
 
+  it("does not take an agent busy in a JavaScript eval for a silent one", async () => {
+    process.env.FORKD_AGENT_GRACE_MS = "300";
+    try {
+      const { guest, agent, violations } = await pair();
+      const ping = agent.ping();
+      const first = await guest.request();
+      guest.send({ id: first.id, kind: "result", value: { version: "v", uptimeMs: 1, hostname: "h" } });
+      await ping;
+      const evaluation = agent.eval("for (;;) {}", { evalTimeoutMs: 60_000 });
+      const evalRequest = await guest.request((r) => r.op === "eval");
+      await expect(agent.ping({ timeoutMs: 100 })).rejects.toMatchObject({ code: "vm_timeout" });
+      await new Promise((r) => setTimeout(r, 900));
+      expect(violations).toEqual([]);
+      guest.send({ id: evalRequest.id, kind: "error", code: "timeout", message: "eval ran longer than 60000 ms" });
+      await expect(evaluation).rejects.toMatchObject({ code: "vm_timeout" });
+      const cancel = await guest.request((r) => r.op === "cancel");
+      guest.send({ id: cancel.id, kind: "result", value: { cancelled: false } });
+      await new Promise((r) => setTimeout(r, 500));
+      expect(violations).toEqual([]);
+    } finally {
+      delete process.env.FORKD_AGENT_GRACE_MS;
+    }
+  });
+
   it("caps one exec's output: what fits is delivered, the command is cancelled, the reply says truncated", async () => {
     const { guest, agent, violations } = await pair();
     let received = 0;

@@ -96,6 +96,8 @@ type Call = {
   timer?: NodeJS.Timeout;
   startedAt: number;
   cleanup?: () => void;
+  /** A JavaScript eval runs on the agent's own loop: nothing else is answered meanwhile. */
+  blocksAgent: boolean;
 };
 
 type Retired = { op: string; target?: number; chunkBytes: number; chunkFrames: number };
@@ -356,21 +358,24 @@ export class AgentClient {
 
   // An agent that has answered on this connection and then neither answers a cancel
   // nor sends anything else for the grace period is hung or hostile. Before its first
-  // answer the guest may still be booting, so silence then proves nothing.
+  // answer the guest may still be booting, so silence then proves nothing; nor while
+  // a JavaScript eval is within its deadline (a synchronous one blocks the agent's
+  // loop, and so every answer, for as long as its own timeout allows).
   private armSilenceCheck(): void {
     if (this.silenceTimer || this.closed) return;
     const check = () => {
       this.silenceTimer = undefined;
       if (this.closed || this.pendingCancels.size === 0) return;
       const silentMs = performance.now() - this.silentSince;
-      if (this.answered && silentMs >= this.graceMs) {
+      const judging = this.answered && ![...this.calls.values()].some((c) => c.blocksAgent);
+      if (judging && silentMs >= this.graceMs) {
         const pending = this.decoder.pendingBytes;
         this.violate(
           `the agent stopped answering: nothing for ${Math.round(silentMs / 1000)} s after a cancel${pending ? `, with ${pending} bytes of an unfinished frame` : ""}`,
         );
         return;
       }
-      this.silenceTimer = setTimeout(check, Math.max(10, this.graceMs - silentMs));
+      this.silenceTimer = setTimeout(check, judging ? Math.max(10, this.graceMs - silentMs) : this.graceMs);
       this.silenceTimer.unref();
     };
     this.silenceTimer = setTimeout(check, this.graceMs);
@@ -406,6 +411,7 @@ export class AgentClient {
         reject,
         validate: opts.validate ?? isObjectValue,
         startedAt: performance.now(),
+        blocksAgent: request.op === "eval" && request.language !== "python",
         ...(opts.onChunk ? { onChunk: opts.onChunk } : {}),
         ...(opts.output
           ? { output: { ...opts.output, bytes: 0, truncated: false, cancelSent: false, droppedBytes: 0, droppedFrames: 0 } }
