@@ -395,6 +395,44 @@ describe("output the daemon must not hoard", () => {
   });
 });
 
+describe("a healthy guest is not taken for a hostile one", () => {
+  it("children of a BRANCH taken mid-exec inherit the running command, not its output, and stay healthy", async () => {
+    const [source] = (await forkSome(1)) as [string];
+    const abort = new AbortController();
+    const res = await fetch(`${daemon.url}/v1/sandboxes/${source}/exec/stream`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${daemon.token}`, "content-type": "application/json" },
+      body: JSON.stringify({ cmd: "yes mid-exec" }),
+      signal: abort.signal,
+    });
+    const reader = res.body!.getReader();
+    let streamed = 0;
+    const reading = (async () => {
+      for (;;) {
+        const { done, value } = await reader.read().catch(() => ({ done: true, value: undefined }));
+        if (done) return;
+        streamed += value?.length ?? 0;
+      }
+    })();
+    while (streamed < 100_000) await new Promise((r) => setTimeout(r, 50));
+    const branched = await call("POST", `/v1/sandboxes/${source}/branch`, { tag: "mid-exec", mode: "full" });
+    expect(branched.status, branched.text).toBe(201);
+    abort.abort();
+    await reading;
+    const forked = await call("POST", "/v1/sandboxes", { snapshot_tag: "mid-exec", n: 1 });
+    expect(forked.status, forked.text).toBe(201);
+    const child = (forked.body as unknown as { id: string }[])[0]!.id;
+    // The inherited `yes` runs on in the child; none of its output may reach the child's host.
+    await new Promise((r) => setTimeout(r, 3000));
+    expect((await ping(child)).status).toBe(200);
+    const echo = await call("POST", `/v1/sandboxes/${child}/exec`, { cmd: "echo ok" });
+    expect(echo.body).toMatchObject({ stdout: "ok\n", exit_code: 0 });
+    const view = await call("GET", `/v1/sandboxes/${child}`);
+    expect(view.body).toMatchObject({ health: "healthy", health_reason: null });
+    for (const id of [child, source]) expect((await call("DELETE", `/v1/sandboxes/${id}`)).status).toBe(204);
+  });
+});
+
 describe("a daemon restart", () => {
   it("re-adopts a guest that turned hostile while it was down without crashing, and keeps refusing unhealthy ones", async () => {
     const [victim] = (await forkSome(1)) as [string];

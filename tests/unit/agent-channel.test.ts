@@ -240,7 +240,7 @@ describe("agent client against a hostile guest", () => {
     guest.send({ id: req.id, kind: "result", value: { version: "0.1.0", uptimeMs: 1, hostname: "h", runtimes: [] } });
     expect((await ping).version).toBe("0.1.0");
     expect(violations).toEqual([]);
-    for (let i = 0; i < 1000; i++) guest.send({ id: 2 ** 40 + 7, kind: "chunk", stream: "stdout", data: "aGk=" });
+    for (let i = 0; i < 2000; i++) guest.send({ id: 2 ** 40 + 7, kind: "chunk", stream: "stdout", data: "aGk=" });
     await until(() => violations.length === 1);
     expect(violations[0]).toMatch(/never used/);
   });

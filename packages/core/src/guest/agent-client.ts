@@ -50,7 +50,7 @@ function silenceGraceMs(): number {
 // dropped, more are a flood. Output chunks are counted by size, other frames by number.
 const FOREIGN_FRAME_BUDGET = 16;
 const FOREIGN_OUTPUT_BUDGET_BYTES = 4 * 1024 * 1024;
-const FOREIGN_OUTPUT_BUDGET_FRAMES = 256;
+const FOREIGN_OUTPUT_BUDGET_FRAMES = 1024;
 // After a cancel, the agent may still send what it had queued for that call (it
 // queues at most about 1 MiB); beyond this it is ignoring the cancel.
 const CANCELLED_OUTPUT_BUDGET_BYTES = 8 * 1024 * 1024;
