@@ -7,6 +7,7 @@ import { registerChainBench } from "./chain.js";
 import { registerConfineBench } from "./confine.js";
 import { registerFanoutBench } from "./fanout.js";
 import { registerPackBench } from "./pack.js";
+import { registerSoakBench } from "./soak.js";
 import { registerSpawnBench } from "./spawn.js";
 
 export function registerBench(program: Command): void {
@@ -20,6 +21,7 @@ export function registerBench(program: Command): void {
     registerConfineBench,
     registerChainBench,
     registerPackBench,
+    registerSoakBench,
   ])
     register(bench);
 }
