@@ -4,6 +4,7 @@ import {
   compareKernelVersions,
   ForkdError,
   parseAccel,
+  planRestore,
   resolveModules,
   validateName,
   validateSandboxId,
@@ -50,6 +51,17 @@ describe("QEMU command line", () => {
     expect(buildQemuArgs({ ...plan, network: "isolated" }).join(" ")).toContain(
       "-netdev user,id=net0,restrict=on -device virtio-net-device,netdev=net0",
     );
+  });
+
+  it("plans new VMs without the PIT and PIC, and restores each snapshot with the device set it was made with", () => {
+    expect(buildQemuArgs(plan).join(" ")).toContain("-M microvm,x-option-roms=off,isa-serial=on,rtc=on,pit=off,pic=off ");
+    expect(buildQemuArgs({ ...plan, machine: "v1" }).join(" ")).toContain("-M microvm,x-option-roms=off,isa-serial=on,rtc=on -accel");
+    const snapshot = { accel: "tcg" as const, memoryMib: 256, vcpus: 1, image: { rootfs: "/r" }, network: true };
+    const opts = { runDir: "/x", memory: { kind: "anon" as const }, network: true };
+    // A manifest written before profiles existed was made on v1.
+    expect(planRestore(snapshot as Parameters<typeof planRestore>[0], opts).machine).toBe("v1");
+    expect(planRestore({ ...snapshot, machine: "v2" } as Parameters<typeof planRestore>[0], opts).machine).toBe("v2");
+    expect(() => buildQemuArgs({ ...plan, machine: "v9" as "v2" })).toThrow(/machine profile 'v9'/);
   });
 
   it("uses KVM flags under KVM and rejects bad resources", () => {

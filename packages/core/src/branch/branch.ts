@@ -246,6 +246,7 @@ export async function materializeCapture(opts: MaterializeOpts): Promise<Snapsho
       vcpus: snapshot.vcpus,
       memoryMib: snapshot.memoryMib,
       network: snapshot.network,
+      ...(snapshot.machine ? { machine: snapshot.machine } : {}),
       warm: snapshot.warm,
       parent: snapshot.tag,
       branchedFrom: opts.source.id,

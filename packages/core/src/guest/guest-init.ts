@@ -64,6 +64,13 @@ $BB mount -t devpts devpts /dev/pts 2>/dev/null
 $BB mount -t tmpfs -o mode=1777 tmpfs /dev/shm 2>/dev/null
 $BB chmod 1777 /tmp
 $BB hostname forkd
+# An idle guest must not wake up: under TCG every wake-up costs host CPU in every
+# child. No proactive compaction (kcompactd checked twice a second), vmstat folded
+# once a minute instead of every second, no probing of "managed" neighbours (none
+# exist; each table re-armed its work every 5 s).
+echo 0 >/proc/sys/vm/compaction_proactiveness 2>/dev/null
+echo 60 >/proc/sys/vm/stat_interval 2>/dev/null
+for t in ipv4 ipv6; do echo 3600000 >/proc/sys/net/$t/neigh/default/interval_probe_time_ms 2>/dev/null; done
 $BB ip link set lo up 2>/dev/null
 if $BB ip link show eth0 >/dev/null 2>&1; then
   # QEMU user-mode networking: fixed addresses, private to each VMM process.

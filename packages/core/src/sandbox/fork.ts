@@ -127,11 +127,12 @@ async function forkStaged(snapshot: SnapshotInfo, n: number, opts: ForkOpts, pol
  * so every such QEMU (child, materialiser, benchmark floor) is planned here.
  */
 export function planRestore(
-  snapshot: Pick<SnapshotInfo, "accel" | "memoryMib" | "vcpus" | "image" | "network">,
+  snapshot: Pick<SnapshotInfo, "accel" | "memoryMib" | "vcpus" | "image" | "network" | "machine">,
   opts: { runDir: string; memory: VmPlan["memory"]; network: boolean; startPaused?: boolean },
 ): VmPlan {
   return {
     accel: snapshot.accel,
+    machine: snapshot.machine ?? "v1",
     memoryMib: snapshot.memoryMib,
     vcpus: snapshot.vcpus,
     runDir: opts.runDir,

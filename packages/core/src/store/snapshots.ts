@@ -10,7 +10,7 @@ import { ForkdError } from "../common/errors.js";
 import { exists, fsyncDir, readJson, sha256File, writeFileAtomic } from "../common/fsutil.js";
 import { validateName } from "../common/validate.js";
 import { imageFiles } from "../guest/image.js";
-import type { Accel } from "../vmm/plan.js";
+import type { Accel, MachineProfile } from "../vmm/plan.js";
 import { shareWithVmms } from "../vmm/process.js";
 import { PAGE_BYTES, pagemapBytes, writeDiffLayer } from "./layers.js";
 import { enforceStageBudget, rememberVerified, stagedPath, stageKey } from "./staging.js";
@@ -29,6 +29,8 @@ export type SnapshotManifest = {
   memoryMib: number;
   /** The NIC is part of the device state, so children keep it (isolated when they ask for no network). */
   network: boolean;
+  /** The machine's device set (vmm/plan.ts); absent in manifests written before profiles existed, which are "v1". */
+  machine?: MachineProfile;
   warm: { commands: string[]; evals: string[] };
   sizes: { memoryBytes: number; memoryAllocatedBytes: number; vmstateBytes: number };
   memorySha256: string;

@@ -30,7 +30,34 @@ export type VmPlan = {
   /** none: no NIC; user: outbound user-mode networking; isolated: the NIC exists (a snapshot's device set must match) but reaches nothing. */
   network: "none" | "user" | "isolated";
   tbSizeMib?: number;
+  /** The machine's device set; a restore must use its snapshot's. The current one by default. */
+  machine?: MachineProfile;
 };
+
+/**
+ * The microvm device set. A snapshot's device state only loads into the same set,
+ * so each snapshot records the profile it was made with (manifests from before
+ * there were profiles are "v1") and every restore recreates it.
+ *  - v1: an i8254 PIT, an i8259 PIC pair, an RTC, the ISA serial console.
+ *  - v2: v1 without the PIT and the PIC. The guest times with the TSC and the local
+ *    APIC and routes interrupts through the IOAPIC, so it never used either, but
+ *    QEMU's PIT keeps its power-on square wave running: a timer in QEMU's main loop
+ *    every 27 ms (36 wake-ups a second) in every idle child.
+ */
+export type MachineProfile = "v1" | "v2";
+export const MACHINE_PROFILES: readonly MachineProfile[] = ["v1", "v2"];
+export const CURRENT_MACHINE: MachineProfile = "v2";
+
+export function machineOption(profile: MachineProfile): string {
+  if (!MACHINE_PROFILES.includes(profile)) {
+    throw new ForkdError(
+      "not_supported",
+      `the snapshot was made on machine profile '${String(profile)}', which this forkd does not know (it knows ${MACHINE_PROFILES.join(", ")}); use a newer forkd`,
+    );
+  }
+  const base = "microvm,x-option-roms=off,isa-serial=on,rtc=on";
+  return profile === "v1" ? base : `${base},pit=off,pic=off`;
+}
 
 export const LIMITS = {
   memoryMib: { min: 128, max: 64 * 1024 },
@@ -50,7 +77,13 @@ export function runtimePaths(runDir: string) {
 /** Size of the console ring buffer (a power of two, as QEMU requires). */
 export const CONSOLE_RING_BYTES = 256 * 1024;
 
-export const BASE_APPEND = "console=ttyS0 panic=-1 quiet reboot=t";
+/**
+ * The guest kernel's options. An idle guest must not wake up: under TCG every wake-up
+ * is host CPU in every child. `nowatchdog` stops the soft-lockup watchdog's 4-second
+ * timer, `psi=0` the pressure-stall averaging that re-arms itself every 2 s while
+ * anything runs (the other periodic wake-ups are sysctls set by the guest's init).
+ */
+export const BASE_APPEND = "console=ttyS0 panic=-1 quiet reboot=t nowatchdog psi=0";
 
 /**
  * The guest kernel command line. Under TCG the guest's TSC is the host's TSC, but
@@ -90,7 +123,7 @@ export function buildQemuArgs(plan: VmPlan): string[] {
   const size = `${plan.memoryMib}M`;
   const args = [
     "-M",
-    "microvm,x-option-roms=off,isa-serial=on,rtc=on",
+    machineOption(plan.machine ?? CURRENT_MACHINE),
     ...(plan.accel === "kvm" ? ["-accel", "kvm", "-cpu", "host"] : ["-accel", `tcg,tb-size=${plan.tbSizeMib ?? 64}`, "-cpu", "max"]),
     "-smp",
     String(plan.vcpus),

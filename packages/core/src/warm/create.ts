@@ -12,7 +12,7 @@ import { getImage } from "../guest/image.js";
 import { registerSnapshot, type SnapshotInfo, snapshotWorkDirs, tagDir } from "../store/snapshots.js";
 import { branches } from "../store/state.js";
 import { migrateToFile } from "../vmm/migration-sink.js";
-import type { Accel } from "../vmm/plan.js";
+import { type Accel, CURRENT_MACHINE } from "../vmm/plan.js";
 
 export type CreateSnapshotOpts = {
   tag: string;
@@ -97,6 +97,7 @@ export async function createSnapshot(opts: CreateSnapshotOpts): Promise<Snapshot
         vcpus: opts.vcpus ?? 1,
         memoryMib: opts.memoryMib ?? 256,
         network: true,
+        machine: CURRENT_MACHINE,
         warm: { commands: opts.warm ?? [], evals: opts.warmEval ?? [] },
         parent: null,
         branchedFrom: null,
