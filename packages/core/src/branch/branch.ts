@@ -5,16 +5,17 @@ import fs from "node:fs";
 import fsp from "node:fs/promises";
 import path from "node:path";
 import { ForkdError } from "../common/errors.js";
+import { faultPoint } from "../common/fault.js";
 import { validateName } from "../common/validate.js";
 import { planRestore } from "../sandbox/fork.js";
-import { getSandbox } from "../sandbox/lifecycle.js";
+import { getSandbox, sandboxAlive } from "../sandbox/lifecycle.js";
 import { ancestorsOf, MAX_CHAIN_DEPTH, stageSnapshot } from "../store/chains.js";
 import { getSnapshot, registerSnapshot, type SnapshotInfo, snapshotWorkDirs } from "../store/snapshots.js";
-import { branches } from "../store/state.js";
+import { type BranchRow, branches, sandboxes } from "../store/state.js";
 import { confinementEnabled } from "../vmm/confine.js";
 import { migrateToFile, openMigrationSink } from "../vmm/migration-sink.js";
 import { runtimePaths } from "../vmm/plan.js";
-import { grantToVmm, isAlive, killAndWait, launchQemu, makeRunDir, newSandboxId, removeRunDir } from "../vmm/process.js";
+import { grantToVmm, killAndWait, launchQemu, makeRunDir, newSandboxId, removeRunDir, sameProcess, selfIdentity } from "../vmm/process.js";
 import { eventTimeMs, QmpClient, type QmpEvent, waitForMigration } from "../vmm/qmp.js";
 
 export type BranchMode = "full" | "diff" | "live";
@@ -28,7 +29,27 @@ export type CaptureResult = {
   resumedAfterMs: number;
   /** Settles when the whole stream is written (for live mode, after the source resumed). */
   completed: Promise<{ captureMs: number; streamBytes: number }>;
+  /** diff only: pre-copy did not converge within its bound, so the source was stopped to finish the copy. */
+  stopAndCopy?: boolean;
 };
+
+/**
+ * How long diff pre-copy may run before the source is stopped to finish: a guest
+ * that dirties memory faster than it is copied never converges on its own.
+ */
+export function diffConvergeMs(env = process.env): number {
+  const ms = Number(env.FORKD_DIFF_CONVERGE_MS);
+  return Number.isFinite(ms) && ms > 0 ? ms : 5000;
+}
+
+/** Pre-copy passes over RAM before the same fallback, whichever bound comes first. */
+const DIFF_MAX_PASSES = 20;
+
+/** What a capture may write per second: unlimited unless FORKD_BRANCH_MAX_MIBPS caps the I/O it costs. */
+function captureBandwidth(env = process.env): number {
+  const mib = Number(env.FORKD_BRANCH_MAX_MIBPS);
+  return Number.isFinite(mib) && mib > 0 ? Math.round(mib * 2 ** 20) : 64 * 2 ** 30;
+}
 
 export function parseBranchMode(value: unknown): BranchMode {
   if (typeof value === "string" && (BRANCH_MODES as readonly string[]).includes(value)) return value as BranchMode;
@@ -86,14 +107,25 @@ export function liveBranchSupport(memoryPath: string): { ok: true } | { ok: fals
  *  live: background-snapshot: QEMU pauses it to write-protect RAM and save devices,
  *        then copies each page before the source may overwrite it.
  */
-export async function captureSandbox(sandboxId: string, mode: BranchMode, streamPath: string): Promise<CaptureResult> {
+export async function captureSandbox(
+  sandboxId: string,
+  mode: BranchMode,
+  streamPath: string,
+  opts: { branchTag?: string } = {},
+): Promise<CaptureResult> {
   const row = getSandbox(sandboxId);
+  // Recorded before anything can pause the source, cleared once it surely runs:
+  // a writer that dies in between leaves the row saying so, and recovery resumes it.
+  const mayPause = (paused: boolean) => {
+    if (opts.branchTag) branches.setSourcePaused(opts.branchTag, paused);
+  };
   const qmp = await QmpClient.connect(runtimePaths(row.run_dir).qmp, { timeoutMs: 10_000 });
   const events: QmpEvent[] = [];
   qmp.on("event", (e) => events.push(e));
   const started = performance.now();
   let stoppedByUs = false;
-  const sink = await openMigrationSink(row.run_dir, streamPath);
+  // A live capture's copier must outlive a dying daemon (see migration-sink.ts); the others die with it.
+  const sink = await openMigrationSink(row.run_dir, streamPath, { dieWithParent: mode !== "live" });
   const release = async () => {
     sink.close();
     await qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "background-snapshot", state: false }] }).catch(() => {});
@@ -104,6 +136,7 @@ export async function captureSandbox(sandboxId: string, mode: BranchMode, stream
     await qmp.execute("migrate_cancel", {}).catch(() => {});
     const status = await qmp.execute("query-status", {}).catch(() => undefined);
     if (stoppedByUs || (status && status.status !== "running")) await qmp.execute("cont", {}).catch(() => {});
+    if ((await qmp.execute("query-status", {}).catch(() => undefined))?.status === "running") mayPause(false);
     await release();
     throw err;
   };
@@ -119,16 +152,20 @@ export async function captureSandbox(sandboxId: string, mode: BranchMode, stream
       ],
     });
     // Writing to a local file: no bandwidth cap; a short downtime target for pre-copy.
-    await qmp.execute("migrate-set-parameters", { "max-bandwidth": 64 * 2 ** 30, "downtime-limit": 50 });
+    await qmp.execute("migrate-set-parameters", { "max-bandwidth": captureBandwidth(), "downtime-limit": 50 });
     const uri = sink.uri;
+    mayPause(true);
     if (mode === "full") {
       const t0 = performance.now();
       stoppedByUs = true;
       await qmp.execute("stop", {});
+      faultPoint("branch.full-stopped");
       await qmp.execute("migrate", { uri });
       await waitForMigration(qmp, 600_000, "writing the full capture");
+      faultPoint("branch.full-written");
       await qmp.execute("cont", {});
       stoppedByUs = false;
+      mayPause(false);
       const pauseMs = performance.now() - t0;
       const completed = await done();
       await release();
@@ -136,15 +173,26 @@ export async function captureSandbox(sandboxId: string, mode: BranchMode, stream
     }
     if (mode === "diff") {
       await qmp.execute("migrate", { uri });
-      await waitForMigration(qmp, 600_000, "pre-copy capture");
-      // QEMU stopped the source for the final copy and left it in postmigrate.
+      const stopAndCopy = await precopy(qmp, () => {
+        stoppedByUs = true;
+      });
+      faultPoint("branch.diff-completed");
+      // QEMU stopped the source for the final copy (or we did) and left it in postmigrate.
       await qmp.execute("cont", {});
+      stoppedByUs = false;
+      mayPause(false);
       const stop = events.find((e) => e.event === "STOP");
       const resume = await waitEvent(qmp, events, "RESUME");
       const pauseMs = stop && resume ? eventTimeMs(resume) - eventTimeMs(stop) : Number.NaN;
       const completed = await done();
       await release();
-      return { mode, pauseMs, resumedAfterMs: performance.now() - started, completed: Promise.resolve(completed) };
+      return {
+        mode,
+        pauseMs,
+        resumedAfterMs: performance.now() - started,
+        completed: Promise.resolve(completed),
+        ...(stopAndCopy ? { stopAndCopy } : {}),
+      };
     }
     // live: QEMU stops the source, write-protects its RAM, saves devices and resumes
     // it; pages are copied afterwards. Answer at RESUME, finish in the background.
@@ -156,8 +204,12 @@ export async function captureSandbox(sandboxId: string, mode: BranchMode, stream
     const stop = events.find((e) => e.event === "STOP");
     const resumedAfterMs = performance.now() - started;
     const eventPause = stop && resume ? eventTimeMs(resume) - eventTimeMs(stop) : undefined;
+    // QEMU resumed the source itself; the pages still being copied never pause it again.
+    if (resume) mayPause(false);
+    faultPoint("branch.live-copying");
     const completed = waitForMigration(qmp, 600_000, "live capture")
       .then(async (info) => {
+        mayPause(false);
         const result = await done();
         await release();
         return { ...result, downtime: info.downtime };
@@ -168,6 +220,43 @@ export async function captureSandbox(sandboxId: string, mode: BranchMode, stream
     return { mode, pauseMs, resumedAfterMs, completed };
   } catch (err) {
     return recover(err);
+  }
+}
+
+/**
+ * Wait for a pre-copy to complete, bounded: past diffConvergeMs or DIFF_MAX_PASSES
+ * passes over RAM, the source is stopped (stop-and-copy) with the bandwidth cap
+ * and downtime target lifted, so what is left is copied at once and the copy ends.
+ * True when it had to. The deadline still applies to the whole copy.
+ */
+async function precopy(qmp: QmpClient, onStop: () => void): Promise<boolean> {
+  const started = Date.now();
+  const deadline = started + 600_000;
+  const bound = diffConvergeMs();
+  let forced = false;
+  let firstPass = true;
+  for (;;) {
+    const info = await qmp.execute("query-migrate", {});
+    if (info.status === "completed") return forced;
+    if (info.status === "failed" || info.status === "cancelled") {
+      throw new ForkdError("qmp_error", `pre-copy capture failed: ${info["error-desc"] ?? info.status}`);
+    }
+    if (firstPass && info.status === "active") {
+      firstPass = false;
+      faultPoint("branch.diff-precopy");
+    }
+    const passes = Number((info.ram as { "dirty-sync-count"?: number } | undefined)?.["dirty-sync-count"] ?? 0);
+    if (!forced && (Date.now() - started > bound || passes > DIFF_MAX_PASSES)) {
+      forced = true;
+      onStop();
+      await qmp.execute("stop", {});
+      await qmp.execute("migrate-set-parameters", { "max-bandwidth": 64 * 2 ** 30, "downtime-limit": 600_000 });
+    }
+    if (Date.now() > deadline) {
+      await qmp.execute("migrate_cancel", {}).catch(() => {});
+      throw new ForkdError("vm_timeout", "pre-copy capture did not finish within 600000 ms");
+    }
+    await new Promise((r) => setTimeout(r, 2));
   }
 }
 
@@ -209,6 +298,7 @@ export async function materializeCapture(opts: MaterializeOpts): Promise<Snapsho
     grantToVmm(opts.stageWork, runDir);
     launched = launchQemu({ plan, dieWithParent: true, inheritFds: [stream] });
     fs.closeSync(stream);
+    faultPoint("branch.materialising");
     const qmp = await QmpClient.connect(runtimePaths(runDir).qmp, { timeoutMs: 10_000 });
     try {
       await qmp.execute("migrate-incoming", { uri: "fd:3" });
@@ -250,7 +340,12 @@ export async function materializeCapture(opts: MaterializeOpts): Promise<Snapsho
       warm: snapshot.warm,
       parent: snapshot.tag,
       branchedFrom: opts.source.id,
-      branch: { mode: opts.capture.mode, pauseMs: opts.capture.pauseMs, captureMs: written.captureMs },
+      branch: {
+        mode: opts.capture.mode,
+        pauseMs: opts.capture.pauseMs,
+        captureMs: written.captureMs,
+        ...(opts.capture.stopAndCopy ? { stopAndCopy: true } : {}),
+      },
       timings: { bootMs: 0, warmMs: 0, saveMs: written.captureMs, totalMs: performance.now() - opts.startedAt },
     },
   });
@@ -294,7 +389,7 @@ export async function branchSandbox(plan: BranchPlan): Promise<BranchOutcome> {
   };
   let capture: CaptureResult;
   try {
-    capture = await captureSandbox(plan.sourceId, plan.mode, streamPath);
+    capture = await captureSandbox(plan.sourceId, plan.mode, streamPath, { branchTag: plan.tag });
   } catch (err) {
     await cleanupDirs();
     throw err;
@@ -352,6 +447,7 @@ export async function startBranch(sourceId: string, opts: { tag?: string; mode?:
   let plan: BranchPlan;
   try {
     plan = await planBranch(sourceId, opts);
+    const owner = selfIdentity();
     const claimed = branches.claim({
       tag: plan.tag,
       source_id: sourceId,
@@ -360,7 +456,8 @@ export async function startBranch(sourceId: string, opts: { tag?: string; mode?:
       error: null,
       pause_ms: null,
       total_ms: null,
-      owner_pid: process.pid,
+      owner_pid: owner.pid,
+      owner_start: owner.start,
       created_at: new Date().toISOString(),
     });
     if (!claimed)
@@ -369,6 +466,7 @@ export async function startBranch(sourceId: string, opts: { tag?: string; mode?:
     releaseQueue();
     throw err;
   }
+  faultPoint("branch.claimed");
   let outcome: BranchOutcome;
   try {
     outcome = await branchSandbox(plan);
@@ -393,13 +491,67 @@ export async function startBranch(sourceId: string, opts: { tag?: string; mode?:
   return { status: { ...base, status: "writing", total_ms: null, memory_bytes: null }, done };
 }
 
-/** After a crash or restart: a BRANCH whose writer is gone will never finish; say so. */
-export function recoverBranches(): string[] {
+/** A BRANCH whose writer died: it will never finish. */
+export function branchAbandoned(row: Pick<BranchRow, "status" | "owner_pid" | "owner_start">): boolean {
+  return row.status === "writing" && !sameProcess(row.owner_pid, row.owner_start);
+}
+
+/**
+ * After a crash or restart: a BRANCH whose writer is gone will never finish. Its
+ * source is resumed first if the capture may have paused it (the row says so;
+ * rows from before that was recorded are checked too), then the BRANCH is marked
+ * failed: a crash during recovery leaves the row as it was, to be recovered again.
+ */
+export async function recoverBranches(): Promise<{ failed: string[]; resumed: string[] }> {
   const failed: string[] = [];
+  const resumed: string[] = [];
   for (const row of branches.list()) {
-    if (row.status !== "writing" || isAlive(row.owner_pid)) continue;
+    if (!branchAbandoned(row)) continue;
+    if (row.source_paused !== 0 && (await resumeSource(row.source_id, { cancel: row.mode !== "live" }))) resumed.push(row.source_id);
     branches.finish(row.tag, { status: "failed", error: "interrupted: the process writing it exited before it was ready" });
     failed.push(row.tag);
   }
-  return failed;
+  return { failed, resumed };
+}
+
+/** States a capture leaves its source in when nobody sends `cont`. */
+const PAUSED_BY_CAPTURE = new Set(["paused", "postmigrate", "finish-migrate"]);
+
+/**
+ * End whatever migration a dead writer left on the source and run it again if it
+ * is paused. True when it had to be resumed. A source that is gone needs nothing.
+ * A background snapshot (live) is waited for, never cancelled: cancelling one whose
+ * vCPU waits on a write-protected page deadlocks QEMU 7.2 (see migration-sink.ts).
+ */
+export async function resumeSource(sourceId: string, opts: { cancel?: boolean } = {}): Promise<boolean> {
+  const row = sandboxes.get(sourceId);
+  if (row?.state !== "running" || !sandboxAlive(row)) return false;
+  let qmp: QmpClient | undefined;
+  try {
+    qmp = await QmpClient.connect(runtimePaths(row.run_dir).qmp, { timeoutMs: 5000 });
+    const migration = await qmp.execute("query-migrate", {});
+    if (migration.status && !["completed", "failed", "cancelled", "none"].includes(migration.status)) {
+      if (opts.cancel !== false) await qmp.execute("migrate_cancel", {});
+      const until = Date.now() + 60_000;
+      while (Date.now() < until) {
+        const { status } = await qmp.execute("query-migrate", {});
+        if (status === "cancelled" || status === "failed" || status === "completed") break;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    }
+    await qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "background-snapshot", state: false }] }).catch(() => {});
+    const { status } = await qmp.execute("query-status", {});
+    if (!PAUSED_BY_CAPTURE.has(status)) return false;
+    await qmp.execute("cont", {});
+    return true;
+  } catch (err) {
+    throw new ForkdError(
+      "qmp_error",
+      `could not resume ${sourceId}, left paused by an interrupted BRANCH: ${(err as Error).message}`,
+      { id: sourceId },
+      { cause: err },
+    );
+  } finally {
+    qmp?.close();
+  }
 }

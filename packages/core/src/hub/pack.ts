@@ -13,6 +13,7 @@ import tar from "tar-stream";
 import { CompressStream, DecompressStream } from "zstd-napi";
 import { imagesDir, snapshotsDir } from "../common/config.js";
 import { ForkdError } from "../common/errors.js";
+import { faultPoint } from "../common/fault.js";
 import { fsyncDir, readJson, sha256File, writeFileAtomic } from "../common/fsutil.js";
 import { NAME_RE, validateName } from "../common/validate.js";
 import { imageFiles } from "../guest/image.js";
@@ -302,6 +303,7 @@ export async function unpackFile(file: string, opts: { tag?: string; onProgress?
     if (!index) throw badPack("it is empty");
     const missing = index.files.filter((f) => !received.has(f.path));
     if (missing.length) throw badPack(`it ends before ${missing.map((f) => f.path).join(", ")}`);
+    faultPoint("unpack.verified");
     return await registerReceived(work, index, opts.tag);
   } finally {
     await fsp.rm(work, { recursive: true, force: true });
@@ -407,6 +409,8 @@ export async function registerReceived(work: string, index: PackIndex, headTag?:
       });
     }
     for (const name of await fsp.readdir(dir)) await fsp.chmod(path.join(dir, name), 0o444);
+    // Each snapshot is whole when it appears; a crash between two leaves the bases, never a layer without one.
+    faultPoint("unpack.registering");
     await fsp.rename(dir, tagDir(finalTag)).catch((err: NodeJS.ErrnoException) => {
       if (err.code === "ENOTEMPTY" || err.code === "EEXIST") {
         throw new ForkdError("conflict", `snapshot ${finalTag} was created by someone else meanwhile`, { tag: finalTag });

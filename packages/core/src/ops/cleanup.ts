@@ -1,21 +1,34 @@
-// cleanup: what crashes and time limits leave behind, across sandboxes, branches and temp dirs.
+// cleanup: what crashes and time limits leave behind, across sandboxes, branches and
+// temp dirs. It is also start-up recovery: every step of snapshot, fork, BRANCH, rmi
+// and unpack records its intent before it acts (a "starting" row, a "writing"
+// BRANCH that may have paused its source, a runtime dir naming its owner, a dot-dir
+// named by its writer's pid), so whatever a writer that died left half done is
+// finished or undone here, and what a living writer holds is never touched.
 import fs from "node:fs";
 import fsp from "node:fs/promises";
 import path from "node:path";
-import { recoverBranches } from "../branch/branch.js";
+import { branchAbandoned, recoverBranches } from "../branch/branch.js";
 import { forkdRunDir, shmDir, snapshotsDir, vmsRunDir } from "../common/config.js";
 import { removeEgressNamespace, removeSandboxEgress, sandboxEgressUids } from "../net/netns.js";
-import { expireSandboxes, reapSandbox, sandboxAlive } from "../sandbox/lifecycle.js";
-import { branches, sandboxes } from "../store/state.js";
+import { abandonStartingSandbox, expireSandboxes, reapSandbox, sandboxAlive, startingOwned } from "../sandbox/lifecycle.js";
+import { listSnapshots, tagDir } from "../store/snapshots.js";
+import { stageKey } from "../store/staging.js";
+import { branches, sandboxes, staged } from "../store/state.js";
 import { runtimePaths } from "../vmm/plan.js";
-import { isAlive, isOurQemu, releaseStaleUids, removeRunDir } from "../vmm/process.js";
+import { findOurQemus, isAlive, isOurQemu, killAndWait, releaseStaleUids, removeRunDir, runDirOwnerAlive } from "../vmm/process.js";
 
 export type CleanupReport = {
   reaped: string[];
   expired: string[];
   failedBranches: string[];
+  /** Sandboxes an interrupted BRANCH had left paused, running again. */
+  resumedSources: string[];
+  /** Children whose starter died before they answered: their VMM killed, their row and files removed. */
+  abandonedStarts: string[];
   strayRunDirs: string[];
   strayTempDirs: string[];
+  /** Staged memory images (or their rows) that no registered snapshot owns. */
+  strayStaged: string[];
   /** uids whose egress rules outlived their sandbox. */
   strayEgressRules: number[];
   /** The egress namespace was removed: no VM used it any more. */
@@ -24,26 +37,44 @@ export type CleanupReport = {
 
 /**
  * Reap sandboxes whose VMM is gone, runtime dirs nobody owns, and snapshot temp
- * dirs whose writer died. Never touches a live process that is not provably ours.
+ * dirs whose writer died; finish or undo what a dead writer left half done. Never
+ * touches a live process that is not provably ours, nor anything a live writer holds.
  */
 export async function cleanup(opts: { dryRun?: boolean } = {}): Promise<CleanupReport> {
   const act = !opts.dryRun;
+  // First: a source an interrupted BRANCH left paused must run again before anything else looks at it.
+  const recovered = act
+    ? await recoverBranches()
+    : {
+        failed: branches
+          .list()
+          .filter(branchAbandoned)
+          .map((b) => b.tag),
+        resumed: [] as string[],
+      };
   const report: CleanupReport = {
     reaped: [],
     expired: act ? await expireSandboxes() : sandboxes.expired(Date.now()).map((r) => r.id),
-    failedBranches: act
-      ? recoverBranches()
-      : branches
-          .list()
-          .filter((b) => b.status === "writing" && !isAlive(b.owner_pid))
-          .map((b) => b.tag),
+    failedBranches: recovered.failed,
+    resumedSources: recovered.resumed,
+    abandonedStarts: [],
     strayRunDirs: [],
     strayTempDirs: [],
+    strayStaged: [],
     strayEgressRules: [],
     egressNamespaceRemoved: false,
   };
   const known = new Set<string>();
   for (const row of sandboxes.list()) {
+    if (row.state === "starting") {
+      if (startingOwned(row)) {
+        known.add(row.run_dir);
+        continue;
+      }
+      if (act) await abandonStartingSandbox(row);
+      report.abandonedStarts.push(row.id);
+      continue;
+    }
     if (sandboxAlive(row)) {
       known.add(row.run_dir);
       continue;
@@ -60,17 +91,24 @@ export async function cleanup(opts: { dryRun?: boolean } = {}): Promise<CleanupR
   for (const name of dirs) {
     const dir = path.join(vmsRunDir(), name);
     if (known.has(dir)) continue;
-    const pid = Number((await fsp.readFile(runtimePaths(dir).pidfile, "utf8").catch(() => "")).trim());
-    // A VM being started right now (by `forkd run` or a fork in progress) owns its dir.
-    if (Number.isInteger(pid) && pid > 0 && isOurQemu(pid, dir)) continue;
-    const stat = await fsp.stat(dir).catch(() => undefined);
-    if (stat && Date.now() - stat.mtimeMs < 60_000 && !(await fsp.readFile(runtimePaths(dir).pidfile).catch(() => undefined))) {
-      continue; // just created; QEMU has not written its pid file yet
+    const owner = runDirOwnerAlive(dir);
+    if (owner === true) continue; // a VM its maker is still starting or running (`forkd run`, a snapshot parent)
+    if (owner === undefined) {
+      // A dir from before owners were recorded: judged by its QEMU and its age.
+      const pid = Number((await fsp.readFile(runtimePaths(dir).pidfile, "utf8").catch(() => "")).trim());
+      if (Number.isInteger(pid) && pid > 0 && isOurQemu(pid, dir)) continue;
+      const stat = await fsp.stat(dir).catch(() => undefined);
+      if (stat && Date.now() - stat.mtimeMs < 60_000 && !(await fsp.readFile(runtimePaths(dir).pidfile).catch(() => undefined))) {
+        continue; // just created; QEMU has not written its pid file yet
+      }
+    } else if (act) {
+      // Its maker died and no record owns it: a VMM still in it is an orphan.
+      for (const pid of findOurQemus(dir)) await killAndWait(pid, dir, undefined, 200);
     }
     if (act) await removeRunDir(dir);
     report.strayRunDirs.push(name);
   }
-  if (!act) return { ...report, strayTempDirs: await strayTempDirs() };
+  if (!act) return { ...report, strayTempDirs: await strayTempDirs(), strayStaged: await strayStaged(false) };
   await releaseStaleUids();
   for (const uid of await sandboxEgressUids().catch(() => [])) {
     if (fs.existsSync(path.join(forkdRunDir(), "uids", String(uid)))) continue;
@@ -84,7 +122,56 @@ export async function cleanup(opts: { dryRun?: boolean } = {}): Promise<CleanupR
     await fsp.rm(dir, { recursive: true, force: true });
     report.strayTempDirs.push(dir);
   }
+  report.strayStaged = await strayStaged(true);
   return report;
+}
+
+/** What a staged image's dir is called: TAG@ and 16 hex digits of its memory digest (stageKey). */
+const STAGED_NAME = /^([A-Za-z0-9_][A-Za-z0-9_.-]{0,63})@([0-9a-f]{16})$/;
+
+/**
+ * Staged images whose snapshot is gone (an rmi cut short after its commit point),
+ * rows naming images that are gone, and images of a registered snapshot whose row
+ * a crash kept from being written (added back, so the budget counts them).
+ * Staged dirs are read before snapshots: a snapshot is registered before its image
+ * is staged, so every image read has its snapshot visible when it has one.
+ */
+async function strayStaged(act: boolean): Promise<string[]> {
+  const base = path.join(shmDir(), "images");
+  const names = await fsp.readdir(base).catch(() => [] as string[]);
+  const owners = new Map((await listSnapshots()).map((s) => [stageKey(s), s]));
+  const rows = new Map(staged.list().map((r) => [r.key, r]));
+  const stray: string[] = [];
+  for (const name of names) {
+    if (!STAGED_NAME.test(name)) continue;
+    const dir = path.join(base, name);
+    const owner = owners.get(name);
+    if (!owner) {
+      stray.push(dir);
+      if (act) {
+        await fsp.rm(dir, { recursive: true, force: true });
+        staged.remove(name);
+      }
+      continue;
+    }
+    if (!rows.has(name) && act) {
+      const st = await fsp.stat(path.join(dir, "memory.bin")).catch(() => undefined);
+      if (st)
+        staged.upsert({ key: name, tag: owner.tag, path: path.join(dir, "memory.bin"), bytes: st.blocks * 512, last_used_ms: Date.now() });
+    }
+  }
+  for (const row of rows.values()) {
+    if (owners.has(row.key) && fs.existsSync(row.path)) continue;
+    stray.push(`row ${row.key}`);
+    if (act) staged.remove(row.key);
+  }
+  if (act) {
+    // A ready BRANCH row outlives its snapshot only when an rmi was cut short before removing it.
+    for (const row of branches.list()) {
+      if (row.status === "ready" && !fs.existsSync(path.join(tagDir(row.tag), "manifest.json"))) branches.remove(row.tag);
+    }
+  }
+  return stray;
 }
 
 /**

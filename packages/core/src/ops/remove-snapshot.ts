@@ -6,8 +6,9 @@ import fsp from "node:fs/promises";
 import path from "node:path";
 import { snapshotsDir } from "../common/config.js";
 import { ForkdError } from "../common/errors.js";
+import { faultPoint } from "../common/fault.js";
 import { fsyncDir } from "../common/fsutil.js";
-import { killSandbox } from "../sandbox/lifecycle.js";
+import { killSandbox, startingOwned } from "../sandbox/lifecycle.js";
 import { dependentsOf, subtreeOf } from "../store/chains.js";
 import { getSnapshot, type SnapshotInfo } from "../store/snapshots.js";
 import { stagedPath, stageKey } from "../store/staging.js";
@@ -32,7 +33,10 @@ export async function removeSnapshot(tag: string, opts: RemoveSnapshotOpts = {})
     );
   }
   const doomed = opts.cascade ? await subtreeOf(tag) : [snapshot];
-  const live = doomed.flatMap((s) => sandboxes.byTag(s.tag).filter((row) => isAlive(row.pid)));
+  // A child still being started from it counts: its image must stay until it answers or is undone.
+  const live = doomed.flatMap((s) =>
+    sandboxes.byTag(s.tag).filter((row) => (row.state === "starting" ? startingOwned(row) : isAlive(row.pid))),
+  );
   if (live.length > 0 && !opts.force) {
     throw new ForkdError(
       "conflict",
@@ -51,12 +55,16 @@ export async function removeSnapshot(tag: string, opts: RemoveSnapshotOpts = {})
 }
 
 async function unregister(snapshot: SnapshotInfo): Promise<void> {
-  // Unregister first (rename to a dot-dir) so a crash mid-delete never leaves a half snapshot listed.
+  // Unregister first (rename to a dot-dir): that one rename is the commit point. A crash
+  // after it leaves a .rm- dir, a staged image and rows that no listed snapshot owns,
+  // and cleanup removes each of those; a crash before it leaves the snapshot whole.
   const doomed = path.join(snapshotsDir(), `.rm-${process.pid}-${randomBytes(4).toString("hex")}`);
   await fsp.rename(snapshot.dir, doomed);
   await fsyncDir(snapshotsDir());
+  faultPoint("rmi.unregistered");
   await fsp.rm(doomed, { recursive: true, force: true });
   await fsp.rm(path.dirname(stagedPath(snapshot)), { recursive: true, force: true });
+  faultPoint("rmi.files-removed");
   staged.remove(stageKey(snapshot));
   branches.remove(snapshot.tag);
 }

@@ -151,6 +151,16 @@ export function limitSandbox(id: string, pid: number, limits: SandboxLimits, lay
   return dirs.length === 1 ? dirs[0] : JSON.stringify(dirs);
 }
 
+/**
+ * Where limitSandbox puts a sandbox's groups, known from its id alone: for a
+ * sandbox whose starter died between making the group and recording it.
+ */
+export function sandboxCgroupDirs(id: string, layout = detectCgroups()): string {
+  if (!layout) return JSON.stringify([]);
+  const hierarchies = layout.version === 2 ? [layout.root] : [layout.memory, layout.cpu].filter((h): h is string => Boolean(h));
+  return JSON.stringify([...new Set(hierarchies)].map((h) => path.join(h, "forkd", id)));
+}
+
 /** The cgroup dirs a sandbox row names: one path (v2, or older rows), or a JSON list (one per v1 hierarchy). */
 export function cgroupDirs(value: string | null | undefined): string[] {
   if (!value) return [];

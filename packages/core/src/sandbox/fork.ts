@@ -3,6 +3,7 @@ import { randomBytes } from "node:crypto";
 import fs from "node:fs";
 import fsp from "node:fs/promises";
 import { ForkdError } from "../common/errors.js";
+import { faultPoint } from "../common/fault.js";
 import { AgentClient } from "../guest/agent-client.js";
 import { waitForAgent } from "../guest/agent-wait.js";
 import { applySandboxEgress, egressPolicyEnabled, ensureEgressNamespace, removeSandboxEgress } from "../net/netns.js";
@@ -22,6 +23,7 @@ import {
   removeRunDir,
   runDirUid,
   saveConsole,
+  selfIdentity,
 } from "../vmm/process.js";
 import { QmpClient } from "../vmm/qmp.js";
 import { limitSandbox, removeCgroup, validateCpuLimit } from "./cgroup.js";
@@ -161,6 +163,33 @@ async function restoreChild(
   let agent: AgentClient | undefined;
   const t0 = performance.now();
   try {
+    // Intent before action: the row exists, "starting", before the VMM does. A starter
+    // that dies anywhere from here leaves a row that start-up recovery kills and reaps;
+    // only the identity answer below makes it "running" (re-adopted after a restart).
+    const owner = selfIdentity();
+    sandboxes.insert({
+      id,
+      tag: snapshot.tag,
+      image: snapshot.image.name,
+      pid: 0,
+      pid_start: "",
+      run_dir: runDir,
+      state: "starting",
+      created_at: new Date().toISOString(),
+      accel: snapshot.accel,
+      memory_mib: snapshot.memoryMib,
+      vcpus: snapshot.vcpus,
+      network: plan.network,
+      network_policy: JSON.stringify(policyView(mode, mode === "none" ? { allowOut: [], denyOut: [] } : egress.policy)),
+      memory_limit_mib: opts.memoryLimitMib ?? null,
+      cgroup: null,
+      expires_at_ms: opts.ttlMs !== undefined ? Date.now() + opts.ttlMs : null,
+      metadata: opts.metadata ? JSON.stringify(opts.metadata) : null,
+      owner_pid: owner.pid,
+      owner_start: owner.start,
+      vmm_uid: uid ?? null,
+    });
+    faultPoint("fork.row-written");
     // Again per child, after its runtime dir exists: cleanup removes an unused namespace only when no VM dir is left.
     const netns = egress.netns ? await ensureEgressNamespace() : undefined;
     if (netns) {
@@ -173,6 +202,7 @@ async function restoreChild(
         );
       }
     }
+    faultPoint("fork.before-launch");
     const vmstate = fs.openSync(snapshot.vmstatePath, "r");
     let launched: ReturnType<typeof launchQemu>;
     try {
@@ -181,31 +211,15 @@ async function restoreChild(
       fs.closeSync(vmstate);
     }
     pid = launched.pid;
+    faultPoint("fork.launched");
+    sandboxes.setVmm(id, pid, processStartTime(pid));
     // Every child gets a CPU quota, asked for or not: a guest spinning all its vCPUs must not starve its neighbours.
     cgroup = limitSandbox(id, pid, {
       ...(opts.memoryLimitMib !== undefined ? { memoryMib: opts.memoryLimitMib } : {}),
       cpus: opts.cpuLimit ?? snapshot.vcpus,
       cpusRequested: opts.cpuLimit !== undefined,
     });
-    sandboxes.insert({
-      id,
-      tag: snapshot.tag,
-      image: snapshot.image.name,
-      pid,
-      pid_start: processStartTime(pid),
-      run_dir: runDir,
-      state: "running",
-      created_at: new Date().toISOString(),
-      accel: snapshot.accel,
-      memory_mib: snapshot.memoryMib,
-      vcpus: snapshot.vcpus,
-      network: plan.network,
-      network_policy: JSON.stringify(policyView(mode, mode === "none" ? { allowOut: [], denyOut: [] } : egress.policy)),
-      memory_limit_mib: opts.memoryLimitMib ?? null,
-      cgroup: cgroup ?? null,
-      expires_at_ms: opts.ttlMs !== undefined ? Date.now() + opts.ttlMs : null,
-      metadata: opts.metadata ? JSON.stringify(opts.metadata) : null,
-    });
+    sandboxes.setCgroup(id, cgroup ?? null);
     const exited = launched.exited.then(async ({ code, signal }) => {
       const log = await fsp.readFile(runtimePaths(runDir).qemuLog, "utf8").catch(() => "");
       throw new ForkdError(
@@ -228,6 +242,7 @@ async function restoreChild(
       if (status === "paused") {
         const migration = await race(qmp.execute("query-migrate", {}));
         if (migration.status === "completed") {
+          faultPoint("fork.before-cont");
           await race(qmp.execute("cont", {}));
           break;
         }
@@ -255,6 +270,9 @@ async function restoreChild(
       ),
     );
     const t3 = performance.now();
+    faultPoint("fork.before-confirm");
+    sandboxes.confirm(id);
+    faultPoint("fork.confirmed");
     if (opts.keepAgent) {
       opts.keepAgent(id, agent);
       agent = undefined;

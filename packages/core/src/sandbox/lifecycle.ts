@@ -6,9 +6,9 @@ import { waitForAgent } from "../guest/agent-wait.js";
 import { removeSandboxEgress } from "../net/netns.js";
 import { type SandboxRow, sandboxes } from "../store/state.js";
 import { runtimePaths } from "../vmm/plan.js";
-import { isAlive, isOurQemu, killAndWait, processStartTime, removeRunDir, runDirUid } from "../vmm/process.js";
+import { findOurQemus, isAlive, isOurQemu, killAndWait, processStartTime, removeRunDir, runDirUid, sameProcess } from "../vmm/process.js";
 import { QmpClient } from "../vmm/qmp.js";
-import { removeCgroup } from "./cgroup.js";
+import { removeCgroup, sandboxCgroupDirs } from "./cgroup.js";
 
 /** Alive and still the same process: pids are reused, so the start time and runtime dir must match too. */
 export function sandboxAlive(row: Pick<SandboxRow, "pid" | "pid_start" | "run_dir">): boolean {
@@ -22,6 +22,8 @@ export function getSandbox(id: string): SandboxInfo {
   validateSandboxId(id);
   const row = sandboxes.get(id);
   if (!row) throw new ForkdError("sandbox_not_found", `no sandbox ${id}; \`forkd ls\` lists them`, { id });
+  // Not a sandbox until it answered: its starter owns it (and recovery, if the starter died).
+  if (row.state === "starting") throw new ForkdError("sandbox_not_found", `sandbox ${id} is still starting`, { id });
   const alive = sandboxAlive(row);
   if (!alive) {
     void reapSandbox(row);
@@ -31,7 +33,29 @@ export function getSandbox(id: string): SandboxInfo {
 }
 
 export function listSandboxes(): SandboxInfo[] {
-  return sandboxes.list().map((row) => ({ ...row, alive: sandboxAlive(row) }));
+  return sandboxes
+    .list()
+    .filter((row) => row.state !== "starting")
+    .map((row) => ({ ...row, alive: sandboxAlive(row) }));
+}
+
+/** A row still being started whose starter is alive: hands off, it is not abandoned. */
+export function startingOwned(row: SandboxRow): boolean {
+  return row.state === "starting" && sameProcess(row.owner_pid, row.owner_start);
+}
+
+/**
+ * Undo a start that will never finish (its starter died, or it is being killed):
+ * its VMM, found by the recorded pid or, if it was launched but not yet recorded,
+ * by its runtime dir, is killed; then everything else of it is reaped.
+ */
+export async function abandonStartingSandbox(row: SandboxRow): Promise<void> {
+  const pids = new Set(findOurQemus(row.run_dir));
+  if (row.pid > 0 && processStartTime(row.pid) === row.pid_start && isOurQemu(row.pid, row.run_dir)) pids.add(row.pid);
+  for (const pid of pids) await killAndWait(pid, row.run_dir, undefined, 200);
+  // The group may have been made and the pid moved in before the row recorded it.
+  await removeCgroup(row.cgroup ?? sandboxCgroupDirs(row.id));
+  await reapSandbox(row);
 }
 
 /**
@@ -78,6 +102,10 @@ export async function killSandbox(id: string): Promise<void> {
   validateSandboxId(id);
   const row = sandboxes.get(id);
   if (!row) throw new ForkdError("sandbox_not_found", `no sandbox ${id}; \`forkd ls\` lists them`, { id });
+  if (row.state === "starting") {
+    await abandonStartingSandbox(row);
+    return;
+  }
   if (sandboxAlive(row)) {
     try {
       const qmp = await QmpClient.connect(runtimePaths(row.run_dir).qmp, { timeoutMs: 2000 });
@@ -94,7 +122,7 @@ export async function killSandbox(id: string): Promise<void> {
 export async function reapSandbox(row: SandboxRow): Promise<void> {
   await removeCgroup(row.cgroup);
   // Before the uid is freed with the runtime dir: its next holder must not inherit these rules.
-  await removeSandboxEgress(runDirUid(row.run_dir));
+  await removeSandboxEgress(row.vmm_uid ?? runDirUid(row.run_dir));
   await removeRunDir(row.run_dir);
   sandboxes.remove(row.id);
 }

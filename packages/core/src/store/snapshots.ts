@@ -7,6 +7,7 @@ import path from "node:path";
 import { shmDir, snapshotsDir } from "../common/config.js";
 import { ensurePrivateDir, ensureStagingDir, ensureStateDir } from "../common/dirs.js";
 import { ForkdError } from "../common/errors.js";
+import { faultPoint } from "../common/fault.js";
 import { exists, fsyncDir, readJson, sha256File, writeFileAtomic } from "../common/fsutil.js";
 import { validateName } from "../common/validate.js";
 import { imageFiles } from "../guest/image.js";
@@ -37,7 +38,8 @@ export type SnapshotManifest = {
   parent: string | null;
   branchedFrom: string | null;
   /** For a BRANCH: how the capture was taken and how long the source was paused. */
-  branch?: { mode: "full" | "diff" | "live"; pauseMs: number; captureMs: number };
+  /** stopAndCopy: a diff pre-copy that did not converge within its bound, finished with the source stopped. */
+  branch?: { mode: "full" | "diff" | "live"; pauseMs: number; captureMs: number; stopAndCopy?: boolean };
   /**
    * Present when only the pages that differ from `parent` are stored (layer.bin +
    * pagemap.bin), pinned to the parent's memory digest, checked when this layer
@@ -172,6 +174,7 @@ export async function registerSnapshot(opts: RegisterOpts): Promise<SnapshotInfo
     ...(layer ? { layer } : {}),
   };
   await writeFileAtomic(path.join(work, "manifest.json"), `${JSON.stringify(manifest, null, 2)}\n`, { mode: 0o444 });
+  faultPoint("register.before-commit");
   try {
     await fsp.rename(work, tagDir(base.tag));
   } catch (err) {
@@ -181,6 +184,7 @@ export async function registerSnapshot(opts: RegisterOpts): Promise<SnapshotInfo
     throw err;
   }
   await fsyncDir(snapshotsDir());
+  faultPoint("register.committed");
   // The RAM file is already on shmem: it becomes the staged image.
   shareWithVmms(memoryPath);
   // Hashed above by us: forks from this process need not hash it again.

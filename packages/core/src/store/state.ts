@@ -14,7 +14,11 @@ export type SandboxRow = {
   pid: number;
   pid_start: string;
   run_dir: string;
-  state: "running" | "paused" | "stopped";
+  /**
+   * "starting" from before its VMM is launched until its first answer (the intent:
+   * start-up recovery kills and reaps it if its writer died); "running" once confirmed.
+   */
+  state: "starting" | "running" | "paused" | "stopped";
   created_at: string;
   accel: string;
   memory_mib: number;
@@ -31,6 +35,11 @@ export type SandboxRow = {
   /** "unhealthy" once its guest broke the agent protocol (never cleared: kill it); null while healthy. */
   health?: "unhealthy" | null;
   health_reason?: string | null;
+  /** The process writing a "starting" row (its pid and start time): while it lives, nobody else touches the row. */
+  owner_pid?: number | null;
+  owner_start?: string | null;
+  /** The VMM's own uid (confinement), recorded with the intent so recovery can drop its egress rules. */
+  vmm_uid?: number | null;
 };
 
 export type BranchRow = {
@@ -43,6 +52,10 @@ export type BranchRow = {
   total_ms: number | null;
   owner_pid: number;
   created_at: string;
+  /** The writer's start time (pids are reused); null on rows from before it was recorded. */
+  owner_start?: string | null;
+  /** 1 while the capture may have paused the source: recovery resumes it if the writer died then. */
+  source_paused?: number | null;
 };
 
 export type StagedRow = { key: string; tag: string; path: string; bytes: number; last_used_ms: number };
@@ -124,16 +137,33 @@ function migrate(database: Database.Database): void {
   if (!columns.has("network_policy")) database.exec("ALTER TABLE sandboxes ADD COLUMN network_policy TEXT");
   if (!columns.has("health")) database.exec("ALTER TABLE sandboxes ADD COLUMN health TEXT");
   if (!columns.has("health_reason")) database.exec("ALTER TABLE sandboxes ADD COLUMN health_reason TEXT");
+  if (!columns.has("owner_pid")) database.exec("ALTER TABLE sandboxes ADD COLUMN owner_pid INTEGER");
+  if (!columns.has("owner_start")) database.exec("ALTER TABLE sandboxes ADD COLUMN owner_start TEXT");
+  if (!columns.has("vmm_uid")) database.exec("ALTER TABLE sandboxes ADD COLUMN vmm_uid INTEGER");
+  const branchColumns = new Set((database.prepare("PRAGMA table_info(branches)").all() as { name: string }[]).map((c) => c.name));
+  if (!branchColumns.has("owner_start")) database.exec("ALTER TABLE branches ADD COLUMN owner_start TEXT");
+  if (!branchColumns.has("source_paused")) database.exec("ALTER TABLE branches ADD COLUMN source_paused INTEGER");
 }
 
 export const sandboxes = {
   insert(row: SandboxRow): void {
     openState()
       .prepare(
-        `INSERT INTO sandboxes (id, tag, image, pid, pid_start, run_dir, state, created_at, accel, memory_mib, vcpus, network, network_policy, memory_limit_mib, cgroup, expires_at_ms, metadata)
-         VALUES (@id, @tag, @image, @pid, @pid_start, @run_dir, @state, @created_at, @accel, @memory_mib, @vcpus, @network, @network_policy, @memory_limit_mib, @cgroup, @expires_at_ms, @metadata)`,
+        `INSERT INTO sandboxes (id, tag, image, pid, pid_start, run_dir, state, created_at, accel, memory_mib, vcpus, network, network_policy, memory_limit_mib, cgroup, expires_at_ms, metadata, owner_pid, owner_start, vmm_uid)
+         VALUES (@id, @tag, @image, @pid, @pid_start, @run_dir, @state, @created_at, @accel, @memory_mib, @vcpus, @network, @network_policy, @memory_limit_mib, @cgroup, @expires_at_ms, @metadata, @owner_pid, @owner_start, @vmm_uid)`,
       )
-      .run({ network_policy: null, ...row });
+      .run({ network_policy: null, owner_pid: null, owner_start: null, vmm_uid: null, ...row });
+  },
+  /** The VMM of a "starting" row, recorded as soon as it is launched. */
+  setVmm(id: string, pid: number, pidStart: string): void {
+    openState().prepare("UPDATE sandboxes SET pid = ?, pid_start = ? WHERE id = ?").run(pid, pidStart, id);
+  },
+  setCgroup(id: string, cgroup: string | null): void {
+    openState().prepare("UPDATE sandboxes SET cgroup = ? WHERE id = ?").run(cgroup, id);
+  },
+  /** The child answered: from now on it is a sandbox like any other, re-adopted after a restart. */
+  confirm(id: string): void {
+    openState().prepare("UPDATE sandboxes SET state = 'running' WHERE id = ? AND state = 'starting'").run(id);
   },
   get(id: string): SandboxRow | undefined {
     return openState().prepare("SELECT * FROM sandboxes WHERE id = ?").get(id) as SandboxRow | undefined;
@@ -157,7 +187,10 @@ export const sandboxes = {
     openState().prepare("DELETE FROM sandboxes WHERE id = ?").run(id);
   },
   expired(nowMs: number): SandboxRow[] {
-    return openState().prepare("SELECT * FROM sandboxes WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ?").all(nowMs) as SandboxRow[];
+    // A child still starting is its starter's to finish or undo; its time limit applies once it runs.
+    return openState()
+      .prepare("SELECT * FROM sandboxes WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ? AND state != 'starting'")
+      .all(nowMs) as SandboxRow[];
   },
 };
 
@@ -183,13 +216,14 @@ export const branches = {
   claim(row: BranchRow): boolean {
     const res = openState()
       .prepare(
-        `INSERT INTO branches (tag, source_id, mode, status, error, pause_ms, total_ms, owner_pid, created_at)
-         VALUES (@tag, @source_id, @mode, @status, @error, @pause_ms, @total_ms, @owner_pid, @created_at)
+        `INSERT INTO branches (tag, source_id, mode, status, error, pause_ms, total_ms, owner_pid, created_at, owner_start, source_paused)
+         VALUES (@tag, @source_id, @mode, @status, @error, @pause_ms, @total_ms, @owner_pid, @created_at, @owner_start, 0)
          ON CONFLICT(tag) DO UPDATE SET source_id = excluded.source_id, mode = excluded.mode, status = excluded.status,
-           error = NULL, pause_ms = NULL, total_ms = NULL, owner_pid = excluded.owner_pid, created_at = excluded.created_at
+           error = NULL, pause_ms = NULL, total_ms = NULL, owner_pid = excluded.owner_pid, created_at = excluded.created_at,
+           owner_start = excluded.owner_start, source_paused = 0
          WHERE branches.status = 'failed'`,
       )
-      .run(row);
+      .run({ owner_start: null, ...row });
     return res.changes === 1;
   },
   get(tag: string): BranchRow | undefined {
@@ -210,6 +244,12 @@ export const branches = {
         pause_ms: fields.pause_ms ?? null,
         total_ms: fields.total_ms ?? null,
       });
+  },
+  /** Set before anything may pause the source, cleared once it runs again: what recovery needs to resume it. */
+  setSourcePaused(tag: string, paused: boolean): void {
+    openState()
+      .prepare("UPDATE branches SET source_paused = ? WHERE tag = ?")
+      .run(paused ? 1 : 0, tag);
   },
   setPause(tag: string, pauseMs: number): void {
     openState().prepare("UPDATE branches SET pause_ms = ? WHERE tag = ?").run(pauseMs, tag);

@@ -1,14 +1,20 @@
 // Where outgoing migrations go. QEMU runs confined with spawn=deny, so it cannot
 // run `exec:cat > FILE`; instead it connects to a unix socket in its own runtime
 // dir, and an unprivileged `cat` that forkd starts copies the stream into the
-// file: the bytes never pass through the daemon's heap or event loop.
+// file: the bytes never pass through the daemon's heap or event loop. The copier
+// dies with the process that started it (forkd-vmm-launch --die-with-parent): a
+// daemon killed mid-capture must not leave a copy writing to /dev/shm; its
+// migration then fails and start-up recovery resumes the source. Except for a
+// background snapshot (live BRANCH), where a failing stream deadlocks QEMU 7.2 (a
+// vCPU waiting on a write-protected page holds the lock the failed migration needs
+// to lift the protection): that copy is one bounded pass over RAM, left to finish.
 import { spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import fs from "node:fs";
 import net from "node:net";
 import path from "node:path";
 import { ForkdError } from "../common/errors.js";
-import { VMM_GID } from "./confine.js";
+import { launcherPath, VMM_GID } from "./confine.js";
 import { runDirUid } from "./process.js";
 import { type QmpClient, waitForMigration } from "./qmp.js";
 
@@ -24,7 +30,7 @@ export type MigrationSink = {
   close: () => void;
 };
 
-export async function openMigrationSink(runDir: string, target: string): Promise<MigrationSink> {
+export async function openMigrationSink(runDir: string, target: string, opts: { dieWithParent?: boolean } = {}): Promise<MigrationSink> {
   const socketPath = path.join(runDir, `migrate-${randomBytes(4).toString("hex")}.sock`);
   const server = net.createServer({ pauseOnConnect: true });
   await new Promise<void>((resolve, reject) => {
@@ -42,10 +48,17 @@ export async function openMigrationSink(runDir: string, target: string): Promise
       server.close();
       const out = fs.openSync(target, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_TRUNC | fs.constants.O_NOFOLLOW, 0o600);
       try {
-        copier = spawn("/bin/cat", [], {
-          stdio: [socket, out, "ignore"],
-          ...(process.geteuid?.() === 0 ? { uid: NOBODY, gid: NOBODY } : {}),
-        });
+        const launcher = launcherPath();
+        if (!fs.existsSync(launcher)) {
+          throw new ForkdError("missing_dependency", `${launcher} is not built; run \`npm run build\``);
+        }
+        // As root the launcher drops to nobody (no capabilities, no_new_privs) before the exec.
+        const drop = process.geteuid?.() === 0 ? ["--uid", String(NOBODY), "--gid", String(NOBODY), "--groups", String(NOBODY)] : [];
+        const die = opts.dieWithParent === false ? [] : ["--die-with-parent"];
+        copier = spawn(launcher, [...drop, ...die, "--", "/bin/cat"], { stdio: [socket, out, "ignore"] });
+      } catch (err) {
+        reject(err);
+        return;
       } finally {
         fs.closeSync(out);
         socket.destroy();

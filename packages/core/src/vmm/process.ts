@@ -34,6 +34,9 @@ export async function makeRunDir(id: string): Promise<string> {
   const base = ensurePrivateDir(vmsRunDir(), { kind: "runtime dir (FORKD_RUN_DIR)" });
   const dir = path.join(base, id);
   await fsp.mkdir(dir, { mode: 0o700 });
+  // Who made it, before anything runs in it: if that process dies before a record
+  // owns the dir (a sandbox row) or it is removed, cleanup knows it is abandoned.
+  fs.writeFileSync(path.join(dir, OWNER_FILE), `${process.pid} ${processStartTime(process.pid)}\n`, { mode: 0o444 });
   if (confinementEnabled()) {
     requireRoot();
     const uid = claimVmmUid(dir);
@@ -41,6 +44,48 @@ export async function makeRunDir(id: string): Promise<string> {
     fs.chownSync(dir, uid, VMM_GID);
   }
   return dir;
+}
+
+const OWNER_FILE = "owner";
+
+/**
+ * Is the process that made this runtime dir still alive? undefined for a dir made
+ * before owners were recorded. (A VMM may rewrite the file in its own dir; the
+ * worst it can do is keep its dir from being removed after it died.)
+ */
+export function runDirOwnerAlive(runDir: string): boolean | undefined {
+  let text: string;
+  try {
+    text = fs.readFileSync(path.join(runDir, OWNER_FILE), "utf8");
+  } catch {
+    return undefined;
+  }
+  const [pid, start] = text.trim().split(" ");
+  return sameProcess(Number(pid), start ?? "");
+}
+
+/** The process `pid` that started at `start` (processStartTime) still runs: a reused pid is another process. */
+export function sameProcess(pid: number | null | undefined, start: string | null | undefined): boolean {
+  if (!pid || !Number.isInteger(pid) || pid <= 0 || !isAlive(pid)) return false;
+  return !start || processStartTime(pid) === start;
+}
+
+/** This process, as sameProcess identifies it. */
+export function selfIdentity(): { pid: number; start: string } {
+  return { pid: process.pid, start: processStartTime(process.pid) };
+}
+
+/**
+ * Every QEMU (or its launcher, before the exec) started for `runDir`, found by
+ * command line: for a VMM launched but not yet recorded when its starter died.
+ */
+export function findOurQemus(runDir: string): number[] {
+  const found: number[] = [];
+  for (const entry of fs.readdirSync("/proc")) {
+    if (!/^\d+$/.test(entry)) continue;
+    if (isOurQemu(Number(entry), runDir)) found.push(Number(entry));
+  }
+  return found;
 }
 
 function uidsDir(): string {
@@ -189,6 +234,8 @@ export function launchQemu(opts: LaunchOpts): Launched {
 }
 
 export function isAlive(pid: number): boolean {
+  // kill(0) and kill(-1) would probe a process group: never a single process.
+  if (!Number.isInteger(pid) || pid <= 0) return false;
   try {
     process.kill(pid, 0);
     return true;

@@ -6,6 +6,7 @@ import fsp from "node:fs/promises";
 import path from "node:path";
 import { Vm } from "../boot/vm.js";
 import { ForkdError } from "../common/errors.js";
+import { faultPoint } from "../common/fault.js";
 import { exists } from "../common/fsutil.js";
 import { validateName } from "../common/validate.js";
 import { getImage } from "../guest/image.js";
@@ -50,6 +51,7 @@ export async function createSnapshot(opts: CreateSnapshotOpts): Promise<Snapshot
       signal: opts.signal,
     });
     vm = booted.vm;
+    faultPoint("snapshot.parent-booted");
     const bootMs = booted.timings.totalMs;
     const warmStart = performance.now();
     for (const [i, command] of (opts.warm ?? []).entries()) {
