@@ -65,10 +65,12 @@ export function tagDir(tag: string): string {
 
 async function info(manifest: SnapshotManifest): Promise<SnapshotInfo> {
   const dir = tagDir(manifest.tag);
-  const { kernel, initrd, rootfs } = imageFiles(manifest.image.name, manifest.image.digest);
+  // A record names its image build; one too damaged to say which keeps what it has.
+  const named = typeof manifest.image?.name === "string" && typeof manifest.image?.digest === "string";
+  const files = named ? imageFiles(manifest.image.name, manifest.image.digest) : undefined;
   return {
     ...manifest,
-    image: { ...manifest.image, kernel, initrd, rootfs },
+    image: { ...manifest.image, ...(files ? { kernel: files.kernel, initrd: files.initrd, rootfs: files.rootfs } : {}) },
     dir,
     memoryPath: path.join(dir, "memory.bin"),
     layerPath: path.join(dir, "layer.bin"),
