@@ -79,7 +79,69 @@ export type PingResult = {
 
 export type CancelRequest = { op: "cancel"; target: number };
 
-export type AgentRequest = { op: "ping" } | ExecRequest | EvalRequest | FilesRequest | IdentityRequest | CancelRequest;
+/** Background processes the agent runs at once; more are refused with `agent_busy`. */
+export const MAX_BACKGROUND_PROCESSES = 64;
+/** Exited background processes kept for list and attach (the oldest goes first), and for how long. */
+export const MAX_EXITED_PROCESSES = 64;
+export const EXITED_PROCESS_KEEP_MS = 10 * 60_000;
+/** Recent output kept per stream of a background process, replayed to whoever attaches. */
+export const PROCESS_OUTPUT_RING_BYTES = 1024 * 1024;
+/** Largest stdin payload of one proc_stdin call, and the most a process may leave unread. */
+export const MAX_PROCESS_STDIN_BYTES = 4 * 1024 * 1024;
+/** Signals a host may send to a background process. */
+export const PROCESS_SIGNALS = ["SIGTERM", "SIGKILL", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGSTOP", "SIGCONT"] as const;
+export type ProcessSignal = (typeof PROCESS_SIGNALS)[number];
+
+/** Start a process that outlives the call: its stdin stays open, its output goes to a ring buffer. */
+export type ProcStartRequest = Omit<ExecRequest, "op"> & { op: "proc_start"; tag?: string };
+export type ProcListRequest = { op: "proc_list" };
+export type ProcKillRequest = { op: "proc_kill"; pid: number; signal?: ProcessSignal };
+/** base64 `data` written to the process's stdin; `eof` closes it after. */
+export type ProcStdinRequest = { op: "proc_stdin"; pid: number; data?: string; eof?: boolean };
+/** Output kept so far as chunks, then live output, then the exit as the result; a cancel detaches. */
+export type ProcAttachRequest = { op: "proc_attach"; pid: number };
+
+export type ProcInfo = {
+  pid: number;
+  argv?: string[];
+  cmd?: string;
+  cwd: string;
+  env: Record<string, string>;
+  tag?: string;
+  startedAtMs: number;
+  running: boolean;
+  exitCode: number | null;
+  signal: string | null;
+  timedOut: boolean;
+  endedAtMs: number | null;
+  stdoutBytes: number;
+  stderrBytes: number;
+  stdinOpen: boolean;
+};
+export type ProcKillResult = { pid: number; signal: ProcessSignal; signalled: boolean };
+export type ProcStdinResult = { pid: number; bytes: number; stdinOpen: boolean };
+export type ProcExit = {
+  pid: number;
+  exitCode: number | null;
+  signal: string | null;
+  timedOut: boolean;
+  durationMs: number;
+  /** Output this attach never saw: it had left the ring buffer before it could be sent. */
+  droppedBytes: number;
+};
+
+export type AgentRequest =
+  | { op: "ping" }
+  | ExecRequest
+  | EvalRequest
+  | FilesRequest
+  | IdentityRequest
+  | CancelRequest
+  | ProcStartRequest
+  | ProcListRequest
+  | ProcKillRequest
+  | ProcStdinRequest
+  | ProcAttachRequest;
 
 export type RequestFrame = AgentRequest & { id: number };
 
@@ -102,7 +164,9 @@ export type AgentErrorCode =
   | "timeout"
   | "eval_error"
   | "io_error"
-  | "cancelled";
+  | "cancelled"
+  /** A background process that has exited (or closed its stdin) was asked to do what only a running one can. */
+  | "not_running";
 
 export function encodeFrame(message: unknown): Buffer {
   const body = Buffer.from(JSON.stringify(message), "utf8");

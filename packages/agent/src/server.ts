@@ -7,6 +7,7 @@ import { JsEvaluator } from "./ops/eval.js";
 import { type OutputFlow, runExec } from "./ops/exec.js";
 import { runFiles } from "./ops/files.js";
 import { applyIdentity, type IdentityDeps } from "./ops/identity.js";
+import { type ProcessLimits, ProcessRegistry } from "./ops/processes.js";
 import type { PythonWorker } from "./ops/python.js";
 import { AGENT_VERSION, type AgentErrorCode, MAX_CONCURRENT_CALLS, type RequestFrame, type ResponseFrame } from "./protocol.js";
 
@@ -22,14 +23,17 @@ export type AgentServerOpts = {
   /** Counters of the transport, reported by ping for diagnosis. */
   stats?: () => Record<string, unknown>;
   flow?: OutputFlow;
+  /** Limits of the background-process registry (tests make them small). */
+  processes?: Partial<ProcessLimits>;
 };
 
-type Running = { controller: AbortController };
+type Running = { controller: AbortController; op: string };
 
 export class AgentServer {
   private readonly running = new Map<number, Running>();
   private readonly startedAt = Date.now();
   private readonly evaluator = new JsEvaluator();
+  private readonly processes: ProcessRegistry;
   private readonly maxConcurrentCalls: number;
   // Calls of a host that hung up: their frames are dropped, not queued for the next
   // host, which never asked for them and would count them as protocol violations.
@@ -40,6 +44,7 @@ export class AgentServer {
     private readonly opts: AgentServerOpts = {},
   ) {
     this.maxConcurrentCalls = opts.maxConcurrentCalls ?? MAX_CONCURRENT_CALLS;
+    this.processes = new ProcessRegistry(opts.processes);
   }
 
   private send(frame: ResponseFrame): void {
@@ -91,7 +96,7 @@ export class AgentServer {
       for (const runningId of this.running.keys()) this.orphaned.add(runningId);
     }
     const controller = new AbortController();
-    this.running.set(id, { controller });
+    this.running.set(id, { controller, op: request.op });
     this.dispatch(id, request, controller.signal)
       .then((value) => this.send({ id, kind: "result", value }))
       .catch((err: unknown) => {
@@ -134,7 +139,25 @@ export class AgentServer {
       case "files":
         return runFiles(request);
       case "identity":
+        // A restored child's first call: attaches still running were its parent's host
+        // following a process; nobody here follows it for them.
+        for (const [runningId, call] of this.running) if (call.op === "proc_attach" && runningId !== id) call.controller.abort();
         return applyIdentity(request, this.opts.identity);
+      case "proc_start":
+        return this.processes.start(request);
+      case "proc_list":
+        return { processes: this.processes.list() };
+      case "proc_kill":
+        return this.processes.kill(request);
+      case "proc_stdin":
+        return this.processes.stdin(request);
+      case "proc_attach":
+        return this.processes.attach(
+          request,
+          signal,
+          (stream, data) => this.send({ id, kind: "chunk", stream, data: data.toString("base64") }),
+          this.opts.flow,
+        );
       default:
         throw new AgentOpError("unknown_op", `unknown op '${(request as { op: string }).op}'`);
     }

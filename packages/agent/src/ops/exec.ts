@@ -1,4 +1,4 @@
-import { spawn } from "node:child_process";
+import { type ChildProcessWithoutNullStreams, spawn } from "node:child_process";
 import { statSync } from "node:fs";
 import { type ExecRequest, type ExecResult, MAX_EXEC_TIMEOUT_MS } from "../protocol.js";
 import { AgentOpError } from "./errors.js";
@@ -28,7 +28,7 @@ export function validateExec(request: ExecRequest): { file: string; args: string
   return { file: "/bin/sh", args: ["-c", cmd] };
 }
 
-function validateTimeout(timeoutMs: unknown): number | undefined {
+export function validateTimeout(timeoutMs: unknown): number | undefined {
   if (timeoutMs === undefined) return undefined;
   if (typeof timeoutMs !== "number" || !Number.isInteger(timeoutMs) || timeoutMs <= 0 || timeoutMs > MAX_EXEC_TIMEOUT_MS) {
     throw new AgentOpError("bad_request", `\`timeoutMs\` must be an integer from 1 to ${MAX_EXEC_TIMEOUT_MS}`);
@@ -36,7 +36,7 @@ function validateTimeout(timeoutMs: unknown): number | undefined {
   return timeoutMs;
 }
 
-function validateEnv(env: unknown): Record<string, string> {
+export function validateEnv(env: unknown): Record<string, string> {
   if (env === undefined) return {};
   if (typeof env !== "object" || env === null || Array.isArray(env)) {
     throw new AgentOpError("bad_request", "`env` must be an object of string values");
@@ -49,6 +49,71 @@ function validateEnv(env: unknown): Record<string, string> {
   return env as Record<string, string>;
 }
 
+export const DEFAULT_ENV = { PATH: DEFAULT_PATH, HOME: "/root", TERM: "dumb", LANG: "C.UTF-8" };
+
+// A command is over when its own process has exited and its output has been read.
+// Its pipes reach EOF only when every holder closes them, and a background child it
+// left running (`nohup server &`) may hold them for ever: after the exit, output
+// that has stopped for EXIT_QUIET_MS (or EXIT_GRACE_MS in all) is taken as complete.
+const EXIT_QUIET_MS = 100;
+const EXIT_GRACE_MS = 2000;
+// Pipes still held by what finished commands left behind are read and discarded, so
+// those writers never die of SIGPIPE; past this many, further ones are closed instead.
+const MAX_LINGERING_PIPES = 256;
+let lingeringPipes = 0;
+
+/** What an exited child's pipes do once its caller has its answer. */
+export function drainLeftovers(child: ChildProcessWithoutNullStreams): void {
+  const open = (s: { destroyed: boolean; readableEnded: boolean }) => !s.destroyed && !s.readableEnded;
+  if (!open(child.stdout) && !open(child.stderr)) return;
+  child.stdout.removeAllListeners("data");
+  child.stderr.removeAllListeners("data");
+  if (lingeringPipes >= MAX_LINGERING_PIPES) {
+    child.stdout.destroy();
+    child.stderr.destroy();
+    return;
+  }
+  lingeringPipes++;
+  child.once("close", () => lingeringPipes--);
+  child.stdout.resume();
+  child.stderr.resume();
+}
+
+/**
+ * Call `settled` once `child` has exited and its output is in: at its `close`, or when
+ * its pipes have gone quiet after the exit. `lastOutputAt` is when data last arrived;
+ * `paused` says output is held back by the reader (the quiet clock does not run then).
+ */
+export function whenExitSettled(
+  child: ChildProcessWithoutNullStreams,
+  lastOutputAt: () => number,
+  settled: (code: number | null, signal: NodeJS.Signals | null) => void,
+  paused: () => boolean = () => false,
+): void {
+  let done = false;
+  let timer: NodeJS.Timeout | undefined;
+  const finish = (code: number | null, signal: NodeJS.Signals | null) => {
+    if (done) return;
+    done = true;
+    if (timer) clearTimeout(timer);
+    settled(code, signal);
+  };
+  child.on("close", (code, signal) => finish(code, signal));
+  child.on("exit", (code, signal) => {
+    const exitedAt = performance.now();
+    const check = () => {
+      timer = undefined;
+      const now = performance.now();
+      if (!paused() && (now - Math.max(lastOutputAt(), exitedAt) >= EXIT_QUIET_MS || now - exitedAt >= EXIT_GRACE_MS)) {
+        finish(code, signal);
+        return;
+      }
+      timer = setTimeout(check, EXIT_QUIET_MS / 2);
+    };
+    if (!done) timer = setTimeout(check, EXIT_QUIET_MS / 2);
+  });
+}
+
 /**
  * Run a process in its own process group so a timeout or cancel kills everything it
  * started. Output streams back as chunks while it runs.
@@ -56,7 +121,7 @@ function validateEnv(env: unknown): Record<string, string> {
 export function runExec(request: ExecRequest, signal: AbortSignal, onChunk: ChunkSink, flow?: OutputFlow): Promise<ExecResult> {
   const { file, args } = validateExec(request);
   const timeoutMs = validateTimeout(request.timeoutMs);
-  const env = { PATH: DEFAULT_PATH, HOME: "/root", TERM: "dumb", LANG: "C.UTF-8", ...validateEnv(request.env) };
+  const env = { ...DEFAULT_ENV, ...validateEnv(request.env) };
   const started = performance.now();
   return new Promise((resolve, reject) => {
     let timedOut = false;
@@ -95,7 +160,11 @@ export function runExec(request: ExecRequest, signal: AbortSignal, onChunk: Chun
     // Output faster than the port drains stops the process on a full pipe instead of
     // piling up in the agent: memory stays bounded and a cancel finds little queued.
     let paused = false;
+    let lastOutputAt = 0;
     const onData = (stream: "stdout" | "stderr") => (data: Buffer) => {
+      // After the answer, a chunk for this call would break the protocol.
+      if (settled) return;
+      lastOutputAt = performance.now();
       onChunk(stream, data);
       if (!flow || paused || !flow.full()) return;
       paused = true;
@@ -124,14 +193,17 @@ export function runExec(request: ExecRequest, signal: AbortSignal, onChunk: Chun
         finish(new AgentOpError("io_error", `could not start ${file}: ${err.message}`));
       }
     });
-    child.on("close", (code, sig) => {
-      const durationMs = performance.now() - started;
-      if (signal.aborted && !timedOut) {
-        finish(new AgentOpError("cancelled", "exec was cancelled by the host"));
-        return;
-      }
-      finish({ exitCode: code, signal: sig, timedOut, durationMs });
-    });
+    whenExitSettled(
+      child,
+      () => lastOutputAt,
+      (code, sig) => {
+        const durationMs = performance.now() - started;
+        if (signal.aborted && !timedOut) finish(new AgentOpError("cancelled", "exec was cancelled by the host"));
+        else finish({ exitCode: code, signal: sig, timedOut, durationMs });
+        drainLeftovers(child);
+      },
+      () => paused,
+    );
     child.stdin.on("error", () => {
       // The process may exit without reading its stdin; that is not our error.
     });
