@@ -17,8 +17,16 @@ import {
   type FilesRequest,
   FrameDecoder,
   type IdentityRequest,
+  MAX_BACKGROUND_PROCESSES,
   MAX_EXEC_TIMEOUT_MS,
+  MAX_EXITED_PROCESSES,
   type PingResult,
+  type ProcExit,
+  type ProcessSignal,
+  type ProcInfo,
+  type ProcKillResult,
+  type ProcStartRequest,
+  type ProcStdinResult,
   parseResponseFrame,
   type ResponseFrame,
 } from "@forkd/agent/protocol";
@@ -71,6 +79,9 @@ export function defaultDeadlineMs(request: { op: string; timeoutMs?: unknown }):
       return (own ?? 30_000) + 10_000;
     case "identity":
       return 30_000;
+    case "proc_attach":
+      // Follows a process until it exits, which may be never; a detach (cancel) ends it sooner.
+      return MAX_EXEC_TIMEOUT_MS + 30_000;
     default:
       return 60_000;
   }
@@ -485,6 +496,47 @@ export class AgentClient {
     return this.call({ op: "identity", ...request }, { ...opts, validate: validateIdentityResult });
   }
 
+  /** Start a background process: it outlives this call and this connection. */
+  procStart(request: Omit<ProcStartRequest, "op">, opts?: CallOpts): Promise<ProcInfo> {
+    return this.call({ op: "proc_start", ...request }, { ...opts, validate: validateProcInfo });
+  }
+
+  procList(opts?: CallOpts): Promise<ProcInfo[]> {
+    return this.call<{ processes: ProcInfo[] }>({ op: "proc_list" }, { ...opts, validate: validateProcList }).then((r) => r.processes);
+  }
+
+  procKill(pid: number, signal: ProcessSignal | undefined, opts?: CallOpts): Promise<ProcKillResult> {
+    return this.call(
+      { op: "proc_kill", pid, ...(signal ? { signal } : {}) },
+      { ...opts, validate: (v) => validateProcKill(v, pid, signal ?? "SIGKILL") },
+    );
+  }
+
+  /** `data` goes to the process's stdin; `eof` closes it after. */
+  procStdin(pid: number, data: Buffer, eof: boolean, opts?: CallOpts): Promise<ProcStdinResult> {
+    return this.call(
+      { op: "proc_stdin", pid, ...(data.length ? { data: data.toString("base64") } : {}), ...(eof ? { eof: true } : {}) },
+      { ...opts, validate: (v) => validateProcStdin(v, pid, data.length) },
+    );
+  }
+
+  /**
+   * The output a background process has kept, then its live output, then its exit.
+   * Aborting `signal` detaches (the process runs on); so does the host leaving.
+   */
+  procAttach(pid: number, opts: Omit<ExecOpts, "cancelOnOutputLimit"> = {}): Promise<ProcExit & { truncated: boolean }> {
+    const { onStdout, onStderr, maxOutputBytes, ...callOpts } = opts;
+    return this.call(
+      { op: "proc_attach", pid },
+      {
+        ...callOpts,
+        validate: (v) => validateProcExit(v, pid),
+        output: { max: maxOutputBytes ?? Number.POSITIVE_INFINITY, cancel: false },
+        onChunk: (stream, data) => (stream === "stdout" ? onStdout?.(data) : onStderr?.(data)),
+      },
+    );
+  }
+
   close(): void {
     this.socket.destroy();
     this.failAll((op) => `the agent connection was closed by the host while ${op} was in flight`);
@@ -549,6 +601,79 @@ function validateIdentityResult(value: unknown): string | undefined {
   return undefined;
 }
 
+// Background processes, as the guest describes them. Every field is checked: a pid
+// the guest made up is used in URLs and messages, and a list longer than the agent's
+// own limits allow is not an agent of ours.
+const MAX_GUEST_PID = 4_194_304;
+const SIGNAL_RE = /^SIG[A-Z0-9+-]{1,12}$/;
+const isPid = (v: unknown): v is number => Number.isSafeInteger(v) && (v as number) > 0 && (v as number) <= MAX_GUEST_PID;
+const isCount = (v: unknown): v is number => Number.isSafeInteger(v) && (v as number) >= 0;
+const isStringArray = (v: unknown): v is string[] => Array.isArray(v) && v.every((x) => typeof x === "string");
+
+function validateProcInfo(value: unknown): string | undefined {
+  if (!isObject(value)) return "is not an object";
+  if (!isPid(value.pid)) return `has a pid that is not an integer from 1 to ${MAX_GUEST_PID}`;
+  const hasArgv = value.argv !== undefined;
+  const hasCmd = value.cmd !== undefined;
+  if (hasArgv === hasCmd) return "must have exactly one of argv and cmd";
+  if (hasArgv && !(isStringArray(value.argv) && value.argv.length > 0)) return "has an argv that is not a non-empty array of strings";
+  if (hasCmd && typeof value.cmd !== "string") return "has a cmd that is not a string";
+  if (typeof value.cwd !== "string") return "has a cwd that is not a string";
+  if (!isObject(value.env) || !Object.values(value.env).every((v) => typeof v === "string"))
+    return "has an env that is not an object of strings";
+  if (value.tag !== undefined && typeof value.tag !== "string") return "has a tag that is not a string";
+  if (!isFiniteNumber(value.startedAtMs) || !(value.endedAtMs === null || isFiniteNumber(value.endedAtMs)))
+    return "has start and end times that are not numbers";
+  if (typeof value.running !== "boolean" || typeof value.timedOut !== "boolean" || typeof value.stdinOpen !== "boolean")
+    return "lacks boolean running, timedOut and stdinOpen";
+  if (!(value.exitCode === null || Number.isSafeInteger(value.exitCode))) return "has an exitCode that is neither null nor an integer";
+  if (!(value.signal === null || (typeof value.signal === "string" && SIGNAL_RE.test(value.signal))))
+    return "has a signal that is neither null nor a signal name";
+  if (value.running && (value.exitCode !== null || value.signal !== null || value.endedAtMs !== null))
+    return "is running with an exit status";
+  if (!isCount(value.stdoutBytes) || !isCount(value.stderrBytes)) return "has output counts that are not non-negative integers";
+  return undefined;
+}
+
+function validateProcList(value: unknown): string | undefined {
+  if (!isObject(value) || !Array.isArray(value.processes)) return "lacks a processes array";
+  const list = value.processes as unknown[];
+  if (list.length > MAX_BACKGROUND_PROCESSES + MAX_EXITED_PROCESSES) return `lists ${list.length} processes, more than the agent keeps`;
+  const pids = new Set<unknown>();
+  for (const [i, entry] of list.entries()) {
+    const problem = validateProcInfo(entry);
+    if (problem) return `has a process (#${i}) that ${problem}`;
+    pids.add((entry as ProcInfo).pid);
+  }
+  if (pids.size !== list.length) return "lists a pid twice";
+  if (list.filter((p) => (p as ProcInfo).running).length > MAX_BACKGROUND_PROCESSES)
+    return "lists more running processes than the agent allows";
+  return undefined;
+}
+
+function validateProcKill(value: unknown, pid: number, signal: string): string | undefined {
+  if (!isObject(value) || value.pid !== pid || value.signal !== signal || typeof value.signalled !== "boolean") {
+    return `is not {pid: ${pid}, signal: ${signal}, signalled: boolean}`;
+  }
+  return undefined;
+}
+
+function validateProcStdin(value: unknown, pid: number, bytes: number): string | undefined {
+  if (!isObject(value) || value.pid !== pid || value.bytes !== bytes || typeof value.stdinOpen !== "boolean") {
+    return `is not {pid: ${pid}, bytes: ${bytes}, stdinOpen: boolean}`;
+  }
+  return undefined;
+}
+
+function validateProcExit(value: unknown, pid: number): string | undefined {
+  if (!isObject(value) || value.pid !== pid) return `is not an exit of process ${pid}`;
+  const problem = validateExecResult(value);
+  if (problem) return problem;
+  if (value.signal !== null && !SIGNAL_RE.test(value.signal as string)) return "has a signal that is not a signal name";
+  if (!isCount(value.droppedBytes)) return "has a droppedBytes that is not a non-negative integer";
+  return undefined;
+}
+
 /** An error the agent itself reported (bad request, file not found, eval exception…). */
 export class AgentCallError extends ForkdError {
   constructor(
@@ -575,6 +700,8 @@ function agentCodeToForkd(code: string): ForkdError["code"] {
       return "too_large";
     case "agent_busy":
       return "over_limit";
+    case "not_running":
+      return "invalid_state";
     case "timeout":
       return "vm_timeout";
     default:
@@ -582,4 +709,4 @@ function agentCodeToForkd(code: string): ForkdError["code"] {
   }
 }
 
-export type { EvalResult, ExecResult, PingResult };
+export type { EvalResult, ExecResult, PingResult, ProcExit, ProcInfo };
