@@ -1,6 +1,7 @@
 // Request and response shapes of REST API v1. The daemon validates with these,
 // the OpenAPI document is generated from them, and the SDK's types are inferred
 // from them: one source of truth.
+import { PROCESS_SIGNALS } from "@forkd/agent/protocol";
 import { z } from "zod";
 
 export const MAX_EXEC_TIMEOUT_MS = 3_600_000;
@@ -229,6 +230,10 @@ export const ExecBody = z
     /** forkd's timeout, in seconds. */
     timeout_secs: timeout("execSecs"),
     timeout_ms: timeout("exec"),
+    /** Start it and answer with its pid at once (E2B's background: true); its stdin stays open. */
+    background: z.boolean().optional(),
+    /** A label for a background process, shown when processes are listed. */
+    tag: z.string().optional(),
   })
   .strict();
 
@@ -337,3 +342,37 @@ export type ErrorBodyT = z.infer<typeof ErrorBody>;
 export type BranchBodyT = z.infer<typeof BranchBody>;
 export type BranchResponseT = z.infer<typeof BranchResponse>;
 export type SnapshotStatusT = z.infer<typeof SnapshotStatus>;
+
+// Background processes (E2B's commands.run with background, list, kill, connect, sendStdin).
+export const ProcessParam = z
+  .object({ id: z.string(), pid: z.string().regex(/^[1-9][0-9]{0,6}$/, "a pid is a positive integer") })
+  .strict();
+export const ProcessInfo = z.object({
+  pid: z.number(),
+  tag: z.string().nullable(),
+  /** E2B's shape: the program and its arguments (a shell command line is /bin/sh, -c and the line). */
+  cmd: z.string(),
+  args: z.array(z.string()),
+  envs: z.record(z.string(), z.string()),
+  cwd: z.string(),
+  running: z.boolean(),
+  exit_code: z.number().nullable(),
+  signal: z.string().nullable(),
+  timed_out: z.boolean(),
+  started_at: z.string(),
+  ended_at: z.string().nullable(),
+  /** Output it has written in all (the last 1 MiB of each stream is kept for reattaching). */
+  stdout_bytes: z.number(),
+  stderr_bytes: z.number(),
+  stdin_open: z.boolean(),
+});
+export const ProcessList = z.array(ProcessInfo);
+export const KillProcessQuery = z.object({ signal: z.enum(PROCESS_SIGNALS).optional() }).strict();
+export const ProcessStdinBody = z
+  .object({ data: z.string().optional(), encoding: z.enum(["utf8", "base64"]).optional(), eof: z.boolean().optional() })
+  .strict();
+export const ProcessStdinResponse = z.object({ pid: z.number(), bytes: z.number(), stdin_open: z.boolean() });
+export type ProcessInfoT = z.infer<typeof ProcessInfo>;
+export type ProcessStdinBodyT = z.infer<typeof ProcessStdinBody>;
+export type ProcessStdinResponseT = z.infer<typeof ProcessStdinResponse>;
+export type ProcessSignalT = (typeof PROCESS_SIGNALS)[number];

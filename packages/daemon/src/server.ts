@@ -11,6 +11,7 @@ import { registerAgentCallRoutes } from "./routes/agent-calls.js";
 import { registerBranchRoutes } from "./routes/branch.js";
 import { ERROR_RESPONSES, type RouteDeps, type ServerContext, touch } from "./routes/context.js";
 import { registerJobRoutes } from "./routes/jobs.js";
+import { registerProcessRoutes } from "./routes/processes.js";
 import { registerRegistryRoutes } from "./routes/registry.js";
 import { registerSandboxRoutes } from "./routes/sandboxes.js";
 import { registerSnapshotRoutes } from "./routes/snapshots.js";
@@ -127,6 +128,7 @@ export async function buildServer(ctx: ServerContext, opts: ServerOpts = { requi
     registerSandboxRoutes,
     registerBranchRoutes,
     registerAgentCallRoutes,
+    registerProcessRoutes,
     registerJobRoutes,
     registerWorkspaceRoutes,
     registerRegistryRoutes,

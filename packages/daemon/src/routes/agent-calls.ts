@@ -5,6 +5,7 @@ import { z } from "zod";
 import * as S from "../schemas.js";
 import { boundedTimeout } from "../timeouts.js";
 import type { RouteDeps } from "./context.js";
+import { startBackground } from "./processes.js";
 
 /**
  * NDJSON a streamed exec may hold for an HTTP client that reads slower than the
@@ -55,6 +56,8 @@ export function registerAgentCallRoutes({ r, ctx, err }: RouteDeps): void {
     if (body.timeout_secs !== undefined && body.timeout_ms !== undefined) {
       throw new ForkdError("bad_request", "send the timeout as `timeout_secs` (forkd's) or `timeout_ms`, not both");
     }
+    if (body.tag !== undefined && !body.background)
+      throw new ForkdError("bad_request", "`tag` labels a background process: send it with `background: true`");
     const secs = boundedTimeout(body.timeout_secs, "timeout_secs", "execSecs");
     const timeoutMs = secs !== undefined ? secs * 1000 : boundedTimeout(body.timeout_ms, "timeout_ms", "exec");
     return {
@@ -68,9 +71,10 @@ export function registerAgentCallRoutes({ r, ctx, err }: RouteDeps): void {
 
   r.post(
     "/v1/sandboxes/:id/exec",
-    { schema: { params: S.IdParam, body: S.ExecBody, response: { 200: S.ExecResponse, ...err } } },
+    { schema: { params: S.IdParam, body: S.ExecBody, response: { 200: z.union([S.ExecResponse, S.ProcessInfo]), ...err } } },
     async (request) => {
       const exec = execRequest(request.body);
+      if (request.body.background) return startBackground(ctx, request.params.id, exec, request.body.tag);
       const agent = await ctx.pool.forSandbox(request.params.id);
       const stdout: Buffer[] = [];
       const stderr: Buffer[] = [];
@@ -97,6 +101,9 @@ export function registerAgentCallRoutes({ r, ctx, err }: RouteDeps): void {
 
   // Streaming exec: newline-delimited JSON, one object per output chunk, then the exit.
   r.post("/v1/sandboxes/:id/exec/stream", { schema: { params: S.IdParam, body: S.ExecBody } }, async (request, reply) => {
+    if (request.body.background) {
+      throw new ForkdError("bad_request", "a background process is started with POST /exec; follow it with GET /processes/PID/output");
+    }
     const exec = execRequest(request.body);
     const agent = await ctx.pool.forSandbox(request.params.id);
     const out = new PassThrough();
