@@ -261,35 +261,39 @@ export class Controller {
       raw: true,
       signal: opts.signal ?? AbortSignal.timeout((body.timeout_ms ?? 24 * 3_600_000) + this.requestTimeoutMs),
     });
-    if (!res.body) throw new ForkdApiError(502, "bad_gateway", "the stream had no body");
-    const decoder = new TextDecoder();
-    let buffered = "";
-    let exit: ExecExit | undefined;
-    for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
-      buffered += decoder.decode(chunk, { stream: true });
-      let nl = buffered.indexOf("\n");
-      while (nl >= 0) {
-        const line = buffered.slice(0, nl);
-        buffered = buffered.slice(nl + 1);
-        nl = buffered.indexOf("\n");
-        if (!line.trim()) continue;
-        const event = JSON.parse(line) as { type: string; data?: string; error?: { code: string; message: string } } & ExecExit;
-        if (event.type === "stdout") opts.onStdout?.(Buffer.from(event.data ?? "", "base64"));
-        else if (event.type === "stderr") opts.onStderr?.(Buffer.from(event.data ?? "", "base64"));
-        else if (event.type === "exit")
-          exit = {
-            exit_code: event.exit_code,
-            signal: event.signal,
-            timed_out: event.timed_out,
-            duration_ms: event.duration_ms,
-            ...(event.truncated ? { truncated: true } : {}),
-          };
-        else if (event.type === "error")
-          throw new ForkdApiError(502, event.error?.code ?? "agent_error", event.error?.message ?? "exec failed");
-      }
-    }
-    if (!exit) throw new ForkdApiError(502, "agent_error", "the exec stream ended without an exit status");
-    return exit;
+    return readExecEvents(res, opts, "exec");
+  }
+
+  /** exec with background: true: the process starts and its pid comes back at once; it outlives this request. */
+  execBackground(id: string, body: Omit<S.ExecBodyT, "background">): Promise<S.ProcessInfoT> {
+    return this.request("POST", `/v1/sandboxes/${encodeURIComponent(id)}/exec`, { ...body, background: true });
+  }
+  /** Background processes of a sandbox, running and recently exited. */
+  listProcesses(id: string): Promise<S.ProcessInfoT[]> {
+    return this.request("GET", `/v1/sandboxes/${encodeURIComponent(id)}/processes`);
+  }
+  getProcess(id: string, pid: number): Promise<S.ProcessInfoT> {
+    return this.request("GET", `/v1/sandboxes/${encodeURIComponent(id)}/processes/${pid}`);
+  }
+  /** Signal a background process's whole group (SIGKILL by default). */
+  killProcess(id: string, pid: number, opts: { signal?: S.ProcessSignalT } = {}): Promise<void> {
+    const query = opts.signal ? `?signal=${opts.signal}` : "";
+    return this.request("DELETE", `/v1/sandboxes/${encodeURIComponent(id)}/processes/${pid}${query}`);
+  }
+  /** Write to a background process's stdin; `eof` closes it after. */
+  sendProcessStdin(id: string, pid: number, body: S.ProcessStdinBodyT): Promise<S.ProcessStdinResponseT> {
+    return this.request("POST", `/v1/sandboxes/${encodeURIComponent(id)}/processes/${pid}/stdin`, body);
+  }
+  /**
+   * Reattach to a background process: the output it has kept, then live output,
+   * resolving with its exit. Aborting `signal` detaches; the process runs on.
+   */
+  async processOutput(id: string, pid: number, opts: ExecStreamOpts = {}): Promise<ExecExit> {
+    const res = await this.request<Response>("GET", `/v1/sandboxes/${encodeURIComponent(id)}/processes/${pid}/output`, undefined, {
+      raw: true,
+      signal: opts.signal ?? new AbortController().signal,
+    });
+    return readExecEvents(res, opts, "process output");
   }
   eval(id: string, body: S.EvalBodyT): Promise<S.EvalResponseT> {
     return this.request("POST", `/v1/sandboxes/${encodeURIComponent(id)}/eval`, body);
@@ -365,4 +369,37 @@ export class Controller {
   async close(): Promise<void> {
     await this.dispatcher?.close();
   }
+}
+
+/** Read an NDJSON exec or process-output stream: chunks to the callbacks, the exit line as the answer. */
+async function readExecEvents(res: Response, opts: ExecStreamOpts, what: string): Promise<ExecExit> {
+  if (!res.body) throw new ForkdApiError(502, "bad_gateway", "the stream had no body");
+  const decoder = new TextDecoder();
+  let buffered = "";
+  let exit: ExecExit | undefined;
+  for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
+    buffered += decoder.decode(chunk, { stream: true });
+    let nl = buffered.indexOf("\n");
+    while (nl >= 0) {
+      const line = buffered.slice(0, nl);
+      buffered = buffered.slice(nl + 1);
+      nl = buffered.indexOf("\n");
+      if (!line.trim()) continue;
+      const event = JSON.parse(line) as { type: string; data?: string; error?: { code: string; message: string } } & ExecExit;
+      if (event.type === "stdout") opts.onStdout?.(Buffer.from(event.data ?? "", "base64"));
+      else if (event.type === "stderr") opts.onStderr?.(Buffer.from(event.data ?? "", "base64"));
+      else if (event.type === "exit")
+        exit = {
+          exit_code: event.exit_code,
+          signal: event.signal,
+          timed_out: event.timed_out,
+          duration_ms: event.duration_ms,
+          ...(event.truncated ? { truncated: true } : {}),
+        };
+      else if (event.type === "error")
+        throw new ForkdApiError(502, event.error?.code ?? "agent_error", event.error?.message ?? `${what} failed`);
+    }
+  }
+  if (!exit) throw new ForkdApiError(502, "agent_error", `the ${what} stream ended without an exit status`);
+  return exit;
 }

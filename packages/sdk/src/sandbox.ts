@@ -1,5 +1,7 @@
 // An E2B-shaped Sandbox over the forkd API, plus forkd's own Sandbox.fork.
-import { Controller, ForkdApiError } from "./controller.js";
+import { constants } from "node:os";
+import type * as S from "@forkd/daemon/schemas";
+import { Controller, type ExecExit, ForkdApiError } from "./controller.js";
 
 export type SandboxOpts = {
   /** Snapshot tag to start from (E2B calls it a template). */
@@ -51,18 +53,104 @@ export class CommandExitError extends Error implements CommandResult {
   }
 }
 
+/** A background process as E2B's commands.list describes it, with forkd's extras. */
+export type ProcessInfo = {
+  pid: number;
+  tag?: string;
+  cmd: string;
+  args: string[];
+  envs: Record<string, string>;
+  cwd?: string;
+  running: boolean;
+  exitCode: number | null;
+  signal: string | null;
+  startedAt: Date;
+  endedAt: Date | null;
+};
+
+export type CommandConnectOpts = { onStdout?: (data: string) => void; onStderr?: (data: string) => void };
+
+/** E2B's exit code for a process a signal ended: 128 plus the signal's number. */
+function exitCodeOf(exit: ExecExit): number {
+  if (exit.exit_code !== null) return exit.exit_code;
+  const n = exit.signal ? constants.signals[exit.signal as keyof typeof constants.signals] : undefined;
+  return 128 + (n ?? constants.signals.SIGKILL);
+}
+
+/**
+ * A background process (E2B's CommandHandle): it runs in the sandbox whether or not
+ * anything follows it; this handle follows its output from the start of what the
+ * sandbox kept. `disconnect` stops following, `kill` stops the process.
+ */
 export class CommandHandle {
+  private out = "";
+  private err = "";
+  private readonly follow = new AbortController();
+  private readonly done: Promise<CommandResult>;
+  exitCode: number | undefined;
+  error: string | undefined;
+
   constructor(
-    private readonly done: Promise<CommandResult>,
-    private readonly abort: AbortController,
-  ) {}
+    readonly pid: number,
+    private readonly controller: Controller,
+    private readonly sandboxId: string,
+    opts: CommandConnectOpts = {},
+  ) {
+    this.done = controller
+      .processOutput(sandboxId, pid, {
+        signal: this.follow.signal,
+        onStdout: (d) => {
+          const text = d.toString("utf8");
+          this.out += text;
+          opts.onStdout?.(text);
+        },
+        onStderr: (d) => {
+          const text = d.toString("utf8");
+          this.err += text;
+          opts.onStderr?.(text);
+        },
+      })
+      .then((exit) => {
+        const exitCode = exitCodeOf(exit);
+        this.exitCode = exitCode;
+        const error = exit.timed_out ? "timed out" : exit.signal ? `killed by ${exit.signal}` : undefined;
+        if (error) this.error = error;
+        if (exitCode !== 0) throw new CommandExitError(exitCode, this.out, this.err, error);
+        return { exitCode, stdout: this.out, stderr: this.err };
+      });
+    this.done.catch(() => {});
+  }
+
+  get stdout(): string {
+    return this.out;
+  }
+  get stderr(): string {
+    return this.err;
+  }
+
+  /** Its result once it exits; a non-zero exit throws CommandExitError, as in E2B. */
   wait(): Promise<CommandResult> {
     return this.done;
   }
-  /** Stop the command (its whole process group in the guest). */
+
+  /** Kill the process (its whole process group in the guest); false if it had already exited or is unknown. */
   async kill(): Promise<boolean> {
-    this.abort.abort();
+    return killProcess(this.controller, this.sandboxId, this.pid);
+  }
+
+  /** Stop following its output; it runs on (commands.connect follows it again). */
+  async disconnect(): Promise<void> {
+    this.follow.abort();
+  }
+}
+
+async function killProcess(controller: Controller, sandboxId: string, pid: number, signal?: S.ProcessSignalT): Promise<boolean> {
+  try {
+    await controller.killProcess(sandboxId, pid, signal ? { signal } : {});
     return true;
+  } catch (err) {
+    if (err instanceof ForkdApiError && (err.code === "not_found" || err.code === "invalid_state")) return false;
+    throw err;
   }
 }
 
@@ -72,6 +160,14 @@ export class Sandbox {
   readonly commands: {
     run(cmd: string, opts: CommandRunOpts & { background: true }): Promise<CommandHandle>;
     run(cmd: string, opts?: CommandRunOpts): Promise<CommandResult>;
+    /** Background processes, running and recently exited. */
+    list(): Promise<ProcessInfo[]>;
+    /** Kill a background process (SIGKILL unless told); false if it had exited or is unknown. */
+    kill(pid: number, opts?: { signal?: S.ProcessSignalT }): Promise<boolean>;
+    /** Follow a running (or recently exited) background process again, from the output it kept. */
+    connect(pid: number, opts?: CommandConnectOpts): Promise<CommandHandle>;
+    sendStdin(pid: number, data: string | Uint8Array): Promise<void>;
+    closeStdin(pid: number): Promise<void>;
   };
   readonly files: {
     read(path: string, opts?: { format?: "text" | "bytes" }): Promise<string | Uint8Array>;
@@ -88,6 +184,15 @@ export class Sandbox {
     private readonly envs: Record<string, string> = {},
   ) {
     const run = async (cmd: string, opts: CommandRunOpts = {}): Promise<CommandResult | CommandHandle> => {
+      if (opts.background) {
+        const started = await this.controller.execBackground(this.sandboxId, {
+          cmd,
+          env: { ...this.envs, ...(opts.envs ?? {}) },
+          ...(opts.cwd ? { cwd: opts.cwd } : {}),
+          ...(opts.timeoutMs ? { timeout_ms: opts.timeoutMs } : {}),
+        });
+        return new CommandHandle(started.pid, this.controller, this.sandboxId, opts);
+      }
       const abort = new AbortController();
       let stdout = "";
       let stderr = "";
@@ -120,13 +225,28 @@ export class Sandbox {
           if (exitCode !== 0) throw new CommandExitError(exitCode, stdout, stderr, error);
           return { exitCode, stdout, stderr };
         });
-      if (opts.background) {
-        done.catch(() => {});
-        return new CommandHandle(done, abort);
-      }
       return done;
     };
-    this.commands = { run } as Sandbox["commands"];
+    this.commands = {
+      run: run as Sandbox["commands"]["run"],
+      list: async () => (await this.controller.listProcesses(this.sandboxId)).map(processInfo),
+      kill: (pid, opts = {}) => killProcess(this.controller, this.sandboxId, pid, opts.signal),
+      connect: async (pid, opts = {}) => {
+        // An unknown pid fails here, as in E2B, not later in wait().
+        await this.controller.getProcess(this.sandboxId, pid);
+        return new CommandHandle(pid, this.controller, this.sandboxId, opts);
+      },
+      sendStdin: async (pid, data) => {
+        const body =
+          typeof data === "string"
+            ? { data, encoding: "utf8" as const }
+            : { data: Buffer.from(data).toString("base64"), encoding: "base64" as const };
+        await this.controller.sendProcessStdin(this.sandboxId, pid, body);
+      },
+      closeStdin: async (pid) => {
+        await this.controller.sendProcessStdin(this.sandboxId, pid, { eof: true });
+      },
+    };
     this.files = {
       read: async (path, opts = {}) => {
         const res = await this.controller.files<{ data: string }>(this.sandboxId, { action: "read", path });
@@ -231,6 +351,22 @@ export class Sandbox {
   async kill(): Promise<void> {
     await this.controller.deleteSandbox(this.sandboxId);
   }
+}
+
+function processInfo(p: S.ProcessInfoT): ProcessInfo {
+  return {
+    pid: p.pid,
+    ...(p.tag !== null ? { tag: p.tag } : {}),
+    cmd: p.cmd,
+    args: p.args,
+    envs: p.envs,
+    cwd: p.cwd,
+    running: p.running,
+    exitCode: p.exit_code,
+    signal: p.signal,
+    startedAt: new Date(p.started_at),
+    endedAt: p.ended_at === null ? null : new Date(p.ended_at),
+  };
 }
 
 function egressLists(opts: Omit<SandboxOpts, "template">): { allow_out?: string[]; deny_out?: string[] } {
