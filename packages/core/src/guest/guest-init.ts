@@ -92,3 +92,13 @@ export function nodeWrapper(): string {
 exec /opt/forkd/lib/ld-linux-x86-64.so.2 --library-path /opt/forkd/lib /opt/forkd/bin/node.bin "$@"
 `;
 }
+
+/** Name lookups from files first: \`localhost\` must never become a DNS query leaving the sandbox. */
+export const NSSWITCH_CONF = `passwd: files
+group: files
+shadow: files
+hosts: files dns
+networks: files
+protocols: files
+services: files
+`;

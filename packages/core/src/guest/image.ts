@@ -11,8 +11,9 @@ import { ForkdError } from "../common/errors.js";
 import { exists, fsyncDir, readJson, sha256File, writeFileAtomic } from "../common/fsutil.js";
 import { runChecked, runProgram } from "../common/program.js";
 import { validateName } from "../common/validate.js";
+import { busyboxShims, patchBusybox, WGET_APPLET } from "./busybox.js";
 import { type CpioEntry, writeCpio } from "./cpio.js";
-import { GUEST_MODULES, initramfsInit, nodeWrapper, stage2Init } from "./guest-init.js";
+import { GUEST_MODULES, initramfsInit, NSSWITCH_CONF, nodeWrapper, stage2Init } from "./guest-init.js";
 
 /** Bump when the layout of what we build changes, so old caches are not reused. */
 const RECIPE_VERSION = 1;
@@ -150,6 +151,9 @@ async function digestInputs(inputs: Inputs, base: BaseRoot): Promise<string> {
   hash.update(initramfsInit([...inputs.modules.keys()]));
   hash.update(stage2Init());
   hash.update(nodeWrapper());
+  hash.update(`busybox applet wget renamed ${WGET_APPLET}\n`);
+  for (const shim of busyboxShims(true)) hash.update(`${shim.path}\0${shim.text}`);
+  hash.update(NSSWITCH_CONF);
   const files = [
     inputs.kernel.vmlinuz,
     inputs.busybox,
@@ -646,10 +650,21 @@ async function assembleRootTree(tree: string, inputs: Inputs, guestctl: string, 
   }
   await chmodDirInTree(tree, "tmp", 0o1777);
   await chmodDirInTree(tree, "root", 0o700);
-  const busybox = await fs.readFile(inputs.busybox);
+  const wgetHelp = await runProgram(inputs.busybox, ["wget", "--help"]);
+  const { binary: busybox, wgetRenamed } = patchBusybox(await fs.readFile(inputs.busybox), wgetHelp.stdout + wgetHelp.stderr);
   // The guest init scripts call busybox by this path, whatever the root provides.
   await putFile(tree, "opt/forkd/bin/busybox", busybox, 0o755);
   await putFile(tree, "bin/busybox", busybox, 0o755, { keepExisting: true });
+  // Before the applets, so where busybox would link one of these the shim is what is found.
+  // A root with the real tool anywhere on PATH keeps it: a shim in usr/bin would shadow a /bin one.
+  for (const shim of busyboxShims(wgetRenamed)) {
+    const name = path.basename(shim.path);
+    const found = await Promise.all(
+      ["usr/local/bin", "usr/sbin", "usr/bin", "sbin", "bin"].map((dir) => fs.lstat(inTree(tree, `${dir}/${name}`)).catch(() => undefined)),
+    );
+    if (found.some(Boolean)) continue;
+    await putFile(tree, shim.path, shim.text, 0o755);
+  }
   const applets = (await runChecked(inputs.busybox, ["--list-full"])).stdout.split("\n").filter(Boolean);
   for (const applet of applets) {
     if (applet === "bin/busybox") continue;
@@ -679,6 +694,7 @@ async function assembleRootTree(tree: string, inputs: Inputs, guestctl: string, 
   });
   await putFile(tree, "etc/group", "root:x:0:\nnogroup:x:65534:\n", 0o644, { keepExisting: true });
   await putFile(tree, "etc/hosts", "127.0.0.1 localhost\n::1 localhost\n", 0o644, { keepExisting: true });
+  await putFile(tree, "etc/nsswitch.conf", NSSWITCH_CONF, 0o644, { keepExisting: true });
   // QEMU user-mode networking's resolver; the root's own may point at a host service.
   await putFile(tree, "etc/resolv.conf", "nameserver 10.0.2.3\n");
   await putFile(tree, "etc/hostname", "forkd\n");
