@@ -1,7 +1,7 @@
 // The import rules `npm test` enforces (ARCHITECTURE.md explains the layers):
 // no cycles anywhere, and in core a folder imports only from folders below it.
 /** Core's folders, lowest first. */
-const CORE_LAYERS = ["common", "vmm", "guest", "store", "net", "hub", "boot", "warm", "sandbox", "branch", "ops"];
+const CORE_LAYERS = ["common", "vmm", "guest", "store", "net", "hub", "boot", "warm", "sandbox", "pool", "branch", "ops"];
 /** Packages, lowest first, with the packages each may import. */
 const PACKAGES = {
   atomic: [],

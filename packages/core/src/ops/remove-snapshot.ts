@@ -1,6 +1,6 @@
 // rmi: unregister a snapshot. Snapshots stored as layers on it keep it (409 naming
 // them) unless --cascade removes them too; live sandboxes keep it unless --force
-// kills them first.
+// kills them first. A hot pool of a snapshot removed is drained first.
 import { randomBytes } from "node:crypto";
 import fsp from "node:fs/promises";
 import path from "node:path";
@@ -8,6 +8,7 @@ import { snapshotsDir } from "../common/config.js";
 import { ForkdError } from "../common/errors.js";
 import { faultPoint } from "../common/fault.js";
 import { fsyncDir } from "../common/fsutil.js";
+import { drainPool } from "../pool/pool.js";
 import { killSandbox, startingOwned } from "../sandbox/lifecycle.js";
 import { dependentsOf, subtreeOf } from "../store/chains.js";
 import { getSnapshot, type SnapshotInfo } from "../store/snapshots.js";
@@ -37,15 +38,18 @@ export async function removeSnapshot(tag: string, opts: RemoveSnapshotOpts = {})
   const live = doomed.flatMap((s) =>
     sandboxes.byTag(s.tag).filter((row) => (row.state === "starting" ? startingOwned(row) : isAlive(row.pid))),
   );
-  if (live.length > 0 && !opts.force) {
+  // Pooled children are the daemon's stock, not anyone's sandbox: they never keep a snapshot, they go with it.
+  const users = live.filter((row) => !row.pool);
+  if (users.length > 0 && !opts.force) {
     throw new ForkdError(
       "conflict",
-      `snapshot ${tag}${doomed.length > 1 ? " and its dependents" : ""} have ${live.length} live sandbox(es) (${live.map((s) => s.id).join(", ")}); kill them first or use --force`,
-      { tag, sandboxes: live.map((s) => s.id) },
+      `snapshot ${tag}${doomed.length > 1 ? " and its dependents" : ""} have ${users.length} live sandbox(es) (${users.map((s) => s.id).join(", ")}); kill them first or use --force`,
+      { tag, sandboxes: users.map((s) => s.id) },
     );
   }
   const killed: string[] = [];
-  for (const s of live) {
+  for (const s of doomed) killed.push(...(await drainPool(s.tag)));
+  for (const s of users) {
     await killSandbox(s.id);
     killed.push(s.id);
   }

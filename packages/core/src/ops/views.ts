@@ -63,6 +63,8 @@ export type ApiSandbox = {
   /** "unhealthy" once its guest broke the agent protocol; its agent calls are refused from then on. */
   health: "healthy" | "unhealthy";
   health_reason: string | null;
+  /** The snapshot tag whose hot pool holds it, unclaimed; null for every sandbox a user holds. */
+  pool: string | null;
 };
 
 /** Where a sandbox's agent is: forkd reports a guest TCP address; ours is a virtio-serial port. */
@@ -148,5 +150,6 @@ export function apiSandboxView(s: SandboxInfo, bySource: Map<string, BranchRow[]
     metadata: s.metadata ? (JSON.parse(s.metadata) as Record<string, string>) : {},
     health: s.health === "unhealthy" ? "unhealthy" : "healthy",
     health_reason: s.health_reason ?? null,
+    pool: s.pool ?? null,
   };
 }

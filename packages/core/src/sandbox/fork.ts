@@ -9,6 +9,7 @@ import { waitForAgent } from "../guest/agent-wait.js";
 import { applySandboxEgress, egressPolicyEnabled, ensureEgressNamespace, removeSandboxEgress } from "../net/netns.js";
 import { type EgressPolicy, isEmptyPolicy, parseEgressPolicy, policyView } from "../net/policy.js";
 import { stageSnapshot } from "../store/chains.js";
+import { pooledRows } from "../store/pools.js";
 import { getSnapshot, type SnapshotInfo } from "../store/snapshots.js";
 import { holdStaged, stageKey } from "../store/staging.js";
 import { sandboxes } from "../store/state.js";
@@ -27,6 +28,7 @@ import {
 } from "../vmm/process.js";
 import { QmpClient } from "../vmm/qmp.js";
 import { limitSandbox, removeCgroup, validateCpuLimit } from "./cgroup.js";
+import { setSandboxPriority } from "./priority.js";
 
 export const MAX_FORK = 1000;
 
@@ -52,6 +54,12 @@ export type ForkOpts = {
   /** Keep the child's agent connection open and hand it over (the daemon pools them); closed otherwise. */
   keepAgent?: (id: string, agent: AgentClient) => void;
   signal?: AbortSignal;
+  /** Restore into this snapshot tag's hot pool: the rows are marked pooled (hidden from users) until claimed. */
+  pool?: string;
+  /** Restore at background CPU priority (a pool refill nobody waits on): users' work wins every contended CPU. */
+  background?: boolean;
+  /** Restore from a capture not registered yet (live fork-to-many): its record, its memory image, its device state. */
+  from?: { snapshot: SnapshotInfo; memoryPath: string };
 };
 
 export type ForkTimings = {
@@ -94,7 +102,7 @@ export async function forkSandboxes(opts: ForkOpts): Promise<ForkChildResult[]> 
       "allow_out/deny_out need the network egress policy, which is off here (FORKD_NETWORK_POLICY=off / --network-policy off)",
     );
   }
-  const snapshot = await getSnapshot(opts.tag);
+  const snapshot = opts.from?.snapshot ?? (await getSnapshot(opts.tag));
   // Held from before staging until every child has mapped it: another fork's staging must not evict it meanwhile.
   const unhold = holdStaged(stageKey(snapshot));
   try {
@@ -105,7 +113,7 @@ export async function forkSandboxes(opts: ForkOpts): Promise<ForkChildResult[]> 
 }
 
 async function forkStaged(snapshot: SnapshotInfo, n: number, opts: ForkOpts, policy: EgressPolicy): Promise<ForkChildResult[]> {
-  const memoryPath = await stageSnapshot(snapshot);
+  const memoryPath = opts.from?.memoryPath ?? (await stageSnapshot(snapshot));
   const netns = await ensureEgressNamespace();
   const concurrency = Math.max(1, Math.min(opts.concurrency ?? 16, n));
   const results: ForkChildResult[] = new Array(n);
@@ -227,6 +235,8 @@ async function restoreChild(
         `QEMU exited (${signal ?? `code ${code}`}) during restore: ${log.trim().slice(-1500) || "no output"}`,
       );
     });
+    if (opts.pool) pooledRows.mark(id, opts.pool);
+    if (opts.background) setSandboxPriority(pid, cgroup, opts.cpuLimit ?? snapshot.vcpus, "background");
     const race = <T>(p: Promise<T>) => Promise.race([p, exited]);
     qmp = await race(QmpClient.connect(runtimePaths(runDir).qmp, { timeoutMs: 30_000 }));
     const t1 = performance.now();

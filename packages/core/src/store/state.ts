@@ -32,6 +32,8 @@ export type SandboxRow = {
   expires_at_ms: number | null;
   /** User-supplied string pairs, JSON-encoded. */
   metadata: string | null;
+  /** The tag of the hot pool this child waits in, unclaimed (store/pools.ts); null once handed out or never pooled. */
+  pool?: string | null;
   /** "unhealthy" once its guest broke the agent protocol (never cleared: kill it); null while healthy. */
   health?: "unhealthy" | null;
   health_reason?: string | null;

@@ -66,6 +66,8 @@ export type QmpCommands = {
   getfd: { args: { fdname: string }; ret: Record<string, never> };
   "add-fd": { args: { fdset_id?: number; opaque?: string }; ret: { "fdset-id": number; fd: number } };
   "ringbuf-read": { args: { device: string; size: number; format?: "utf8" | "base64" }; ret: string };
+  /** Device state without RAM to a file the VMM opens itself (live fork-to-many copies the RAM it needs apart). */
+  "xen-save-devices-state": { args: { filename: string; live?: boolean }; ret: Record<string, never> };
 };
 
 export type QmpCommandName = keyof QmpCommands;
