@@ -19,6 +19,7 @@ import {
 import type { FastifyInstance } from "fastify";
 import { AuditLog } from "./audit.js";
 import { ensureLocalToken, isLoopback, readTokenFile } from "./auth.js";
+import { HotPools } from "./hot-pools.js";
 import { JobRegistry } from "./jobs.js";
 import { createMetrics } from "./metrics.js";
 import { AgentPool } from "./pool.js";
@@ -99,13 +100,15 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
     audit.write({ ts: new Date().toISOString(), event: "sandbox_unhealthy", sandboxes: [id], reason });
     log(`forkd daemon: sandbox ${id} is unhealthy: ${reason}`);
   });
+  const admission = new AdmissionLedger(admissionLimits({ maxSandboxes: opts.maxSandboxes ?? 1000, maxBranches: opts.maxBranches ?? 4 }));
   const ctx = {
     token,
     audit,
     metrics,
     pool,
-    admission: new AdmissionLedger(admissionLimits({ maxSandboxes: opts.maxSandboxes ?? 1000, maxBranches: opts.maxBranches ?? 4 })),
+    admission,
     jobs: new JobRegistry(),
+    hotPools: new HotPools({ agents: pool, admission, metrics, log }),
   };
 
   // Reconcile before serving: dead sandboxes are reaped, live ones re-adopted.
@@ -149,6 +152,8 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
     tcpAddress = { host: tcp.host, port: typeof address === "object" && address ? address.port : tcp.port };
     servers.push(tcpServer);
   }
+  // Pools refill once everything that survived the restart is re-adopted (pooled children included).
+  ctx.hotPools.start();
   log(`forkd daemon ${FORKD_VERSION}: unix ${socket}${tcpAddress ? `, ${https(opts)}://${tcpAddress.host}:${tcpAddress.port}` : ""}`);
 
   // Sandboxes with a time limit are killed by this reaper.
@@ -169,6 +174,7 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
     process.off("SIGHUP", onHup);
     clearInterval(reaper);
     await Promise.all(servers.map((s) => s.close()));
+    await ctx.hotPools.close();
     pool.closeAll();
     audit.close();
     fs.rmSync(socket, { force: true });

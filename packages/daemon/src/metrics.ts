@@ -1,4 +1,4 @@
-import { listSandboxes, listSnapshots } from "@forkd/core";
+import { listPools, listSandboxes, listSnapshots } from "@forkd/core";
 import client from "prom-client";
 
 export type Metrics = ReturnType<typeof createMetrics>;
@@ -50,5 +50,37 @@ export function createMetrics(version: string) {
     buckets: [0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 5],
     registers: [registry],
   });
-  return { registry, branchesInFlight, branchPauseSeconds, spawnSeconds, callSeconds };
+  new client.Gauge({
+    name: "forkd_pool_ready",
+    help: "Pooled children restored and answering, waiting to be handed out, by snapshot tag",
+    labelNames: ["tag"],
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const p of listPools()) this.labels(p.tag).set(p.ready);
+    },
+  });
+  new client.Gauge({
+    name: "forkd_pool_size",
+    help: "Pooled children wanted, by snapshot tag",
+    labelNames: ["tag"],
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const p of listPools()) this.labels(p.tag).set(p.size);
+    },
+  });
+  const poolClaimSeconds = new client.Histogram({
+    name: "forkd_pool_claim_seconds",
+    help: "Handing out one pooled child: taking it from the pool and its fresh identity answered",
+    buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1],
+    registers: [registry],
+  });
+  const forkLiveSeconds = new client.Histogram({
+    name: "forkd_fork_live_capture_seconds",
+    help: "Live fork-to-many: from the request until the capture of the running source could be forked from",
+    buckets: [0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5],
+    registers: [registry],
+  });
+  return { registry, branchesInFlight, branchPauseSeconds, spawnSeconds, callSeconds, poolClaimSeconds, forkLiveSeconds };
 }

@@ -209,12 +209,67 @@ export const Sandbox = z.object({
   /** "unhealthy": its guest broke the agent protocol; agent calls answer 409 until it is killed. */
   health: z.enum(["healthy", "unhealthy"]),
   health_reason: z.string().nullable(),
-  /** On the answer to a fork: how long each step of this child's restore took. */
-  timings: z.object({ vmm_start_ms: z.number(), restore_ms: z.number(), first_answer_ms: z.number(), total_ms: z.number() }).optional(),
+  /** The snapshot tag whose hot pool holds it, not handed out yet (listed only with ?pool=true); null for users' sandboxes. */
+  pool: z.string().nullable(),
+  /**
+   * On the answer to a fork: how long each step of this child's restore took. A child
+   * handed out from the hot pool was restored earlier: its restore steps are 0 and
+   * pool_claim_ms is the hand-out (taken from the pool, fresh identity answered).
+   */
+  timings: z
+    .object({
+      vmm_start_ms: z.number(),
+      restore_ms: z.number(),
+      first_answer_ms: z.number(),
+      total_ms: z.number(),
+      pool_claim_ms: z.number().optional(),
+    })
+    .optional(),
 });
 export const SandboxList = z.array(Sandbox);
 /** forkd answers a fork with the children's SandboxInfo, as a bare array. */
 export const ForkResult = z.array(Sandbox);
+export const ListSandboxesQuery = z.object({ pool: z.enum(["true", "false"]).optional() }).strict();
+
+/** A hot pool: children of one snapshot kept restored and answering, handed out by forks first. */
+export const PoolBody = z.object({ size: z.number().int() }).strict();
+export const Pool = z.object({
+  tag: z.string(),
+  /** Children wanted. */
+  size: z.number(),
+  /** Restored and answering, waiting to be handed out. */
+  ready: z.number(),
+  /** Being restored (at background CPU priority). */
+  starting: z.number(),
+  updated_at: z.string().nullable(),
+});
+export const PoolList = z.array(Pool);
+
+/** One call, N children of a running sandbox: a live capture of it (paused only to copy what it wrote), then N restores. */
+export const ForkLiveBody = z
+  .object({
+    n: z.number().int().optional(),
+    /** The snapshot the capture is registered as (in the background); default SOURCE_TAG-live-… */
+    tag: z.string().optional(),
+    /** Kill each child this long after it starts. */
+    timeout_ms: z.number().int().optional(),
+    metadata: z.record(z.string(), z.string()).optional(),
+  })
+  .strict();
+export const ForkLiveResponse = z.object({
+  /** The capture, registered in the background as a snapshot layered on the source's (status "writing" until then). */
+  tag: z.string(),
+  source_id: z.string(),
+  /** How long the source was paused (QEMU's STOP to RESUME). */
+  source_pause_ms: z.number(),
+  /** From the request until the capture could be forked from. */
+  capture_ready_ms: z.number(),
+  /** From the request until every child answered. */
+  total_ms: z.number(),
+  /** Pages the source had written since it was restored: the only memory the capture copied. */
+  captured_pages: z.number(),
+  sandboxes: z.array(Sandbox),
+});
 
 export const ExecBody = z
   .object({
@@ -331,6 +386,9 @@ export type PullBodyT = z.infer<typeof PullBody>;
 export type CreateSandboxesBodyT = z.infer<typeof CreateSandboxesBody>;
 export type SandboxT = z.infer<typeof Sandbox>;
 export type ForkResultT = z.infer<typeof ForkResult>;
+export type PoolT = z.infer<typeof Pool>;
+export type ForkLiveBodyT = z.infer<typeof ForkLiveBody>;
+export type ForkLiveResponseT = z.infer<typeof ForkLiveResponse>;
 export type ExecBodyT = z.infer<typeof ExecBody>;
 export type ExecResponseT = z.infer<typeof ExecResponse>;
 export type EvalBodyT = z.infer<typeof EvalBody>;

@@ -10,7 +10,9 @@ import { BODY_LIMIT_BYTES, classify, errorBody } from "./http-errors.js";
 import { registerAgentCallRoutes } from "./routes/agent-calls.js";
 import { registerBranchRoutes } from "./routes/branch.js";
 import { ERROR_RESPONSES, type RouteDeps, type ServerContext, touch } from "./routes/context.js";
+import { registerForkLiveRoutes } from "./routes/fork-live.js";
 import { registerJobRoutes } from "./routes/jobs.js";
+import { registerPoolRoutes } from "./routes/pools.js";
 import { registerProcessRoutes } from "./routes/processes.js";
 import { registerRegistryRoutes } from "./routes/registry.js";
 import { registerSandboxRoutes } from "./routes/sandboxes.js";
@@ -130,6 +132,8 @@ export async function buildServer(ctx: ServerContext, opts: ServerOpts = { requi
     registerAgentCallRoutes,
     registerProcessRoutes,
     registerJobRoutes,
+    registerPoolRoutes,
+    registerForkLiveRoutes,
     registerWorkspaceRoutes,
     registerRegistryRoutes,
   ]) {

@@ -11,6 +11,7 @@ import type {
 } from "fastify";
 import type { ZodTypeProvider } from "fastify-type-provider-zod";
 import type { AuditLog } from "../audit.js";
+import type { HotPools } from "../hot-pools.js";
 import type { JobRegistry } from "../jobs.js";
 import type { Metrics } from "../metrics.js";
 import type { AgentPool } from "../pool.js";
@@ -26,6 +27,8 @@ export type ServerContext = {
   /** Work in flight and the limits it is admitted within (sandboxes, BRANCHes, host memory, shmem); over them: 503. */
   admission: AdmissionLedger;
   jobs: JobRegistry;
+  /** Hot pools: children kept restored per snapshot, handed out by forks first. */
+  hotPools: HotPools;
 };
 
 export type RouteDeps = {

@@ -4,54 +4,91 @@ import {
   apiSandboxView,
   branchesBySource,
   ForkdError,
+  type ForkChildResult,
   forkSandboxes,
   getSandbox,
   killSandbox,
   listSandboxes,
+  poolCanServe,
   validateForkCount,
   validateSandboxId,
 } from "@forkd/core";
 import { z } from "zod";
+import { boundedTimeout } from "../request-checks.js";
 import * as S from "../schemas.js";
-import { boundedTimeout } from "../timeouts.js";
 import type { RouteDeps } from "./context.js";
 
 export function registerSandboxRoutes({ r, ctx, err, touch }: RouteDeps): void {
-  r.get("/v1/sandboxes", { schema: { response: { 200: S.SandboxList, ...err } } }, async () => {
+  r.get("/v1/sandboxes", { schema: { querystring: S.ListSandboxesQuery, response: { 200: S.SandboxList, ...err } } }, async (request) => {
     const bySource = branchesBySource();
-    return listSandboxes().map((s) => apiSandboxView(s, bySource));
+    // Pooled children are the daemon's, not yet anyone's: listed only when asked for.
+    const all = request.query.pool === "true";
+    return listSandboxes()
+      .filter((s) => all || !s.pool)
+      .map((s) => apiSandboxView(s, bySource));
   });
   r.post("/v1/sandboxes", { schema: { body: S.CreateSandboxesBody, response: { 201: S.ForkResult, ...err } } }, async (request, reply) => {
     const body = request.body;
     const n = validateForkCount(body.n ?? 1);
     const ttlMs = boundedTimeout(body.timeout_ms, "timeout_ms", "sandbox");
     touch(request, "snapshots", body.snapshot_tag);
-    // Reserved until the fork is over: by then its children count as alive sandboxes and show in host memory.
-    const ticket = await admitFork(ctx.admission, {
-      tag: body.snapshot_tag,
-      n,
-      memoryLimitMib: typeof body.memory_limit_mib === "number" ? body.memory_limit_mib : undefined,
-    });
-    const results = await forkSandboxes({
-      tag: body.snapshot_tag,
-      n,
-      ...(typeof body.memory_limit_mib === "number" ? { memoryLimitMib: body.memory_limit_mib } : {}),
+    // The snapshot's hot pool first: a pooled child is handed out in the time of an identity call.
+    const pooled = poolCanServe({
+      memoryLimitMib: body.memory_limit_mib,
       cpuLimit: body.cpu_limit,
       network: body.network,
-      ...(body.allow_out ? { allowOut: body.allow_out } : {}),
-      ...(body.deny_out ? { denyOut: body.deny_out } : {}),
-      ...(ttlMs !== undefined ? { ttlMs } : {}),
-      ...(body.metadata ? { metadata: body.metadata } : {}),
-      concurrency: 4,
-      keepAgent: (id, agent) => ctx.pool.adopt(id, agent),
-      onChild: (child) => {
-        if (child.ok) ctx.metrics.spawnSeconds.observe(child.timings.totalMs / 1000);
-      },
-    }).finally(ticket.release);
+      allowOut: body.allow_out,
+      denyOut: body.deny_out,
+    })
+      ? await ctx.hotPools.claim(body.snapshot_tag, n, {
+          ...(ttlMs !== undefined ? { ttlMs } : {}),
+          ...(body.metadata ? { metadata: body.metadata } : {}),
+        })
+      : [];
+    for (const c of pooled) touch(request, "sandboxes", c.id);
+    const fresh = n - pooled.length;
+    const restoreFresh = async (): Promise<ForkChildResult[]> => {
+      if (fresh === 0) return [];
+      // Reserved until the fork is over: by then its children count as alive sandboxes and show in host memory.
+      const ticket = await admitFork(ctx.admission, {
+        tag: body.snapshot_tag,
+        n: fresh,
+        memoryLimitMib: typeof body.memory_limit_mib === "number" ? body.memory_limit_mib : undefined,
+      });
+      return ctx.hotPools.userFork(() => restore().finally(ticket.release));
+    };
+    const restore = () =>
+      forkSandboxes({
+        tag: body.snapshot_tag,
+        n: fresh,
+        ...(typeof body.memory_limit_mib === "number" ? { memoryLimitMib: body.memory_limit_mib } : {}),
+        cpuLimit: body.cpu_limit,
+        network: body.network,
+        ...(body.allow_out ? { allowOut: body.allow_out } : {}),
+        ...(body.deny_out ? { denyOut: body.deny_out } : {}),
+        ...(ttlMs !== undefined ? { ttlMs } : {}),
+        ...(body.metadata ? { metadata: body.metadata } : {}),
+        concurrency: 4,
+        keepAgent: (id, agent) => ctx.pool.adopt(id, agent),
+        onChild: (child) => {
+          if (child.ok) ctx.metrics.spawnSeconds.observe(child.timings.totalMs / 1000);
+        },
+      });
+    const dropPooled = async () => {
+      for (const c of pooled) {
+        ctx.pool.drop(c.id);
+        await killSandbox(c.id).catch(() => {});
+      }
+    };
+    const results = await restoreFresh().catch(async (e: unknown) => {
+      await dropPooled();
+      throw e;
+    });
     for (const child of results) touch(request, "sandboxes", child.id);
     const failed = results.filter((c) => !c.ok);
     if (failed.length > 0) {
       // forkd's fork is all or nothing: a caller given some ids and an error would leak the rest.
+      await dropPooled();
       for (const child of results) {
         if (!child.ok) continue;
         ctx.pool.drop(child.id);
@@ -65,8 +102,12 @@ export function registerSandboxRoutes({ r, ctx, err, touch }: RouteDeps): void {
       );
     }
     const bySource = branchesBySource();
-    return reply.code(201).send(
-      results.map((c) => {
+    return reply.code(201).send([
+      ...pooled.map((c) => ({
+        ...apiSandboxView(getSandbox(c.id), bySource),
+        timings: { vmm_start_ms: 0, restore_ms: 0, first_answer_ms: c.claimMs, total_ms: c.claimMs, pool_claim_ms: c.claimMs },
+      })),
+      ...results.map((c) => {
         if (!c.ok) throw new ForkdError("internal", "unreachable");
         return {
           ...apiSandboxView(getSandbox(c.id), bySource),
@@ -78,7 +119,7 @@ export function registerSandboxRoutes({ r, ctx, err, touch }: RouteDeps): void {
           },
         };
       }),
-    );
+    ]);
   });
   r.get("/v1/sandboxes/:id", { schema: { params: S.IdParam, response: { 200: S.Sandbox, ...err } } }, async (request) =>
     apiSandboxView(getSandbox(request.params.id)),
@@ -87,6 +128,8 @@ export function registerSandboxRoutes({ r, ctx, err, touch }: RouteDeps): void {
     validateSandboxId(request.params.id);
     ctx.pool.drop(request.params.id);
     await killSandbox(request.params.id);
+    // A pooled child killed by id leaves its pool short: refill it.
+    ctx.hotPools.kick();
     return reply.code(204).send(null);
   });
 }
