@@ -232,8 +232,9 @@ export class Controller {
     }
   }
 
-  listSandboxes(): Promise<S.SandboxT[]> {
-    return this.request("GET", "/v1/sandboxes");
+  /** Users' sandboxes; with `pool: true`, the children waiting in hot pools too (their `pool` names the tag). */
+  listSandboxes(opts: { pool?: boolean } = {}): Promise<S.SandboxT[]> {
+    return this.request("GET", `/v1/sandboxes${opts.pool ? "?pool=true" : ""}`);
   }
   createSandboxes(body: S.CreateSandboxesBodyT): Promise<S.ForkResultT> {
     return this.request("POST", "/v1/sandboxes", body, { timeoutMs: 30 * 60_000 });
@@ -248,6 +249,43 @@ export class Controller {
   branchSandbox(id: string, body: S.BranchBodyT = {}): Promise<S.BranchResponseT> {
     return this.request("POST", `/v1/sandboxes/${encodeURIComponent(id)}/branch`, body, { timeoutMs: 15 * 60_000 });
   }
+  /**
+   * Live fork-to-many: N children of the running sandbox `id` in one call. The source
+   * is paused only while the pages it wrote are copied and keeps running; the
+   * children see its state at that moment. The capture is registered as snapshot
+   * `tag` in the background.
+   */
+  forkLive(id: string, body: S.ForkLiveBodyT = {}): Promise<S.ForkLiveResponseT> {
+    return this.request("POST", `/v1/sandboxes/${encodeURIComponent(id)}/fork`, body, { timeoutMs: 30 * 60_000 });
+  }
+
+  /** Hot pools: per snapshot, children kept restored and answering, handed out by forks first. */
+  listPools(): Promise<S.PoolT[]> {
+    return this.request("GET", "/v1/pools");
+  }
+  getPool(tag: string): Promise<S.PoolT> {
+    return this.request("GET", `/v1/snapshots/${encodeURIComponent(tag)}/pool`);
+  }
+  /** Keep `size` children of `tag` ready (0 drains the pool); the daemon fills it in the background. */
+  setPool(tag: string, size: number): Promise<S.PoolT> {
+    return this.request("PUT", `/v1/snapshots/${encodeURIComponent(tag)}/pool`, { size });
+  }
+  /** Remove the pool and kill the children it holds. */
+  deletePool(tag: string): Promise<void> {
+    return this.request("DELETE", `/v1/snapshots/${encodeURIComponent(tag)}/pool`);
+  }
+  /** Poll until `tag`'s pool has `ready` children (its size by default). */
+  async waitForPool(tag: string, opts: { ready?: number; timeoutMs?: number; intervalMs?: number } = {}): Promise<S.PoolT> {
+    const deadline = Date.now() + (opts.timeoutMs ?? 10 * 60_000);
+    for (;;) {
+      const pool = await this.getPool(tag);
+      if (pool.ready >= (opts.ready ?? pool.size) && pool.size > 0) return pool;
+      if (Date.now() > deadline)
+        throw new ForkdApiError(504, "vm_timeout", `the pool of ${tag} has ${pool.ready} of ${opts.ready ?? pool.size} ready`);
+      await new Promise((r) => setTimeout(r, opts.intervalMs ?? 200));
+    }
+  }
+
   ping(id: string): Promise<S.PingResponseT> {
     return this.request("POST", `/v1/sandboxes/${encodeURIComponent(id)}/ping`);
   }

@@ -339,6 +339,21 @@ export class Sandbox {
     return this.controller.branchSandbox(this.sandboxId, opts);
   }
 
+  /**
+   * forkd's addition: N children of this running sandbox in one call (live
+   * fork-to-many). This sandbox is paused only while what it wrote is copied and
+   * keeps running; the children start from its state at that moment.
+   */
+  async fork(n = 1, opts: { tag?: string; timeoutMs?: number; metadata?: Record<string, string>; envs?: Record<string, string> } = {}) {
+    const res = await this.controller.forkLive(this.sandboxId, {
+      n,
+      ...(opts.tag ? { tag: opts.tag } : {}),
+      timeout_ms: opts.timeoutMs ?? DEFAULT_TIMEOUT_MS,
+      ...(opts.metadata ? { metadata: opts.metadata } : {}),
+    });
+    return res.sandboxes.map((s) => new Sandbox(s.id, this.controller, opts.envs ?? this.envs));
+  }
+
   async isRunning(): Promise<boolean> {
     try {
       await this.controller.ping(this.sandboxId);
