@@ -18,11 +18,14 @@ import {
   createWorkspace,
   deleteWorkspace,
   ERROR_STATUS,
+  type ForkChildResult,
   ForkdError,
   forkdRunDir,
+  forkLive,
   forkSandboxes,
   getSandbox,
   killSandbox,
+  listPools,
   listSandboxes,
   listSnapshots,
   listWorkspaces,
@@ -58,6 +61,18 @@ export type SnapshotArgs = {
   onProgress?: (step: string) => void;
 };
 
+/** A live fork-to-many: the capture of the running source, and its children. */
+export type LiveForkRows = {
+  tag: string;
+  source_pause_ms: number;
+  capture_ready_ms: number;
+  total_ms: number;
+  captured_pages: number;
+  children: ForkRow[];
+};
+
+export type PoolRow = { tag: string; size: number; ready: number; starting: number };
+
 /** What a BRANCH reports, the same through the daemon and directly. */
 export type BranchRow = {
   tag: string;
@@ -87,7 +102,11 @@ export interface Backend {
     concurrency: number;
     onChild?: () => void;
   }): Promise<ForkRow[]>;
-  listSandboxes(): Promise<ApiSandbox[]>;
+  /** Users' sandboxes; with `pool`, the children waiting in hot pools too. */
+  listSandboxes(opts?: { pool?: boolean }): Promise<ApiSandbox[]>;
+  listPools(): Promise<PoolRow[]>;
+  /** N children of the running sandbox `id` (live fork-to-many). */
+  forkLive(id: string, args: { n: number; tag?: string; concurrency: number }): Promise<LiveForkRows>;
   exec(id: string, args: ExecArgs, onStdout: (d: Buffer) => void, onStderr: (d: Buffer) => void): Promise<ExecOutcome>;
   eval(
     id: string,
@@ -159,23 +178,35 @@ class DirectBackend implements Backend {
       concurrency: a.concurrency,
       onChild: a.onChild,
     });
-    return results.map(
-      (r): ForkRow =>
-        r.ok
-          ? {
-              id: r.id,
-              ok: true,
-              vmm_start_ms: r.timings.vmmStartMs,
-              restore_ms: r.timings.restoreMs,
-              first_answer_ms: r.timings.firstAnswerMs,
-              total_ms: r.timings.totalMs,
-            }
-          : { id: r.id, ok: false, error: r.error },
-    );
+    return results.map(forkRow);
   }
-  async listSandboxes() {
+  async listSandboxes(opts: { pool?: boolean } = {}) {
     const bySource = branchesBySource();
-    return listSandboxes().map((sb) => apiSandboxView(sb, bySource));
+    return listSandboxes()
+      .filter((sb) => opts.pool || !sb.pool)
+      .map((sb) => apiSandboxView(sb, bySource));
+  }
+  async listPools() {
+    return listPools();
+  }
+  async forkLive(id: string, a: { n: number; tag?: string; concurrency: number }) {
+    const started = performance.now();
+    const result = await forkLive(id, { n: a.n, ...(a.tag ? { tag: a.tag } : {}), concurrency: a.concurrency });
+    if (result.children.some((c) => !c.ok)) {
+      for (const c of result.children) if (c.ok) await killSandbox(c.id).catch(() => {});
+      await result.discard();
+    } else {
+      // Without a daemon this process is the writer: the snapshot is registered before it exits.
+      await result.register();
+    }
+    return {
+      tag: result.tag,
+      source_pause_ms: result.pauseMs,
+      capture_ready_ms: result.captureReadyAt - started,
+      total_ms: performance.now() - started,
+      captured_pages: result.capturedPages,
+      children: result.children.map(forkRow),
+    };
   }
   private async withAgent<T>(id: string, work: (agent: Awaited<ReturnType<typeof connectSandbox>>) => Promise<T>): Promise<T> {
     getSandbox(id);
@@ -236,6 +267,19 @@ class DirectBackend implements Backend {
     resume: async (name: string) => apiWorkspaceView(await resumeWorkspace(name)),
     remove: (name: string) => deleteWorkspace(name),
   };
+}
+
+function forkRow(r: ForkChildResult): ForkRow {
+  return r.ok
+    ? {
+        id: r.id,
+        ok: true,
+        vmm_start_ms: r.timings.vmmStartMs,
+        restore_ms: r.timings.restoreMs,
+        first_answer_ms: r.timings.firstAnswerMs,
+        total_ms: r.timings.totalMs,
+      }
+    : { id: r.id, ok: false, error: r.error };
 }
 
 /** API errors come back as ForkdError with the same code, so the CLI reports both paths alike. */
@@ -315,8 +359,37 @@ class DaemonBackend implements Backend {
       );
     });
   }
-  listSandboxes() {
-    return viaApi(() => this.controller.listSandboxes());
+  listSandboxes(opts: { pool?: boolean } = {}) {
+    return viaApi(() => this.controller.listSandboxes(opts));
+  }
+  listPools() {
+    return viaApi(() => this.controller.listPools());
+  }
+  forkLive(id: string, a: { n: number; tag?: string; concurrency: number }) {
+    return viaApi(async (): Promise<LiveForkRows> => {
+      const res = await this.controller.forkLive(id, { n: a.n, ...(a.tag ? { tag: a.tag } : {}) });
+      return {
+        tag: res.tag,
+        source_pause_ms: res.source_pause_ms,
+        capture_ready_ms: res.capture_ready_ms,
+        total_ms: res.total_ms,
+        captured_pages: res.captured_pages,
+        children: res.sandboxes.map(
+          (c): ForkRow => ({
+            id: c.id,
+            ok: true,
+            ...(c.timings
+              ? {
+                  vmm_start_ms: c.timings.vmm_start_ms,
+                  restore_ms: c.timings.restore_ms,
+                  first_answer_ms: c.timings.first_answer_ms,
+                  total_ms: c.timings.total_ms,
+                }
+              : {}),
+          }),
+        ),
+      };
+    });
   }
   exec(id: string, a: ExecArgs, onStdout: (d: Buffer) => void, onStderr: (d: Buffer) => void) {
     return viaApi(async () => {

@@ -1,12 +1,13 @@
 import fs from "node:fs";
 import { cleanup, ForkdError, forkdHome, validateCpuLimit } from "@forkd/core";
 import type { Command } from "commander";
-import { type ForkRow, openBackend } from "../backend.js";
+import { type Backend, type ForkRow, type LiveForkRows, openBackend } from "../backend.js";
 import { percentile, round1 } from "../stats.js";
 import { collect, fmtMs, parseIntOption, plainTable, spinner } from "../ui.js";
 
 type ForkCliOpts = {
-  tag: string;
+  tag?: string;
+  fromSandbox?: string;
   n: number;
   memoryLimitMib?: number;
   cpuLimit?: number;
@@ -21,6 +22,33 @@ function parseCpuLimit(value: string): number {
   if (!/^(\d+\.?\d*|\.\d+)$/.test(value))
     throw new ForkdError("bad_request", `--cpu-limit must be a number of CPUs such as 0.5 or 2, got '${value}'`);
   return validateCpuLimit(Number(value), "--cpu-limit");
+}
+
+async function forkLiveCommand(
+  backend: Backend,
+  id: string,
+  opts: { n: number; concurrency: number; json?: boolean | undefined; tag?: string | undefined },
+): Promise<void> {
+  const s = spinner(`forking ${opts.n} from running sandbox ${id}`);
+  let res: LiveForkRows;
+  try {
+    res = await backend.forkLive(id, { n: opts.n, concurrency: opts.concurrency, ...(opts.tag ? { tag: opts.tag } : {}) });
+  } finally {
+    s.stop();
+  }
+  if (opts.json) {
+    process.stdout.write(`${JSON.stringify(res, null, 2)}\n`);
+    return;
+  }
+  const table = plainTable(["ID", "VMM START", "RESTORE", "FIRST ANSWER (IDENTITY)", "TOTAL"]);
+  for (const r of res.children) {
+    if (r.ok)
+      table.push([r.id, fmtMs(r.vmm_start_ms ?? 0), fmtMs(r.restore_ms ?? 0), fmtMs(r.first_answer_ms ?? 0), fmtMs(r.total_ms ?? 0)]);
+  }
+  process.stdout.write(`${table.toString()}\n`);
+  process.stdout.write(
+    `${res.children.length} children of ${id} up in ${fmtMs(res.total_ms)}: source paused ${fmtMs(res.source_pause_ms)} (${res.captured_pages} written pages copied), capture ready in ${fmtMs(res.capture_ready_ms)}; snapshot ${res.tag}\n`,
+  );
 }
 
 export function registerSandboxes(program: Command): void {
@@ -73,8 +101,12 @@ export function registerSandboxes(program: Command): void {
 
   program
     .command("fork")
-    .description("restore N children from a snapshot, copy-on-write; they keep running after this command exits")
-    .requiredOption("--tag <tag>", "snapshot to fork from")
+    .description(
+      "restore N children from a snapshot (--tag), or of a running sandbox (--from-sandbox: paused only while what it wrote is copied); children keep running after this command exits",
+    )
+    .option("--tag <tag>", "snapshot to fork from")
+    .option("--from-sandbox <id>", "running sandbox to fork live; its capture becomes snapshot --live-tag (default SOURCE_TAG-live-…)")
+    .option("--live-tag <tag>", "with --from-sandbox: the snapshot its capture is registered as")
     .option("-n, --count <n>", "number of children (1-1000)", parseIntOption("-n"), 1)
     .option("--memory-limit-mib <m>", "cap each child's host memory with a cgroup", parseIntOption("--memory-limit-mib"))
     .option("--cpu-limit <cpus>", "cap each child's CPU use with a cgroup quota, fractions allowed (default: its vCPUs)", parseCpuLimit)
@@ -88,17 +120,25 @@ export function registerSandboxes(program: Command): void {
     )
     .option("--concurrency <n>", "restores in flight at once", parseIntOption("--concurrency"), 16)
     .option("--json", "print a JSON array of children with timings")
-    .action(async (opts: ForkCliOpts & { count: number }) => {
+    .action(async (opts: ForkCliOpts & { count: number; liveTag?: string }) => {
       const n = opts.count;
       if (n < 1 || n > 1000) throw new ForkdError("bad_request", `-n must be from 1 to 1000, got ${n}`);
+      if (Boolean(opts.tag) === Boolean(opts.fromSandbox)) {
+        throw new ForkdError("bad_request", "name what to fork: --tag SNAPSHOT, or --from-sandbox ID for a running sandbox");
+      }
       const backend = await openBackend();
-      const s = spinner(`forking ${n} from ${opts.tag}`);
+      if (opts.fromSandbox) {
+        await forkLiveCommand(backend, opts.fromSandbox, { n, concurrency: opts.concurrency, json: opts.json, tag: opts.liveTag });
+        return;
+      }
+      const tag = opts.tag!;
+      const s = spinner(`forking ${n} from ${tag}`);
       let done = 0;
       const started = performance.now();
       let results: ForkRow[];
       try {
         results = await backend.fork({
-          tag: opts.tag,
+          tag,
           n,
           memoryLimitMib: opts.memoryLimitMib,
           cpuLimit: opts.cpuLimit,
@@ -108,7 +148,7 @@ export function registerSandboxes(program: Command): void {
           concurrency: opts.concurrency,
           onChild: () => {
             done++;
-            s.text = `forking from ${opts.tag}: ${done}/${n}`;
+            s.text = `forking from ${tag}: ${done}/${n}`;
           },
         });
       } finally {
@@ -154,23 +194,30 @@ export function registerSandboxes(program: Command): void {
 
   program
     .command("ls")
-    .description("list sandboxes")
+    .description("list sandboxes (and a line per hot pool; --pool lists the pooled children too)")
     .option("--json", "machine-readable output")
-    .action(async (opts: { json?: boolean }) => {
-      const rows = await (await openBackend()).listSandboxes();
+    .option("--pool", "also the children waiting in hot pools (POOL column)")
+    .action(async (opts: { json?: boolean; pool?: boolean }) => {
+      const backend = await openBackend();
+      const rows = await backend.listSandboxes({ pool: opts.pool ?? false });
       if (opts.json) {
         process.stdout.write(`${JSON.stringify(rows, null, 2)}\n`);
         return;
       }
+      const pools = (await backend.listPools()).map(
+        (p) => `${p.tag} ${p.ready}/${p.size} ready${p.starting ? `, ${p.starting} starting` : ""}`,
+      );
       if (rows.length === 0) {
         process.stdout.write("no sandboxes; start some with `forkd fork --tag TAG -n N`\n");
+        if (pools.length) process.stdout.write(`hot pools: ${pools.join("; ")}\n`);
         return;
       }
-      const table = plainTable(["ID", "TAG", "STATE", "HEALTH", "PID", "MEMORY", "LIMIT", "NETWORK", "CREATED"]);
+      const table = plainTable(["ID", "TAG", "POOL", "STATE", "HEALTH", "PID", "MEMORY", "LIMIT", "NETWORK", "CREATED"]);
       for (const r of rows) {
         table.push([
           r.id,
           r.snapshot_tag ?? "-",
+          r.pool ? "pooled" : "-",
           r.state,
           r.health === "unhealthy" ? `unhealthy: ${r.health_reason ?? "broke the agent protocol"}` : "ok",
           r.pid,
@@ -181,6 +228,7 @@ export function registerSandboxes(program: Command): void {
         ]);
       }
       process.stdout.write(`${table.toString()}\n`);
+      if (pools.length) process.stdout.write(`hot pools: ${pools.join("; ")}\n`);
     });
 
   program

@@ -6,7 +6,9 @@ import { registerBranchBench } from "./branch.js";
 import { registerChainBench } from "./chain.js";
 import { registerConfineBench } from "./confine.js";
 import { registerFanoutBench } from "./fanout.js";
+import { registerForkLiveBench } from "./fork-live.js";
 import { registerPackBench } from "./pack.js";
+import { registerPoolBench } from "./pool.js";
 import { registerSoakBench } from "./soak.js";
 import { registerSpawnBench } from "./spawn.js";
 
@@ -21,6 +23,8 @@ export function registerBench(program: Command): void {
     registerConfineBench,
     registerChainBench,
     registerPackBench,
+    registerPoolBench,
+    registerForkLiveBench,
     registerSoakBench,
   ])
     register(bench);
