@@ -9,6 +9,7 @@ import fsp from "node:fs/promises";
 import path from "node:path";
 import { branchAbandoned, recoverBranches } from "../branch/branch.js";
 import { forkdRunDir, shmDir, snapshotsDir, vmsRunDir } from "../common/config.js";
+import { hubDir } from "../hub/download.js";
 import { removeEgressNamespace, removeSandboxEgress, sandboxEgressUids } from "../net/netns.js";
 import { abandonStartingSandbox, expireSandboxes, reapSandbox, sandboxAlive, startingOwned } from "../sandbox/lifecycle.js";
 import { listSnapshots, tagDir } from "../store/snapshots.js";
@@ -123,7 +124,27 @@ export async function cleanup(opts: { dryRun?: boolean } = {}): Promise<CleanupR
     report.strayTempDirs.push(dir);
   }
   report.strayStaged = await strayStaged(true);
+  for (const lock of await staleDownloadLocks()) {
+    await fsp.rm(lock, { force: true });
+    report.strayTempDirs.push(lock);
+  }
   return report;
+}
+
+/**
+ * Download locks (NAME.lock holding a pid) whose holder died. The next pull takes
+ * such a lock over anyway; removed so nothing of a killed pull stays but what it
+ * can resume from (.partial and verified blobs, kept on purpose: see the README).
+ */
+export async function staleDownloadLocks(): Promise<string[]> {
+  const dir = path.join(hubDir(), "blobs");
+  const out: string[] = [];
+  for (const name of await fsp.readdir(dir).catch(() => [] as string[])) {
+    if (!name.endsWith(".lock")) continue;
+    const holder = Number((await fsp.readFile(path.join(dir, name), "utf8").catch(() => "")).trim());
+    if (!isAlive(holder)) out.push(path.join(dir, name));
+  }
+  return out;
 }
 
 /** What a staged image's dir is called: TAG@ and 16 hex digits of its memory digest (stageKey). */

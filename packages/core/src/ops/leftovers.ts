@@ -14,7 +14,7 @@ import { branches, sandboxes, staged } from "../store/state.js";
 import { runtimePaths } from "../vmm/plan.js";
 import { isAlive, runDirOwnerAlive } from "../vmm/process.js";
 import { QmpClient } from "../vmm/qmp.js";
-import { isStrayTempName } from "./cleanup.js";
+import { isStrayTempName, staleDownloadLocks } from "./cleanup.js";
 
 export type Leftovers = {
   /** Listed as ready but missing what a fork needs (files short or gone, a base or image gone), or a BRANCH left "writing" by a dead writer. */
@@ -90,6 +90,7 @@ export async function findLeftovers(opts: { qmpTimeoutMs?: number } = {}): Promi
     if (pid !== undefined ? !isAlive(pid) : !owners.has(name)) leftoverFiles.push(path.join(stagedBase, name));
   }
   for (const row of staged.list()) if (!fs.existsSync(row.path)) leftoverFiles.push(`staged row ${row.key} (no file)`);
+  leftoverFiles.push(...(await staleDownloadLocks()));
 
   const halfSnapshots = snapshots.filter((s) => snapshotIncomplete(s, snapshots) !== undefined).map((s) => s.tag);
   for (const row of branches.list()) if (branchAbandoned(row)) halfSnapshots.push(`${row.tag} (writing, writer gone)`);

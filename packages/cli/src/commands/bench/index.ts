@@ -4,6 +4,7 @@ import { registerApiBench } from "./api.js";
 import { registerBootBench } from "./boot.js";
 import { registerBranchBench } from "./branch.js";
 import { registerChainBench } from "./chain.js";
+import { registerChaosBench } from "./chaos.js";
 import { registerConfineBench } from "./confine.js";
 import { registerFanoutBench } from "./fanout.js";
 import { registerForkLiveBench } from "./fork-live.js";
@@ -26,6 +27,7 @@ export function registerBench(program: Command): void {
     registerPoolBench,
     registerForkLiveBench,
     registerSoakBench,
+    registerChaosBench,
   ])
     register(bench);
 }

@@ -27,7 +27,7 @@ function freePort(): Promise<number> {
 }
 
 /** A docker-registry of our own on loopback, storage under `dir`; never the packaged service. */
-async function startRegistry(dir: string): Promise<{ port: number; child: ChildProcess }> {
+export async function startRegistry(dir: string): Promise<{ port: number; child: ChildProcess }> {
   if (!fs.existsSync(REGISTRY_BIN)) {
     throw new ForkdError("missing_dependency", `${REGISTRY_BIN} is not installed: apt-get install docker-registry (npm run setup does)`);
   }
