@@ -241,8 +241,11 @@ async function pauseAndCopy(
     branches.setSourcePaused(tag, true);
     await qmp.execute("stop", {});
     stopped = true;
-    const capturedPages = await capture.copy();
-    await qmp.execute("xen-save-devices-state", { filename: devicesPath, live: false });
+    // Both while it is stopped, side by side: the helper reads guest RAM, QEMU writes device state.
+    const [capturedPages] = await Promise.all([
+      capture.copy(),
+      qmp.execute("xen-save-devices-state", { filename: devicesPath, live: false }),
+    ]);
     await qmp.execute("cont", {});
     stopped = false;
     branches.setSourcePaused(tag, false);
