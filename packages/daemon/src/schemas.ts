@@ -229,7 +229,7 @@ export const Sandbox = z.object({
 export const SandboxList = z.array(Sandbox);
 /** forkd answers a fork with the children's SandboxInfo, as a bare array. */
 export const ForkResult = z.array(Sandbox);
-export const ListSandboxesQuery = z.object({ pool: z.enum(["true", "false"]).optional() }).strict();
+export const ListSandboxesQuery = z.object({ pool: z.enum(["true", "false"]).optional() });
 
 /** A hot pool: children of one snapshot kept restored and answering, handed out by forks first. */
 export const PoolBody = z.object({ size: z.number().int() }).strict();
