@@ -3,4 +3,4 @@ export * from "./auth.js";
 export * from "./daemon.js";
 export * as schemas from "./schemas.js";
 export { BODY_LIMIT_BYTES, buildServer, FORKD_VERSION } from "./server.js";
-export { boundedTimeout } from "./timeouts.js";
+export { boundedTimeout } from "./request-checks.js";

@@ -16,7 +16,7 @@ import {
 } from "@forkd/core";
 import { z } from "zod";
 import * as S from "../schemas.js";
-import { boundedTimeout } from "../timeouts.js";
+import { boundedTimeout } from "../request-checks.js";
 import type { RouteDeps } from "./context.js";
 
 export function registerSnapshotRoutes({ r, ctx, err, touch }: RouteDeps): void {
