@@ -1,6 +1,6 @@
 export { type AuditCall, describeCall } from "./audit.js";
 export * from "./auth.js";
 export * from "./daemon.js";
+export { boundedTimeout } from "./request-checks.js";
 export * as schemas from "./schemas.js";
 export { BODY_LIMIT_BYTES, buildServer, FORKD_VERSION } from "./server.js";
-export { boundedTimeout } from "./request-checks.js";

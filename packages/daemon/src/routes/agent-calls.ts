@@ -2,8 +2,8 @@
 import { PassThrough } from "node:stream";
 import { AgentCallError, ForkdError, getImage, getSandbox, isForkdError } from "@forkd/core";
 import { z } from "zod";
-import * as S from "../schemas.js";
 import { boundedTimeout } from "../request-checks.js";
+import * as S from "../schemas.js";
 import type { RouteDeps } from "./context.js";
 import { startBackground } from "./processes.js";
 

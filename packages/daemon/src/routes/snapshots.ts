@@ -15,8 +15,8 @@ import {
   validateResources,
 } from "@forkd/core";
 import { z } from "zod";
-import * as S from "../schemas.js";
 import { boundedTimeout } from "../request-checks.js";
+import * as S from "../schemas.js";
 import type { RouteDeps } from "./context.js";
 
 export function registerSnapshotRoutes({ r, ctx, err, touch }: RouteDeps): void {
