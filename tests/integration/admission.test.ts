@@ -151,6 +151,32 @@ describe("bounded timeouts", () => {
   });
 });
 
+describe("bad input gets a 4xx", () => {
+  it("refuses NUL bytes in a command, answers a guest's own refusal with 422 and an eval past its timeout with its outcome", async () => {
+    const [id] = ((await call("GET", "/v1/sandboxes")).body as unknown as { id: string }[]).map((s) => s.id);
+    for (const body of [
+      { argv: ["tr\u0000ue"] },
+      { cmd: "true\u0000" },
+      { argv: ["true"], env: { A: "x\u0000" } },
+      { cmd: "true", cwd: "/\u0000" },
+    ]) {
+      const res = await call("POST", `/v1/sandboxes/${id}/exec`, body);
+      expect(res.status, res.text).toBe(400);
+      expect(res.body.error).toMatch(/must not contain NUL bytes/);
+    }
+    // The guest's filesystem refuses (EIO, EBUSY): the agent answered as it should, so no 502.
+    const unreadable = await call("POST", `/v1/sandboxes/${id}/files`, { action: "read", path: "/proc/self/mem" });
+    expect(unreadable.status, unreadable.text).toBe(422);
+    expect(unreadable.body.code).toBe("guest_error");
+    expect((await call("POST", `/v1/sandboxes/${id}/files`, { action: "write", path: "/", data: "x" })).status).toBe(422);
+    const slow = await call("POST", `/v1/sandboxes/${id}/eval`, { code: "for (;;) {}", timeout_ms: 50 });
+    expect(slow.status, slow.text).toBe(200);
+    expect(slow.body).toMatchObject({ result: null, exit_code: 1, timed_out: true });
+    expect(slow.body.error).toMatch(/longer than 50 ms/);
+    expect((await call("POST", `/v1/sandboxes/${id}/eval`, { code: "6 * 7" })).body).toMatchObject({ value: 42 });
+  });
+});
+
 describe("the audit log", () => {
   it("records the command, the eval digest and file paths, never contents, stdin or env values", async () => {
     const [id] = ((await call("GET", "/v1/sandboxes")).body as unknown as { id: string }[]).map((s) => s.id);

@@ -28,6 +28,8 @@ const REMEDIATION: Record<string, string> = {
   vm_start_failed: "read the console log the message names; forkd doctor checks the host",
   vm_timeout: "retry with a longer timeout, or check the sandbox is not overloaded",
   agent_error: "the guest agent did not answer as expected; retry, or kill and recreate the sandbox",
+  guest_error:
+    "the guest refused the operation (the message gives its error); change the path or command, or free what it names in the sandbox",
   qmp_error: "the VMM refused the operation; retry, or kill and recreate the sandbox",
   io_error: "check disk space and permissions of forkd's directories (forkd doctor)",
   integrity_failed: "remove the damaged snapshot (forkd rmi TAG) and create or pull it again",

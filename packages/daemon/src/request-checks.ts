@@ -1,6 +1,6 @@
-// Every timeout a request may carry has a documented range; outside it the request
-// is a 400. Unbounded, a timer past 2^31 ms fires at once (setTimeout wraps) and a
-// call could hold the daemon's resources forever.
+// Checks of request values the schemas cannot express, each a 400 naming the field.
+// Every timeout has a documented range: unbounded, a timer past 2^31 ms fires at
+// once (setTimeout wraps) and a call could hold the daemon's resources forever.
 import { ForkdError } from "@forkd/core";
 import { TIMEOUT_RANGES, type TimeoutKind } from "./schemas.js";
 
@@ -17,4 +17,19 @@ export function boundedTimeout(value: number | undefined, field: string, kind: T
     });
   }
   return value;
+}
+
+/**
+ * No NUL byte in what becomes a program, an argument, an environment entry or a
+ * directory in the guest: the kernel's strings end there, so the guest could
+ * never run what was asked (and would fail it as its own error, not the caller's).
+ */
+export function noNulBytes(values: Record<string, string | string[] | Record<string, string> | undefined>): void {
+  for (const [field, value] of Object.entries(values)) {
+    if (value === undefined) continue;
+    const strings = typeof value === "string" ? [value] : Array.isArray(value) ? value : Object.entries(value).flat();
+    if (strings.some((s) => s.includes("\0"))) {
+      throw new ForkdError("bad_request", `${field} must not contain NUL bytes (\\0)`, { field });
+    }
+  }
 }

@@ -6,7 +6,7 @@ import { z } from "zod";
 
 export const MAX_EXEC_TIMEOUT_MS = 3_600_000;
 
-/** The range of every timeout a request may carry (routes check them: outside, 400; see timeouts.ts). */
+/** The range of every timeout a request may carry (routes check them: outside, 400; see request-checks.ts). */
 export const TIMEOUT_RANGES = {
   /** exec's timeout_ms (and timeout_secs × 1000). */
   exec: { min: 1, max: MAX_EXEC_TIMEOUT_MS, unit: "ms" },
@@ -319,6 +319,8 @@ export const EvalResponse = z.object({
   language: z.enum(["javascript", "python"]),
   duration_ms: z.number(),
   stdout: z.string().optional(),
+  /** The code ran past its timeout_ms (30 s by default) and was interrupted: `error` says so. */
+  timed_out: z.boolean().optional(),
 });
 
 export const FilesBody = z.discriminatedUnion("action", [

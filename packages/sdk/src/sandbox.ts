@@ -325,6 +325,7 @@ export class Sandbox {
       ...(opts.timeoutMs ? { timeout_ms: opts.timeoutMs } : {}),
       ...(opts.language ? { language: opts.language } : {}),
     });
+    if (res.timed_out) throw new ForkdApiError(504, "vm_timeout", res.error ?? "the code ran past its timeout");
     if (res.exit_code !== 0) throw new ForkdApiError(400, "eval_error", res.error ?? "the code raised an error");
     return {
       value: res.value,

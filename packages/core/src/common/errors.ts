@@ -30,6 +30,8 @@ export const ERROR_STATUS = {
   integrity_failed: 500,
   /** A registry or hub that cannot be reached (unknown host, refused connection, TLS) or answers outside the protocol. */
   registry_unreachable: 502,
+  /** The guest could not do what was asked (its filesystem or kernel refused: EIO, EBUSY, EACCES…): the request, not forkd, must change. */
+  guest_error: 422,
   /** A registry that refuses the credentials forkd sent (or asks for some and none are configured). */
   registry_denied: 502,
   internal: 500,

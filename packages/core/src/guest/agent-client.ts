@@ -704,6 +704,10 @@ function agentCodeToForkd(code: string): ForkdError["code"] {
       return "invalid_state";
     case "timeout":
       return "vm_timeout";
+    // The agent answered as it should: the guest's filesystem or kernel refused the request.
+    case "permission_denied":
+    case "io_error":
+      return "guest_error";
     default:
       return "agent_error";
   }

@@ -2,7 +2,7 @@
 import { PassThrough } from "node:stream";
 import { AgentCallError, ForkdError, getImage, getSandbox, isForkdError } from "@forkd/core";
 import { z } from "zod";
-import { boundedTimeout } from "../request-checks.js";
+import { boundedTimeout, noNulBytes } from "../request-checks.js";
 import * as S from "../schemas.js";
 import type { RouteDeps } from "./context.js";
 import { startBackground } from "./processes.js";
@@ -58,6 +58,7 @@ export function registerAgentCallRoutes({ r, ctx, err }: RouteDeps): void {
     }
     if (body.tag !== undefined && !body.background)
       throw new ForkdError("bad_request", "`tag` labels a background process: send it with `background: true`");
+    noNulBytes({ [body.args ? "args" : "argv"]: argv, cmd: body.cmd, env: body.env, cwd: body.cwd });
     const secs = boundedTimeout(body.timeout_secs, "timeout_secs", "execSecs");
     const timeoutMs = secs !== undefined ? secs * 1000 : boundedTimeout(body.timeout_ms, "timeout_ms", "exec");
     return {
@@ -188,8 +189,16 @@ export function registerAgentCallRoutes({ r, ctx, err }: RouteDeps): void {
         };
       } catch (e) {
         // As forkd: the code's own exception is an answer (exit_code 1), not a failed call.
-        if (!(e instanceof AgentCallError) || e.agentCode !== "eval_error") throw e;
-        return { result: null, error: e.message, exit_code: 1, language, duration_ms: performance.now() - t0 };
+        // So is running past its own timeout (as exec's timed_out): the caller set the deadline.
+        if (!(e instanceof AgentCallError) || (e.agentCode !== "eval_error" && e.agentCode !== "timeout")) throw e;
+        return {
+          result: null,
+          error: e.message,
+          exit_code: 1,
+          language,
+          duration_ms: performance.now() - t0,
+          ...(e.agentCode === "timeout" ? { timed_out: true } : {}),
+        };
       }
     },
   );
