@@ -8,6 +8,7 @@ import { registerChaosBench } from "./chaos.js";
 import { registerConfineBench } from "./confine.js";
 import { registerFanoutBench } from "./fanout.js";
 import { registerForkLiveBench } from "./fork-live.js";
+import { registerFuzzBench } from "./fuzz.js";
 import { registerPackBench } from "./pack.js";
 import { registerPoolBench } from "./pool.js";
 import { registerSoakBench } from "./soak.js";
@@ -27,6 +28,7 @@ export function registerBench(program: Command): void {
     registerPoolBench,
     registerForkLiveBench,
     registerSoakBench,
+    registerFuzzBench,
     registerChaosBench,
   ])
     register(bench);
