@@ -44,6 +44,10 @@ describe("fuzz request generation", () => {
       ]),
     );
     expect(ops.find((o) => o.path === "/v1/sandboxes/{id}/exec")?.guarded).toBe(false);
+    // A route added later is guarded until someone says it is safe.
+    expect(
+      operations({ paths: { "/v1/snapshots/{tag}/pool": { put: {} }, "/v1/sandboxes/{id}/fork": { post: {} } } }).every((o) => o.guarded),
+    ).toBe(true);
   });
 
   it("never sends a guarded operation a body its strict schema could accept, nor a real id", () => {
