@@ -140,6 +140,7 @@ describe("fork", () => {
     // The window is real: the VMM outlived its starter (it must outlive a daemon once it is a sandbox).
     if (vmmRuns) expect(qemuPidsUnder(row!.run_dir)).not.toEqual([]);
     await start();
+    expect(daemon!.stderr()).toMatch(/undid 1 interrupted start/);
     expect(sandboxes.get(row!.id)).toBeUndefined();
     expect(qemuPidsUnder(row!.run_dir)).toEqual([]);
     expect(fs.existsSync(row!.run_dir)).toBe(false);
@@ -177,6 +178,7 @@ describe("BRANCH", () => {
     await sleep(300);
     expect((await findLeftovers()).orphanVmms).toEqual([]);
     await start();
+    if (pausedByCrash) expect(daemon!.stderr()).toMatch(/resumed 1 source/);
     expect(await runStatus(bystander)).toBe("running");
     expect(branches.get(tag)).toMatchObject({ status: "failed" });
     expect((await listSnapshots()).map((s) => s.tag)).not.toContain(tag);
@@ -232,8 +234,9 @@ describe("BRANCH", () => {
   });
 
   it("a diff pre-copy that cannot converge is finished by stop-and-copy within its bound", async () => {
-    // At 1 MiB/s the source's memory alone takes far longer than the test allows: only the bound ends it.
-    await start({ FORKD_BRANCH_MAX_MIBPS: "1", FORKD_DIFF_CONVERGE_MS: "1500" });
+    // At 1 MiB/s the source's memory alone takes far longer than the test allows: only the bound
+    // ends it (the first pass may take 12 × 500 ms, then the source is stopped and the rest copied).
+    await start({ FORKD_BRANCH_MAX_MIBPS: "1", FORKD_DIFF_CONVERGE_MS: "500" });
     const t0 = Date.now();
     const branched = await api.branchSandbox(bystander, { tag: "crash-converge", mode: "diff" });
     expect(branched).toMatchObject({ status: "ready" });

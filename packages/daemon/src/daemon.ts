@@ -111,7 +111,8 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
     hotPools: new HotPools({ agents: pool, admission, metrics, log }),
   };
 
-  // Reconcile before serving: dead sandboxes are reaped, live ones re-adopted.
+  // Reconcile before serving: dead sandboxes are reaped, live ones re-adopted, and what
+  // a killed predecessor left half done is finished or undone (ops/cleanup.ts).
   const report = await cleanup();
   // A host that cannot apply the egress policy is refused here, not at the first fork.
   if (opts.networkPolicy === "off") process.env.FORKD_NETWORK_POLICY = "off";
@@ -123,7 +124,7 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
     live.map((s) => pool.get(s.id).catch((err: Error) => log(`forkd daemon: could not reconnect to ${s.id}: ${err.message}`))),
   );
   log(
-    `forkd daemon: re-adopted ${live.length} sandbox(es), reaped ${report.reaped.length}${report.failedBranches.length ? `, marked ${report.failedBranches.length} interrupted BRANCH(es) failed` : ""}`,
+    `forkd daemon: re-adopted ${live.length} sandbox(es), reaped ${report.reaped.length}${report.failedBranches.length ? `, marked ${report.failedBranches.length} interrupted BRANCH(es) failed` : ""}${report.resumedSources.length ? `, resumed ${report.resumedSources.length} source(s) they had paused` : ""}${report.abandonedStarts.length ? `, undid ${report.abandonedStarts.length} interrupted start(s)` : ""}`,
   );
 
   const servers: FastifyInstance[] = [];

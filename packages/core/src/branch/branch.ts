@@ -34,8 +34,9 @@ export type CaptureResult = {
 };
 
 /**
- * How long diff pre-copy may run before the source is stopped to finish: a guest
- * that dirties memory faster than it is copied never converges on its own.
+ * How long diff pre-copy may chase dirty pages after its first pass over RAM before
+ * the source is stopped to finish: a guest that dirties memory faster than it is
+ * copied never converges on its own. The first pass may take 12 times as long.
  */
 export function diffConvergeMs(env = process.env): number {
   const ms = Number(env.FORKD_DIFF_CONVERGE_MS);
@@ -224,10 +225,13 @@ export async function captureSandbox(
 }
 
 /**
- * Wait for a pre-copy to complete, bounded: past diffConvergeMs or DIFF_MAX_PASSES
- * passes over RAM, the source is stopped (stop-and-copy) with the bandwidth cap
- * and downtime target lifted, so what is left is copied at once and the copy ends.
- * True when it had to. The deadline still applies to the whole copy.
+ * Wait for a pre-copy to complete, bounded: diffConvergeMs after its first pass
+ * (counted from the start when the first pass itself takes 12 times that), or past
+ * DIFF_MAX_PASSES passes, the source is stopped (stop-and-copy) with the bandwidth
+ * cap and downtime target lifted, so what is left is copied at once and the copy
+ * ends. Bounding the chase, not the first pass, keeps a large guest that does
+ * converge from being paused for most of its RAM. True when it had to stop it.
+ * The deadline still applies to the whole copy.
  */
 async function precopy(qmp: QmpClient, onStop: () => void): Promise<boolean> {
   const started = Date.now();
@@ -235,6 +239,7 @@ async function precopy(qmp: QmpClient, onStop: () => void): Promise<boolean> {
   const bound = diffConvergeMs();
   let forced = false;
   let firstPass = true;
+  let firstPassDoneAt: number | undefined;
   for (;;) {
     const info = await qmp.execute("query-migrate", {});
     if (info.status === "completed") return forced;
@@ -245,8 +250,11 @@ async function precopy(qmp: QmpClient, onStop: () => void): Promise<boolean> {
       firstPass = false;
       faultPoint("branch.diff-precopy");
     }
+    // QEMU syncs the dirty bitmap once at the start and again as each pass over RAM ends.
     const passes = Number((info.ram as { "dirty-sync-count"?: number } | undefined)?.["dirty-sync-count"] ?? 0);
-    if (!forced && (Date.now() - started > bound || passes > DIFF_MAX_PASSES)) {
+    if (passes >= 2) firstPassDoneAt ??= Date.now();
+    const late = firstPassDoneAt !== undefined ? Date.now() - firstPassDoneAt > bound : Date.now() - started > 12 * bound;
+    if (!forced && (late || passes > DIFF_MAX_PASSES)) {
       forced = true;
       onStop();
       await qmp.execute("stop", {});
