@@ -1,12 +1,12 @@
 // Guest entry point: find the virtio-serial port named forkd.agent, then serve
 // framed requests on it for the life of the VM.
-import { spawn } from "node:child_process";
+import { type ChildProcessWithoutNullStreams, spawn } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import { performance as nodePerformance } from "node:perf_hooks";
 import { GuestCtl } from "./ops/identity.js";
 import { PythonWorker } from "./ops/python.js";
-import { AGENT_PORT_NAME, encodeFrame, FrameDecoder, type ResponseFrame } from "./protocol.js";
+import { AGENT_PORT_NAME, AGENT_VERSION, encodeFrame, FrameDecoder, type ResponseFrame } from "./protocol.js";
 import { AgentServer } from "./server.js";
 
 const PORTS_DIR = "/sys/class/virtio-ports";
@@ -17,7 +17,7 @@ const READ_BUFFER_BYTES = 256 * 1024;
 // real host CPU in every one of a hundred children. The slow poll is only a safety net.
 const IDLE_POLL_MIN_MS = 1;
 const IDLE_POLL_MAX_MS = 25;
-const SIGIO_FALLBACK_POLL_MS = 10_000;
+const SIGIO_FALLBACK_POLL_MS = 60_000;
 // Right after a disconnect (and so right after a restore) a host usually connects
 // within milliseconds: poll briefly with backoff before settling into SIGIO sleep.
 const EAGER_POLL_WINDOW_MS = 400;
@@ -52,17 +52,77 @@ process.on("SIGIO", () => {
 });
 
 const fd = openPort();
+const GUESTCTL = "/opt/forkd/bin/forkd-guestctl";
 
-/** Ask the helper to route the port's SIGIO to us (Node cannot fcntl F_SETOWN/O_ASYNC itself). */
-function enableSigio(): void {
-  const helper = spawn("/opt/forkd/bin/forkd-guestctl", ["fasync", "3", String(process.pid)], {
-    stdio: ["ignore", "ignore", "inherit", fd],
+// The gate (forkd-guestctl gate): a small C process sharing our port. It routes the
+// port's SIGIO to us (Node cannot fcntl F_SETOWN/O_ASYNC itself), and while we are
+// parked (the `park` op, sent by the host before a warm snapshot is saved) it reads
+// the port instead of us: a restored child's identity and ping are answered by it,
+// without waking the JavaScript runtime, and the first other frame comes back to us
+// with the port ('F' + length + the bytes it read).
+let gate: ChildProcessWithoutNullStreams | undefined;
+let parked = false;
+let gateBytes: Buffer = Buffer.alloc(0);
+
+function startGate(runtimes: string[]): void {
+  const child = spawn(GUESTCTL, ["gate", AGENT_VERSION, runtimes.map((r) => JSON.stringify(r)).join(","), String(Date.now())], {
+    stdio: ["pipe", "pipe", "inherit", fd],
+  }) as unknown as ChildProcessWithoutNullStreams;
+  child.on("error", () => {});
+  child.stdin.on("error", () => {});
+  child.stdout.on("data", (chunk: Buffer) => onGateData(chunk));
+  child.on("exit", () => {
+    if (gate !== child) return;
+    gate = undefined;
+    // A gate that dies while it holds the port gives it back with nothing read.
+    if (parked) unpark(Buffer.alloc(0));
   });
-  helper.on("error", () => {});
-  helper.on("exit", (code) => {
-    sigioEnabled = code === 0;
-    if (!sigioEnabled) console.error("forkd-agent: could not enable SIGIO on the agent port; polling instead");
+  gate = child;
+}
+
+function onGateData(chunk: Buffer): void {
+  gateBytes = gateBytes.length === 0 ? chunk : Buffer.concat([gateBytes, chunk]);
+  while (gateBytes.length >= 5) {
+    const length = gateBytes.readUInt32BE(1);
+    if (gateBytes.length < 5 + length) return;
+    const type = String.fromCharCode(gateBytes[0]!);
+    const payload = gateBytes.subarray(5, 5 + length);
+    gateBytes = gateBytes.subarray(5 + length);
+    if (type === "S") sigioEnabled = true;
+    else if (type === "s") console.error(`forkd-agent: could not enable SIGIO on the agent port (${payload.toString()}); polling instead`);
+    else if (type === "F" && parked) unpark(Buffer.from(payload));
+  }
+}
+
+/**
+ * `park`: hand the port to the gate until a frame arrives that only we can answer.
+ * Only an idle agent parks (nothing running, nothing buffered): the gate then owns
+ * the port alone, and what it answers cannot interleave with our frames.
+ */
+function park(id: number, lastInRead: boolean): void {
+  const busy = !gate
+    ? "the agent's gate is not running"
+    : server.inFlight > 0 || !lastInRead || decoder.pendingBytes > 0
+      ? "park needs an idle agent: calls are running or more frames follow"
+      : undefined;
+  if (busy) {
+    send({ id, kind: "error", code: "agent_busy", message: busy });
+    return;
+  }
+  parked = true;
+  // Our answers so far leave first; the gate answers the park itself, then reads the port.
+  afterWrites(() => {
+    if (gate) gate.stdin.write(`P ${id}\n`);
+    else if (parked) unpark(Buffer.alloc(0));
   });
+}
+
+function unpark(bytes: Buffer): void {
+  parked = false;
+  connected = true;
+  decoder = new FrameDecoder();
+  handleBytes(bytes);
+  if (!parked) readLoop();
 }
 // Answers leave through one queue, one frame at a time. It is measured so exec
 // output can wait for a slow host (see OutputFlow), and it is emptied when the host
@@ -73,6 +133,12 @@ let queuedBytes = 0;
 let writing = false;
 let connection = 0;
 const drainWaiters: (() => void)[] = [];
+const writesDoneWaiters: (() => void)[] = [];
+
+function afterWrites(fn: () => void): void {
+  if (!writing && queue.length === 0) fn();
+  else writesDoneWaiters.push(fn);
+}
 
 function writeAll(buffer: Buffer, forConnection: number): Promise<void> {
   return new Promise((resolve) => {
@@ -102,6 +168,7 @@ async function pump(): Promise<void> {
     wakeDrained();
   }
   writing = false;
+  for (const fn of writesDoneWaiters.splice(0)) fn();
 }
 
 function send(frame: ResponseFrame): void {
@@ -131,7 +198,7 @@ const python = PythonWorker.available(PYTHON, PYWORKER)
   : undefined;
 python?.start().catch((err: Error) => console.error(`forkd-agent: ${err.message}`));
 
-const guestctl = new GuestCtl("/opt/forkd/bin/forkd-guestctl");
+const guestctl = new GuestCtl(GUESTCTL);
 guestctl.start();
 const server = new AgentServer(send, {
   identity: { guestctl, hostnameFile: "/proc/sys/kernel/hostname" },
@@ -203,12 +270,24 @@ function readLoop(): void {
     }
     connected = true;
     idleDelayMs = IDLE_POLL_MIN_MS;
-    for (const frame of decoder.push(Buffer.from(readBuffer.subarray(0, bytesRead)))) {
-      if (frame.ok) server.handle(frame.message);
-      else server.rejectFrame(frame.error);
-    }
-    readLoop();
+    handleBytes(Buffer.from(readBuffer.subarray(0, bytesRead)));
+    // Parked: the gate reads the port from here on.
+    if (!parked) readLoop();
   });
+}
+
+function handleBytes(bytes: Buffer): void {
+  const frames = decoder.push(bytes);
+  for (const [i, frame] of frames.entries()) {
+    if (frame.ok && isParkRequest(frame.message)) park(frame.message.id, i === frames.length - 1);
+    else if (frame.ok) server.handle(frame.message);
+    else server.rejectFrame(frame.error);
+  }
+}
+
+function isParkRequest(message: unknown): message is { op: "park"; id: number } {
+  const m = message as { op?: unknown; id?: unknown } | null;
+  return typeof m === "object" && m !== null && m.op === "park" && Number.isSafeInteger(m.id);
 }
 
 process.on("uncaughtException", (err) => {
@@ -219,5 +298,5 @@ process.on("unhandledRejection", (err) => {
   console.error("forkd-agent: unhandled rejection", err);
 });
 
-enableSigio();
+startGate(python ? ["javascript", "python"] : ["javascript"]);
 readLoop();

@@ -73,6 +73,10 @@ echo 60 >/proc/sys/vm/stat_interval 2>/dev/null
 for t in ipv4 ipv6; do echo 3600000 >/proc/sys/net/$t/neigh/default/interval_probe_time_ms 2>/dev/null; done
 $BB ip link set lo up 2>/dev/null
 if $BB ip link show eth0 >/dev/null 2>&1; then
+  # No IPv6 duplicate-address detection or router solicitation on a link that is
+  # this VMM's alone: their timers would still be running in every child of a
+  # snapshot taken seconds after boot.
+  for k in dad_transmits router_solicitations; do echo 0 >/proc/sys/net/ipv6/conf/eth0/$k 2>/dev/null; done
   # QEMU user-mode networking: fixed addresses, private to each VMM process.
   $BB ip addr add 10.0.2.15/24 dev eth0 && $BB ip link set eth0 up && $BB ip route add default via 10.0.2.2
 fi

@@ -143,6 +143,12 @@ export function buildQemuArgs(plan: VmPlan): string[] {
     // or resource-control syscalls, no obsolete ones.
     "-sandbox",
     "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+    // After an incoming migration QEMU has the guest announce itself (virtio-net's
+    // config interrupt, then gratuitous ARP and IPv6 neighbour adverts, five rounds
+    // over about a second): a switch's business, not user-mode networking's, and in a
+    // restored child most of what the guest ran before its first answer.
+    "-global",
+    "migration.announce-rounds=0",
     "-pidfile",
     paths.pidfile,
     "-qmp",

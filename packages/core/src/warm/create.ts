@@ -15,6 +15,9 @@ import { branches } from "../store/state.js";
 import { migrateToFile } from "../vmm/migration-sink.js";
 import { type Accel, CURRENT_MACHINE } from "../vmm/plan.js";
 
+/** How long a parked parent may settle before its device state is saved. */
+const SETTLE_BEFORE_SAVE_MS = 250;
+
 export type CreateSnapshotOpts = {
   tag: string;
   image?: string;
@@ -79,6 +82,13 @@ export async function createSnapshot(opts: CreateSnapshotOpts): Promise<Snapshot
     await warmAgentPaths(vm, image.runtimes.includes("python"));
     // The agent must be idle and settled when its memory is frozen.
     await vm.agent.ping();
+    // Parked, the agent's small C gate reads the port: a child's identity and ping are
+    // answered without waking the JavaScript runtime. An agent that cannot park (an
+    // older image) still works, only slower to answer first.
+    await vm.agent.call({ op: "park" }, { timeoutMs: 10_000 }).catch(() => {});
+    // Let the guest fall asleep before its memory is frozen: whatever it is still
+    // doing when stopped, every child does again after `cont`, translated afresh.
+    await new Promise((r) => setTimeout(r, SETTLE_BEFORE_SAVE_MS));
     const warmMs = performance.now() - warmStart;
     progress("saving device state");
     const saveStart = performance.now();
