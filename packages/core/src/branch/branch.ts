@@ -515,8 +515,14 @@ export async function recoverBranches(): Promise<{ failed: string[]; resumed: st
   const resumed: string[] = [];
   for (const row of branches.list()) {
     if (!branchAbandoned(row)) continue;
-    if (row.source_paused !== 0 && (await resumeSource(row.source_id, { cancel: row.mode !== "live" }))) resumed.push(row.source_id);
-    branches.finish(row.tag, { status: "failed", error: "interrupted: the process writing it exited before it was ready" });
+    let error = "interrupted: the process writing it exited before it was ready";
+    if (row.source_paused !== 0) {
+      // A source that cannot be reached must not keep the daemon from starting: said in the row instead.
+      const outcome = await resumeSource(row.source_id, { cancel: row.mode !== "live" }).catch((err: Error) => err);
+      if (outcome === true) resumed.push(row.source_id);
+      else if (outcome instanceof Error) error += `; ${outcome.message}`;
+    }
+    branches.finish(row.tag, { status: "failed", error });
     failed.push(row.tag);
   }
   return { failed, resumed };
