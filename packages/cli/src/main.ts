@@ -1,18 +1,6 @@
 #!/usr/bin/env node
 import { Command, CommanderError } from "commander";
-import { registerBench } from "./commands/bench/index.js";
-import { registerDaemon } from "./commands/daemon.js";
-import { registerDoctor } from "./commands/doctor.js";
-import { registerImage } from "./commands/image.js";
-import { registerMcp } from "./commands/mcp.js";
-import { registerPacks } from "./commands/packs.js";
-import { registerPool } from "./commands/pool.js";
-import { registerQuickstart } from "./commands/quickstart.js";
-import { registerRegistry } from "./commands/registry.js";
-import { registerRun } from "./commands/run.js";
-import { registerSandboxes } from "./commands/sandboxes.js";
-import { registerSnapshots } from "./commands/snapshots.js";
-import { registerWorkspaces } from "./commands/workspaces.js";
+import { modulesFor } from "./commands/index.js";
 import { reportError } from "./ui.js";
 
 const program = new Command()
@@ -30,21 +18,9 @@ const program = new Command()
     if (daemonToken) process.env.FORKD_TOKEN = daemonToken;
   });
 
-registerRun(program);
-registerSnapshots(program);
-registerPacks(program);
-registerRegistry(program);
-registerSandboxes(program);
-registerPool(program);
-registerWorkspaces(program);
-registerImage(program);
-registerDoctor(program);
-registerDaemon(program);
-registerMcp(program);
-registerBench(program);
-registerQuickstart(program);
-
 try {
+  // Only the module the command line names is loaded (all of them for help).
+  for (const register of await Promise.all(modulesFor(process.argv.slice(2)).map((m) => m.load()))) register(program);
   await program.parseAsync(process.argv);
 } catch (err) {
   if (err instanceof CommanderError) {

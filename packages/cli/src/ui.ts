@@ -1,13 +1,42 @@
-import { ForkdError } from "@forkd/core";
+import { ForkdError } from "@forkd/core/errors";
 import Table from "cli-table3";
-import ora, { type Ora } from "ora";
+import type { Ora } from "ora";
 
-/** A spinner on stderr for anything that may take over a second; silent when stderr is not a terminal. */
-export function spinner(text: string): Ora {
-  return ora({ text, stream: process.stderr, isEnabled: process.stderr.isTTY === true }).start();
+/** What the commands use of a spinner. */
+export type Spinner = { text: string; stop(): void; succeed(text?: string): void; fail(text?: string): void };
+
+/**
+ * A spinner on stderr for anything that may take over a second; silent when stderr is
+ * not a terminal. ora is loaded in the background (a command never waits for it, and
+ * one without a spinner never loads it); what was asked of the spinner meanwhile is
+ * done, in order, once it is there.
+ */
+export function spinner(text: string): Spinner {
+  let shown: Ora | undefined;
+  const pending: ((o: Ora) => void)[] = [];
+  const act = (how: (o: Ora) => void) => {
+    if (shown) how(shown);
+    else pending.push(how);
+  };
+  void import("ora").then(({ default: ora }) => {
+    shown = ora({ text, stream: process.stderr, isEnabled: process.stderr.isTTY === true }).start();
+    for (const how of pending.splice(0)) how(shown);
+  });
+  return {
+    get text() {
+      return text;
+    },
+    set text(value: string) {
+      text = value;
+      if (shown) shown.text = value;
+    },
+    stop: () => act((o) => o.stop()),
+    succeed: (t) => act((o) => o.succeed(t)),
+    fail: (t) => act((o) => o.fail(t)),
+  };
 }
 
-export async function withSpinner<T>(text: string, work: (s: Ora) => Promise<T>, done?: (value: T) => string): Promise<T> {
+export async function withSpinner<T>(text: string, work: (s: Spinner) => Promise<T>, done?: (value: T) => string): Promise<T> {
   const s = spinner(text);
   try {
     const value = await work(s);

@@ -1,5 +1,7 @@
 import fs from "node:fs";
-import { cleanup, ForkdError, forkdHome, validateCpuLimit } from "@forkd/core";
+import { validateCpuLimit } from "@forkd/core/cgroup";
+import { forkdHome } from "@forkd/core/config";
+import { ForkdError } from "@forkd/core/errors";
 import type { Command } from "commander";
 import { type Backend, type ForkRow, type LiveForkRows, openBackend } from "../backend.js";
 import { percentile, round1 } from "../stats.js";
@@ -340,6 +342,7 @@ export function registerSandboxes(program: Command): void {
     .option("-y, --yes", "remove what is found (without it, nothing is changed)")
     .option("--json", "machine-readable output")
     .action(async (opts: { yes?: boolean; json?: boolean }) => {
+      const { cleanup } = await import("@forkd/core");
       const report = await cleanup({ dryRun: !opts.yes });
       if (opts.json) process.stdout.write(`${JSON.stringify({ ...report, dry_run: !opts.yes })}\n`);
       else {

@@ -1,0 +1,186 @@
+// The CLI's backend when no daemon answers: core, in this process. Loaded only then
+// (it brings all of core with it; a command that goes through the daemon never needs it).
+import {
+  apiSandboxView,
+  apiSnapshotView,
+  apiWorkspaceView,
+  branchesBySource,
+  compactSnapshot,
+  connectSandbox,
+  createSnapshot,
+  createWorkspace,
+  deleteWorkspace,
+  type ForkChildResult,
+  ForkdError,
+  forkLive,
+  forkSandboxes,
+  getSandbox,
+  killSandbox,
+  listPools,
+  listSandboxes,
+  listSnapshots,
+  listWorkspaces,
+  removeSnapshot,
+  resumeWorkspace,
+  snapshotDetails,
+  startBranch,
+  suspendWorkspace,
+} from "@forkd/core";
+import type { Backend, ExecArgs, FilesArgs, ForkRow, SnapshotArgs } from "./backend-types.js";
+
+export class DirectBackend implements Backend {
+  readonly kind = "direct" as const;
+
+  async branch(id: string, a: { tag?: string; mode?: string; wait: boolean }) {
+    if (!a.wait) {
+      throw new ForkdError(
+        "bad_request",
+        "--no-wait needs the daemon (it finishes the snapshot after this command exits); start `forkd daemon` or drop --no-wait",
+      );
+    }
+    const started = await startBranch(id, { tag: a.tag, mode: a.mode });
+    const done = await started.done;
+    if (done.status === "failed") throw new ForkdError("vm_start_failed", `BRANCH failed: ${done.error}`);
+    return done;
+  }
+
+  async createSnapshot(a: SnapshotArgs) {
+    return apiSnapshotView(
+      await createSnapshot({
+        tag: a.tag,
+        image: a.image,
+        warm: a.warm,
+        warmEval: a.warmEval,
+        memoryMib: a.memoryMib,
+        vcpus: a.vcpus,
+        onProgress: a.onProgress,
+      }),
+    );
+  }
+  async listSnapshots() {
+    return (await listSnapshots()).map(apiSnapshotView);
+  }
+  snapshotInfo(tag: string) {
+    return snapshotDetails(tag);
+  }
+  async compactSnapshot(tag: string, to: string) {
+    return apiSnapshotView(await compactSnapshot(tag, to));
+  }
+  async removeSnapshot(tag: string, opts: { force?: boolean; cascade?: boolean }) {
+    await removeSnapshot(tag, opts);
+  }
+  async fork(a: Parameters<Backend["fork"]>[0]) {
+    const results = await forkSandboxes({
+      tag: a.tag,
+      n: a.n,
+      memoryLimitMib: a.memoryLimitMib,
+      cpuLimit: a.cpuLimit,
+      network: a.network,
+      ...(a.allowOut?.length ? { allowOut: a.allowOut } : {}),
+      ...(a.denyOut?.length ? { denyOut: a.denyOut } : {}),
+      concurrency: a.concurrency,
+      onChild: a.onChild,
+    });
+    return results.map(forkRow);
+  }
+  async listSandboxes(opts: { pool?: boolean } = {}) {
+    const bySource = branchesBySource();
+    return listSandboxes()
+      .filter((sb) => opts.pool || !sb.pool)
+      .map((sb) => apiSandboxView(sb, bySource));
+  }
+  async listPools() {
+    return listPools();
+  }
+  async forkLive(id: string, a: { n: number; tag?: string; concurrency: number }) {
+    const started = performance.now();
+    const result = await forkLive(id, { n: a.n, ...(a.tag ? { tag: a.tag } : {}), concurrency: a.concurrency });
+    if (result.children.some((c) => !c.ok)) {
+      for (const c of result.children) if (c.ok) await killSandbox(c.id).catch(() => {});
+      await result.discard();
+    } else {
+      // Without a daemon this process is the writer: the snapshot is registered before it exits.
+      await result.register();
+    }
+    return {
+      tag: result.tag,
+      source_pause_ms: result.pauseMs,
+      capture_ready_ms: result.captureReadyAt - started,
+      total_ms: performance.now() - started,
+      captured_pages: result.capturedPages,
+      children: result.children.map(forkRow),
+    };
+  }
+  private async withAgent<T>(id: string, work: (agent: Awaited<ReturnType<typeof connectSandbox>>) => Promise<T>): Promise<T> {
+    getSandbox(id);
+    const agent = await connectSandbox(id);
+    try {
+      return await work(agent);
+    } finally {
+      agent.close();
+    }
+  }
+  exec(id: string, a: ExecArgs, onStdout: (d: Buffer) => void, onStderr: (d: Buffer) => void) {
+    return this.withAgent(id, async (agent) => {
+      const res = await agent.exec(
+        {
+          ...(a.argv ? { argv: a.argv } : { cmd: a.cmd }),
+          ...(a.env ? { env: a.env } : {}),
+          ...(a.cwd ? { cwd: a.cwd } : {}),
+          ...(a.timeoutMs ? { timeoutMs: a.timeoutMs } : {}),
+          ...(a.stdin ? { stdin: a.stdin.toString("base64") } : {}),
+        },
+        // Output goes straight to our stdout, not to memory: no cap.
+        { onStdout, onStderr, maxOutputBytes: Number.POSITIVE_INFINITY },
+      );
+      return { exitCode: res.exitCode, signal: res.signal, timedOut: res.timedOut };
+    });
+  }
+  eval(id: string, code: string, language?: "javascript" | "python") {
+    return this.withAgent(id, async (agent) => {
+      const res = await agent.eval(code, language ? { language } : {});
+      return { value: res.value, type: res.type, duration_ms: res.durationMs, ...(res.stdout ? { stdout: res.stdout } : {}) };
+    });
+  }
+  files(id: string, a: FilesArgs) {
+    return this.withAgent(id, (agent) =>
+      a.action === "write"
+        ? agent.files<Record<string, unknown>>({ action: "write", path: a.path, data: (a.data ?? Buffer.alloc(0)).toString("base64") })
+        : agent.files<Record<string, unknown>>({ action: a.action, path: a.path }),
+    );
+  }
+  kill(id: string) {
+    return killSandbox(id);
+  }
+  async ping(id: string) {
+    const agent = await connectSandbox(id);
+    try {
+      const t0 = performance.now();
+      const pong = await agent.ping({ timeoutMs: 10_000 });
+      return { pong: true, version: pong.version, uptime_ms: pong.uptimeMs, hostname: pong.hostname, rtt_ms: performance.now() - t0 };
+    } finally {
+      agent.close();
+    }
+  }
+  readonly workspaces = {
+    list: async () => listWorkspaces().map(apiWorkspaceView),
+    create: async (name: string, snapshotTag: string, memoryLimitMib?: number) =>
+      apiWorkspaceView(await createWorkspace({ name, snapshotTag, ...(memoryLimitMib !== undefined ? { memoryLimitMib } : {}) })),
+    suspend: async (name: string, diff: boolean) => apiWorkspaceView(await suspendWorkspace(name, { diff })),
+    resume: async (name: string) => apiWorkspaceView(await resumeWorkspace(name)),
+    remove: (name: string) => deleteWorkspace(name),
+  };
+}
+
+function forkRow(r: ForkChildResult): ForkRow {
+  return r.ok
+    ? {
+        id: r.id,
+        ok: true,
+        vmm_start_ms: r.timings.vmmStartMs,
+        restore_ms: r.timings.restoreMs,
+        first_answer_ms: r.timings.firstAnswerMs,
+        total_ms: r.timings.totalMs,
+      }
+    : { id: r.id, ok: false, error: r.error };
+}
