@@ -92,7 +92,7 @@ export class DirectBackend implements Backend {
   async listPools() {
     return listPools();
   }
-  async forkLive(id: string, a: { n: number; tag?: string; concurrency: number }) {
+  async forkLive(id: string, a: { n: number; tag?: string; concurrency?: number }) {
     const started = performance.now();
     const result = await forkLive(id, { n: a.n, ...(a.tag ? { tag: a.tag } : {}), concurrency: a.concurrency });
     if (result.children.some((c) => !c.ok)) {

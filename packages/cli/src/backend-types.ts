@@ -63,14 +63,15 @@ export interface Backend {
     network: boolean;
     allowOut?: string[];
     denyOut?: string[];
-    concurrency: number;
+    /** Restores in flight; from the host's cores when absent. */
+    concurrency?: number;
     onChild?: () => void;
   }): Promise<ForkRow[]>;
   /** Users' sandboxes; with `pool`, the children waiting in hot pools too. */
   listSandboxes(opts?: { pool?: boolean }): Promise<ApiSandbox[]>;
   listPools(): Promise<PoolRow[]>;
   /** N children of the running sandbox `id` (live fork-to-many). */
-  forkLive(id: string, args: { n: number; tag?: string; concurrency: number }): Promise<LiveForkRows>;
+  forkLive(id: string, args: { n: number; tag?: string; concurrency?: number }): Promise<LiveForkRows>;
   exec(id: string, args: ExecArgs, onStdout: (d: Buffer) => void, onStderr: (d: Buffer) => void): Promise<ExecOutcome>;
   eval(
     id: string,

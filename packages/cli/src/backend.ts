@@ -94,7 +94,7 @@ class DaemonBackend implements Backend {
   listPools() {
     return viaApi(() => this.controller.listPools());
   }
-  forkLive(id: string, a: { n: number; tag?: string; concurrency: number }) {
+  forkLive(id: string, a: { n: number; tag?: string; concurrency?: number }) {
     return viaApi(async (): Promise<LiveForkRows> => {
       const res = await this.controller.forkLive(id, { n: a.n, ...(a.tag ? { tag: a.tag } : {}) });
       return {

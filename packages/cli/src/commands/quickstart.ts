@@ -70,9 +70,7 @@ export function registerQuickstart(program: Command): void {
 
       // 3. Fork children, run a command in each, show timings and memory.
       const started = performance.now();
-      const results = await withSpinner(`forking ${opts.count} children`, () =>
-        forkSandboxes({ tag: QUICKSTART_TAG, n: opts.count, concurrency: 4 }),
-      );
+      const results = await withSpinner(`forking ${opts.count} children`, () => forkSandboxes({ tag: QUICKSTART_TAG, n: opts.count }));
       const wallMs = performance.now() - started;
       const table = plainTable(["CHILD", "RESTORE", "FIRST ANSWER", "TOTAL", "EXEC hostname", "EVAL greet()", "HOST MEMORY (PSS)"]);
       try {

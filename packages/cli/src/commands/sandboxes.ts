@@ -17,7 +17,7 @@ type ForkCliOpts = {
   allowOut: string[];
   denyOut: string[];
   json?: boolean;
-  concurrency: number;
+  concurrency?: number;
 };
 
 function parseCpuLimit(value: string): number {
@@ -29,7 +29,7 @@ function parseCpuLimit(value: string): number {
 async function forkLiveCommand(
   backend: Backend,
   id: string,
-  opts: { n: number; concurrency: number; json?: boolean | undefined; tag?: string | undefined },
+  opts: { n: number; concurrency?: number | undefined; json?: boolean | undefined; tag?: string | undefined },
 ): Promise<void> {
   const s = spinner(`forking ${opts.n} from running sandbox ${id}`);
   let res: LiveForkRows;
@@ -91,7 +91,6 @@ export function registerSandboxes(program: Command): void {
           n: opts.n,
           ...(opts.memoryLimitMib !== undefined ? { memoryLimitMib: opts.memoryLimitMib } : {}),
           network: true,
-          concurrency: 16,
         });
       } finally {
         s.stop();
@@ -120,7 +119,7 @@ export function registerSandboxes(program: Command): void {
       collect,
       [],
     )
-    .option("--concurrency <n>", "restores in flight at once", parseIntOption("--concurrency"), 16)
+    .option("--concurrency <n>", "restores in flight at once (default: 4 per core)", parseIntOption("--concurrency"))
     .option("--json", "print a JSON array of children with timings")
     .action(async (opts: ForkCliOpts & { count: number; liveTag?: string }) => {
       const n = opts.count;

@@ -68,7 +68,7 @@ export function registerSandboxRoutes({ r, ctx, err, touch }: RouteDeps): void {
         ...(body.deny_out ? { denyOut: body.deny_out } : {}),
         ...(ttlMs !== undefined ? { ttlMs } : {}),
         ...(body.metadata ? { metadata: body.metadata } : {}),
-        concurrency: 4,
+        // Restores in flight: from the host's cores (core's defaultRestoreConcurrency).
         keepAgent: (id, agent) => ctx.pool.adopt(id, agent),
         onChild: (child) => {
           if (child.ok) ctx.metrics.spawnSeconds.observe(child.timings.totalMs / 1000);
