@@ -186,9 +186,17 @@ describe("BRANCH", () => {
     await expectRecovered();
   });
 
-  it.skipIf(!liveBranchSupport(path.join("/dev/shm", "x")).ok)(
-    "branch.live-copying: the source keeps running, its one bounded copy finishes alone, the capture is removed",
-    async () => {
+  describe.skipIf(!liveBranchSupport(path.join("/dev/shm", "x")).ok)("live", () => {
+    it("branch.live-started: recovery waits for the background copy instead of cancelling it, and the source runs", async () => {
+      await crashAt("branch.live-started", (a) => a.branchSandbox(bystander, { tag: "crash-live-started", mode: "live" }));
+      expect(branches.get("crash-live-started")).toMatchObject({ status: "writing", source_paused: 1 });
+      await start();
+      expect(await runStatus(bystander)).toBe("running");
+      expect(branches.get("crash-live-started")).toMatchObject({ status: "failed" });
+      await expectRecovered();
+    });
+
+    it("branch.live-copying: the source keeps running, its one bounded copy finishes alone, the capture is removed", async () => {
       await crashAt("branch.live-copying", (a) => a.branchSandbox(bystander, { tag: "crash-live", mode: "live" }));
       // Cancelling a background snapshot can deadlock QEMU, so its copier outlives the daemon and the pass ends.
       let status: string | undefined;
@@ -202,8 +210,8 @@ describe("BRANCH", () => {
       expect(await runStatus(bystander)).toBe("running");
       expect(branches.get("crash-live")).toMatchObject({ status: "failed" });
       await expectRecovered();
-    },
-  );
+    });
+  });
 
   it("a diff pre-copy stops writing when its daemon dies: its copier dies, the migration fails, the source runs", async () => {
     // Capped so the copy is still going when the daemon is killed; no convergence bound to end it first.

@@ -4,11 +4,21 @@
 // VMs' runtime dirs and the host's secrets do not exist.
 //
 //   forkd-vmm-launch [--uid N --gid G] [--groups G1,G2] [--netns PATH]
-//                    [--hide PATH]... [--expose PATH]... [--die-with-parent] -- VMM ARGS...
+//                    [--hide PATH]... [--expose PATH]... [--parent-pid PID] [--die-with-parent]
+//                    [--listen-unix PATH [--socket-owner UID:GID]] -- VMM ARGS...
+//
+// --listen-unix PATH: (for a migration stream copier) listen on a unix socket at
+//   PATH (0600, chowned to --socket-owner), write "ready\n" to stderr, accept one
+//   connection, remove PATH, and run the command with that connection as stdin.
+//   The socket belongs to this process from the start, so a forkd that dies after
+//   pointing a VMM at it leaves a copier to take the stream, never a dead listener.
 //
 // --hide PATH: a directory is covered by an empty read-only tmpfs, a file by /dev/null.
 // --expose PATH: brought back (same path, read-write as its own permissions allow)
 //   after the hiding, for what the VMM needs: its runtime dir, its image, its memory file.
+// --parent-pid PID: the process that must be this one's parent for --die-with-parent
+//   (forkd's own pid): a parent that died before this process first ran cannot be
+//   told from the reaper that adopted it any other way.
 // Arguments come from forkd, never from a shell; paths must be absolute.
 #define _GNU_SOURCE
 #include <errno.h>
@@ -22,8 +32,10 @@
 #include <string.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #define MAX_PATHS 64
@@ -79,6 +91,10 @@ int main(int argc, char **argv) {
   const char *hide[MAX_PATHS];
   const char *expose[MAX_PATHS];
   int nhide = 0, nexpose = 0, die_with_parent = 0;
+  const char *listen_path = NULL;
+  pid_t expected_parent = 0;
+  uid_t sock_uid = (uid_t)-1;
+  gid_t sock_gid = (gid_t)-1;
   int i = 1;
   for (; i < argc; i++) {
     const char *a = argv[i];
@@ -102,6 +118,15 @@ int main(int argc, char **argv) {
     } else if (!strcmp(a, "--expose")) {
       if (nexpose == MAX_PATHS) usage("too many --expose");
       expose[nexpose++] = argv[++i];
+    } else if (!strcmp(a, "--listen-unix")) listen_path = argv[++i];
+    else if (!strcmp(a, "--parent-pid")) expected_parent = (pid_t)parse_id(argv[++i], "--parent-pid must be a whole number above 0");
+    else if (!strcmp(a, "--socket-owner")) {
+      char *owner = argv[++i];
+      char *colon = strchr(owner, ':');
+      if (!colon) usage("--socket-owner wants UID:GID");
+      *colon = 0;
+      sock_uid = (uid_t)parse_id(owner, "--socket-owner wants UID:GID");
+      sock_gid = (gid_t)parse_id(colon + 1, "--socket-owner wants UID:GID");
     } else if (!strcmp(a, "--die-with-parent")) die_with_parent = 1;
     else usage("unknown option");
   }
@@ -111,7 +136,35 @@ int main(int argc, char **argv) {
     if (hide[k][0] != '/') usage("--hide paths must be absolute");
   for (int k = 0; k < nexpose; k++)
     if (expose[k][0] != '/') usage("--expose paths must be absolute");
-  pid_t parent = getppid();
+  if (listen_path && listen_path[0] != '/') usage("--listen-unix path must be absolute");
+  pid_t parent = expected_parent ? expected_parent : getppid();
+  // Early too (it is set again after the credentials change, which clears it): the
+  // copier must not outlive its parent while it waits for the VMM to connect.
+  if (die_with_parent) {
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL)) die("parent-death signal", NULL);
+    if (getppid() != parent) _exit(1);
+  }
+  if (listen_path) {
+    struct sockaddr_un addr;
+    memset(&addr, 0, sizeof addr);
+    addr.sun_family = AF_UNIX;
+    if (strlen(listen_path) >= sizeof addr.sun_path) usage("--listen-unix path too long");
+    strcpy(addr.sun_path, listen_path);
+    int listener = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (listener < 0) die("socket", NULL);
+    mode_t old = umask(0177);
+    if (bind(listener, (struct sockaddr *)&addr, sizeof addr)) die("bind", listen_path);
+    umask(old);
+    if (sock_uid != (uid_t)-1 && chown(listen_path, sock_uid, sock_gid)) die("chown", listen_path);
+    if (listen(listener, 1)) die("listen", listen_path);
+    if (write(2, "ready\n", 6) != 6) die("write ready", NULL);
+    int conn = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
+    if (conn < 0) die("accept", listen_path);
+    close(listener);
+    unlink(listen_path);
+    if (dup2(conn, 0) < 0) die("dup2", NULL);
+    close(conn);
+  }
 
   if (netns) {
     int fd = open(netns, O_RDONLY | O_CLOEXEC);

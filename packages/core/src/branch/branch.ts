@@ -198,6 +198,7 @@ export async function captureSandbox(
     // live: QEMU stops the source, write-protects its RAM, saves devices and resumes
     // it; pages are copied afterwards. Answer at RESUME, finish in the background.
     await qmp.execute("migrate", { uri });
+    faultPoint("branch.live-started");
     const resume = await Promise.race([
       waitEvent(qmp, events, "RESUME", 60_000),
       waitForMigration(qmp, 600_000, "live capture").then(() => undefined),
@@ -518,7 +519,7 @@ export async function recoverBranches(): Promise<{ failed: string[]; resumed: st
     let error = "interrupted: the process writing it exited before it was ready";
     if (row.source_paused !== 0) {
       // A source that cannot be reached must not keep the daemon from starting: said in the row instead.
-      const outcome = await resumeSource(row.source_id, { cancel: row.mode !== "live" }).catch((err: Error) => err);
+      const outcome = await resumeSource(row.source_id).catch((err: Error) => err);
       if (outcome === true) resumed.push(row.source_id);
       else if (outcome instanceof Error) error += `; ${outcome.message}`;
     }
@@ -537,7 +538,7 @@ const PAUSED_BY_CAPTURE = new Set(["paused", "postmigrate", "finish-migrate"]);
  * A background snapshot (live) is waited for, never cancelled: cancelling one whose
  * vCPU waits on a write-protected page deadlocks QEMU 7.2 (see migration-sink.ts).
  */
-export async function resumeSource(sourceId: string, opts: { cancel?: boolean } = {}): Promise<boolean> {
+export async function resumeSource(sourceId: string): Promise<boolean> {
   const row = sandboxes.get(sourceId);
   if (row?.state !== "running" || !sandboxAlive(row)) return false;
   let qmp: QmpClient | undefined;
@@ -545,7 +546,9 @@ export async function resumeSource(sourceId: string, opts: { cancel?: boolean } 
     qmp = await QmpClient.connect(runtimePaths(row.run_dir).qmp, { timeoutMs: 5000 });
     const migration = await qmp.execute("query-migrate", {});
     if (migration.status && !["completed", "failed", "cancelled", "none"].includes(migration.status)) {
-      if (opts.cancel !== false) await qmp.execute("migrate_cancel", {});
+      const capabilities = await qmp.execute("query-migrate-capabilities", {});
+      const background = capabilities.some((c) => c.capability === "background-snapshot" && c.state);
+      if (!background) await qmp.execute("migrate_cancel", {});
       const until = Date.now() + 60_000;
       while (Date.now() < until) {
         const { status } = await qmp.execute("query-migrate", {});

@@ -21,6 +21,7 @@ export const FAULT_STEPS = [
   "branch.full-written",
   "branch.diff-precopy",
   "branch.diff-completed",
+  "branch.live-started",
   "branch.live-copying",
   "branch.materialising",
   // snapshot registration (store/snapshots.ts registerSnapshot, shared by snapshot, BRANCH and compact)

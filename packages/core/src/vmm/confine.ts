@@ -65,13 +65,13 @@ export function planConfinement(plan: VmPlan, uid: number, opts: { netns?: strin
   };
 }
 
-/** The launcher's argv before the VMM's own. */
-export function launcherArgs(c: Confinement, dieWithParent: boolean): string[] {
+/** The launcher's argv before the VMM's own; `parentPid` is who it must die with (this process). */
+export function launcherArgs(c: Confinement, dieWithParent: boolean, parentPid = process.pid): string[] {
   const args = ["--uid", String(c.uid), "--gid", String(c.gid), "--groups", c.groups.join(",")];
   if (c.netns) args.push("--netns", c.netns);
   for (const p of c.hide) args.push("--hide", p);
   for (const p of c.expose) args.push("--expose", p);
-  if (dieWithParent) args.push("--die-with-parent");
+  if (dieWithParent) args.push("--parent-pid", String(parentPid), "--die-with-parent");
   args.push("--");
   return args;
 }

@@ -215,7 +215,11 @@ export function launchQemu(opts: LaunchOpts): Launched {
     const prefix =
       uid !== undefined
         ? launcherArgs(planConfinement(plan, uid, { kvmGid: kvmGroup(), ...(opts.netns ? { netns: opts.netns } : {}) }), opts.dieWithParent)
-        : [...(opts.netns ? ["--netns", opts.netns] : []), ...(opts.dieWithParent ? ["--die-with-parent"] : []), "--"];
+        : [
+            ...(opts.netns ? ["--netns", opts.netns] : []),
+            ...(opts.dieWithParent ? ["--parent-pid", String(process.pid), "--die-with-parent"] : []),
+            "--",
+          ];
     child = spawn(launcher, [...prefix, binary, ...args], {
       detached: !opts.dieWithParent,
       stdio: ["ignore", log, log, ...(opts.inheritFds ?? [])],

@@ -58,6 +58,7 @@ export type QmpCommands = {
     args: { capabilities: { capability: string; state: boolean }[] };
     ret: Record<string, never>;
   };
+  "query-migrate-capabilities": { args: Record<string, never>; ret: { capability: string; state: boolean }[] };
   "migrate-set-parameters": { args: Record<string, unknown>; ret: Record<string, never> };
   migrate: { args: { uri: string; detach?: boolean }; ret: Record<string, never> };
   "migrate-incoming": { args: { uri: string }; ret: Record<string, never> };
