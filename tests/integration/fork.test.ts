@@ -124,6 +124,26 @@ describe("children", () => {
     expect(Math.abs(Number((await sh(a, "date +%s")).out) - now)).toBeLessThan(30);
   });
 
+  it("answer their identity and ping from the agent's gate, and get the host's clock again after a silence", async () => {
+    const [child] = forkJson(["--tag", TAG, "-n", "1"]);
+    process.env.FORKD_CLOCK_RESYNC_MS = "500";
+    const agent = await connectSandbox(child!.id);
+    try {
+      // Restored parked: the gate answered the identity, and answers this ping, without the JavaScript runtime.
+      expect((await agent.ping()).stats).toEqual({ gate: true });
+      // Busybox's date sets the guest's clock to 2000-01-01; the agent's runtime has the port from here on.
+      expect((await agent.exec({ argv: ["date", "-s", "@946684800"] })).exitCode).toBe(0);
+      await new Promise((r) => setTimeout(r, 800));
+      const before = Date.now();
+      const { value } = await agent.eval("Date.now()");
+      expect(Math.abs((value as number) - before)).toBeLessThan(5000);
+    } finally {
+      agent.close();
+      delete process.env.FORKD_CLOCK_RESYNC_MS;
+      forkd(["kill", child!.id]);
+    }
+  });
+
   it("work through the CLI: ls, exec, eval, files", () => {
     expect(forkd(["ls"]).stdout).toContain(a);
     const exec = forkd(["exec", a, "--", "sh", "-c", "echo out; echo err >&2; exit 3"]);

@@ -144,9 +144,10 @@ static int serve(void) {
  * The gate. A warm snapshot is taken with the agent "parked": the Node agent has
  * stopped reading the port and this process reads it instead (the agent's `park`
  * op). A restored child's first calls are its identity and readiness probes; the
- * gate answers those itself (hostname, CRNG reseed, clock; ping), so between QMP
- * `cont` and the identity answer the guest runs the kernel and this small program,
- * not the JavaScript runtime, whose code TCG would translate afresh in every child.
+ * gate answers those itself (hostname, CRNG reseed, clock; ping; the host's `clock`
+ * after a long silence), so between QMP `cont` and the identity answer the guest
+ * runs the kernel and this small program, not the JavaScript runtime, whose code
+ * TCG would translate afresh in every child.
  * The first other frame goes to the agent with the port: the gate writes what it
  * read from the port to stdout ('F', a 4-byte big-endian length, the bytes), hands
  * the port's SIGIO back to the agent and waits for the next park ("P <id>" on
@@ -428,6 +429,20 @@ static int gate_answer(const unsigned char *body, size_t len) {
              "{\"id\":%lld,\"kind\":\"result\",\"value\":{\"version\":\"%s\",\"uptimeMs\":%lld,\"runtimes\":[%s],"
              "\"hostname\":\"%s\",\"inFlight\":0,\"stats\":{\"gate\":true}}}",
              id, gate_version, now_ms() - gate_started_ms, gate_runtimes, escaped);
+    send_frame(json);
+    return 1;
+  }
+  if (r.op_n == 5 && memcmp(r.op, "clock", 5) == 0) {
+    /* The host's clock again after a long silence: nothing else changes. */
+    if (!r.has_clock || !(r.clock_ms > 0 && r.clock_ms < 1e15)) return 0;
+    errno = 0;
+    const char *err = set_clock_ms((long long)(r.clock_ms + 0.5));
+    if (err) {
+      send_error(id, "io_error", err, errno);
+      return 1;
+    }
+    char json[120];
+    snprintf(json, sizeof json, "{\"id\":%lld,\"kind\":\"result\",\"value\":{\"applied\":[\"clock\"]}}", id);
     send_frame(json);
     return 1;
   }

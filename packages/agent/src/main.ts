@@ -280,9 +280,31 @@ function handleBytes(bytes: Buffer): void {
   const frames = decoder.push(bytes);
   for (const [i, frame] of frames.entries()) {
     if (frame.ok && isParkRequest(frame.message)) park(frame.message.id, i === frames.length - 1);
+    else if (frame.ok && isClockRequest(frame.message)) setClock(frame.message.id, frame.message.clockMs);
     else if (frame.ok) server.handle(frame.message);
     else server.rejectFrame(frame.error);
   }
+}
+
+/**
+ * `clock`: the host's wall clock, sent again before a call after a long silence (a
+ * guest keeps time with its TSC at the rate the host gave it at boot). Unlike
+ * identity it changes nothing else: calls running for this host keep running.
+ */
+function setClock(id: number, clockMs: unknown): void {
+  if (typeof clockMs !== "number" || !Number.isFinite(clockMs) || clockMs <= 0) {
+    send({ id, kind: "error", code: "bad_request", message: "`clockMs` must be milliseconds since the epoch" });
+    return;
+  }
+  guestctl.request(`T ${Math.round(clockMs)}`).then(
+    () => send({ id, kind: "result", value: { applied: ["clock"] } }),
+    (err: Error) => send({ id, kind: "error", code: "io_error", message: err.message }),
+  );
+}
+
+function isClockRequest(message: unknown): message is { op: "clock"; id: number; clockMs: unknown } {
+  const m = message as { op?: unknown; id?: unknown } | null;
+  return typeof m === "object" && m !== null && m.op === "clock" && Number.isSafeInteger(m.id);
 }
 
 function isParkRequest(message: unknown): message is { op: "park"; id: number } {

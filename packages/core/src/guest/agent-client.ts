@@ -66,6 +66,16 @@ const CANCELLED_OUTPUT_BUDGET_FRAMES = 32_768;
 // Cancelled ids still awaiting their last frame; the oldest is forgotten past this.
 const MAX_RETIRED_IDS = 4096;
 
+// After this long with nothing said either way, the guest's clock is set again (the
+// agent's `clock` op) before the next call: a guest keeps time with its TSC, at the
+// rate the host told it at boot, and that rate is only as good as the host's figure.
+const CLOCK_RESYNC_IDLE_MS = 60_000;
+
+function clockResyncIdleMs(): number {
+  const value = Number(process.env.FORKD_CLOCK_RESYNC_MS);
+  return Number.isSafeInteger(value) && value > 0 ? value : CLOCK_RESYNC_IDLE_MS;
+}
+
 /** Host-side deadline of a call nobody gave one: never unbounded. */
 export function defaultDeadlineMs(request: { op: string; timeoutMs?: unknown }): number {
   const own = typeof request.timeoutMs === "number" && request.timeoutMs > 0 ? request.timeoutMs : undefined;
@@ -142,6 +152,10 @@ export class AgentClient {
   private answered = false;
   private silentSince = 0;
   private silenceTimer: NodeJS.Timeout | undefined;
+  private lastActivityAt = performance.now();
+  private clockSync: Promise<void> | undefined;
+  private clockUnsupported = false;
+  private readonly clockResyncMs = clockResyncIdleMs();
   private readonly graceMs = silenceGraceMs();
   /** Why the channel was closed as hostile, if it was. */
   violation: string | undefined;
@@ -322,6 +336,23 @@ export class AgentClient {
   private heard(): void {
     this.answered = true;
     this.silentSince = performance.now();
+    this.lastActivityAt = this.silentSince;
+  }
+
+  /** Set the guest's clock from ours, once for all the calls waiting on it; an agent without the op is left alone. */
+  private syncClock(): Promise<void> {
+    this.lastActivityAt = performance.now();
+    this.clockSync ??= this.call({ op: "clock", clockMs: Date.now() }, { timeoutMs: 10_000 })
+      .then(
+        () => {},
+        (err: unknown) => {
+          if (err instanceof AgentCallError && err.agentCode === "unknown_op") this.clockUnsupported = true;
+        },
+      )
+      .finally(() => {
+        this.clockSync = undefined;
+      });
+    return this.clockSync;
   }
 
   private violate(reason: string): void {
@@ -413,6 +444,12 @@ export class AgentClient {
         ),
       );
     }
+    if (request.op !== "clock" && request.op !== "identity" && !this.clockUnsupported) {
+      if (this.clockSync || performance.now() - this.lastActivityAt > this.clockResyncMs) {
+        return this.syncClock().then(() => this.call<T>(request, opts));
+      }
+    }
+    this.lastActivityAt = performance.now();
     const id = this.nextId++;
     const timeoutMs = opts.timeoutMs ?? defaultDeadlineMs(request);
     return new Promise<T>((resolve, reject) => {
