@@ -200,14 +200,16 @@ export function registerSandboxes(program: Command): void {
     .option("--pool", "also the children waiting in hot pools (POOL column)")
     .action(async (opts: { json?: boolean; pool?: boolean }) => {
       const backend = await openBackend();
-      const rows = await backend.listSandboxes({ pool: opts.pool ?? false });
+      // Both at once: one round trip to the daemon fewer before anything prints.
+      const [rows, poolRows] = await Promise.all([
+        backend.listSandboxes({ pool: opts.pool ?? false }),
+        opts.json ? Promise.resolve([]) : backend.listPools(),
+      ]);
       if (opts.json) {
         process.stdout.write(`${JSON.stringify(rows, null, 2)}\n`);
         return;
       }
-      const pools = (await backend.listPools()).map(
-        (p) => `${p.tag} ${p.ready}/${p.size} ready${p.starting ? `, ${p.starting} starting` : ""}`,
-      );
+      const pools = poolRows.map((p) => `${p.tag} ${p.ready}/${p.size} ready${p.starting ? `, ${p.starting} starting` : ""}`);
       if (rows.length === 0) {
         process.stdout.write("no sandboxes; start some with `forkd fork --tag TAG -n N`\n");
         if (pools.length) process.stdout.write(`hot pools: ${pools.join("; ")}\n`);
