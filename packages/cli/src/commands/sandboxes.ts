@@ -338,7 +338,7 @@ export function registerSandboxes(program: Command): void {
   program
     .command("cleanup")
     .description(
-      "show what crashes left behind (dead sandboxes, stray runtime dirs, abandoned temp dirs, interrupted BRANCHes); -y removes it (never a live process of someone else)",
+      "show what crashes left behind (dead sandboxes, stray runtime dirs, abandoned temp dirs, interrupted BRANCHes and starts, unowned staged images); -y removes it and resumes sources an interrupted BRANCH paused (never a live process of someone else)",
     )
     .option("-y, --yes", "remove what is found (without it, nothing is changed)")
     .option("--json", "machine-readable output")
@@ -349,7 +349,7 @@ export function registerSandboxes(program: Command): void {
       else {
         const verb = opts.yes ? "reaped" : "would reap";
         process.stdout.write(
-          `${verb} ${report.reaped.length} dead sandbox(es), ${report.strayRunDirs.length} stray runtime dir(s), ${report.strayTempDirs.length} abandoned temp dir(s)${report.failedBranches.length ? `, ${report.failedBranches.length} interrupted BRANCH(es)` : ""}\n`,
+          `${verb} ${report.reaped.length} dead sandbox(es), ${report.strayRunDirs.length} stray runtime dir(s), ${report.strayTempDirs.length} abandoned temp dir(s)${report.failedBranches.length ? `, ${report.failedBranches.length} interrupted BRANCH(es)` : ""}${report.abandonedStarts.length ? `, ${report.abandonedStarts.length} interrupted start(s)` : ""}${report.strayStaged.length ? `, ${report.strayStaged.length} unowned staged image(s) or row(s)` : ""}${report.resumedSources.length ? `; resumed ${report.resumedSources.length} source(s) an interrupted BRANCH had paused` : ""}\n`,
         );
         if (!opts.yes) process.stdout.write("nothing was changed; run `forkd cleanup -y` to remove them\n");
       }
