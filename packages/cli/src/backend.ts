@@ -2,6 +2,7 @@
 // connections then), and to core directly otherwise. One interface, two
 // implementations, so every command prints the same either way.
 import fs from "node:fs";
+import net from "node:net";
 import path from "node:path";
 import type { ApiSnapshot } from "@forkd/core";
 import { forkdRunDir } from "@forkd/core/config";
@@ -184,21 +185,25 @@ class DaemonBackend implements Backend {
 
 /**
  * FORKD_URL (with FORKD_TOKEN) names a daemon explicitly, and then it must answer.
- * Otherwise a daemon on the default socket is used when it answers /healthz;
- * with none, the CLI works on core directly.
+ * Otherwise a daemon on the default socket is used when it accepts a connection (a
+ * stale socket file refuses it); with none, the CLI works on core directly.
  */
 export async function openBackend(): Promise<Backend> {
   if (process.env.FORKD_URL) return new DaemonBackend(Controller.fromEnv());
   const socket = process.env.FORKD_SOCKET ?? path.join(forkdRunDir(), "forkd.sock");
-  if (fs.existsSync(socket)) {
-    const controller = Controller.fromEnv();
-    try {
-      await controller.health();
-      return new DaemonBackend(controller);
-    } catch {
-      await controller.close();
-    }
-  }
+  if (fs.existsSync(socket) && (await accepts(socket))) return new DaemonBackend(Controller.fromEnv());
   const { DirectBackend } = await import("./backend-direct.js");
   return new DirectBackend();
+}
+
+/** A bare connect, not an HTTP round trip through the daemon: as much again as a short command's own call. */
+function accepts(socket: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const conn = net.connect(socket);
+    conn.once("connect", () => {
+      conn.destroy();
+      resolve(true);
+    });
+    conn.once("error", () => resolve(false));
+  });
 }
