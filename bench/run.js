@@ -19,6 +19,11 @@ const benches = [
   ["api", ["bench", "api", "--json"]],
   ["branch", ["bench", "branch", "--json"]],
   ["fanout", ["bench", "fanout", "--json", "-n", n]],
+  ["pool", ["bench", "pool", "--json", "-n", n]],
+  ["fork-live", ["bench", "fork-live", "--json", "-n", "10"]],
+  ["chain", ["bench", "chain", "--json"]],
+  ["pack", ["bench", "pack", "--json"]],
+  ["confine", ["bench", "confine", "--json"]],
 ];
 const machine = {
   cpus: os.cpus().length,
