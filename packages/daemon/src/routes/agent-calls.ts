@@ -1,18 +1,13 @@
 // Calls into a sandbox's guest agent: ping, exec (whole or streamed), eval, files.
-import { PassThrough } from "node:stream";
-import { AgentCallError, ForkdError, getImage, getSandbox, isForkdError } from "@forkd/core";
+import { AgentCallError, ForkdError, getImage, getSandbox } from "@forkd/core";
 import { z } from "zod";
 import { boundedTimeout, noNulBytes } from "../request-checks.js";
 import * as S from "../schemas.js";
 import type { RouteDeps } from "./context.js";
+import { openOutputStream } from "./output-stream.js";
 import { startBackground } from "./processes.js";
 
-/**
- * NDJSON a streamed exec may hold for an HTTP client that reads slower than the
- * guest writes. Past it, output is dropped (and a `truncated` line says how much),
- * so a slow or stalled client costs the daemon this much and no more.
- */
-export const STREAM_BUFFER_BYTES = 1024 * 1024;
+export { STREAM_BUFFER_BYTES } from "./output-stream.js";
 
 const languageOfImage = new Map<string, "javascript" | "python">();
 
@@ -107,58 +102,30 @@ export function registerAgentCallRoutes({ r, ctx, err }: RouteDeps): void {
     }
     const exec = execRequest(request.body);
     const agent = await ctx.pool.forSandbox(request.params.id);
-    const out = new PassThrough();
-    const line = (obj: unknown) => {
-      if (!out.writableEnded && !out.destroyed) out.write(`${JSON.stringify(obj)}\n`);
-    };
-    let dropped = 0;
-    let truncated = false;
-    const flushDropped = () => {
-      if (dropped === 0) return;
-      line({ type: "truncated", dropped_bytes: dropped });
-      dropped = 0;
-    };
-    const output = (type: "stdout" | "stderr", d: Buffer) => {
-      if (out.writableLength + out.readableLength >= STREAM_BUFFER_BYTES) {
-        dropped += d.length;
-        truncated = true;
-        return;
-      }
-      flushDropped();
-      line({ type, data: d.toString("base64") });
-    };
-    // The response, not the request: a request's close fires once its body is read.
     // A client that goes away before the exit line cancels the command in the guest.
-    const abort = new AbortController();
-    reply.raw.on("close", () => {
-      if (reply.raw.writableFinished) return;
-      abort.abort();
-      out.destroy();
-    });
+    const stream = openOutputStream(reply);
     const t0 = performance.now();
-    agent
-      .exec(exec, {
-        signal: abort.signal,
-        // The stream's own bound is STREAM_BUFFER_BYTES; a fast reader may take any amount.
-        maxOutputBytes: Number.POSITIVE_INFINITY,
-        onStdout: (d) => output("stdout", d),
-        onStderr: (d) => output("stderr", d),
-      })
-      .then((res) => {
-        ctx.metrics.callSeconds.labels("exec").observe((performance.now() - t0) / 1000);
-        flushDropped();
-        line({
-          type: "exit",
-          exit_code: res.exitCode,
-          signal: res.signal,
-          timed_out: res.timedOut,
-          duration_ms: res.durationMs,
-          truncated,
-        });
-      })
-      .catch((e: Error) => line({ type: "error", error: { code: isForkdError(e) ? e.code : "internal", message: e.message } }))
-      .finally(() => out.end());
-    return reply.header("content-type", "application/x-ndjson").send(out);
+    stream.finish(
+      agent
+        .exec(exec, {
+          signal: stream.signal,
+          // The stream's own bound is STREAM_BUFFER_BYTES; a fast reader may take any amount.
+          maxOutputBytes: Number.POSITIVE_INFINITY,
+          onStdout: stream.onStdout,
+          onStderr: stream.onStderr,
+        })
+        .then((res) => {
+          ctx.metrics.callSeconds.labels("exec").observe((performance.now() - t0) / 1000);
+          return {
+            exit_code: res.exitCode,
+            signal: res.signal,
+            timed_out: res.timedOut,
+            duration_ms: res.durationMs,
+            truncated: stream.truncated(),
+          };
+        }),
+    );
+    return reply;
   });
 
   r.post(

@@ -2,15 +2,12 @@
 // connect, sendStdin). They live in the guest agent's registry: they outlive the
 // request and the HTTP connection that started them, and a BRANCH carries them (and
 // the output they have kept) into every child.
-import { PassThrough } from "node:stream";
 import type { ProcExit, ProcInfo } from "@forkd/agent/protocol";
-import { ForkdError, isForkdError } from "@forkd/core";
+import { ForkdError } from "@forkd/core";
 import { z } from "zod";
 import * as S from "../schemas.js";
 import type { RouteDeps, ServerContext } from "./context.js";
-
-/** NDJSON held for a reattached client slower than the process (exec/stream's bound too); past it output is dropped and said so. */
-export const OUTPUT_BUFFER_BYTES = 1024 * 1024;
+import { openOutputStream } from "./output-stream.js";
 
 /** The agent's view of a process in the API's (E2B's) shape. */
 export function apiProcessView(p: ProcInfo): S.ProcessInfoT {
@@ -104,51 +101,22 @@ export function registerProcessRoutes({ r, ctx, err }: RouteDeps): void {
     if (!(await agent.procList()).some((p) => p.pid === pid)) {
       throw new ForkdError("not_found", `no background process ${pid} in sandbox ${request.params.id}`);
     }
-    const out = new PassThrough();
-    const line = (obj: unknown) => {
-      if (!out.writableEnded && !out.destroyed) out.write(`${JSON.stringify(obj)}\n`);
-    };
-    let dropped = 0;
-    let truncated = false;
-    const flushDropped = () => {
-      if (dropped === 0) return;
-      line({ type: "truncated", dropped_bytes: dropped });
-      dropped = 0;
-    };
-    // As exec/stream: a client slower than the process costs the daemon this much, no more.
-    const output = (type: "stdout" | "stderr", d: Buffer) => {
-      if (out.writableLength + out.readableLength >= OUTPUT_BUFFER_BYTES) {
-        dropped += d.length;
-        truncated = true;
-        return;
-      }
-      flushDropped();
-      line({ type, data: d.toString("base64") });
-    };
-    const detach = new AbortController();
-    reply.raw.on("close", () => {
-      if (reply.raw.writableFinished) return;
-      detach.abort();
-      out.destroy();
-    });
-    agent
-      .procAttach(pid, { signal: detach.signal, onStdout: (d) => output("stdout", d), onStderr: (d) => output("stderr", d) })
-      .then((exit: ProcExit) => {
-        flushDropped();
+    // As exec/stream, but a client that leaves only detaches: the process runs on.
+    const stream = openOutputStream(reply);
+    stream.finish(
+      agent.procAttach(pid, { signal: stream.signal, onStdout: stream.onStdout, onStderr: stream.onStderr }).then((exit: ProcExit) => {
         // Output the guest's ring had already let go of before it could be sent counts as truncated too.
-        if (exit.droppedBytes > 0) line({ type: "truncated", dropped_bytes: exit.droppedBytes, evicted: true });
-        line({
-          type: "exit",
+        if (exit.droppedBytes > 0) stream.line({ type: "truncated", dropped_bytes: exit.droppedBytes, evicted: true });
+        return {
           pid,
           exit_code: exit.exitCode,
           signal: exit.signal,
           timed_out: exit.timedOut,
           duration_ms: exit.durationMs,
-          truncated: truncated || exit.droppedBytes > 0,
-        });
-      })
-      .catch((e: Error) => line({ type: "error", error: { code: isForkdError(e) ? e.code : "internal", message: e.message } }))
-      .finally(() => out.end());
-    return reply.header("content-type", "application/x-ndjson").send(out);
+          truncated: stream.truncated() || exit.droppedBytes > 0,
+        };
+      }),
+    );
+    return reply;
   });
 }
