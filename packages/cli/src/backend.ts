@@ -12,6 +12,25 @@ import type { Backend, BranchRow, ExecArgs, FilesArgs, ForkRow, LiveForkRows, Sn
 
 export type * from "./backend-types.js";
 
+/** A child the daemon restored, as the CLI reports it (the API gives only children that answered). */
+function forkRowOf(c: {
+  id: string;
+  timings?: { vmm_start_ms: number; restore_ms: number; first_answer_ms: number; total_ms: number };
+}): ForkRow {
+  return {
+    id: c.id,
+    ok: true,
+    ...(c.timings
+      ? {
+          vmm_start_ms: c.timings.vmm_start_ms,
+          restore_ms: c.timings.restore_ms,
+          first_answer_ms: c.timings.first_answer_ms,
+          total_ms: c.timings.total_ms,
+        }
+      : {}),
+  };
+}
+
 /** API errors come back as ForkdError with the same code, so the CLI reports both paths alike. */
 async function viaApi<T>(work: () => Promise<T>): Promise<T> {
   try {
@@ -73,20 +92,7 @@ class DaemonBackend implements Backend {
         ...(a.allowOut?.length ? { allow_out: a.allowOut } : {}),
         ...(a.denyOut?.length ? { deny_out: a.denyOut } : {}),
       });
-      return res.map(
-        (c): ForkRow => ({
-          id: c.id,
-          ok: true,
-          ...(c.timings
-            ? {
-                vmm_start_ms: c.timings.vmm_start_ms,
-                restore_ms: c.timings.restore_ms,
-                first_answer_ms: c.timings.first_answer_ms,
-                total_ms: c.timings.total_ms,
-              }
-            : {}),
-        }),
-      );
+      return res.map(forkRowOf);
     });
   }
   listSandboxes(opts: { pool?: boolean } = {}) {
@@ -104,20 +110,7 @@ class DaemonBackend implements Backend {
         capture_ready_ms: res.capture_ready_ms,
         total_ms: res.total_ms,
         captured_pages: res.captured_pages,
-        children: res.sandboxes.map(
-          (c): ForkRow => ({
-            id: c.id,
-            ok: true,
-            ...(c.timings
-              ? {
-                  vmm_start_ms: c.timings.vmm_start_ms,
-                  restore_ms: c.timings.restore_ms,
-                  first_answer_ms: c.timings.first_answer_ms,
-                  total_ms: c.timings.total_ms,
-                }
-              : {}),
-          }),
-        ),
+        children: res.sandboxes.map(forkRowOf),
       };
     });
   }

@@ -3,7 +3,6 @@
 import {
   addNeeds,
   admit,
-  apiSandboxView,
   branchesBySource,
   ForkdError,
   forkLive,
@@ -15,6 +14,7 @@ import {
 import { boundedTimeout } from "../request-checks.js";
 import * as S from "../schemas.js";
 import type { RouteDeps } from "./context.js";
+import { restoredChildView } from "./sandboxes.js";
 
 const MIB = 2 ** 20;
 
@@ -92,18 +92,7 @@ export function registerForkLiveRoutes({ r, ctx, err, touch }: RouteDeps): void 
         capture_ready_ms: result.captureReadyAt - startedAt,
         total_ms: performance.now() - startedAt,
         captured_pages: result.capturedPages,
-        sandboxes: result.children.map((c) => {
-          if (!c.ok) throw new ForkdError("internal", "unreachable");
-          return {
-            ...apiSandboxView(getSandbox(c.id), bySource),
-            timings: {
-              vmm_start_ms: c.timings.vmmStartMs,
-              restore_ms: c.timings.restoreMs,
-              first_answer_ms: c.timings.firstAnswerMs,
-              total_ms: c.timings.totalMs,
-            },
-          };
-        }),
+        sandboxes: result.children.map((c) => restoredChildView(c, bySource)),
       });
     },
   );

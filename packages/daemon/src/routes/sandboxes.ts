@@ -18,6 +18,20 @@ import { boundedTimeout } from "../request-checks.js";
 import * as S from "../schemas.js";
 import type { RouteDeps } from "./context.js";
 
+/** A child just restored, as the API shows it: its SandboxInfo and how long each step took. */
+export function restoredChildView(c: ForkChildResult, bySource: ReturnType<typeof branchesBySource>) {
+  if (!c.ok) throw new ForkdError("internal", `child ${c.id} failed and has no view`);
+  return {
+    ...apiSandboxView(getSandbox(c.id), bySource),
+    timings: {
+      vmm_start_ms: c.timings.vmmStartMs,
+      restore_ms: c.timings.restoreMs,
+      first_answer_ms: c.timings.firstAnswerMs,
+      total_ms: c.timings.totalMs,
+    },
+  };
+}
+
 export function registerSandboxRoutes({ r, ctx, err, touch }: RouteDeps): void {
   r.get("/v1/sandboxes", { schema: { querystring: S.ListSandboxesQuery, response: { 200: S.SandboxList, ...err } } }, async (request) => {
     const bySource = branchesBySource();
@@ -107,18 +121,7 @@ export function registerSandboxRoutes({ r, ctx, err, touch }: RouteDeps): void {
         ...apiSandboxView(getSandbox(c.id), bySource),
         timings: { vmm_start_ms: 0, restore_ms: 0, first_answer_ms: c.claimMs, total_ms: c.claimMs, pool_claim_ms: c.claimMs },
       })),
-      ...results.map((c) => {
-        if (!c.ok) throw new ForkdError("internal", "unreachable");
-        return {
-          ...apiSandboxView(getSandbox(c.id), bySource),
-          timings: {
-            vmm_start_ms: c.timings.vmmStartMs,
-            restore_ms: c.timings.restoreMs,
-            first_answer_ms: c.timings.firstAnswerMs,
-            total_ms: c.timings.totalMs,
-          },
-        };
-      }),
+      ...results.map((c) => restoredChildView(c, bySource)),
     ]);
   });
   r.get("/v1/sandboxes/:id", { schema: { params: S.IdParam, response: { 200: S.Sandbox, ...err } } }, async (request) =>
