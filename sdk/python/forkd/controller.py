@@ -310,22 +310,8 @@ class Controller:
         are passed on; the answer also has ``signal``, ``timed_out``, ``duration_ms``
         and ``truncated``.
         """
-        body: Dict[str, Any] = {}
-        if isinstance(args, str):
-            body["cmd"] = args
-        else:
-            body["args"] = list(args)
+        body = _exec_body(args, env, cwd, stdin)
         body["timeout_secs"] = timeout_secs
-        if env:
-            body["env"] = dict(env)
-        if cwd is not None:
-            body["cwd"] = cwd
-        if stdin is not None:
-            if isinstance(stdin, bytes):
-                body["stdin"] = base64.b64encode(stdin).decode("ascii")
-                body["stdin_encoding"] = "base64"
-            else:
-                body["stdin"] = stdin
         timeout = None if self.timeout is None else self.timeout + float(timeout_secs)
         return self._request("POST", f"/v1/sandboxes/{_seg(sandbox_id)}/exec", body, timeout=timeout)
 
@@ -370,23 +356,9 @@ class Controller:
         receives it as soon as it is open (``Sandbox.commands.run(background=True)``
         uses this for ``kill()``).
         """
-        body: Dict[str, Any] = {}
-        if isinstance(args, str):
-            body["cmd"] = args
-        else:
-            body["args"] = list(args)
+        body = _exec_body(args, env, cwd, stdin)
         if timeout_ms is not None:
             body["timeout_ms"] = timeout_ms
-        if env:
-            body["env"] = dict(env)
-        if cwd is not None:
-            body["cwd"] = cwd
-        if stdin is not None:
-            if isinstance(stdin, bytes):
-                body["stdin"] = base64.b64encode(stdin).decode("ascii")
-                body["stdin_encoding"] = "base64"
-            else:
-                body["stdin"] = stdin
         # Between two chunks a quiet command may take its whole time limit.
         timeout = None if (self.timeout is None or timeout_ms is None) else self.timeout + timeout_ms / 1000.0
         path = f"/v1/sandboxes/{_seg(sandbox_id)}/exec/stream"
@@ -655,3 +627,19 @@ class Controller:
                     yield json.loads(line)
         finally:
             conn.close()
+
+
+def _exec_body(args: Any, env: Any, cwd: Optional[str], stdin: Any) -> Dict[str, Any]:
+    """The body exec and exec/stream share: a str runs through the shell, a list as argv; bytes stdin goes base64."""
+    body: Dict[str, Any] = {"cmd": args} if isinstance(args, str) else {"args": list(args)}
+    if env:
+        body["env"] = dict(env)
+    if cwd is not None:
+        body["cwd"] = cwd
+    if stdin is not None:
+        if isinstance(stdin, bytes):
+            body["stdin"] = base64.b64encode(stdin).decode("ascii")
+            body["stdin_encoding"] = "base64"
+        else:
+            body["stdin"] = stdin
+    return body
