@@ -49,13 +49,13 @@
 #define VM_VERSION 3U
 #define BATCH_IOVS 1024
 
-static void fail(const char *what) {
+static _Noreturn void fail(const char *what) {
   printf("error %s: %s\n", what, strerror(errno));
   fflush(stdout);
   exit(1);
 }
 
-static void failmsg(const char *msg) {
+static _Noreturn void failmsg(const char *msg) {
   printf("error %s\n", msg);
   fflush(stdout);
   exit(1);

@@ -41,12 +41,12 @@
 #define MAX_PATHS 64
 #define MAX_GROUPS 16
 
-static void die(const char *what, const char *arg) {
+static _Noreturn void die(const char *what, const char *arg) {
   fprintf(stderr, "forkd-vmm-launch: %s%s%s: %s\n", what, arg ? " " : "", arg ? arg : "", strerror(errno));
   _exit(126);
 }
 
-static void usage(const char *msg) {
+static _Noreturn void usage(const char *msg) {
   fprintf(stderr, "forkd-vmm-launch: %s\n", msg);
   _exit(125);
 }
@@ -107,7 +107,8 @@ int main(int argc, char **argv) {
     else if (!strcmp(a, "--gid")) gid = (gid_t)parse_id(argv[++i], "--gid must be a whole number above 0");
     else if (!strcmp(a, "--groups")) {
       char *list = argv[++i];
-      for (char *tok = strtok(list, ","); tok; tok = strtok(NULL, ",")) {
+      char *rest;
+      for (char *tok = strtok_r(list, ",", &rest); tok; tok = strtok_r(NULL, ",", &rest)) {
         if (ngroups == MAX_GROUPS) usage("too many --groups");
         groups[ngroups++] = (gid_t)parse_id(tok, "--groups takes whole numbers");
       }
