@@ -6,7 +6,7 @@ import net from "node:net";
 import path from "node:path";
 import type { ApiSnapshot } from "@forkd/core";
 import { forkdRunDir } from "@forkd/core/config";
-import { ERROR_STATUS, ForkdError } from "@forkd/core/errors";
+import { ForkdError, isErrorCode } from "@forkd/core/errors";
 import { Controller, ForkdApiError } from "@forkd/sdk";
 import type { Backend, BranchRow, ExecArgs, FilesArgs, ForkRow, LiveForkRows, SnapshotArgs } from "./backend-types.js";
 
@@ -32,12 +32,12 @@ function forkRowOf(c: {
 }
 
 /** API errors come back as ForkdError with the same code, so the CLI reports both paths alike. */
-async function viaApi<T>(work: () => Promise<T>): Promise<T> {
+export async function viaApi<T>(work: () => Promise<T>): Promise<T> {
   try {
     return await work();
   } catch (err) {
     if (err instanceof ForkdApiError) {
-      throw new ForkdError(err.code in ERROR_STATUS ? (err.code as ForkdError["code"]) : "internal", err.message, err.details ?? {});
+      throw new ForkdError(isErrorCode(err.code) ? err.code : "internal", err.message, err.details ?? {});
     }
     throw err;
   }

@@ -1,13 +1,16 @@
 // How every failure leaves the daemon: core's one error table (ERROR_STATUS) gives
 // the status of each ForkdError code; Fastify's own failures are mapped here.
-import { ERROR_STATUS, isForkdError } from "@forkd/core";
+import { ERROR_STATUS, type ErrorCode, isForkdError } from "@forkd/core";
 import type { FastifyError } from "fastify";
 
 /** Large enough for an 8 MiB file write (base64 grows it by a third), small enough to refuse abuse early. */
 export const BODY_LIMIT_BYTES = 12 * 2 ** 20;
 
-/** One line per code saying what to do next: an agent reading the error can act on it. */
-const REMEDIATION: Record<string, string> = {
+/**
+ * One line per code saying what to do next: an agent reading the error can act on it.
+ * Keyed by the closed ErrorCode union, so a code added to core's table without its line here does not compile.
+ */
+export const REMEDIATION: Record<ErrorCode, string> = {
   bad_request: "fix the field the message names and send the request again",
   invalid_tag: "use 1-64 characters of letters, digits, '_', '.' and '-', starting with a letter, digit or '_'",
   invalid_id: "list sandboxes with GET /v1/sandboxes (forkd ls) and use one of their ids",
@@ -34,15 +37,19 @@ const REMEDIATION: Record<string, string> = {
   io_error: "check disk space and permissions of forkd's directories (forkd doctor)",
   integrity_failed: "remove the damaged snapshot (forkd rmi TAG) and create or pull it again",
   unsafe_path: "fix the ownership or mode of the directory the message names",
+  registry_unreachable:
+    "check the registry's host name, network and TLS (the message names the host and what failed), then pull or push again",
+  registry_denied:
+    "log in to the registry (docker login HOST, or FORKD_REGISTRY_USERNAME and FORKD_REGISTRY_PASSWORD) with an account allowed to do this",
   internal: "see the daemon's log; this is a bug in forkd",
 };
 
 /** forkd's error body ({"error": message}) with our code and next step beside it, never instead. */
-export function errorBody(code: string, message: string, details?: Record<string, unknown>) {
+export function errorBody(code: ErrorCode, message: string, details?: Record<string, unknown>) {
   return {
     error: message,
     code,
-    remediation: REMEDIATION[code] ?? REMEDIATION.internal!,
+    remediation: REMEDIATION[code],
     ...(details && Object.keys(details).length ? { details } : {}),
   };
 }
@@ -50,7 +57,7 @@ export function errorBody(code: string, message: string, details?: Record<string
 /** Fastify's own failures (parsing, limits, content types) mapped onto our codes. */
 export function classify(err: FastifyError & { validation?: unknown }): {
   status: number;
-  code: string;
+  code: ErrorCode;
   message: string;
   details?: Record<string, unknown>;
 } {

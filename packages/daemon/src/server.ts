@@ -1,7 +1,9 @@
 // The REST API v1. Every route validates with the zod schemas in schemas.ts,
 // every failure leaves as {"error":{code,message}} with the status from core's
 // one error table, and every request is audited (never with its headers).
+
 import swagger from "@fastify/swagger";
+import type { ErrorCode } from "@forkd/core";
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyRequest } from "fastify";
 import { jsonSchemaTransform, serializerCompiler, validatorCompiler, type ZodTypeProvider } from "fastify-type-provider-zod";
 import { describeCall } from "./audit.js";
@@ -30,7 +32,7 @@ export { FORKD_VERSION };
 declare module "fastify" {
   interface FastifyRequest {
     touched?: { sandboxes: Set<string>; snapshots: Set<string> };
-    errorCode?: string;
+    errorCode?: ErrorCode;
   }
 }
 

@@ -2,8 +2,9 @@
 import fs from "node:fs";
 import path from "node:path";
 import { ForkdError, forkdRunDir } from "@forkd/core";
-import { Controller, ForkdApiError } from "@forkd/sdk";
+import { Controller } from "@forkd/sdk";
 import type { Command } from "commander";
+import { viaApi } from "../backend.js";
 import { parseIntOption, plainTable } from "../ui.js";
 
 /** The daemon to talk to (FORKD_URL, or one answering on the local socket); a pool needs one. */
@@ -20,16 +21,6 @@ export async function daemonController(what: string): Promise<Controller> {
     }
   }
   throw new ForkdError("not_supported", `${what} needs the daemon, which keeps pools filled; start \`forkd daemon\` (or set FORKD_URL)`);
-}
-
-/** API errors as ForkdError with the same code, so the CLI reports them like its own. */
-async function viaApi<T>(work: () => Promise<T>): Promise<T> {
-  try {
-    return await work();
-  } catch (err) {
-    if (err instanceof ForkdApiError) throw new ForkdError(err.code as ForkdError["code"], err.message, err.details ?? {});
-    throw err;
-  }
 }
 
 type PoolRow = { tag: string; size: number; ready: number; starting: number };

@@ -37,7 +37,13 @@ export const ERROR_STATUS = {
   internal: 500,
 } as const;
 
+/** The closed set of codes: a code is added to ERROR_STATUS (with its status) or it does not exist. */
 export type ErrorCode = keyof typeof ERROR_STATUS;
+
+/** A code that came over the wire (an API answer) is one of ours only if the table has it as its own key. */
+export function isErrorCode(value: unknown): value is ErrorCode {
+  return typeof value === "string" && Object.hasOwn(ERROR_STATUS, value);
+}
 
 export class ForkdError extends Error {
   override readonly name = "ForkdError";
