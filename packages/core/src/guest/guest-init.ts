@@ -81,7 +81,8 @@ if $BB ip link show eth0 >/dev/null 2>&1; then
   $BB ip addr add 10.0.2.15/24 dev eth0 && $BB ip link set eth0 up && $BB ip route add default via 10.0.2.2
 fi
 export UV_THREADPOOL_SIZE=8 HOME=/root
-cd /root
+# A root without /root runs the agent from /.
+cd /root || cd /
 while true; do
   ${GUEST_NODE} --no-memory-reducer ${GUEST_AGENT} </dev/null >/dev/console 2>&1
   echo "forkd-init: agent exited with status $?; restarting" >/dev/console
