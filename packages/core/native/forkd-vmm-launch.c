@@ -59,26 +59,112 @@ static unsigned long parse_id(const char *s, const char *what) {
   return v;
 }
 
-// mkdir -p inside the fresh tmpfs, so an exposed path has a mount point.
-static void make_path(const char *path, int is_dir) {
+// Filesystems this launcher mounted in its private view (the hiding and covering
+// tmpfs): the only places it may create a mount point. Everything else is the
+// host's, and the mount namespace does not shield an inode's mode or content, so
+// no directory or file outside these is ever created, chmod'ed or chown'ed here.
+#define MAX_OWN_MOUNTS (2 * MAX_PATHS)
+static dev_t own_devs[MAX_OWN_MOUNTS];
+static char *own_paths[MAX_OWN_MOUNTS];
+static int n_own_devs;
+
+static int is_own_mount(dev_t dev) {
+  for (int k = 0; k < n_own_devs; k++)
+    if (own_devs[k] == dev) return 1;
+  return 0;
+}
+
+static void mount_own_tmpfs(const char *path, const char *why) {
+  if (n_own_devs == MAX_OWN_MOUNTS) usage("too many directories to hide or cover");
+  if (mount("forkd-hidden", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,mode=0755")) die(why, path);
+  struct stat st;
+  if (stat(path, &st)) die("stat", path);
+  own_paths[n_own_devs] = strdup(path);
+  if (!own_paths[n_own_devs]) die("strdup", path);
+  own_devs[n_own_devs++] = st.st_dev;
+}
+
+// Whether the VMM's identity (uid, gid, extra groups) may search a directory, by
+// its mode bits as the kernel checks them for a process without capabilities.
+static int vmm_can_search(const struct stat *st, uid_t uid, gid_t gid, const gid_t *groups, int ngroups) {
+  if (st->st_uid == uid) return (st->st_mode & S_IXUSR) != 0;
+  int in_group = st->st_gid == gid;
+  for (int k = 0; k < ngroups && !in_group; k++) in_group = st->st_gid == groups[k];
+  if (in_group) return (st->st_mode & S_IXGRP) != 0;
+  return (st->st_mode & S_IXOTH) != 0;
+}
+
+// An exposed path may lie below a directory the VMM cannot search (a private
+// 0700 parent, a test's mkdtemp root). Rather than loosen that directory, cover
+// the highest such one with a tmpfs of our own in this private view: the VMM sees
+// none of its other entries, and the exposed path is bind-mounted back inside.
+static void cover_unsearchable_ancestor(const char *path, uid_t uid, gid_t gid, const gid_t *groups, int ngroups) {
   char buf[4096];
   if (strlen(path) >= sizeof buf) usage("path too long");
   strcpy(buf, path);
   for (char *p = buf + 1; *p; p++) {
     if (*p != '/') continue;
     *p = 0;
-    if (mkdir(buf, 0755) && errno != EEXIST) die("mkdir", buf);
-    // forkd spawns with umask 077: these are only mount points, and must be traversable.
-    chmod(buf, 0755);
+    struct stat st;
+    if (stat(buf, &st)) {
+      if (errno == ENOENT) return; // inside a tmpfs of ours: made searchable when created
+      die("stat", buf);
+    }
+    if (!S_ISDIR(st.st_mode)) {
+      errno = ENOTDIR;
+      die("exposed path's parent", buf);
+    }
+    if (!is_own_mount(st.st_dev) && !vmm_can_search(&st, uid, gid, groups, ngroups)) {
+      mount_own_tmpfs(buf, "cover unsearchable directory");
+      return; // what lies below no longer exists in this view
+    }
     *p = '/';
+  }
+}
+
+// Create one missing mount point, only inside a tmpfs of ours.
+static void create_mount_point(char *buf, int is_dir) {
+  char *slash = strrchr(buf, '/');
+  struct stat parent;
+  if (slash == buf) {
+    if (stat("/", &parent)) die("stat", "/");
+  } else {
+    *slash = 0;
+    if (stat(buf, &parent)) die("stat", buf);
+    *slash = '/';
+  }
+  if (!is_own_mount(parent.st_dev)) {
+    errno = EPERM;
+    die("refusing to create a mount point on the host's filesystem", buf);
   }
   if (is_dir) {
     if (mkdir(buf, 0755) && errno != EEXIST) die("mkdir", buf);
-    chmod(buf, 0755);
   } else {
-    int fd = open(buf, O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+    int fd = open(buf, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
     if (fd < 0 && errno != EEXIST) die("create mount point", buf);
     if (fd >= 0) close(fd);
+  }
+}
+
+// mkdir -p of a mount point for an exposed path: what exists is left as it is,
+// what is missing is created (0755, so the VMM can reach the mount) in our tmpfs.
+static void make_path(const char *path, int is_dir) {
+  char buf[4096];
+  if (strlen(path) >= sizeof buf) usage("path too long");
+  strcpy(buf, path);
+  struct stat st;
+  for (char *p = buf + 1; *p; p++) {
+    if (*p != '/') continue;
+    *p = 0;
+    if (stat(buf, &st)) {
+      if (errno != ENOENT) die("stat", buf);
+      create_mount_point(buf, 1);
+    }
+    *p = '/';
+  }
+  if (stat(buf, &st)) {
+    if (errno != ENOENT) die("stat", buf);
+    create_mount_point(buf, is_dir);
   }
 }
 
@@ -194,11 +280,17 @@ int main(int argc, char **argv) {
       die("stat hidden path", hide[k]);
     }
     if (S_ISDIR(st.st_mode)) {
-      if (mount("forkd-hidden", hide[k], "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,mode=0755")) die("hide", hide[k]);
+      mount_own_tmpfs(hide[k], "hide");
     } else {
       if (mount("/dev/null", hide[k], NULL, MS_BIND, NULL)) die("hide", hide[k]);
     }
   }
+  // Covers first, all of them, so that no cover is laid over a bind made for an earlier path.
+  if (uid) {
+    for (int k = 0; k < nexpose; k++) cover_unsearchable_ancestor(expose[k], uid, gid, groups, ngroups);
+  }
+  // The VMM inherits forkd's umask 077; the mount points we create must be searchable.
+  mode_t spawn_umask = umask(022);
   for (int k = 0; k < nexpose; k++) {
     char source[64];
     snprintf(source, sizeof source, "/proc/self/fd/%d", expose_fd[k]);
@@ -206,11 +298,14 @@ int main(int argc, char **argv) {
     if (mount(source, expose[k], NULL, MS_BIND | MS_REC, NULL)) die("expose", expose[k]);
     close(expose_fd[k]);
   }
-  // The hiding tmpfs mounts become read-only now that their mount points exist.
-  for (int k = 0; k < nhide; k++) {
+  umask(spawn_umask);
+  // Our tmpfs mounts become read-only now that their mount points exist. Only where
+  // the path still leads to the very tmpfs we mounted (a later cover may have laid
+  // over it): a remount reaching any other filesystem would change the host's.
+  for (int k = 0; k < n_own_devs; k++) {
     struct stat st;
-    if (stat(hide[k], &st) == 0 && S_ISDIR(st.st_mode))
-      mount(NULL, hide[k], NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,mode=0755");
+    if (stat(own_paths[k], &st) == 0 && st.st_dev == own_devs[k])
+      mount(NULL, own_paths[k], NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,mode=0755");
   }
 
   // Without --uid (confinement turned off) only the parent-death signal applies.
