@@ -3,7 +3,7 @@
 import { spawnSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
-import { liveBranchSupport } from "@forkd/core";
+import { sandboxes, shmDir } from "@forkd/core";
 import { Controller, ForkdApiError } from "@forkd/sdk";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type DaemonHandle, startDaemonProcess, stopDaemon } from "../helpers/daemon.js";
@@ -105,11 +105,54 @@ describe("bad input", () => {
     expect(fs.readdirSync(path.join(env.home, "snapshots")).filter((n) => n.startsWith("."))).toEqual([]);
     expect((await api.ping(source)).hostname).toBe(source);
   });
+});
 
-  it("explains why live is impossible for memory that is not on tmpfs", () => {
-    const res = liveBranchSupport(path.join(env.home, "memory.bin"));
-    expect(res.ok).toBe(false);
-    expect(!res.ok && res.why).toMatch(/not tmpfs.*use mode diff/);
+describe("live BRANCH is the page capture", () => {
+  it("is forkable as soon as the source runs again: children see the source at the capture, the source runs on", async () => {
+    const source = await forkOne(TAG);
+    // A guest clock that only moves while the source runs, and state written since its restore.
+    await evalIn(source, "globalThis.ticks = 0; setInterval(() => globalThis.ticks++, 5); globalThis.at = 'capture'");
+    await sh(source, "head -c 2000000 /dev/urandom > /root/blob; md5sum /root/blob > /root/blob.md5");
+    const started = await api.branchSandbox(source, { tag: "b-page", mode: "live", wait: false });
+    expect(started).toMatchObject({ status: "writing", mode: "live" });
+    expect(started.pause_ms).toBeGreaterThan(0);
+    // Before it is registered: a fork restores from the capture itself.
+    const early = await api.createSandboxes({ snapshot_tag: "b-page", n: 1 });
+    const ticksAfter = Number(await evalIn(source, "ticks"));
+    await evalIn(source, "globalThis.at = 'later'");
+    await sh(source, "echo later > /root/later");
+    await api.waitForSnapshot("b-page");
+    const late = await forkOne("b-page");
+    for (const child of [early[0]!.id, late]) {
+      expect(await evalIn(child, "at")).toBe("capture");
+      expect(await sh(child, "md5sum -c /root/blob.md5; test -e /root/later && echo LEAK || echo clean")).toBe("/root/blob: OK\nclean\n");
+      expect((await api.ping(child)).hostname).toBe(child);
+    }
+    // The source kept running through and after the capture: its clock moved on, its later state is its own.
+    await new Promise((r) => setTimeout(r, 300));
+    expect(Number(await evalIn(source, "ticks"))).toBeGreaterThan(ticksAfter);
+    expect(await evalIn(source, "at")).toBe("later");
+    expect(await api.getSnapshot("b-page")).toMatchObject({ parent: TAG, storage: "diff", mode: "live", branched_from: source });
+  });
+
+  it("stages the source's image again when it was evicted while the source ran, and captures it live", async () => {
+    const source = await forkOne(TAG);
+    await evalIn(source, "globalThis.evicted = 'yes'");
+    const row = sandboxes.get(source)!;
+    const maps = fs.readFileSync(`/proc/${row.pid}/maps`, "utf8");
+    const image = maps
+      .split("\n")
+      .find((l) => l.includes(path.join(shmDir(), "images")) && l.endsWith("/memory.bin"))!
+      .split(/\s+/)
+      .pop()!;
+    // What an eviction does: the staged copy is removed while the source still maps it.
+    fs.rmSync(path.dirname(image), { recursive: true, force: true });
+    expect(fs.readFileSync(`/proc/${row.pid}/maps`, "utf8")).toContain(`${image} (deleted)`);
+    const branched = await api.branchSandbox(source, { tag: "b-evicted", mode: "live" });
+    expect(branched).toMatchObject({ status: "ready", mode: "live" });
+    expect(fs.existsSync(image)).toBe(true);
+    const child = await forkOne("b-evicted");
+    expect(await evalIn(child, "[base, evicted]")).toEqual(["warm", "yes"]);
   });
 });
 

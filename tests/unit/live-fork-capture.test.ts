@@ -1,6 +1,17 @@
-// Live fork-to-many, the pure parts: finding the guest RAM in a VMM's memory map,
-// and splicing a child's device state after its snapshot's RAM setup.
-import { deviceSplice, ForkdError, findGuestRam, ramSectionId, spliceDevices } from "@forkd/core";
+// Live capture (BRANCH and fork-to-many), the pure parts: finding the guest RAM in a VMM's memory map,
+// which sources can be captured, splicing a child's device state after its snapshot's RAM setup, and
+// the offer that lets forks use a capture before it is registered.
+import {
+  deviceSplice,
+  ForkdError,
+  findGuestRam,
+  judgeGuestRam,
+  offerCapture,
+  ramSectionId,
+  type SnapshotInfo,
+  spliceDevices,
+  useOfferedCapture,
+} from "@forkd/core";
 import { describe, expect, it } from "vitest";
 
 const MIB = 2 ** 20;
@@ -119,5 +130,80 @@ describe("the guest RAM in a VMM's memory map", () => {
     expect(findGuestRam(replaced, 256)).toMatchObject({ deleted: true, path: "/dev/shm/forkd/images/base@0123456789abcdef/memory.bin" });
     const twice = `${maps}\n7f0040000000-7f0050000000 rw-p 00000000 00:1b 548    /dev/shm/forkd/images/x@0123456789abcdef/memory.bin`;
     expect(findGuestRam(twice, 256)).toBeUndefined();
+  });
+});
+
+describe("which sources can be captured live (judgeGuestRam)", () => {
+  const imagesDir = "/dev/shm/forkd/images";
+  const ram = (file: string, over: Partial<{ inode: number; deleted: boolean }> = {}) => ({
+    start: 0x7f0000000000,
+    pages: 65536,
+    path: file,
+    inode: 42,
+    deleted: false,
+    ...over,
+  });
+  const staged = `${imagesDir}/base@0123456789abcdef/memory.bin`;
+  const opts = { memoryMib: 256, imagesDir, snapshotKey: "base@0123456789abcdef", currentInode: 42 };
+
+  it("captures a child of a staged image as it is", () => {
+    expect(judgeGuestRam(ram(staged), opts)).toEqual({ ok: true, restage: false });
+  });
+
+  it("stages the image again when it was evicted or replaced since the restore (same digest, same bytes)", () => {
+    expect(judgeGuestRam(ram(staged, { deleted: true }), opts)).toEqual({ ok: true, restage: true });
+    expect(judgeGuestRam(ram(staged), { ...opts, currentInode: 7 })).toEqual({ ok: true, restage: true });
+    expect(judgeGuestRam(ram(staged), { ...opts, currentInode: undefined })).toEqual({ ok: true, restage: true });
+  });
+
+  it("refuses, saying why and what to do, a VMM with no memory-image mapping (a cold boot)", () => {
+    const verdict = judgeGuestRam(undefined, opts);
+    expect(verdict).toMatchObject({ ok: false, why: expect.stringMatching(/not restored from a staged snapshot.*mode diff or full/) });
+  });
+
+  it("refuses a mapping that is not a staged image, or whose snapshot is gone", () => {
+    expect(judgeGuestRam(ram("/var/lib/forkd/snapshots/base/memory.bin"), opts)).toMatchObject({
+      ok: false,
+      why: expect.stringMatching(/not a staged snapshot image.*mode diff or full/),
+    });
+    expect(judgeGuestRam(ram(`${imagesDir}/sub/base@0123456789abcdef/memory.bin`), opts)).toMatchObject({ ok: false });
+    expect(judgeGuestRam(ram(staged), { ...opts, snapshotKey: undefined })).toMatchObject({
+      ok: false,
+      why: expect.stringMatching(/no longer registered/),
+    });
+    expect(judgeGuestRam(ram(staged), { ...opts, snapshotKey: "base@fedcba9876543210" })).toMatchObject({ ok: false });
+  });
+});
+
+describe("captures offered to forks before they are registered", () => {
+  const source = (tag: string) => ({ snapshot: { tag } as SnapshotInfo, memoryPath: `/dev/shm/x/${tag}/memory.bin` });
+
+  it("serves a fork of the tag until withdrawn, and withdrawing waits for forks still loading it", async () => {
+    const withdraw = offerCapture("offered-a", source("offered-a"));
+    const use = useOfferedCapture("offered-a");
+    expect(use?.source.memoryPath).toBe("/dev/shm/x/offered-a/memory.bin");
+    expect(useOfferedCapture("offered-b")).toBeUndefined();
+    let withdrawn = false;
+    const done = withdraw().then(() => (withdrawn = true));
+    // No new fork gets it once withdrawal began; the one in flight still holds it.
+    expect(useOfferedCapture("offered-a")).toBeUndefined();
+    await new Promise((r) => setTimeout(r, 20));
+    expect(withdrawn).toBe(false);
+    use!.release();
+    use!.release();
+    await done;
+    expect(withdrawn).toBe(true);
+  });
+
+  it("a second offer of the same tag is not withdrawn by the first one's withdrawal", async () => {
+    const first = offerCapture("offered-c", source("offered-c"));
+    await first();
+    const second = offerCapture("offered-c", { ...source("offered-c"), memoryPath: "/second" });
+    await first();
+    const use = useOfferedCapture("offered-c");
+    expect(use?.source.memoryPath).toBe("/second");
+    use?.release();
+    await second();
+    expect(useOfferedCapture("offered-c")).toBeUndefined();
   });
 });

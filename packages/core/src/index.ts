@@ -3,6 +3,7 @@
 export * from "./boot/vm.js";
 export * from "./branch/branch.js";
 export * from "./branch/fork-live.js";
+export * from "./branch/live-capture.js";
 export * from "./branch/vmstate.js";
 export * from "./common/config.js";
 export * from "./common/dirs.js";
@@ -37,6 +38,7 @@ export * from "./sandbox/admission-host.js";
 export * from "./sandbox/cgroup.js";
 export * from "./sandbox/fork.js";
 export * from "./sandbox/lifecycle.js";
+export * from "./sandbox/offered-captures.js";
 export * from "./sandbox/priority.js";
 export * from "./store/chains.js";
 export * from "./store/layers.js";

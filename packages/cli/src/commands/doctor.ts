@@ -5,7 +5,7 @@ import type { Command } from "commander";
 export function registerDoctor(program: Command): void {
   program
     .command("doctor")
-    .description("check QEMU, acceleration, guest kernel, images, /dev/shm, userfaultfd, the egress policy and cgroups")
+    .description("check QEMU, acceleration, guest kernel, images, /dev/shm, confinement, live capture, the egress policy and cgroups")
     .option("--accel <mode>", "check this accel mode instead of the automatic choice")
     .option("--json", "machine-readable output")
     .action(async (opts: { accel?: string; json?: boolean }) => {

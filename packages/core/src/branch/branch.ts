@@ -1,6 +1,9 @@
 // BRANCH: capture a running sandbox as a new snapshot. Capture pauses the source
-// as briefly as the mode allows; materialising turns the capture (a full migration
-// stream) into an ordinary snapshot: RAM in a memory image, device state apart.
+// as briefly as the mode allows. Live mode is the page capture (live-capture.ts,
+// shared with live fork-to-many): only the pages the guest wrote are copied, and the
+// capture is forkable as soon as the source runs again. Full and diff write a whole
+// migration stream; materialising turns it into an ordinary snapshot: RAM in a
+// memory image, device state apart.
 import fs from "node:fs";
 import fsp from "node:fs/promises";
 import path from "node:path";
@@ -12,22 +15,24 @@ import { getSandbox, sandboxAlive } from "../sandbox/lifecycle.js";
 import { ancestorsOf, MAX_CHAIN_DEPTH, stageSnapshot } from "../store/chains.js";
 import { getSnapshot, registerSnapshot, type SnapshotInfo, snapshotWorkDirs } from "../store/snapshots.js";
 import { type BranchRow, branches, sandboxes } from "../store/state.js";
-import { confinementEnabled } from "../vmm/confine.js";
 import { migrateToFile, openMigrationSink } from "../vmm/migration-sink.js";
 import { runtimePaths } from "../vmm/plan.js";
 import { grantToVmm, killAndWait, launchQemu, makeRunDir, newSandboxId, removeRunDir, sameProcess, selfIdentity } from "../vmm/process.js";
 import { eventTimeMs, QmpClient, type QmpEvent, waitForMigration } from "../vmm/qmp.js";
+import { captureLive, liveCaptureSupport } from "./live-capture.js";
 
 export type BranchMode = "full" | "diff" | "live";
 export const BRANCH_MODES: readonly BranchMode[] = ["full", "diff", "live"];
+/** The modes that write a whole migration stream (live is the page capture). */
+export type StreamMode = Exclude<BranchMode, "live">;
 
 export type CaptureResult = {
-  mode: BranchMode;
+  mode: StreamMode;
   /** Source stop to resume. */
   pauseMs: number;
   /** From the start of the capture until the source ran again. */
   resumedAfterMs: number;
-  /** Settles when the whole stream is written (for live mode, after the source resumed). */
+  /** Settles when the whole stream is written. */
   completed: Promise<{ captureMs: number; streamBytes: number }>;
   /** diff only: pre-copy did not converge within its bound, so the source was stopped to finish the copy. */
   stopAndCopy?: boolean;
@@ -58,59 +63,14 @@ export function parseBranchMode(value: unknown): BranchMode {
 }
 
 /**
- * Live BRANCH write-protects the source's RAM with userfaultfd inside QEMU, which
- * the kernel allows on anonymous and shmem memory only. Children map a staged
- * image on tmpfs, so they qualify when the staging dir is on shmem and this
- * process may use userfaultfd.
- */
-export function liveBranchSupport(memoryPath: string): { ok: true } | { ok: false; why: string } {
-  try {
-    const mounts = fs
-      .readFileSync("/proc/mounts", "utf8")
-      .split("\n")
-      .map((l) => l.split(" "));
-    const mount = mounts
-      .filter((m) => m[1] && (memoryPath === m[1] || memoryPath.startsWith(m[1].endsWith("/") ? m[1] : `${m[1]}/`)))
-      .sort((a, b) => b[1]!.length - a[1]!.length)[0];
-    if (mount?.[2] !== "tmpfs") {
-      return {
-        ok: false,
-        why: `its memory image ${memoryPath} is on ${mount?.[2] ?? "an unknown filesystem"}, not tmpfs, so userfaultfd cannot write-protect it; use mode diff`,
-      };
-    }
-  } catch {
-    return { ok: false, why: "cannot read /proc/mounts to check where its memory lives; use mode diff" };
-  }
-  // QEMU 7.2 calls userfaultfd(2) itself (not /dev/userfaultfd); a confined VMM is not
-  // root, so the kernel allows it only with vm.unprivileged_userfaultfd=1.
-  const vmmIsRoot = !confinementEnabled() && process.getuid?.() === 0;
-  const unprivileged = (() => {
-    try {
-      return fs.readFileSync("/proc/sys/vm/unprivileged_userfaultfd", "utf8").trim() === "1";
-    } catch {
-      return false;
-    }
-  })();
-  if (!vmmIsRoot && !unprivileged) {
-    return {
-      ok: false,
-      why: "the VMM runs unprivileged and vm.unprivileged_userfaultfd is 0, so QEMU cannot write-protect its memory; `npm run setup` sets it to 1 (see the README's security model), or use mode diff",
-    };
-  }
-  return { ok: true };
-}
-
-/**
  * Write a full migration stream of the running source to `streamPath` and make
  * sure the source runs again afterwards, whatever happens.
  *  full: stop, write everything, cont: the pause covers the whole write.
  *  diff: pre-copy while the source runs; QEMU pauses it only for the last dirty pages.
- *  live: background-snapshot: QEMU pauses it to write-protect RAM and save devices,
- *        then copies each page before the source may overwrite it.
  */
 export async function captureSandbox(
   sandboxId: string,
-  mode: BranchMode,
+  mode: StreamMode,
   streamPath: string,
   opts: { branchTag?: string } = {},
 ): Promise<CaptureResult> {
@@ -125,11 +85,9 @@ export async function captureSandbox(
   qmp.on("event", (e) => events.push(e));
   const started = performance.now();
   let stoppedByUs = false;
-  // A live capture's copier must outlive a dying daemon (see migration-sink.ts); the others die with it.
-  const sink = await openMigrationSink(row.run_dir, streamPath, { dieWithParent: mode !== "live" });
+  const sink = await openMigrationSink(row.run_dir, streamPath);
   const release = async () => {
     sink.close();
-    await qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "background-snapshot", state: false }] }).catch(() => {});
     qmp.close();
   };
   const recover = async (err: unknown): Promise<never> => {
@@ -146,12 +104,7 @@ export async function captureSandbox(
     return { captureMs: performance.now() - started, streamBytes };
   };
   try {
-    await qmp.execute("migrate-set-capabilities", {
-      capabilities: [
-        { capability: "x-ignore-shared", state: false },
-        { capability: "background-snapshot", state: mode === "live" },
-      ],
-    });
+    await qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "x-ignore-shared", state: false }] });
     // Writing to a local file: no bandwidth cap; a short downtime target for pre-copy.
     await qmp.execute("migrate-set-parameters", { "max-bandwidth": captureBandwidth(), "downtime-limit": 50 });
     const uri = sink.uri;
@@ -172,54 +125,28 @@ export async function captureSandbox(
       await release();
       return { mode, pauseMs, resumedAfterMs: performance.now() - started, completed: Promise.resolve(completed) };
     }
-    if (mode === "diff") {
-      await qmp.execute("migrate", { uri });
-      const stopAndCopy = await precopy(qmp, () => {
-        stoppedByUs = true;
-      });
-      faultPoint("branch.diff-completed");
-      // QEMU stopped the source for the final copy (or we did) and left it in postmigrate.
-      await qmp.execute("cont", {});
-      stoppedByUs = false;
-      mayPause(false);
-      const stop = events.find((e) => e.event === "STOP");
-      const resume = await waitEvent(qmp, events, "RESUME");
-      const pauseMs = stop && resume ? eventTimeMs(resume) - eventTimeMs(stop) : Number.NaN;
-      const completed = await done();
-      await release();
-      return {
-        mode,
-        pauseMs,
-        resumedAfterMs: performance.now() - started,
-        completed: Promise.resolve(completed),
-        ...(stopAndCopy ? { stopAndCopy } : {}),
-      };
-    }
-    // live: QEMU stops the source, write-protects its RAM, saves devices and resumes
-    // it; pages are copied afterwards. Answer at RESUME, finish in the background.
+    // diff
     await qmp.execute("migrate", { uri });
-    faultPoint("branch.live-started");
-    const resume = await Promise.race([
-      waitEvent(qmp, events, "RESUME", 60_000),
-      waitForMigration(qmp, 600_000, "live capture").then(() => undefined),
-    ]);
+    const stopAndCopy = await precopy(qmp, () => {
+      stoppedByUs = true;
+    });
+    faultPoint("branch.diff-completed");
+    // QEMU stopped the source for the final copy (or we did) and left it in postmigrate.
+    await qmp.execute("cont", {});
+    stoppedByUs = false;
+    mayPause(false);
     const stop = events.find((e) => e.event === "STOP");
-    const resumedAfterMs = performance.now() - started;
-    const eventPause = stop && resume ? eventTimeMs(resume) - eventTimeMs(stop) : undefined;
-    // QEMU resumed the source itself; the pages still being copied never pause it again.
-    if (resume) mayPause(false);
-    faultPoint("branch.live-copying");
-    const completed = waitForMigration(qmp, 600_000, "live capture")
-      .then(async (info) => {
-        mayPause(false);
-        const result = await done();
-        await release();
-        return { ...result, downtime: info.downtime };
-      })
-      .catch(recover);
-    completed.catch(() => {});
-    const pauseMs = eventPause ?? (await completed).downtime ?? Number.NaN;
-    return { mode, pauseMs, resumedAfterMs, completed };
+    const resume = await waitEvent(qmp, events, "RESUME");
+    const pauseMs = stop && resume ? eventTimeMs(resume) - eventTimeMs(stop) : Number.NaN;
+    const completed = await done();
+    await release();
+    return {
+      mode,
+      pauseMs,
+      resumedAfterMs: performance.now() - started,
+      completed: Promise.resolve(completed),
+      ...(stopAndCopy ? { stopAndCopy } : {}),
+    };
   } catch (err) {
     return recover(err);
   }
@@ -370,26 +297,41 @@ export async function planBranch(sourceId: string, opts: { tag?: string; mode?: 
   const tag = validateName(opts.tag ?? `${row.tag}-branch-${Date.now().toString(36)}`, "tag");
   const existing = await getSnapshot(tag).catch(() => undefined);
   if (existing) throw new ForkdError("conflict", `snapshot ${tag} already exists; pick another tag`, { tag });
-  const memoryPath = await stageSnapshot(snapshot);
-  const live = liveBranchSupport(memoryPath);
-  let mode: BranchMode;
-  if (opts.mode === undefined) mode = live.ok ? "live" : "diff";
-  else {
-    mode = parseBranchMode(opts.mode);
-    if (mode === "live" && !live.ok) throw new ForkdError("bad_request", `live BRANCH is not possible for ${sourceId}: ${live.why}`);
-  }
-  return { tag, mode, sourceId, snapshot };
+  const requested = opts.mode === undefined ? undefined : parseBranchMode(opts.mode);
+  if (requested !== undefined && requested !== "live") return { tag, mode: requested, sourceId, snapshot };
+  // Live unless its memory is not a staged image (see judgeGuestRam): then diff by default, refused when live was asked for.
+  const live = await liveCaptureSupport(sourceId);
+  if (live.ok) return { tag, mode: "live", sourceId, snapshot };
+  if (requested === "live")
+    throw new ForkdError("invalid_state", `live BRANCH is not possible for ${sourceId}: ${live.why}`, { id: sourceId });
+  return { tag, mode: "diff", sourceId, snapshot };
 }
 
-export type BranchOutcome = { plan: BranchPlan; capture: CaptureResult; finish: Promise<SnapshotInfo> };
+export type BranchOutcome = {
+  plan: BranchPlan;
+  /** The source's pause. */
+  pauseMs: number;
+  /** From the call until forks of the tag could start: at once for live (its capture is offered), once registered otherwise. */
+  readyMs: number | undefined;
+  finish: Promise<SnapshotInfo>;
+};
 
 /**
  * Capture now (the source is paused only inside this call) and return as soon
- * as the source runs again; `finish` materialises and registers the snapshot.
- * On any failure nothing is registered and the temp dirs are removed.
+ * as the source runs again; `finish` registers the snapshot (materialising a
+ * migration stream first). On any failure nothing is registered and the temp dirs
+ * are removed.
  */
 export async function branchSandbox(plan: BranchPlan): Promise<BranchOutcome> {
   const startedAt = performance.now();
+  if (plan.mode === "live") {
+    const capture = await captureLive(plan.sourceId, plan.tag, { startedAt });
+    return { plan, pauseMs: capture.pauseMs, readyMs: capture.readyAt - startedAt, finish: capture.register() };
+  }
+  return branchByStream(plan, plan.mode, startedAt);
+}
+
+async function branchByStream(plan: BranchPlan, mode: StreamMode, startedAt: number): Promise<BranchOutcome> {
   const { work, stageWork } = await snapshotWorkDirs();
   const streamPath = path.join(stageWork, "capture.stream");
   const cleanupDirs = async () => {
@@ -398,7 +340,7 @@ export async function branchSandbox(plan: BranchPlan): Promise<BranchOutcome> {
   };
   let capture: CaptureResult;
   try {
-    capture = await captureSandbox(plan.sourceId, plan.mode, streamPath, { branchTag: plan.tag });
+    capture = await captureSandbox(plan.sourceId, mode, streamPath, { branchTag: plan.tag });
   } catch (err) {
     await cleanupDirs();
     throw err;
@@ -415,7 +357,7 @@ export async function branchSandbox(plan: BranchPlan): Promise<BranchOutcome> {
     await cleanupDirs();
     throw err;
   });
-  return { plan, capture, finish };
+  return { plan, pauseMs: capture.pauseMs, readyMs: undefined, finish };
 }
 
 export type BranchStatus = {
@@ -484,8 +426,8 @@ export async function startBranch(sourceId: string, opts: { tag?: string; mode?:
     releaseQueue();
     throw err;
   }
-  branches.setPause(plan.tag, outcome.capture.pauseMs);
-  const base = { tag: plan.tag, mode: plan.mode, pause_ms: outcome.capture.pauseMs, branched_from: sourceId, parent: plan.snapshot.tag };
+  branches.setPause(plan.tag, outcome.pauseMs);
+  const base = { tag: plan.tag, mode: plan.mode, pause_ms: outcome.pauseMs, branched_from: sourceId, parent: plan.snapshot.tag };
   const done = outcome.finish
     .then((snapshot): BranchStatus => {
       const total = performance.now() - started;
@@ -535,8 +477,6 @@ const PAUSED_BY_CAPTURE = new Set(["paused", "postmigrate", "finish-migrate"]);
 /**
  * End whatever migration a dead writer left on the source and run it again if it
  * is paused. True when it had to be resumed. A source that is gone needs nothing.
- * A background snapshot (live) is waited for, never cancelled: cancelling one whose
- * vCPU waits on a write-protected page deadlocks QEMU 7.2 (see migration-sink.ts).
  */
 export async function resumeSource(sourceId: string): Promise<boolean> {
   const row = sandboxes.get(sourceId);
@@ -546,9 +486,7 @@ export async function resumeSource(sourceId: string): Promise<boolean> {
     qmp = await QmpClient.connect(runtimePaths(row.run_dir).qmp, { timeoutMs: 5000 });
     const migration = await qmp.execute("query-migrate", {});
     if (migration.status && !["completed", "failed", "cancelled", "none"].includes(migration.status)) {
-      const capabilities = await qmp.execute("query-migrate-capabilities", {});
-      const background = capabilities.some((c) => c.capability === "background-snapshot" && c.state);
-      if (!background) await qmp.execute("migrate_cancel", {});
+      await qmp.execute("migrate_cancel", {});
       const until = Date.now() + 60_000;
       while (Date.now() < until) {
         const { status } = await qmp.execute("query-migrate", {});
@@ -556,7 +494,6 @@ export async function resumeSource(sourceId: string): Promise<boolean> {
         await new Promise((r) => setTimeout(r, 20));
       }
     }
-    await qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "background-snapshot", state: false }] }).catch(() => {});
     const { status } = await qmp.execute("query-status", {});
     if (!PAUSED_BY_CAPTURE.has(status)) return false;
     await qmp.execute("cont", {});

@@ -15,14 +15,14 @@ export const FAULT_STEPS = [
   "fork.before-cont",
   "fork.before-confirm",
   "fork.confirmed",
-  // BRANCH (branch/branch.ts)
+  // BRANCH (branch/branch.ts; live: branch/live-capture.ts, shared with live fork-to-many)
   "branch.claimed",
   "branch.full-stopped",
   "branch.full-written",
   "branch.diff-precopy",
   "branch.diff-completed",
-  "branch.live-started",
-  "branch.live-copying",
+  "branch.live-stopped",
+  "branch.live-captured",
   "branch.materialising",
   // snapshot registration (store/snapshots.ts registerSnapshot, shared by snapshot, BRANCH and compact)
   "snapshot.parent-booted",

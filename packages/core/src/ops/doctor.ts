@@ -6,6 +6,7 @@ import { runProgram } from "../common/program.js";
 import { discoverKernel, getImage } from "../guest/image.js";
 import { egressNamespaceInfo, egressPolicyEnabled, egressPolicyMarkedOff, egressProblems } from "../net/netns.js";
 import { detectCgroups } from "../sandbox/cgroup.js";
+import { capturePagesPath } from "../vmm/capture-pages.js";
 import { confinementEnabled, hiddenPaths, launcherPath, VMM_GID, VMM_UID_BASE, VMM_UID_COUNT } from "../vmm/confine.js";
 
 export type CheckStatus = "pass" | "warn" | "fail";
@@ -86,23 +87,7 @@ export async function runDoctor(opts: { accel?: string } = {}): Promise<Check[]>
     checks.push({ name: "/dev/shm", status: "fail", detail: "/dev/shm is not mounted", fix: "mount -t tmpfs tmpfs /dev/shm" });
   }
   checks.push(confinementCheck());
-  const unprivileged = readTrim("/proc/sys/vm/unprivileged_userfaultfd");
-  // A confined VMM is not root: QEMU 7.2's own userfaultfd(2) call needs the sysctl.
-  const vmmIsRoot = !confinementEnabled() && process.getuid?.() === 0;
-  checks.push(
-    vmmIsRoot || unprivileged === "1"
-      ? {
-          name: "userfaultfd",
-          status: "pass",
-          detail: `${vmmIsRoot ? "VMMs run as root" : "vm.unprivileged_userfaultfd=1"}: live BRANCH can write-protect guest memory`,
-        }
-      : {
-          name: "userfaultfd",
-          status: "warn",
-          detail: "vm.unprivileged_userfaultfd=0 and VMMs run unprivileged: live BRANCH is unavailable (diff and full work)",
-          fix: "sysctl -w vm.unprivileged_userfaultfd=1 (npm run setup does it; see the README's security model for the trade-off)",
-        },
-  );
+  checks.push(liveCaptureCheck());
   checks.push(await egressCheck());
   const cgroups = detectCgroups();
   const controllers = cgroups ? (["memory", "cpu"] as const).filter((c) => Boolean(cgroups[c])) : [];
@@ -148,12 +133,35 @@ async function egressCheck(): Promise<Check> {
   return { name, status: "pass", detail: `public internet only, per-sandbox allow_out/deny_out (${where})` };
 }
 
-function readTrim(file: string): string | undefined {
-  try {
-    return fs.readFileSync(file, "utf8").trim();
-  } catch {
-    return undefined;
+/**
+ * Live BRANCH, workspace suspend and live fork-to-many copy the pages a guest wrote
+ * out of its VMM (process_vm_readv) with a helper built beside core: it needs that
+ * helper, and the right to read a VMM that runs as another uid (root here).
+ */
+function liveCaptureCheck(): Check {
+  const helper = capturePagesPath();
+  if (!fs.existsSync(helper)) {
+    return {
+      name: "live capture",
+      status: "warn",
+      detail: `${helper} is not built: live BRANCH and live fork are unavailable (diff and full work)`,
+      fix: "npm run build (needs gcc and libc6-dev)",
+    };
   }
+  if (confinementEnabled() && process.getuid?.() !== 0) {
+    return {
+      name: "live capture",
+      status: "warn",
+      detail:
+        "VMMs run as other uids and this process is not root, so it cannot read their memory: live BRANCH and live fork are unavailable",
+      fix: "run the daemon as root (confinement needs it too)",
+    };
+  }
+  return {
+    name: "live capture",
+    status: "pass",
+    detail: "copies only the pages a guest wrote, while it is stopped (no userfaultfd, no host sysctl)",
+  };
 }
 
 /** What confines each VMM here, or why nothing does. */

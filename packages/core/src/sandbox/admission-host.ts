@@ -21,6 +21,7 @@ import {
   type Ticket,
 } from "./admission.js";
 import { listSandboxes } from "./lifecycle.js";
+import { forkableSnapshot } from "./offered-captures.js";
 
 const MIB = 2 ** 20;
 
@@ -103,7 +104,7 @@ export async function admitFork(
   ledger: AdmissionLedger,
   opts: { tag: string; n: number; memoryLimitMib?: number | undefined },
 ): Promise<Ticket> {
-  const snapshot = await getSnapshot(opts.tag);
+  const snapshot = await forkableSnapshot(opts.tag);
   return admit(
     ledger,
     forkNeeds({

@@ -29,6 +29,7 @@ import {
 } from "../vmm/process.js";
 import { QmpClient } from "../vmm/qmp.js";
 import { limitSandbox, removeCgroup, validateCpuLimit } from "./cgroup.js";
+import { type CaptureSource, useOfferedCapture } from "./offered-captures.js";
 import { setSandboxPriority } from "./priority.js";
 
 export const MAX_FORK = 1000;
@@ -60,7 +61,7 @@ export type ForkOpts = {
   /** Restore at background CPU priority (a pool refill nobody waits on): users' work wins every contended CPU. */
   background?: boolean;
   /** Restore from a capture not registered yet (live fork-to-many): its record, its memory image, its device state. */
-  from?: { snapshot: SnapshotInfo; memoryPath: string };
+  from?: CaptureSource;
 };
 
 export type ForkTimings = {
@@ -115,13 +116,20 @@ export async function forkSandboxes(opts: ForkOpts): Promise<ForkChildResult[]> 
       "allow_out/deny_out need the network egress policy, which is off here (FORKD_NETWORK_POLICY=off / --network-policy off)",
     );
   }
-  const snapshot = opts.from?.snapshot ?? (await getSnapshot(opts.tag));
-  // Held from before staging until every child has mapped it: another fork's staging must not evict it meanwhile.
-  const unhold = holdStaged(stageKey(snapshot));
+  // A live BRANCH still being registered is forked from its capture (held until the children loaded it).
+  const offered = opts.from ? undefined : useOfferedCapture(opts.tag);
+  const from = opts.from ?? offered?.source;
   try {
-    return await forkStaged(snapshot, n, opts, policy);
+    const snapshot = from?.snapshot ?? (await getSnapshot(opts.tag));
+    // Held from before staging until every child has mapped it: another fork's staging must not evict it meanwhile.
+    const unhold = holdStaged(stageKey(snapshot));
+    try {
+      return await forkStaged(snapshot, n, { ...opts, ...(from ? { from } : {}) }, policy);
+    } finally {
+      unhold();
+    }
   } finally {
-    unhold();
+    offered?.release();
   }
 }
 

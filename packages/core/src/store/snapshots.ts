@@ -210,11 +210,23 @@ export async function snapshotWorkDirs(): Promise<{ work: string; stageWork: str
   ensureStateDir();
   ensurePrivateDir(snapshotsDir(), { kind: "state dir (FORKD_HOME)" });
   ensureStagingDir();
-  // Temp names carry our pid so `forkd cleanup` can tell abandoned ones from ones in progress.
-  const temp = `.tmp-${process.pid}-${randomBytes(4).toString("hex")}`;
+  const temp = tempName();
   const work = path.join(snapshotsDir(), temp);
   const stageWork = path.join(shmDir(), "images", temp);
   await fsp.mkdir(work, { mode: 0o700 });
   await fsp.mkdir(stageWork, { mode: 0o700 });
   return { work, stageWork };
+}
+
+/** Temp names carry our pid so `forkd cleanup` can tell abandoned ones from ones in progress. */
+function tempName(): string {
+  return `.tmp-${process.pid}-${randomBytes(4).toString("hex")}`;
+}
+
+/** A fresh dot-dir on shmem for work that is never registered itself (a live capture's files); cleanup removes it once we are gone. */
+export async function shmWorkDir(): Promise<string> {
+  ensureStagingDir();
+  const dir = path.join(shmDir(), "images", tempName());
+  await fsp.mkdir(dir, { mode: 0o700 });
+  return dir;
 }

@@ -6,10 +6,7 @@
 // the daemon dying at any moment never leaves QEMU a dead listener. It also dies
 // with the daemon (--die-with-parent): a daemon killed mid-capture must not leave
 // a copy writing to /dev/shm; its migration then fails and start-up recovery
-// resumes the source. Except for a background snapshot (live BRANCH), where a
-// failing stream deadlocks QEMU 7.2 (a vCPU waiting on a write-protected page
-// holds the lock the failed migration needs to lift the protection): that copy is
-// one bounded pass over RAM, left to finish.
+// resumes the source.
 import { spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import fs from "node:fs";
@@ -31,7 +28,7 @@ export type MigrationSink = {
   close: () => void;
 };
 
-export async function openMigrationSink(runDir: string, target: string, opts: { dieWithParent?: boolean } = {}): Promise<MigrationSink> {
+export async function openMigrationSink(runDir: string, target: string): Promise<MigrationSink> {
   const socketPath = path.join(runDir, `migrate-${randomBytes(4).toString("hex")}.sock`);
   const launcher = launcherPath();
   if (!fs.existsSync(launcher)) throw new ForkdError("missing_dependency", `${launcher} is not built; run \`npm run build\``);
@@ -39,7 +36,9 @@ export async function openMigrationSink(runDir: string, target: string, opts: { 
   const args = [
     // As root the launcher drops to nobody (no capabilities, no_new_privs) once it has accepted.
     ...(process.geteuid?.() === 0 ? ["--uid", String(NOBODY), "--gid", String(NOBODY), "--groups", String(NOBODY)] : []),
-    ...(opts.dieWithParent === false ? [] : ["--parent-pid", String(process.pid), "--die-with-parent"]),
+    "--parent-pid",
+    String(process.pid),
+    "--die-with-parent",
     "--listen-unix",
     socketPath,
     // The VMM connects as its own uid.

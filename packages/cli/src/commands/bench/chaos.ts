@@ -11,7 +11,7 @@ import { randomBytes } from "node:crypto";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { cleanup, ForkdError, findLeftovers, forkdHome, liveBranchSupport } from "@forkd/core";
+import { cleanup, ForkdError, findLeftovers, forkdHome } from "@forkd/core";
 import { Controller } from "@forkd/sdk";
 import type { Command } from "commander";
 import { parseIntOption, plainTable, spinner } from "../../ui.js";
@@ -198,9 +198,8 @@ export function registerChaosBench(bench: Command): void {
           skipped.push(`pull (${(err as Error).message})`);
           ref = undefined;
         }
-        const live = liveBranchSupport(path.join(campaign.shmDir, "memory.bin"));
-        if (!live.ok) skipped.push(`branch-live (${live.why})`);
-        const ops = OPS.filter((op) => (op !== "pull" || ref) && (op !== "branch-live" || live.ok));
+        // Live BRANCH needs nothing of the host: every sandbox is a child of a staged image.
+        const ops = OPS.filter((op) => op !== "pull" || ref);
 
         const estimate = { ...FIRST_ESTIMATE_MS };
         const counts = { half: 0, orphan: 0, paused: 0, lost: 0, leftover: 0 };
