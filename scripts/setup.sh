@@ -49,17 +49,10 @@ if [ "$(id -u)" -ne 0 ] && [ -z "${FORKD_HOME:-}" ]; then
   say "not root: set FORKD_HOME and FORKD_RUN_DIR to writable directories, or run as root"
   exit 1
 fi
-# Live BRANCH: QEMU write-protects guest memory with userfaultfd(2), and forkd runs
-# each QEMU as an unprivileged uid, which the kernel allows only with this sysctl
-# (trade-off in the README's security model). Persisted for reboots.
-if [ "$(id -u)" -eq 0 ] && [ -w /proc/sys/vm/unprivileged_userfaultfd ]; then
-  if [ "$(cat /proc/sys/vm/unprivileged_userfaultfd)" != 1 ]; then
-    say "enabling vm.unprivileged_userfaultfd for live BRANCH of unprivileged VMMs"
-    sysctl -q -w vm.unprivileged_userfaultfd=1
-  fi
-  if [ -d /etc/sysctl.d ] && [ ! -f /etc/sysctl.d/60-forkd.conf ]; then
-    printf '# forkd: live BRANCH of VMMs that run as unprivileged uids\nvm.unprivileged_userfaultfd = 1\n' >/etc/sysctl.d/60-forkd.conf
-  fi
+# Live BRANCH copies the pages a guest wrote and needs no userfaultfd: undo the
+# vm.unprivileged_userfaultfd=1 an earlier setup of ours set (only if it was ours).
+if [ "$(id -u)" -eq 0 ]; then
+  bash scripts/undo-userfaultfd.sh
 fi
 # Sandboxes' network: every VMM runs in forkd's egress namespace, whose traffic
 # the host routes (and masquerades) out; routing needs forwarding on (trade-off in
