@@ -8,8 +8,9 @@ const PACKAGES = {
   agent: ["atomic"],
   core: ["atomic", "agent"],
   daemon: ["atomic", "agent", "core"],
+  // The SDK is a client: of the daemon it takes the API's types only (rule below).
   sdk: ["daemon"],
-  mcp: [],
+  mcp: ["sdk"],
   cli: ["atomic", "agent", "core", "daemon", "sdk", "mcp"],
 };
 
@@ -50,6 +51,14 @@ module.exports = {
     },
     ...layerRules,
     ...packageRules,
+    {
+      name: "sdk-takes-only-types-from-daemon",
+      severity: "error",
+      comment:
+        "@forkd/sdk may import the daemon's API types (import type) and nothing that runs: installing the SDK must not pull in the server",
+      from: { path: "^packages/sdk/src/" },
+      to: { path: "^packages/daemon/", dependencyTypesNot: ["type-only"] },
+    },
   ],
   options: {
     doNotFollow: { path: "node_modules" },

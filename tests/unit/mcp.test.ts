@@ -1,9 +1,11 @@
-// The MCP server's pure parts: where it finds the daemon, how it reads the daemon's
-// error bodies, how results are shaped, and what --http accepts.
+// The MCP server's pure parts: where it finds the daemon and how it reads the
+// daemon's error bodies (the SDK's, which the MCP server uses), how results are
+// shaped, and what --http accepts.
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { errorFromBody, errorResult, parseListen, resolveTarget, toolResult } from "@forkd/mcp";
+import { errorResult, parseListen, toolResult } from "@forkd/mcp";
+import { errorFromBody, resolveTarget } from "@forkd/sdk";
 import { describe, expect, it } from "vitest";
 
 describe("resolveTarget", () => {

@@ -1,10 +1,10 @@
 // forkd's MCP tools (forkd-mcp 0.2.0: the same 11 names and argument names) plus
-// file tools, each one REST call (or a loop of them) on the daemon.
+// file tools, each one call (or a loop of them) on the daemon through the SDK's Controller.
 import { setTimeout as sleep } from "node:timers/promises";
+import { type Controller, ForkdApiError } from "@forkd/sdk";
 import { McpServer } from "@modelcontextprotocol/sdk/server/mcp.js";
 import type { CallToolResult } from "@modelcontextprotocol/sdk/types.js";
 import { z } from "zod";
-import { type DaemonClient, DaemonError } from "./client.js";
 import { Progress, type ToolExtra } from "./progress.js";
 
 export const SERVER_NAME = "forkd";
@@ -23,8 +23,6 @@ Typical flow: list_snapshots (or create_snapshot) -> spawn_sandboxes -> exec_com
 
 const sandboxId = z.string().min(1).describe("Sandbox id, as spawn_sandboxes or list_sandboxes return it (e.g. sb-…)");
 const tagName = (what: string) => z.string().min(1).max(64).describe(what);
-
-const sandboxPath = (id: string, rest = "") => `/v1/sandboxes/${encodeURIComponent(id)}${rest}`;
 
 /**
  * A dict becomes one JSON text; a list one JSON text per element and
@@ -46,7 +44,7 @@ export function toolResult(value: unknown, notes: string[] = []): CallToolResult
 
 /** A daemon failure as the model should see it: what happened, the stable code, and what to do next. */
 export function errorResult(err: unknown): CallToolResult {
-  if (err instanceof DaemonError) {
+  if (err instanceof ForkdApiError) {
     const lines = [
       err.status ? `forkd daemon answered ${err.status} ${err.code}: ${err.message}` : `${err.code}: ${err.message}`,
       ...(err.remediation ? [`remediation: ${err.remediation}`] : []),
@@ -66,9 +64,11 @@ function bareList(body: unknown, key: string, more?: string): unknown[] {
   return more && Array.isArray(obj[more]) ? [...list, ...(obj[more] as unknown[])] : list;
 }
 
+type Defined<T> = { [K in keyof T]?: Exclude<T[K], null | undefined> };
+
 /** Only the fields a caller set, so a default never reaches the daemon as an explicit value. */
-function defined(obj: Record<string, unknown>): Record<string, unknown> {
-  return Object.fromEntries(Object.entries(obj).filter(([, v]) => v !== undefined && v !== null));
+function defined<T extends Record<string, unknown>>(obj: T): Defined<T> {
+  return Object.fromEntries(Object.entries(obj).filter(([, v]) => v !== undefined && v !== null)) as Defined<T>;
 }
 
 function lastChars(text: string, n: number): string {
@@ -76,7 +76,7 @@ function lastChars(text: string, n: number): string {
   return chars.length <= n ? text : chars.slice(-n).join("");
 }
 
-export type ForkdMcpOpts = { client: DaemonClient };
+export type ForkdMcpOpts = { client: Controller };
 
 export function createForkdMcpServer({ client }: ForkdMcpOpts): McpServer {
   const server = new McpServer({ name: SERVER_NAME, version: SERVER_VERSION }, { capabilities: { tools: {} }, instructions: INSTRUCTIONS });
@@ -109,7 +109,7 @@ export function createForkdMcpServer({ client }: ForkdMcpOpts): McpServer {
       annotations: readOnly,
     },
     {},
-    async (_args, extra) => toolResult(bareList(await client.get("/v1/snapshots", { signal: extra.signal }), "snapshots", "pending")),
+    async (_args, extra) => toolResult(bareList(await client.listSnapshots({ signal: extra.signal }), "snapshots", "pending")),
   );
 
   tool(
@@ -151,25 +151,27 @@ export function createForkdMcpServer({ client }: ForkdMcpOpts): McpServer {
       metadata: z.record(z.string(), z.string()).optional().describe("Labels kept with each sandbox"),
     },
     async (args, extra) => {
-      const body = defined({
+      const body = {
         snapshot_tag: args.snapshot_tag,
         n: args.n,
-        // forkd's flags are sent only when set: false is what the daemon assumes anyway.
-        per_child_netns: args.per_child_netns || undefined,
-        prewarm: args.prewarm || undefined,
-        live_fork: args.live_fork || undefined,
-        hugepages: args.hugepages || undefined,
-        memory_limit_mib: args.memory_limit_mib,
-        network: args.network,
-        allow_out: args.allow_out,
-        deny_out: args.deny_out,
-        cpu_limit: args.cpu_limit,
-        timeout_ms: args.timeout_ms,
-        metadata: args.metadata,
-      });
+        ...defined({
+          // forkd's flags are sent only when set: false is what the daemon assumes anyway.
+          per_child_netns: args.per_child_netns || undefined,
+          prewarm: args.prewarm || undefined,
+          live_fork: args.live_fork || undefined,
+          hugepages: args.hugepages || undefined,
+          memory_limit_mib: args.memory_limit_mib,
+          network: args.network,
+          allow_out: args.allow_out,
+          deny_out: args.deny_out,
+          cpu_limit: args.cpu_limit,
+          timeout_ms: args.timeout_ms,
+          metadata: args.metadata,
+        }),
+      };
       const progress = new Progress(extra);
       const res = await progress.during(
-        client.post("/v1/sandboxes", body, { timeoutMs: LONG_CALL_MS, signal: extra.signal }),
+        client.createSandboxes(body, { timeoutMs: LONG_CALL_MS, signal: extra.signal }),
         `forking ${args.n} sandbox${args.n === 1 ? "" : "es"} from ${args.snapshot_tag}`,
       );
       return toolResult(bareList(res, "sandboxes"));
@@ -208,7 +210,7 @@ export function createForkdMcpServer({ client }: ForkdMcpOpts): McpServer {
       });
       const progress = new Progress(extra);
       const res = await progress.during(
-        client.post(sandboxPath(args.sandbox_id, "/branch"), body, { timeoutMs: LONG_CALL_MS, signal: extra.signal }),
+        client.branchSandbox(args.sandbox_id, body, { timeoutMs: LONG_CALL_MS, signal: extra.signal }),
         `BRANCH of ${args.sandbox_id}`,
       );
       return toolResult(res);
@@ -242,18 +244,20 @@ export function createForkdMcpServer({ client }: ForkdMcpOpts): McpServer {
         .describe("forkd: seconds to wait after boot; forkd-ts waits for its agent instead"),
     },
     async (args, extra) => {
-      const body = defined({
+      const body = {
         tag: args.tag,
-        image: args.image,
-        warm: args.warm,
-        warm_eval: args.warm_eval,
-        memory_mib: args.memory_mib,
-        vcpus: args.vcpus,
-      });
+        ...defined({
+          image: args.image,
+          warm: args.warm,
+          warm_eval: args.warm_eval,
+          memory_mib: args.memory_mib,
+          vcpus: args.vcpus,
+        }),
+      };
       const ignored = [args.kernel && "kernel", args.rootfs && "rootfs", args.rw && "rw", args.tap && "tap"].filter(Boolean);
       const progress = new Progress(extra);
       const res = await progress.during(
-        client.post("/v1/snapshots", body, { timeoutMs: LONG_CALL_MS, signal: extra.signal }),
+        client.createSnapshot(body, { timeoutMs: LONG_CALL_MS, signal: extra.signal }),
         `snapshot ${args.tag} from image ${args.image ?? "base"}`,
       );
       const notes = ignored.length
@@ -288,8 +292,8 @@ export function createForkdMcpServer({ client }: ForkdMcpOpts): McpServer {
       // An argv, never a shell line: the path reaches tail as one argument, and
       // `--` keeps a path that starts with '-' from being read as an option.
       const tailByExec = async () => {
-        const res = await client.post<{ stdout?: unknown; exit_code?: unknown }>(
-          sandboxPath(args.sandbox_id, "/exec"),
+        const res: { stdout?: unknown; exit_code?: unknown } = await client.exec(
+          args.sandbox_id,
           { argv: ["tail", "-c", String(window), "--", args.path], timeout_ms: 5000 },
           { signal: extra.signal },
         );
@@ -299,16 +303,12 @@ export function createForkdMcpServer({ client }: ForkdMcpOpts): McpServer {
       // An image without tail (a custom root): read the whole file through the files API instead.
       const tailByRead = async () => {
         try {
-          const res = await client.post<{ data?: string }>(
-            sandboxPath(args.sandbox_id, "/files"),
-            { action: "read", path: args.path },
-            { signal: extra.signal },
-          );
+          const res = await client.files<{ data?: string }>(args.sandbox_id, { action: "read", path: args.path }, { signal: extra.signal });
           const bytes = Buffer.from(res?.data ?? "", "base64");
           return bytes.subarray(Math.max(0, bytes.length - window)).toString("utf8");
         } catch (err) {
           // Not there yet is an empty file, as forkd's `tail … || true` has it.
-          if (err instanceof DaemonError && err.code === "not_found") return "";
+          if (err instanceof ForkdApiError && err.code === "not_found") return "";
           throw err;
         }
       };
@@ -334,14 +334,14 @@ export function createForkdMcpServer({ client }: ForkdMcpOpts): McpServer {
     "list_sandboxes",
     { title: "List sandboxes", description: "List the live sandboxes (id, snapshot_tag, state, health, limits).", annotations: readOnly },
     {},
-    async (_args, extra) => toolResult(bareList(await client.get("/v1/sandboxes", { signal: extra.signal }), "sandboxes")),
+    async (_args, extra) => toolResult(bareList(await client.listSandboxes({ signal: extra.signal }), "sandboxes")),
   );
 
   tool(
     "get_sandbox",
     { title: "Get a sandbox", description: "One sandbox's details.", annotations: readOnly },
     { sandbox_id: sandboxId },
-    async (args, extra) => toolResult(await client.get(sandboxPath(args.sandbox_id), { signal: extra.signal })),
+    async (args, extra) => toolResult(await client.getSandbox(args.sandbox_id, { signal: extra.signal })),
   );
 
   tool(
@@ -353,7 +353,7 @@ export function createForkdMcpServer({ client }: ForkdMcpOpts): McpServer {
     },
     { sandbox_id: sandboxId },
     async (args, extra) => {
-      await client.delete(sandboxPath(args.sandbox_id), { signal: extra.signal });
+      await client.deleteSandbox(args.sandbox_id, { signal: extra.signal });
       return toolResult({ id: args.sandbox_id, killed: true });
     },
   );
@@ -374,9 +374,13 @@ export function createForkdMcpServer({ client }: ForkdMcpOpts): McpServer {
       stdin: z.string().optional().describe("Text fed to the command's standard input"),
     },
     async (args, extra) => {
-      const body = defined({ argv: args.args, timeout_ms: args.timeout_secs * 1000, env: args.env, cwd: args.cwd, stdin: args.stdin });
+      const body = {
+        argv: args.args,
+        timeout_ms: args.timeout_secs * 1000,
+        ...defined({ env: args.env, cwd: args.cwd, stdin: args.stdin }),
+      };
       // The daemon answers when the command ends: its timeout plus slack for the round trip.
-      const res = await client.post(sandboxPath(args.sandbox_id, "/exec"), body, {
+      const res = await client.exec(args.sandbox_id, body, {
         timeoutMs: args.timeout_secs * 1000 + 30_000,
         signal: extra.signal,
       });
@@ -398,9 +402,9 @@ export function createForkdMcpServer({ client }: ForkdMcpOpts): McpServer {
       timeout_ms: z.number().int().positive().max(3_600_000).optional().describe("Give up on the evaluation after this long"),
     },
     async (args, extra) => {
-      const body = defined({ code: args.code, language: args.language, timeout_ms: args.timeout_ms });
-      const res = await client.post(sandboxPath(args.sandbox_id, "/eval"), body, {
-        timeoutMs: (args.timeout_ms ?? client.defaultTimeoutMs) + 30_000,
+      const body = { code: args.code, ...defined({ language: args.language, timeout_ms: args.timeout_ms }) };
+      const res = await client.eval(args.sandbox_id, body, {
+        timeoutMs: (args.timeout_ms ?? client.requestTimeoutMs) + 30_000,
         signal: extra.signal,
       });
       return toolResult(res);
@@ -411,7 +415,7 @@ export function createForkdMcpServer({ client }: ForkdMcpOpts): McpServer {
     "ping_sandbox",
     { title: "Ping a sandbox", description: "Check that a sandbox's guest agent answers.", annotations: readOnly },
     { sandbox_id: sandboxId },
-    async (args, extra) => toolResult(await client.post(sandboxPath(args.sandbox_id, "/ping"), undefined, { signal: extra.signal })),
+    async (args, extra) => toolResult(await client.ping(args.sandbox_id, { signal: extra.signal })),
   );
 
   tool(
@@ -428,8 +432,8 @@ export function createForkdMcpServer({ client }: ForkdMcpOpts): McpServer {
       encoding: z.enum(["utf8", "base64"]).default("utf8").describe("How to return the content"),
     },
     async (args, extra) => {
-      const res = await client.post<{ path?: string; size?: number; data?: string }>(
-        sandboxPath(args.sandbox_id, "/files"),
+      const res = await client.files<{ path?: string; size?: number; data?: string }>(
+        args.sandbox_id,
         { action: "read", path: args.path },
         { signal: extra.signal },
       );
@@ -462,9 +466,9 @@ export function createForkdMcpServer({ client }: ForkdMcpOpts): McpServer {
       mode: z.number().int().min(0).max(0o7777).optional().describe("File mode, e.g. 493 (0755)"),
     },
     async (args, extra) => {
-      const res = await client.post(
-        sandboxPath(args.sandbox_id, "/files"),
-        defined({ action: "write", path: args.path, data: args.content, encoding: args.encoding, mode: args.mode }),
+      const res = await client.files(
+        args.sandbox_id,
+        { action: "write", path: args.path, data: args.content, ...defined({ encoding: args.encoding, mode: args.mode }) },
         { signal: extra.signal },
       );
       return toolResult(res);
@@ -475,8 +479,7 @@ export function createForkdMcpServer({ client }: ForkdMcpOpts): McpServer {
     "list_files",
     { title: "List a directory", description: "List a directory in a sandbox: {path, entries}.", annotations: readOnly },
     { sandbox_id: sandboxId, path: z.string().min(1).describe("Absolute directory path in the sandbox") },
-    async (args, extra) =>
-      toolResult(await client.post(sandboxPath(args.sandbox_id, "/files"), { action: "list", path: args.path }, { signal: extra.signal })),
+    async (args, extra) => toolResult(await client.files(args.sandbox_id, { action: "list", path: args.path }, { signal: extra.signal })),
   );
 
   return server;

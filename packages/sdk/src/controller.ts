@@ -1,12 +1,13 @@
-// A typed client for every route of the forkd REST API v1. Types come from the
-// daemon's zod schemas (type-only import: no server code is loaded).
-import fs from "node:fs";
-import path from "node:path";
+// A typed client for every route of the forkd REST API v1, the one client of
+// the daemon: the CLI, the E2B-shaped Sandbox and the MCP server all use it.
+// Types come from the daemon's zod schemas (type-only import: no server code is loaded).
 import type * as S from "@forkd/daemon/schemas";
 import { Agent } from "undici";
+import { errorFromBody, ForkdApiError } from "./api-error.js";
+import { type DaemonTarget, resolveTarget, targetOf } from "./target.js";
 
 export type ControllerOpts = {
-  /** http(s)://host:port of the daemon's TCP listener. */
+  /** http(s)://host:port of the daemon's TCP listener, or unix:/path/to.sock. */
   url?: string;
   /** Path of the daemon's unix socket (used when no url is given). */
   socketPath?: string;
@@ -15,19 +16,11 @@ export type ControllerOpts = {
   requestTimeoutMs?: number;
 };
 
-/** An error the API answered with: `code` is the stable code, `status` the HTTP status, `remediation` what to do next. */
-export class ForkdApiError extends Error {
-  override readonly name = "ForkdApiError";
-  constructor(
-    readonly status: number,
-    readonly code: string,
-    message: string,
-    readonly details?: Record<string, unknown>,
-    readonly remediation?: string,
-  ) {
-    super(message);
-  }
-}
+/**
+ * Per call: `signal` cancels it (a ForkdApiError with code `cancelled`), `timeoutMs`
+ * replaces the call's own deadline (code `timeout` when it passes).
+ */
+export type CallOpts = { signal?: AbortSignal; timeoutMs?: number };
 
 export type ExecStreamOpts = { onStdout?: (data: Buffer) => void; onStderr?: (data: Buffer) => void; signal?: AbortSignal };
 export type ExecExit = {
@@ -39,80 +32,58 @@ export type ExecExit = {
   truncated?: boolean;
 };
 
-function isLoopbackUrl(url: string): boolean {
-  try {
-    const host = new URL(url).hostname.replace(/^\[|\]$/g, "");
-    return host === "localhost" || host === "::1" || /^127\.\d+\.\d+\.\d+$/.test(host);
-  } catch {
-    return false;
-  }
-}
-
-function defaultHome(): string {
-  return process.env.FORKD_HOME ?? "/var/lib/forkd";
-}
+type RequestOpts = CallOpts & {
+  /** Answer the Response itself (a stream): no deadline but the caller's signal. */
+  raw?: boolean;
+};
 
 export class Controller {
-  private readonly base: string;
+  /** Where the daemon is and what to call it in messages. */
+  readonly target: DaemonTarget;
+  /** Deadline of a call that sets none of its own. */
+  readonly requestTimeoutMs: number;
   private readonly dispatcher: Agent | undefined;
-  private readonly token: string | undefined;
-  private readonly requestTimeoutMs: number;
 
   constructor(opts: ControllerOpts = {}) {
-    this.token = opts.token;
+    this.target = targetOf(opts);
     this.requestTimeoutMs = opts.requestTimeoutMs ?? 120_000;
-    if (opts.url?.startsWith("unix:")) {
-      this.base = "http://forkd";
-      this.dispatcher = new Agent({ connect: { socketPath: opts.url.slice("unix:".length) } });
-    } else if (opts.url) {
-      this.base = opts.url.replace(/\/+$/, "");
-      this.dispatcher = undefined;
-    } else {
-      const socketPath = opts.socketPath ?? path.join(process.env.FORKD_RUN_DIR ?? "/run/forkd", "forkd.sock");
-      this.base = "http://forkd";
-      this.dispatcher = new Agent({ connect: { socketPath } });
-    }
+    this.dispatcher = this.target.socketPath ? new Agent({ connect: { socketPath: this.target.socketPath } }) : undefined;
   }
 
   /**
    * As forkd's clients: FORKD_URL (http(s)://HOST:PORT, or unix:/path/to.sock) and
-   * FORKD_TOKEN; without a URL, the local unix socket, which needs no token.
+   * FORKD_TOKEN; without a URL, the local unix socket, which needs no token
+   * (`resolveTarget` has the whole rule).
    */
-  static fromEnv(): Controller {
-    let token = process.env.FORKD_TOKEN;
-    // The local token file is this host's secret: only ever sent to a daemon on this host.
-    if (!token && process.env.FORKD_URL && isLoopbackUrl(process.env.FORKD_URL)) {
-      try {
-        token = fs.readFileSync(path.join(defaultHome(), "token"), "utf8").trim();
-      } catch {
-        // no local token: the daemon will answer 401 with what to do
-      }
-    }
+  static fromEnv(env: NodeJS.ProcessEnv = process.env, opts: Pick<ControllerOpts, "requestTimeoutMs"> = {}): Controller {
+    const target = resolveTarget(env);
     return new Controller({
-      ...(process.env.FORKD_URL ? { url: process.env.FORKD_URL } : {}),
-      ...(process.env.FORKD_SOCKET ? { socketPath: process.env.FORKD_SOCKET } : {}),
-      ...(token ? { token } : {}),
+      url: target.socketPath ? `unix:${target.socketPath}` : target.base,
+      ...(target.token ? { token: target.token } : {}),
+      ...opts,
     });
   }
 
-  private async request<T>(
-    method: string,
-    route: string,
-    body?: unknown,
-    opts: { timeoutMs?: number; signal?: AbortSignal; raw?: boolean } = {},
-  ): Promise<T> {
+  private async request<T>(method: string, route: string, body?: unknown, opts: RequestOpts = {}): Promise<T> {
     const headers: Record<string, string> = {};
-    if (this.token) headers.authorization = `Bearer ${this.token}`;
+    if (this.target.token) headers.authorization = `Bearer ${this.target.token}`;
     if (body !== undefined) headers["content-type"] = "application/json";
-    const signal = opts.signal ?? AbortSignal.timeout(opts.timeoutMs ?? this.requestTimeoutMs);
-    const res = await fetch(`${this.base}${route}`, {
-      method,
-      headers,
-      ...(body !== undefined ? { body: JSON.stringify(body) } : {}),
-      signal,
-      // undici's dispatcher option is accepted by Node's fetch.
-      ...(this.dispatcher ? { dispatcher: this.dispatcher } : {}),
-    } as RequestInit);
+    const timeoutMs = opts.timeoutMs ?? this.requestTimeoutMs;
+    const deadline = opts.raw ? undefined : AbortSignal.timeout(timeoutMs);
+    const signal = deadline && opts.signal ? AbortSignal.any([opts.signal, deadline]) : (deadline ?? opts.signal);
+    let res: Response;
+    try {
+      res = await fetch(`${this.target.base}${route}`, {
+        method,
+        headers,
+        ...(body !== undefined ? { body: JSON.stringify(body) } : {}),
+        ...(signal ? { signal } : {}),
+        // undici's dispatcher option is accepted by Node's fetch.
+        ...(this.dispatcher ? { dispatcher: this.dispatcher } : {}),
+      } as RequestInit);
+    } catch (err) {
+      throw this.transportError(err, `${method} ${route}`, deadline?.aborted ? timeoutMs : undefined, opts.signal?.aborted);
+    }
     if (opts.raw) {
       if (!res.ok) await this.throwFrom(res);
       return res as unknown as T;
@@ -124,18 +95,36 @@ export class Controller {
   }
 
   private async throwFrom(res: Response): Promise<never> {
-    let body: S.ErrorBodyT | undefined;
+    const text = await res.text().catch(() => "");
+    let json: unknown;
     try {
-      body = (await res.json()) as S.ErrorBodyT;
+      json = text ? JSON.parse(text) : undefined;
     } catch {
-      // not JSON
+      // not JSON: errorFromBody shows the text
     }
-    throw new ForkdApiError(
-      res.status,
-      body?.code ?? "http_error",
-      typeof body?.error === "string" ? body.error : `HTTP ${res.status}`,
-      body?.details,
-      body?.remediation,
+    throw errorFromBody(res.status, json, text);
+  }
+
+  /** A call that got no answer, said so with where the daemon was looked for. */
+  private transportError(err: unknown, call: string, timedOutAfterMs?: number, cancelled?: boolean): ForkdApiError {
+    if (cancelled) return new ForkdApiError(0, "cancelled", `${call} was cancelled by the caller`);
+    if (timedOutAfterMs !== undefined) {
+      return new ForkdApiError(
+        0,
+        "timeout",
+        `the forkd daemon at ${this.target.label} did not answer ${call} within ${Math.round(timedOutAfterMs / 1000)} s`,
+        undefined,
+        "the operation may still finish in the daemon: list the sandboxes or snapshots to see; give slow calls a longer timeout",
+      );
+    }
+    const cause = (err as { cause?: { code?: string; message?: string } }).cause;
+    const why = cause?.code ?? cause?.message ?? (err as Error).message;
+    return new ForkdApiError(
+      0,
+      "daemon_unreachable",
+      `cannot reach the forkd daemon at ${this.target.label}: ${why}`,
+      undefined,
+      "start it with `forkd daemon`, or point FORKD_URL (and FORKD_TOKEN) at a running one",
     );
   }
 
@@ -152,11 +141,11 @@ export class Controller {
     return this.request("GET", "/v1/openapi.json");
   }
 
-  listSnapshots(): Promise<S.SnapshotT[]> {
-    return this.request("GET", "/v1/snapshots");
+  listSnapshots(opts: CallOpts = {}): Promise<S.SnapshotT[]> {
+    return this.request("GET", "/v1/snapshots", undefined, opts);
   }
-  createSnapshot(body: S.CreateSnapshotBodyT): Promise<S.SnapshotT> {
-    return this.request("POST", "/v1/snapshots", body, { timeoutMs: 15 * 60_000 });
+  createSnapshot(body: S.CreateSnapshotBodyT, opts: CallOpts = {}): Promise<S.SnapshotT> {
+    return this.request("POST", "/v1/snapshots", body, { timeoutMs: 15 * 60_000, ...opts });
   }
   getSnapshot(tag: string): Promise<S.SnapshotT> {
     return this.request("GET", `/v1/snapshots/${encodeURIComponent(tag)}`);
@@ -233,21 +222,22 @@ export class Controller {
   }
 
   /** Users' sandboxes; with `pool: true`, the children waiting in hot pools too (their `pool` names the tag). */
-  listSandboxes(opts: { pool?: boolean } = {}): Promise<S.SandboxT[]> {
-    return this.request("GET", `/v1/sandboxes${opts.pool ? "?pool=true" : ""}`);
+  listSandboxes(opts: { pool?: boolean } & CallOpts = {}): Promise<S.SandboxT[]> {
+    const { pool, ...call } = opts;
+    return this.request("GET", `/v1/sandboxes${pool ? "?pool=true" : ""}`, undefined, call);
   }
-  createSandboxes(body: S.CreateSandboxesBodyT): Promise<S.ForkResultT> {
-    return this.request("POST", "/v1/sandboxes", body, { timeoutMs: 30 * 60_000 });
+  createSandboxes(body: S.CreateSandboxesBodyT, opts: CallOpts = {}): Promise<S.ForkResultT> {
+    return this.request("POST", "/v1/sandboxes", body, { timeoutMs: 30 * 60_000, ...opts });
   }
-  getSandbox(id: string): Promise<S.SandboxT> {
-    return this.request("GET", `/v1/sandboxes/${encodeURIComponent(id)}`);
+  getSandbox(id: string, opts: CallOpts = {}): Promise<S.SandboxT> {
+    return this.request("GET", `/v1/sandboxes/${encodeURIComponent(id)}`, undefined, opts);
   }
-  deleteSandbox(id: string): Promise<void> {
-    return this.request("DELETE", `/v1/sandboxes/${encodeURIComponent(id)}`);
+  deleteSandbox(id: string, opts: CallOpts = {}): Promise<void> {
+    return this.request("DELETE", `/v1/sandboxes/${encodeURIComponent(id)}`, undefined, opts);
   }
   /** BRANCH a running sandbox into a new snapshot; with wait:false the answer comes as soon as the source runs again. */
-  branchSandbox(id: string, body: S.BranchBodyT = {}): Promise<S.BranchResponseT> {
-    return this.request("POST", `/v1/sandboxes/${encodeURIComponent(id)}/branch`, body, { timeoutMs: 15 * 60_000 });
+  branchSandbox(id: string, body: S.BranchBodyT = {}, opts: CallOpts = {}): Promise<S.BranchResponseT> {
+    return this.request("POST", `/v1/sandboxes/${encodeURIComponent(id)}/branch`, body, { timeoutMs: 15 * 60_000, ...opts });
   }
   /**
    * Live fork-to-many: N children of the running sandbox `id` in one call. The source
@@ -286,10 +276,11 @@ export class Controller {
     }
   }
 
-  ping(id: string): Promise<S.PingResponseT> {
-    return this.request("POST", `/v1/sandboxes/${encodeURIComponent(id)}/ping`);
+  ping(id: string, opts: CallOpts = {}): Promise<S.PingResponseT> {
+    return this.request("POST", `/v1/sandboxes/${encodeURIComponent(id)}/ping`, undefined, opts);
   }
-  exec(id: string, body: S.ExecBodyT, opts: { signal?: AbortSignal } = {}): Promise<S.ExecResponseT> {
+  /** Its deadline: the command's own timeout plus the request timeout, unless `opts.timeoutMs` says otherwise. */
+  exec(id: string, body: S.ExecBodyT, opts: CallOpts = {}): Promise<S.ExecResponseT> {
     const timeoutMs = (body.timeout_ms ?? 0) + this.requestTimeoutMs;
     return this.request("POST", `/v1/sandboxes/${encodeURIComponent(id)}/exec`, body, { timeoutMs, ...opts });
   }
@@ -333,11 +324,11 @@ export class Controller {
     });
     return readExecEvents(res, opts, "process output");
   }
-  eval(id: string, body: S.EvalBodyT): Promise<S.EvalResponseT> {
-    return this.request("POST", `/v1/sandboxes/${encodeURIComponent(id)}/eval`, body);
+  eval(id: string, body: S.EvalBodyT, opts: CallOpts = {}): Promise<S.EvalResponseT> {
+    return this.request("POST", `/v1/sandboxes/${encodeURIComponent(id)}/eval`, body, opts);
   }
-  files<T = Record<string, unknown>>(id: string, body: S.FilesBodyT): Promise<T> {
-    return this.request("POST", `/v1/sandboxes/${encodeURIComponent(id)}/files`, body);
+  files<T = Record<string, unknown>>(id: string, body: S.FilesBodyT, opts: CallOpts = {}): Promise<T> {
+    return this.request("POST", `/v1/sandboxes/${encodeURIComponent(id)}/files`, body, opts);
   }
 
   listWorkspaces(): Promise<S.WorkspaceT[]> {

@@ -1,4 +1,5 @@
-export { Controller, type ControllerOpts, type ExecExit, ForkdApiError } from "./controller.js";
+export { errorFromBody, ForkdApiError } from "./api-error.js";
+export { type CallOpts, Controller, type ControllerOpts, type ExecExit } from "./controller.js";
 export {
   ALL_TRAFFIC,
   type CommandConnectOpts,
@@ -11,3 +12,4 @@ export {
   Sandbox,
   type SandboxOpts,
 } from "./sandbox.js";
+export { type DaemonTarget, DEFAULT_URL, isLoopbackUrl, resolveTarget } from "./target.js";

@@ -1,7 +1,8 @@
 // An E2B-shaped Sandbox over the forkd API, plus forkd's own Sandbox.fork.
 import { constants } from "node:os";
 import type * as S from "@forkd/daemon/schemas";
-import { Controller, type ExecExit, ForkdApiError } from "./controller.js";
+import { ForkdApiError } from "./api-error.js";
+import { Controller, type ExecExit } from "./controller.js";
 
 export type SandboxOpts = {
   /** Snapshot tag to start from (E2B calls it a template). */

@@ -1,0 +1,72 @@
+// Where forkd's clients find the daemon: one reading of FORKD_URL / FORKD_TOKEN
+// and the local socket, shared by the Controller, the CLI and the MCP server.
+import fs from "node:fs";
+import path from "node:path";
+
+export type DaemonTarget = {
+  /** Base URL requests go to (for a unix socket, a placeholder host). */
+  base: string;
+  /** Set when the daemon is reached over its unix socket. */
+  socketPath?: string;
+  token?: string;
+  /** What to call it in messages: the URL, or unix:PATH. */
+  label: string;
+};
+
+/** forkd's default TCP address, tried when no URL is set and no local socket exists. */
+export const DEFAULT_URL = "http://127.0.0.1:8889";
+
+/** Host part of a URL for a unix socket: the socket, not the host, picks the daemon. */
+const SOCKET_BASE = "http://forkd";
+
+export function isLoopbackUrl(url: string): boolean {
+  try {
+    const host = new URL(url).hostname.replace(/^\[|\]$/g, "");
+    return host === "localhost" || host === "::1" || /^127\.\d+\.\d+\.\d+$/.test(host);
+  } catch {
+    return false;
+  }
+}
+
+/** A target from an explicit URL (http(s)://HOST:PORT or unix:/path) or socket path; no environment read. */
+export function targetOf(opts: { url?: string; socketPath?: string; token?: string }): DaemonTarget {
+  let target: DaemonTarget;
+  if (opts.url?.startsWith("unix:")) {
+    const socketPath = opts.url.slice("unix:".length);
+    target = { base: SOCKET_BASE, socketPath, label: opts.url };
+  } else if (opts.url) {
+    const base = opts.url.replace(/\/+$/, "");
+    target = { base, label: base };
+  } else {
+    const socketPath = opts.socketPath ?? path.join(process.env.FORKD_RUN_DIR ?? "/run/forkd", "forkd.sock");
+    target = { base: SOCKET_BASE, socketPath, label: `unix:${socketPath}` };
+  }
+  return opts.token ? { ...target, token: opts.token } : target;
+}
+
+/**
+ * FORKD_URL (http(s)://host:port or unix:/path) and FORKD_TOKEN as forkd's clients
+ * read them; unset, the local socket ($FORKD_SOCKET, else $FORKD_RUN_DIR/forkd.sock)
+ * when it exists, else forkd's default URL.
+ */
+export function resolveTarget(env: NodeJS.ProcessEnv = process.env): DaemonTarget {
+  let token = env.FORKD_TOKEN?.trim() || undefined;
+  const url = env.FORKD_URL?.trim();
+  let target: DaemonTarget;
+  if (url) {
+    target = targetOf({ url });
+  } else {
+    const socketPath = env.FORKD_SOCKET ?? path.join(env.FORKD_RUN_DIR ?? "/run/forkd", "forkd.sock");
+    target = fs.existsSync(socketPath) ? targetOf({ socketPath }) : targetOf({ url: DEFAULT_URL });
+  }
+  // The local token file is offered only to a local daemon: sending it to a remote
+  // FORKD_URL would hand this host's credential to another machine.
+  if (!token && (target.socketPath || isLoopbackUrl(target.base))) {
+    try {
+      token = fs.readFileSync(path.join(env.FORKD_HOME ?? "/var/lib/forkd", "token"), "utf8").trim() || undefined;
+    } catch {
+      // none readable: the socket needs none, and a TCP daemon will say 401 with what to do
+    }
+  }
+  return token ? { ...target, token } : target;
+}
