@@ -1,13 +1,83 @@
-import { defineConfig } from "vitest/config";
+import fs from "node:fs";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { type Alias, defineConfig } from "vitest/config";
+
+const REPO_ROOT = path.dirname(fileURLToPath(import.meta.url));
+
+/**
+ * Tests import the sources, not the build: every `@forkd/NAME[/SUB]` a package's
+ * `exports` maps to `./dist/X.js` resolves to `packages/NAME/src/X.ts` when that file
+ * exists, so one test run never loads a package from dist and from src (two copies of
+ * a module: two ForkdError classes, and `instanceof` fails across them). Read from each
+ * package.json, so a new subpath export is covered without touching this file. Entries
+ * with no source (the agent's esbuild bundle, the C and Python files) keep their file.
+ * Tests that run the CLI or the daemon as processes still run the built dist: the product.
+ */
+function sourceAliases(): Alias[] {
+  const aliases: Alias[] = [];
+  const packagesDir = path.join(REPO_ROOT, "packages");
+  for (const dir of fs.readdirSync(packagesDir)) {
+    const manifest = path.join(packagesDir, dir, "package.json");
+    if (!fs.existsSync(manifest)) continue;
+    const pkg = JSON.parse(fs.readFileSync(manifest, "utf8")) as { name: string; exports?: Record<string, unknown> };
+    for (const [subpath, target] of Object.entries(pkg.exports ?? {})) {
+      const file = typeof target === "string" ? target : (target as { default?: string }).default;
+      const built = /^\.\/dist\/(.+)\.js$/.exec(file ?? "");
+      if (!built) continue;
+      const source = path.join(packagesDir, dir, "src", `${built[1]}.ts`);
+      if (!fs.existsSync(source)) continue;
+      const specifier = pkg.name + subpath.slice(1); // "." -> "@forkd/core", "./errors" -> "@forkd/core/errors"
+      aliases.push({ find: new RegExp(`^${specifier.replace(/[.*+?^${}()|[\]\\/]/g, "\\$&")}$`), replacement: source });
+    }
+  }
+  return aliases;
+}
+
+/** Integration and hostile tests boot real VMs: one temp root for the run, watched for unconfined QEMUs. */
+const VM_GLOBAL_SETUP = ["tests/helpers/global-setup.ts"];
 
 export default defineConfig({
+  resolve: { alias: sourceAliases() },
   test: {
-    include: ["tests/**/*.test.ts"],
-    globalSetup: ["tests/helpers/global-setup.ts"],
-    // Integration tests boot real VMs on a 2-core machine: one file at a time.
-    fileParallelism: false,
-    testTimeout: 120_000,
-    hookTimeout: 180_000,
     reporters: ["default"],
+    projects: [
+      {
+        extends: true,
+        test: {
+          name: "unit",
+          include: ["tests/unit/**/*.test.ts"],
+          // Pure logic, no VMs, no set-up: files run side by side and the project finishes first.
+          fileParallelism: true,
+          testTimeout: 30_000,
+          sequence: { groupOrder: 0 },
+        },
+      },
+      {
+        extends: true,
+        test: {
+          name: "integration",
+          include: ["tests/integration/**/*.test.ts"],
+          globalSetup: VM_GLOBAL_SETUP,
+          // Real VMs on a 2-core machine: one file at a time.
+          fileParallelism: false,
+          testTimeout: 120_000,
+          hookTimeout: 180_000,
+          sequence: { groupOrder: 1 },
+        },
+      },
+      {
+        extends: true,
+        test: {
+          name: "hostile",
+          include: ["tests/hostile/**/*.test.ts"],
+          globalSetup: VM_GLOBAL_SETUP,
+          fileParallelism: false,
+          testTimeout: 120_000,
+          hookTimeout: 180_000,
+          sequence: { groupOrder: 2 },
+        },
+      },
+    ],
   },
 });

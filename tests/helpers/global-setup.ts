@@ -1,4 +1,4 @@
-// One temp root for the whole test run; removed (with any VMM still under it)
+// One temp root for the VM tests of a run (integration, hostile); removed (with any VMM still under it)
 // when the run ends, so repeated runs do not fill the disk with snapshots.
 import { spawnSync } from "node:child_process";
 import fs from "node:fs";
@@ -47,11 +47,30 @@ function watchConfinement(root: string): { stop: () => string[] } {
   };
 }
 
+/**
+ * The integration and hostile projects both list this file and vitest runs each
+ * project's copy (before any file, teardowns after the last): the first creates the
+ * root and the watcher, the others join it, and the last teardown removes it.
+ */
+type SharedRun = { root: string; users: number; watcher: { stop: () => string[] } };
+const SHARED = Symbol.for("forkd.tests.vmRoot");
+const shared = globalThis as typeof globalThis & { [SHARED]?: SharedRun };
+
 export default function setup(): () => void {
-  const root = fs.mkdtempSync(path.join(os.tmpdir(), "forkd-tests-"));
-  process.env.FORKD_TEST_ROOT = root;
-  const watcher = watchConfinement(root);
+  const run =
+    shared[SHARED] ??
+    (() => {
+      const root = fs.mkdtempSync(path.join(os.tmpdir(), "forkd-tests-"));
+      process.env.FORKD_TEST_ROOT = root;
+      return { root, users: 0, watcher: watchConfinement(root) };
+    })();
+  run.users += 1;
+  shared[SHARED] = run;
   return () => {
+    run.users -= 1;
+    if (run.users > 0) return;
+    delete shared[SHARED];
+    const { root, watcher } = run;
     const unconfined = watcher.stop();
     for (const pid of qemuPidsUnder(root)) {
       try {

@@ -8,8 +8,8 @@ import http from "node:http";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
+import { busyboxShims, nohupScript, patchBusybox, WGET_APPLET, wgetScript } from "@forkd/core/guest/busybox";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { busyboxShims, nohupScript, patchBusybox, WGET_APPLET, wgetScript } from "../../packages/core/src/guest/busybox.js";
 
 const HOST_BUSYBOX = "/bin/busybox";
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), "forkd-busybox-"));

@@ -2,9 +2,9 @@
 // the table must name every top-level command each module registers, and help must
 // still list them all.
 import { spawnSync } from "node:child_process";
+import { COMMAND_MODULES, modulesFor } from "@forkd/cli/commands";
 import { Command } from "commander";
 import { describe, expect, it } from "vitest";
-import { COMMAND_MODULES, modulesFor } from "../../packages/cli/src/commands/index.js";
 import { CLI } from "../helpers/env.js";
 
 describe("the CLI's command table", () => {

@@ -9,9 +9,9 @@ import {
   validateName,
   validateSandboxId,
 } from "@forkd/core";
+import { writeCpio } from "@forkd/core/guest/cpio";
+import { GUEST_MODULES, initramfsInit } from "@forkd/core/guest/guest-init";
 import { describe, expect, it } from "vitest";
-import { writeCpio } from "../../packages/core/src/guest/cpio.js";
-import { GUEST_MODULES, initramfsInit } from "../../packages/core/src/guest/guest-init.js";
 
 const plan = {
   accel: "tcg" as const,

@@ -3,16 +3,10 @@
 // or its JSON), and never names a sandbox or snapshot that exists.
 import fs from "node:fs";
 import path from "node:path";
+import { type FuzzRequest, GUARD_KEY, type OpenApiDoc, operations, requestArbitrary } from "@forkd/cli/bench/fuzz-gen";
+import * as S from "@forkd/daemon/schemas";
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import {
-  type FuzzRequest,
-  GUARD_KEY,
-  type OpenApiDoc,
-  operations,
-  requestArbitrary,
-} from "../../packages/cli/src/commands/bench/fuzz-gen.js";
-import * as S from "../../packages/daemon/src/schemas.js";
 
 const known = { sandboxIds: ["sb-0123456789ab", "sb-ba9876543210"], tags: ["fuzz-warm"], pids: ["42"] };
 

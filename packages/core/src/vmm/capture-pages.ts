@@ -8,9 +8,9 @@ import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 import { ForkdError } from "../common/errors.js";
 
-/** Where forkd-capture-pages is built (`npm run build` compiles it beside core's dist). */
+/** Where forkd-capture-pages is built: core's dist (`npm run build`), named from the package root so it is found from src/vmm (tests) as from dist/vmm. */
 export function capturePagesPath(): string {
-  return process.env.FORKD_CAPTURE_PAGES ?? fileURLToPath(new URL("../forkd-capture-pages", import.meta.url));
+  return process.env.FORKD_CAPTURE_PAGES ?? fileURLToPath(new URL("../../dist/forkd-capture-pages", import.meta.url));
 }
 
 export type GuestRam = { start: number; pages: number; path: string; inode: number; deleted: boolean };

@@ -32,9 +32,9 @@ export function confinementEnabled(env = process.env): boolean {
   return env.FORKD_CONFINE !== "off";
 }
 
-/** Where forkd-vmm-launch is built (`npm run build` compiles it beside core's dist). */
+/** Where forkd-vmm-launch is built: core's dist (`npm run build`), named from the package root so it is found from src/vmm (tests) as from dist/vmm. */
 export function launcherPath(): string {
-  return process.env.FORKD_VMM_LAUNCH ?? fileURLToPath(new URL("../forkd-vmm-launch", import.meta.url));
+  return process.env.FORKD_VMM_LAUNCH ?? fileURLToPath(new URL("../../dist/forkd-vmm-launch", import.meta.url));
 }
 
 /** Host paths no VMM may see, whatever it was started for. */
