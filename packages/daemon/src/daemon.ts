@@ -23,7 +23,7 @@ import { HotPools } from "./hot-pools.js";
 import { JobRegistry } from "./jobs.js";
 import { createMetrics } from "./metrics.js";
 import { AgentPool } from "./pool.js";
-import { buildServer, FORKD_VERSION } from "./server.js";
+import { buildServer, FORKD_VERSION, type ServerContext } from "./server.js";
 
 export type DaemonOpts = {
   socket?: string;
@@ -71,6 +71,38 @@ async function socketInUse(socketPath: string): Promise<boolean> {
   });
 }
 
+/**
+ * What the servers share: built before any VM is touched (no cleanup, no egress
+ * namespace), so a server can be made from it over an empty FORKD_HOME — the HTTP
+ * contract tests do, with fastify's inject().
+ */
+export function createServerContext(opts: {
+  token: string;
+  /** The audit log's file (0600, appended to); undefined keeps no log. */
+  auditLog: string | undefined;
+  log: (line: string) => void;
+  maxSandboxes?: number | undefined;
+  maxBranches?: number | undefined;
+}): ServerContext {
+  const { token, log } = opts;
+  const audit = new AuditLog(opts.auditLog);
+  const metrics = createMetrics(FORKD_VERSION);
+  const pool = new AgentPool((id, reason) => {
+    audit.write({ ts: new Date().toISOString(), event: "sandbox_unhealthy", sandboxes: [id], reason });
+    log(`forkd daemon: sandbox ${id} is unhealthy: ${reason}`);
+  });
+  const admission = new AdmissionLedger(admissionLimits({ maxSandboxes: opts.maxSandboxes ?? 1000, maxBranches: opts.maxBranches ?? 4 }));
+  return {
+    token,
+    audit,
+    metrics,
+    pool,
+    admission,
+    jobs: new JobRegistry(),
+    hotPools: new HotPools({ agents: pool, admission, metrics, log }),
+  };
+}
+
 export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon> {
   const log = opts.log ?? ((line: string) => process.stderr.write(`${line}\n`));
   const tcp = opts.listen === "none" ? undefined : parseListen(opts.listen ?? "127.0.0.1:8889");
@@ -89,27 +121,19 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
   // The token and audit log go in FORKD_HOME: refuse a home others could read or swap first.
   ensureStateDir();
   const token = opts.tokenFile ? readTokenFile(opts.tokenFile) : ensureLocalToken(defaultTokenFile());
-  const audit = new AuditLog(opts.auditLog ?? path.join(forkdHome(), "audit.log"));
   // The daemon's secrets may live outside FORKD_HOME: no VMM it starts may see them either.
   process.env.FORKD_CONFINE_HIDE = [process.env.FORKD_CONFINE_HIDE, opts.tokenFile, opts.auditLog, opts.tlsKey]
     .filter((p): p is string => Boolean(p))
     .map((p) => path.resolve(p))
     .join(":");
-  const metrics = createMetrics(FORKD_VERSION);
-  const pool = new AgentPool((id, reason) => {
-    audit.write({ ts: new Date().toISOString(), event: "sandbox_unhealthy", sandboxes: [id], reason });
-    log(`forkd daemon: sandbox ${id} is unhealthy: ${reason}`);
-  });
-  const admission = new AdmissionLedger(admissionLimits({ maxSandboxes: opts.maxSandboxes ?? 1000, maxBranches: opts.maxBranches ?? 4 }));
-  const ctx = {
+  const ctx = createServerContext({
     token,
-    audit,
-    metrics,
-    pool,
-    admission,
-    jobs: new JobRegistry(),
-    hotPools: new HotPools({ agents: pool, admission, metrics, log }),
-  };
+    auditLog: opts.auditLog ?? path.join(forkdHome(), "audit.log"),
+    log,
+    maxSandboxes: opts.maxSandboxes,
+    maxBranches: opts.maxBranches,
+  });
+  const { audit, pool } = ctx;
 
   // Reconcile before serving: dead sandboxes are reaped, live ones re-adopted, and what
   // a killed predecessor left half done is finished or undone (ops/cleanup.ts).
