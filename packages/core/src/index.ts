@@ -10,6 +10,7 @@ export * from "./common/dirs.js";
 export * from "./common/errors.js";
 export * from "./common/fault.js";
 export * from "./common/procmem.js";
+export * from "./common/undo.js";
 export * from "./common/validate.js";
 export * from "./guest/agent-client.js";
 export * from "./guest/agent-wait.js";

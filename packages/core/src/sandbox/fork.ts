@@ -5,6 +5,7 @@ import fsp from "node:fs/promises";
 import os from "node:os";
 import { ForkdError } from "../common/errors.js";
 import { faultPoint } from "../common/fault.js";
+import { UndoStack } from "../common/undo.js";
 import { AgentClient } from "../guest/agent-client.js";
 import { waitForAgent } from "../guest/agent-wait.js";
 import { applySandboxEgress, egressPolicyEnabled, ensureEgressNamespace, removeSandboxEgress } from "../net/netns.js";
@@ -183,6 +184,9 @@ async function restoreChild(
 ): Promise<ForkChildResult> {
   const id = newSandboxId();
   const runDir = await makeRunDir(id);
+  // Whatever this child holds is given back newest first if it fails, every step even if one throws.
+  const undo = new UndoStack();
+  undo.push("remove the runtime dir", () => removeRunDir(runDir));
   const plan = planRestore(snapshot, { runDir, memory: { kind: "file", path: memoryPath, share: false }, network: opts.network ?? true });
   const uid = runDirUid(runDir);
   const mode = plan.network === "user" ? (egress.netns ? "public" : "unfiltered") : "none";
@@ -218,6 +222,11 @@ async function restoreChild(
       owner_start: owner.start,
       vmm_uid: uid ?? null,
     });
+    undo.push("remove the sandbox row", () => sandboxes.remove(id));
+    // Pushed before the rules are written: a failure half way through writing them leaves some.
+    undo.push("remove the egress rules", () => removeSandboxEgress(uid));
+    // Pushed before the VMM starts so it unwinds after the kill: a cgroup with a process in it cannot be removed.
+    undo.push("remove the cgroup", () => removeCgroup(cgroup));
     faultPoint("fork.row-written");
     // Again per child, after its runtime dir exists: cleanup removes an unused namespace only when no VM dir is left.
     const netns = egress.netns ? await ensureEgressNamespace() : undefined;
@@ -239,7 +248,9 @@ async function restoreChild(
     } finally {
       fs.closeSync(vmstate);
     }
-    pid = launched.pid;
+    const vmmPid = launched.pid;
+    pid = vmmPid;
+    undo.push("kill the VMM", () => killAndWait(vmmPid, runDir));
     faultPoint("fork.launched");
     sandboxes.setVmm(id, pid, processStartTime(pid));
     // Every child gets a CPU quota, asked for or not: a guest spinning all its vCPUs must not starve its neighbours.
@@ -308,6 +319,7 @@ async function restoreChild(
       opts.keepAgent(id, agent);
       agent = undefined;
     }
+    undo.commit();
     return {
       ok: true,
       id,
@@ -315,17 +327,13 @@ async function restoreChild(
       timings: { vmmStartMs: t1 - t0, restoreMs: t2 - t1, firstAnswerMs: t3 - t2, totalMs: t3 - t0 },
     };
   } catch (err) {
-    // Nothing stays running for a child that failed; its logs are kept for the user.
+    // Nothing stays running for a child that failed; its logs are kept for the user first.
     agent?.close();
     await saveConsole(qmp, runDir);
     const consoleLog = await keepLogs(id, runDir);
     qmp?.close();
-    if (pid !== undefined) await killAndWait(pid, runDir);
-    await removeCgroup(cgroup);
-    sandboxes.remove(id);
-    await removeSandboxEgress(uid);
-    await removeRunDir(runDir);
-    const e = err instanceof ForkdError ? err : new ForkdError("vm_start_failed", (err as Error).message);
+    const reported = await undo.rollback(err);
+    const e = reported instanceof ForkdError ? reported : new ForkdError("vm_start_failed", (reported as Error).message);
     return { ok: false, id, error: { code: e.code, message: e.message, ...(consoleLog ? { console: consoleLog } : {}) } };
   } finally {
     agent?.close();
