@@ -6,6 +6,8 @@ on stdin, one JSON answer per line on the original stdout; code runs with
 notebook semantics (statements, then the value of a final expression), and the
 namespace persists between calls.
 """
+from __future__ import annotations
+
 import ast
 import contextlib
 import io
@@ -15,13 +17,22 @@ import sys
 import time
 import traceback
 
+# typing only for the type checker (npm run lint:py, which treats TYPE_CHECKING as true):
+# importing it here would cost every guest boot its import time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import CodeType
+    from typing import Any, Dict, List, Optional, Tuple
+
+    Compiled = Tuple[CodeType, Optional[CodeType]]
+
 ANSWERS = os.fdopen(os.dup(1), "w", buffering=1)
 # User code printing must not corrupt the answer channel.
 sys.stdout = io.StringIO()
 
-NAMESPACE = {"__name__": "__main__"}
+NAMESPACE: Dict[str, Any] = {"__name__": "__main__"}
 WARM = [m for m in os.environ.get("FORKD_PY_IMPORTS", "numpy").split(",") if m]
-LOADED = []
+LOADED: List[str] = []
 for module in WARM:
     try:
         NAMESPACE[module] = __import__(module)
@@ -30,7 +41,7 @@ for module in WARM:
         pass
 
 
-def to_wire(value):
+def to_wire(value: object) -> Tuple[str, str, bool]:
     """The value as JSON text when it is JSON, else its repr (numpy arrays, objects…)."""
     kind = type(value).__name__
     try:
@@ -39,18 +50,20 @@ def to_wire(value):
         return json.dumps(repr(value)), kind, True
 
 
-COMPILED = {}
+COMPILED: Dict[str, Compiled] = {}
 
 
-def compiled(code):
+def compiled(code: str) -> Compiled:
     # Agents repeat small snippets: parse and compile each distinct one once.
     hit = COMPILED.get(code)
     if hit is not None:
         return hit
     tree = ast.parse(code, filename="<eval>", mode="exec")
     last = None
-    if tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = compile(ast.Expression(tree.body.pop().value), "<eval>", "eval")
+    final = tree.body[-1] if tree.body else None
+    if isinstance(final, ast.Expr):
+        tree.body.pop()
+        last = compile(ast.Expression(final.value), "<eval>", "eval")
     hit = (compile(tree, "<eval>", "exec"), last)
     if len(code) <= 65536:
         if len(COMPILED) >= 128:
@@ -59,7 +72,7 @@ def compiled(code):
     return hit
 
 
-def run(code):
+def run(code: str) -> Tuple[object, str]:
     body, last = compiled(code)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
@@ -68,7 +81,7 @@ def run(code):
     return value, printed.getvalue()
 
 
-def answer(message):
+def answer(message: Dict[str, Any]) -> None:
     ANSWERS.write(json.dumps(message) + "\n")
     ANSWERS.flush()
 

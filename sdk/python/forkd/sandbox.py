@@ -27,7 +27,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
-from .controller import Controller
+from .controller import Controller, JsonObject
 from .errors import ControllerError, NotFoundError, TimeoutError
 
 __all__ = [
@@ -292,8 +292,8 @@ class Files:
     def write(self, path: str, data: Union[str, bytes, bytearray, IO[Any]]) -> WriteInfo:
         """Write ``data`` (text, bytes, or a readable file object) to ``path``, atomically,
         creating missing parent directories."""
-        if hasattr(data, "read"):
-            data = data.read()  # type: ignore[union-attr]
+        if not isinstance(data, (str, bytes, bytearray, memoryview)) and hasattr(data, "read"):
+            data = data.read()
         if isinstance(data, (bytearray, memoryview)):
             data = bytes(data)
         if not isinstance(data, (str, bytes)):
@@ -402,10 +402,10 @@ def _execution(res: Mapping[str, Any]) -> Execution:
     )
     error_text = res.get("error")
     if error_text:
-        text = str(error_text)
-        name, sep, message = text.partition(": ")
+        error_line = str(error_text)
+        name, sep, message = error_line.partition(": ")
         if not sep or " " in name:
-            name, message = str(res.get("name") or "Error"), text
+            name, message = str(res.get("name") or "Error"), error_line
         traceback = res.get("traceback") or res.get("stack") or ""
         details = res.get("details")
         if not traceback and isinstance(details, dict):
@@ -417,9 +417,14 @@ def _execution(res: Mapping[str, Any]) -> Execution:
         )
     results: List[Result] = []
     value = res.get("value")
-    text = res.get("result")
-    if not isinstance(text, str) and value is not None:
+    result = res.get("result")
+    text: Optional[str]
+    if isinstance(result, str):
+        text = result
+    elif value is not None:
         text = value if isinstance(value, str) else json.dumps(value)
+    else:
+        text = None if result is None else str(result)
     if res.get("type") not in _NO_RESULT_TYPES and (text is not None or value is not None):
         results.append(Result(text=text, value=value, type=res.get("type")))
     return Execution(results=results, logs=logs, duration_ms=res.get("duration_ms"))
@@ -432,10 +437,10 @@ class Sandbox:
     existing one). As a context manager it is killed on exit.
     """
 
-    def __init__(self, sandbox_id: str, controller: Controller, info: Optional[dict] = None, envs: Optional[Mapping[str, str]] = None) -> None:
+    def __init__(self, sandbox_id: str, controller: Controller, info: Optional[JsonObject] = None, envs: Optional[Mapping[str, str]] = None) -> None:
         self.sandbox_id = sandbox_id
         self.controller = controller
-        self.info: dict = dict(info or {})
+        self.info: JsonObject = dict(info or {})
         self.envs: Dict[str, str] = dict(envs or {})
         self.commands = Commands(self)
         self.files = Files(self)
@@ -600,10 +605,10 @@ class Sandbox:
             raise RuntimeError(f"forkd eval: {res['error']}")
         return res["value"] if "value" in res else res.get("result")
 
-    def ping(self) -> dict:
+    def ping(self) -> JsonObject:
         return self.controller.ping_sandbox(self.sandbox_id)
 
-    def branch(self, tag: Optional[str] = None, mode: Optional[str] = None, wait: bool = True) -> dict:
+    def branch(self, tag: Optional[str] = None, mode: Optional[str] = None, wait: bool = True) -> JsonObject:
         """forkd's addition: capture this running sandbox as a new snapshot (SnapshotInfo dict).
 
         ``mode``: ``"full"``, ``"diff"`` or ``"live"``. With ``wait=False`` it returns
@@ -612,7 +617,7 @@ class Sandbox:
         """
         return self.controller.branch_sandbox(self.sandbox_id, tag=tag, mode=mode, wait=wait)
 
-    def get_info(self) -> dict:
+    def get_info(self) -> JsonObject:
         """The daemon's current view of this sandbox (SandboxInfo)."""
         self.info = self.controller.get_sandbox(self.sandbox_id)
         return self.info

@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, Iterator, List
 
 import pytest
 
@@ -56,11 +56,11 @@ class Daemon:
     def unix_url(self) -> str:
         return f"unix:{self.socket}"
 
-    def tcp(self, **kw) -> forkd.Controller:
-        return forkd.Controller(base_url=self.url, token=self.token, **kw)
+    def tcp(self, timeout: float = 60.0) -> forkd.Controller:
+        return forkd.Controller(base_url=self.url, token=self.token, timeout=timeout)
 
-    def unix(self, **kw) -> forkd.Controller:
-        return forkd.Controller(base_url=self.unix_url, **kw)
+    def unix(self, timeout: float = 60.0) -> forkd.Controller:
+        return forkd.Controller(base_url=self.unix_url, timeout=timeout)
 
     def stderr(self) -> str:
         return "".join(self.stderr_lines)
@@ -182,7 +182,7 @@ def _stop(d: Daemon) -> None:
 
 
 @pytest.fixture(scope="session")
-def daemon():
+def daemon() -> Iterator[Daemon]:
     # Short: the unix socket's path must fit in sun_path (108 bytes).
     root = Path(tempfile.mkdtemp(prefix="fkpy-", dir=os.environ.get("FORKD_TEST_ROOT") or "/tmp"))
     d = _start(root)
@@ -203,7 +203,7 @@ def ctl(daemon: Daemon) -> forkd.Controller:
 
 
 @pytest.fixture
-def spawned(daemon: Daemon):
+def spawned(daemon: Daemon) -> Iterator[List[str]]:
     """Ids appended here are killed after the test, whatever happened in it."""
     ids: List[str] = []
     yield ids

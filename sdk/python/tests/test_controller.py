@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import time
+from typing import Iterator
 
 import pytest
-from conftest import TAG
+from conftest import TAG, Daemon
 
 import forkd
 
 
-def _tags(snapshots):
+def _tags(snapshots: list[forkd.controller.JsonObject]) -> dict[str, forkd.controller.JsonObject]:
     return {s["tag"]: s for s in snapshots}
 
 
-def test_tcp_with_token(daemon, ctl):
+def test_tcp_with_token(daemon: Daemon, ctl: forkd.Controller) -> None:
     assert not ctl.is_unix_socket
     assert ctl.health() == {"ok": True}
     assert ctl.version()["api"] == "v1"
@@ -32,7 +33,7 @@ def test_tcp_with_token(daemon, ctl):
     assert info["ancestors"] == [] and isinstance(info["dependents"], list)
 
 
-def test_unix_socket_without_token(daemon):
+def test_unix_socket_without_token(daemon: Daemon) -> None:
     c = forkd.Controller(base_url=daemon.unix_url, token=None)
     assert c.is_unix_socket
     assert TAG in _tags(c.list_snapshots())
@@ -40,7 +41,7 @@ def test_unix_socket_without_token(daemon):
     assert TAG in _tags(forkd.Controller(base_url=f"unix://{daemon.socket}").list_snapshots())
 
 
-def test_default_is_the_local_socket_then_env(daemon, monkeypatch):
+def test_default_is_the_local_socket_then_env(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FORKD_URL", raising=False)
     monkeypatch.delenv("FORKD_TOKEN", raising=False)
     monkeypatch.setenv("FORKD_RUN_DIR", str(daemon.run_dir))
@@ -76,7 +77,7 @@ def test_default_is_the_local_socket_then_env(daemon, monkeypatch):
         (daemon.home / "token").unlink()
 
 
-def test_spawn_exec_eval_ping_kill(ctl, spawned):
+def test_spawn_exec_eval_ping_kill(ctl: forkd.Controller, spawned: list[str]) -> None:
     children = ctl.spawn_sandboxes(TAG, n=2)
     spawned.extend(c["id"] for c in children)
     assert isinstance(children, list) and len(children) == 2
@@ -111,7 +112,7 @@ def test_spawn_exec_eval_ping_kill(ctl, spawned):
 
     assert ctl.ping_sandbox(b)["pong"] is True
 
-    assert ctl.kill_sandbox(a) is None
+    ctl.kill_sandbox(a)
     with pytest.raises(forkd.NotFoundError):
         ctl.get_sandbox(a)
     assert a not in {s["id"] for s in ctl.list_sandboxes()}
@@ -119,7 +120,7 @@ def test_spawn_exec_eval_ping_kill(ctl, spawned):
 
 
 @pytest.fixture(scope="module")
-def child(daemon):
+def child(daemon: Daemon) -> Iterator[str]:
     """One sandbox shared by the tests below (each works in its own paths)."""
     c = daemon.unix()
     [info] = c.spawn_sandboxes(TAG)
@@ -130,7 +131,7 @@ def child(daemon):
         pass
 
 
-def test_files(ctl, child):
+def test_files(ctl: forkd.Controller, child: str) -> None:
     sid = child
     blob = bytes(range(256)) * 4
     ctl.make_dir(sid, "/root/py/data")
@@ -147,7 +148,7 @@ def test_files(ctl, child):
         ctl.stat_file(sid, "/root/py")
 
 
-def test_live_branch_without_wait_then_spawn_from_it(ctl, child, spawned):
+def test_live_branch_without_wait_then_spawn_from_it(ctl: forkd.Controller, child: str, spawned: list[str]) -> None:
     sid = child
     ctl.exec_command(sid, ["sh", "-c", "echo before-branch > /root/state.txt"])
     ctl.eval_code(sid, "globalThis.counter = 7")

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
-from conftest import TAG
+from conftest import TAG, Daemon
 
 import forkd
 
 
-def test_not_found_is_typed_with_code_and_remediation(daemon, ctl):
+def test_not_found_is_typed_with_code_and_remediation(daemon: Daemon, ctl: forkd.Controller) -> None:
     with pytest.raises(forkd.NotFoundError) as e:
         ctl.get_sandbox("sb-00000000dead")
     err = e.value
@@ -30,7 +31,7 @@ def test_not_found_is_typed_with_code_and_remediation(daemon, ctl):
         ctl.delete_snapshot("no-such-snapshot")
 
 
-def test_path_params_are_url_encoded(ctl):
+def test_path_params_are_url_encoded(ctl: forkd.Controller) -> None:
     # Sent as /v1/snapshots/a%2Fb: the daemon sees the tag "a/b" and refuses it as a tag,
     # instead of answering for a route /v1/snapshots/a/b that does not exist.
     with pytest.raises(forkd.BadRequestError) as e:
@@ -39,7 +40,7 @@ def test_path_params_are_url_encoded(ctl):
     assert e.value.url.endswith("/v1/snapshots/a%2Fb")
 
 
-def test_bad_requests(ctl):
+def test_bad_requests(ctl: forkd.Controller) -> None:
     with pytest.raises(forkd.BadRequestError) as e:
         ctl.spawn_sandboxes(TAG, n=0)
     assert e.value.status in (400, 422)
@@ -48,7 +49,7 @@ def test_bad_requests(ctl):
     assert e.value.status == 400 and e.value.code == "invalid_tag"
 
 
-def test_bad_or_missing_token_is_an_auth_error(daemon):
+def test_bad_or_missing_token_is_an_auth_error(daemon: Daemon) -> None:
     wrong = "x" * 32
     with pytest.raises(forkd.AuthError) as e:
         forkd.Controller(base_url=daemon.url, token=wrong).list_snapshots()
@@ -63,10 +64,11 @@ def test_bad_or_missing_token_is_an_auth_error(daemon):
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
-def test_daemon_down_names_the_url_or_socket(daemon, tmp_path):
+def test_daemon_down_names_the_url_or_socket(daemon: Daemon, tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{_free_port()}"
     with pytest.raises(forkd.ConnectionError) as e:
         forkd.Controller(base_url=url, token="t" * 20, timeout=5).list_snapshots()
@@ -90,12 +92,12 @@ def test_daemon_down_names_the_url_or_socket(daemon, tmp_path):
     assert str(tmp_path / "dead.sock") in str(e.value)
 
 
-def test_sandbox_create_from_a_missing_template(daemon):
+def test_sandbox_create_from_a_missing_template(daemon: Daemon) -> None:
     with pytest.raises(forkd.NotFoundError) as e:
         forkd.Sandbox.create(template="no-such-template", base_url=daemon.unix_url)
     assert e.value.code == "snapshot_not_found"
 
 
-def test_bad_base_url_is_refused_at_once():
+def test_bad_base_url_is_refused_at_once() -> None:
     with pytest.raises(ValueError, match="ftp://x"):
         forkd.Controller(base_url="ftp://x")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import TAG
+from conftest import TAG, Daemon
 
 import forkd
 from forkd import Sandbox
 
 
-def test_create_commands_files_run_code_and_context_manager(daemon, ctl):
+def test_create_commands_files_run_code_and_context_manager(daemon: Daemon, ctl: forkd.Controller) -> None:
     with Sandbox.create(template=TAG, base_url=daemon.url, token=daemon.token, metadata={"owner": "pytest"}, timeout_ms=120_000) as sb:
         sid = sb.sandbox_id
         info = ctl.get_sandbox(sid)
@@ -27,7 +27,7 @@ def test_create_commands_files_run_code_and_context_manager(daemon, ctl):
         r = sb.commands.run("echo $FOO; pwd", envs={"FOO": "bar"}, cwd="/tmp")
         assert r.stdout == "bar\n/tmp\n" and r.exit_code == 0
         assert sb.commands.run(["/no/such/program"]).exit_code == 127
-        streamed = []
+        streamed: list[str] = []
         r = sb.commands.run("for i in 1 2 3; do echo line$i; done", on_stdout=streamed.append)
         assert "".join(streamed) == "line1\nline2\nline3\n" == r.stdout and r.exit_code == 0
         r = sb.commands.run("sleep 30", timeout=1)
@@ -39,7 +39,7 @@ def test_create_commands_files_run_code_and_context_manager(daemon, ctl):
         r = h.wait(timeout=60)
         assert (r.stdout, r.exit_code, r.error) == ("done\n", 0, None)
         assert h.kill() is False  # already over
-        seen = []
+        seen: list[str] = []
         h = sb.commands.run("echo started; sleep 37; touch /root/too-late", background=True, on_stdout=seen.append)
         deadline = time.monotonic() + 60
         while "started" not in "".join(seen):
@@ -94,7 +94,7 @@ def test_create_commands_files_run_code_and_context_manager(daemon, ctl):
     assert sb.kill() is False
 
 
-def test_context_manager_kills_when_the_body_raises(daemon, ctl):
+def test_context_manager_kills_when_the_body_raises(daemon: Daemon, ctl: forkd.Controller) -> None:
     with pytest.raises(ZeroDivisionError):
         with Sandbox.create(template=TAG, base_url=daemon.unix_url) as sb:
             sid = sb.sandbox_id
@@ -104,7 +104,7 @@ def test_context_manager_kills_when_the_body_raises(daemon, ctl):
         ctl.get_sandbox(sid)
 
 
-def test_branch_then_fork_from_the_branch(daemon, ctl, spawned):
+def test_branch_then_fork_from_the_branch(daemon: Daemon, ctl: forkd.Controller, spawned: list[str]) -> None:
     c = daemon.unix()
     sb = Sandbox.create(template=TAG, controller=c, envs={"WHO": "parent"})
     spawned.append(sb.sandbox_id)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from conftest import TAG
+from conftest import TAG, Daemon
 
 import forkd
 
 
-def test_workspace_suspend_and_resume_keep_its_state(ctl):
+def test_workspace_suspend_and_resume_keep_its_state(ctl: forkd.Controller) -> None:
     ws = ctl.create_workspace("py-ws", TAG)
     try:
         assert ws["name"] == "py-ws" and ws["status"] == "running" and ws["source_snapshot_tag"] == TAG
@@ -36,9 +36,9 @@ def test_workspace_suspend_and_resume_keep_its_state(ctl):
         ctl.get_sandbox(ws["live_sandbox_id"])
 
 
-def test_pack_and_unpack_jobs(daemon, ctl):
+def test_pack_and_unpack_jobs(daemon: Daemon, ctl: forkd.Controller) -> None:
     pack = daemon.root / "warm.pack"
-    seen = []
+    seen: list[forkd.controller.JsonObject] = []
     job = ctl.pack_snapshot(TAG, str(pack))
     assert job["kind"] == "pack" and job["id"].startswith("job-")
     done = ctl.wait_for_job(job["id"], timeout=300, on_progress=seen.append)
