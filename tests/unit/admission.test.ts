@@ -7,6 +7,7 @@ import {
   decide,
   defaultLimits,
   forkNeeds,
+  liveForkNeeds,
   NO_NEEDS,
   parseMemInfo,
   refusalError,
@@ -72,6 +73,18 @@ describe("what work needs", () => {
     expect(branch.shmBytes).toBeGreaterThan(2 * GIB);
     expect(branch.memoryBytes).toBe(branch.shmBytes + VMM_OVERHEAD_BYTES);
     expect(branch.branches).toBe(1);
+  });
+  it("counts a live fork as its children (the image is staged: the source maps it) plus its capture in memory and on shmem", () => {
+    const guest = 512 * MIB;
+    const children = forkNeeds({ n: 3, guestMemoryBytes: guest, unstagedBytes: 0, dirtyFraction: 0.25 });
+    const live = liveForkNeeds({ n: 3, guestMemoryBytes: guest, dirtyFraction: 0.25 });
+    expect(live).toMatchObject({
+      memoryBytes: children.memoryBytes + guest,
+      shmBytes: guest,
+      sandboxes: 3,
+      branches: 1,
+    });
+    expect(live.why).toMatch(/3 × .* per child.* \+ a 512 MiB capture$/);
   });
 });
 

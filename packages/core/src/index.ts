@@ -38,6 +38,7 @@ export * from "./sandbox/admission.js";
 export * from "./sandbox/admission-host.js";
 export * from "./sandbox/cgroup.js";
 export * from "./sandbox/fork.js";
+export * from "./sandbox/fork-policy.js";
 export * from "./sandbox/lifecycle.js";
 export * from "./sandbox/offered-captures.js";
 export * from "./sandbox/priority.js";

@@ -8,8 +8,11 @@
 import { ForkdError } from "../common/errors.js";
 import { validateName } from "../common/validate.js";
 import type { AgentClient } from "../guest/agent-client.js";
+import type { AdmissionLedger } from "../sandbox/admission.js";
+import { admitLiveFork } from "../sandbox/admission-host.js";
 import { type ForkChildResult, forkSandboxes, validateForkCount } from "../sandbox/fork.js";
-import { getSandbox } from "../sandbox/lifecycle.js";
+import { allOrNothing, type StartedChild } from "../sandbox/fork-policy.js";
+import { getSandbox, killSandbox } from "../sandbox/lifecycle.js";
 import { getSnapshot, type SnapshotInfo } from "../store/snapshots.js";
 import { branches } from "../store/state.js";
 import { selfIdentity } from "../vmm/process.js";
@@ -118,5 +121,41 @@ export async function forkLive(sourceId: string, opts: LiveForkOpts): Promise<Li
       await capture.discard();
       branches.remove(tag);
     },
+  };
+}
+
+export type LiveForkAllOrNothingOpts = LiveForkOpts & {
+  /** The daemon's admission ledger: the children and the capture are reserved there first (a 503 when short). */
+  admission?: AdmissionLedger;
+  /** Wraps the fork (the daemon's hot pools step aside while a user's fork is in flight). */
+  around?: <T>(work: () => Promise<T>) => Promise<T>;
+  /** How a started child is stopped on rollback; killSandbox unless the caller holds more (an agent connection). */
+  killChild?: (id: string) => Promise<void>;
+};
+
+/** A live fork every child of which started; `register` also gives back what admission reserved. */
+export type StartedLiveFork = Omit<LiveFork, "children" | "discard"> & { children: StartedChild[] };
+
+/**
+ * A live fork-to-many, all or nothing (sandbox/fork-policy.ts): every child
+ * started, or an error with none left and the capture dropped. What admission
+ * reserved stays held until `register` settles: the capture's memory image is on
+ * shmem until then.
+ */
+export async function forkLiveAllOrNothing(sourceId: string, opts: LiveForkAllOrNothingOpts): Promise<StartedLiveFork> {
+  const { admission, around, killChild, ...liveOpts } = opts;
+  const n = validateForkCount(liveOpts.n);
+  const { result, release } = await allOrNothing({
+    ...(admission ? { reserve: () => admitLiveFork(admission, { n, guestMemoryMib: getSandbox(sourceId).memory_mib }) } : {}),
+    restore: () => (around ? around(() => forkLive(sourceId, liveOpts)) : forkLive(sourceId, liveOpts)),
+    children: (live) => live.children,
+    killChild: killChild ?? killSandbox,
+    undo: (live) => live.discard(),
+  });
+  const { discard: _discard, register, ...rest } = result;
+  return {
+    ...rest,
+    children: result.children.filter((c): c is StartedChild => c.ok),
+    register: () => register().finally(release),
   };
 }

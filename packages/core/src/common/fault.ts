@@ -1,10 +1,13 @@
 // Fault injection, for tests only. A crash window is only closed if a test can
 // make the process die exactly inside it: FORKD_FAULT=STEP (or STEP@N for the Nth
 // time the step is reached, or several joined with commas) makes this process
-// SIGKILL itself at that step, the same death as `kill -9` from outside. Unset,
+// SIGKILL itself at that step, the same death as `kill -9` from outside.
+// STEP[@N]:fail throws a ForkdError there instead, so one operation fails and the
+// process lives on to undo it (a fork's child k failing, for the rollback). Unset,
 // every fault point is one string comparison and does nothing. Never set it in
 // production: it exists so tests/integration/crash-windows.test.ts can reproduce
 // each window and show that start-up recovery finishes or undoes it.
+import { ForkdError } from "./errors.js";
 
 /** Every step a fault can be injected at, in the order an operation reaches them. */
 export const FAULT_STEPS = [
@@ -40,15 +43,17 @@ export type FaultStep = (typeof FAULT_STEPS)[number];
 
 const reached = new Map<string, number>();
 
-/** SIGKILL this process here when FORKD_FAULT names this step (test-only; inert when unset). */
+/** SIGKILL this process here (or throw, with :fail) when FORKD_FAULT names this step (test-only; inert when unset). */
 export function faultPoint(step: FaultStep): void {
   const wanted = process.env.FORKD_FAULT;
   if (!wanted) return;
   const count = (reached.get(step) ?? 0) + 1;
   reached.set(step, count);
   for (const item of wanted.split(",")) {
-    const [name, nth] = item.trim().split("@");
+    const [point = "", action] = item.trim().split(":");
+    const [name, nth] = point.split("@");
     if (name === step && (nth === undefined || Number(nth) === count)) {
+      if (action === "fail") throw new ForkdError("internal", `injected failure at ${step}${nth ? `@${nth}` : ""} (FORKD_FAULT)`);
       // No handler, no cleanup, no flush: the point is to die the way kill -9 kills.
       process.kill(process.pid, "SIGKILL");
     }

@@ -3,7 +3,8 @@
 // then ours beside them. One mapping, used by the daemon and the CLI.
 import path from "node:path";
 import type { ApiNetworkPolicy } from "../net/policy.js";
-import type { SandboxInfo } from "../sandbox/lifecycle.js";
+import type { StartedChild } from "../sandbox/fork-policy.js";
+import { getSandbox, type SandboxInfo } from "../sandbox/lifecycle.js";
 import { physicalBytes } from "../store/chains.js";
 import { type SnapshotInfo, tagDir } from "../store/snapshots.js";
 import { type BranchRow, branches } from "../store/state.js";
@@ -151,5 +152,43 @@ export function apiSandboxView(s: SandboxInfo, bySource: Map<string, BranchRow[]
     health: s.health === "unhealthy" ? "unhealthy" : "healthy",
     health_reason: s.health_reason ?? null,
     pool: s.pool ?? null,
+  };
+}
+
+/** How long each step of a child's start took, as the API and every --json output show it. */
+export type ApiChildTimings = {
+  vmm_start_ms: number;
+  restore_ms: number;
+  first_answer_ms: number;
+  total_ms: number;
+  /** A child handed out of a hot pool: the time of its claim (its identity call), which is all its start cost. */
+  pool_claim_ms?: number;
+};
+
+/** A child a fork just started: the sandbox, and how long its start took. */
+export type ApiStartedChild = ApiSandbox & { timings: ApiChildTimings };
+
+export function childTimingsView(c: StartedChild): ApiChildTimings {
+  return {
+    vmm_start_ms: c.timings.vmmStartMs,
+    restore_ms: c.timings.restoreMs,
+    first_answer_ms: c.timings.firstAnswerMs,
+    total_ms: c.timings.totalMs,
+  };
+}
+
+/** A child just restored (a fork from a snapshot, a live fork), as the API shows it. */
+export function restoredChildView(c: StartedChild, bySource: Map<string, BranchRow[]> = branchesBySource()): ApiStartedChild {
+  return { ...apiSandboxView(getSandbox(c.id), bySource), timings: childTimingsView(c) };
+}
+
+/** A child just claimed from a hot pool, as the API shows it: no restore, only the claim. */
+export function claimedChildView(
+  c: { id: string; claimMs: number },
+  bySource: Map<string, BranchRow[]> = branchesBySource(),
+): ApiStartedChild {
+  return {
+    ...apiSandboxView(getSandbox(c.id), bySource),
+    timings: { vmm_start_ms: 0, restore_ms: 0, first_answer_ms: c.claimMs, total_ms: c.claimMs, pool_claim_ms: c.claimMs },
   };
 }

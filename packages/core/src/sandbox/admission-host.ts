@@ -14,6 +14,7 @@ import {
   defaultLimits,
   forkNeeds,
   type Limits,
+  liveForkNeeds,
   type Needs,
   parseMemInfo,
   refusalError,
@@ -114,6 +115,14 @@ export async function admitFork(
       unstagedBytes: await unstagedChainBytes(snapshot),
       dirtyFraction: ledger.limits.dirtyFraction,
     }),
+  );
+}
+
+/** A live fork-to-many of a running sandbox whose guest has `guestMemoryMib` of RAM. */
+export function admitLiveFork(ledger: AdmissionLedger, opts: { n: number; guestMemoryMib: number }): Promise<Ticket> {
+  return admit(
+    ledger,
+    liveForkNeeds({ n: opts.n, guestMemoryBytes: opts.guestMemoryMib * MIB, dirtyFraction: ledger.limits.dirtyFraction }),
   );
 }
 

@@ -120,6 +120,18 @@ export function forkNeeds(opts: {
   };
 }
 
+/**
+ * A live fork-to-many of a running sandbox with `guestMemoryBytes` of RAM: its `n`
+ * children (the image they map is staged already: the source maps it), plus the
+ * capture, whose pages sit in memory while copied and whose memory image sits on
+ * shmem until it is registered as a snapshot.
+ */
+export function liveForkNeeds(opts: { n: number; guestMemoryBytes: number; dirtyFraction: number }): Needs {
+  const children = forkNeeds({ n: opts.n, guestMemoryBytes: opts.guestMemoryBytes, unstagedBytes: 0, dirtyFraction: opts.dirtyFraction });
+  const capture: Needs = { memoryBytes: opts.guestMemoryBytes, shmBytes: opts.guestMemoryBytes, sandboxes: 0, branches: 1, why: "" };
+  return { ...addNeeds(children, capture), why: `${children.why} + a ${mib(opts.guestMemoryBytes)} capture` };
+}
+
 /** A warm snapshot: the parent's RAM is a file on shmem that may fill to its size, plus its VMM. */
 export function snapshotNeeds(memoryMib: number): Needs {
   const ram = memoryMib * MIB;
