@@ -1,6 +1,7 @@
 import fs from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
+import type { Plugin } from "vite";
 import { type Alias, defineConfig } from "vitest/config";
 
 const REPO_ROOT = path.dirname(fileURLToPath(import.meta.url));
@@ -34,10 +35,28 @@ function sourceAliases(): Alias[] {
   return aliases;
 }
 
+/**
+ * The rule above, enforced: a test (or a module it loads) that reaches a package's dist
+ * by a path (`../../packages/core/dist/...`, or an export with no source) fails to load
+ * instead of silently running a second copy beside the sources.
+ */
+const sourcesOnly: Plugin = {
+  name: "forkd-tests-load-sources-only",
+  enforce: "pre",
+  load(id) {
+    const file = id.split("?")[0] ?? id;
+    if (file.startsWith(path.join(REPO_ROOT, "packages")) && /\/packages\/[^/]+\/dist\/.*\.js$/.test(file)) {
+      throw new Error(`${path.relative(REPO_ROOT, file)}: tests load @forkd/* from src; this dist module would be a second copy`);
+    }
+    return null;
+  },
+};
+
 /** Integration and hostile tests boot real VMs: one temp root for the run, watched for unconfined QEMUs. */
 const VM_GLOBAL_SETUP = ["tests/helpers/global-setup.ts"];
 
 export default defineConfig({
+  plugins: [sourcesOnly],
   resolve: { alias: sourceAliases() },
   test: {
     reporters: ["default"],
@@ -49,7 +68,9 @@ export default defineConfig({
           include: ["tests/unit/**/*.test.ts"],
           // Pure logic, no VMs, no set-up: files run side by side and the project finishes first.
           fileParallelism: true,
-          testTimeout: 30_000,
+          // vitest's default on 2 cores is one worker; these files mostly wait (processes, timeouts, sockets).
+          maxWorkers: "100%",
+          testTimeout: 60_000,
           sequence: { groupOrder: 0 },
         },
       },
