@@ -17,12 +17,12 @@ import {
   markEgressPolicy,
 } from "@forkd/core";
 import type { FastifyInstance } from "fastify";
+import { AgentConnections } from "./agent-connections.js";
 import { AuditLog } from "./audit.js";
 import { ensureLocalToken, isLoopback, readTokenFile } from "./auth.js";
 import { HotPools } from "./hot-pools.js";
 import { JobRegistry } from "./jobs.js";
 import { createMetrics } from "./metrics.js";
-import { AgentPool } from "./pool.js";
 import { buildServer, FORKD_VERSION, type ServerContext } from "./server.js";
 
 export type DaemonOpts = {
@@ -87,7 +87,7 @@ export function createServerContext(opts: {
   const { token, log } = opts;
   const audit = new AuditLog(opts.auditLog);
   const metrics = createMetrics(FORKD_VERSION);
-  const pool = new AgentPool((id, reason) => {
+  const agents = new AgentConnections((id, reason) => {
     audit.write({ ts: new Date().toISOString(), event: "sandbox_unhealthy", sandboxes: [id], reason });
     log(`forkd daemon: sandbox ${id} is unhealthy: ${reason}`);
   });
@@ -96,10 +96,10 @@ export function createServerContext(opts: {
     token,
     audit,
     metrics,
-    pool,
+    agents,
     admission,
     jobs: new JobRegistry(),
-    hotPools: new HotPools({ agents: pool, admission, metrics, log }),
+    hotPools: new HotPools({ agents, admission, metrics, log }),
   };
 }
 
@@ -133,7 +133,7 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
     maxSandboxes: opts.maxSandboxes,
     maxBranches: opts.maxBranches,
   });
-  const { audit, pool } = ctx;
+  const { audit, agents } = ctx;
 
   // Reconcile before serving: dead sandboxes are reaped, live ones re-adopted, and what
   // a killed predecessor left half done is finished or undone (ops/cleanup.ts).
@@ -145,7 +145,7 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
   else log("forkd daemon: the network egress policy is OFF: sandboxes reach the host's loopback services and private networks");
   const live = listSandboxes().filter((s) => s.alive);
   await Promise.all(
-    live.map((s) => pool.get(s.id).catch((err: Error) => log(`forkd daemon: could not reconnect to ${s.id}: ${err.message}`))),
+    live.map((s) => agents.get(s.id).catch((err: Error) => log(`forkd daemon: could not reconnect to ${s.id}: ${err.message}`))),
   );
   log(
     `forkd daemon: re-adopted ${live.length} sandbox(es), reaped ${report.reaped.length}${report.failedBranches.length ? `, marked ${report.failedBranches.length} interrupted BRANCH(es) failed` : ""}${report.resumedSources.length ? `, resumed ${report.resumedSources.length} source(s) they had paused` : ""}${report.abandonedStarts.length ? `, undid ${report.abandonedStarts.length} interrupted start(s)` : ""}`,
@@ -185,7 +185,7 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
   const reaper = setInterval(() => {
     expireSandboxes()
       .then((ids) => {
-        for (const id of ids) pool.drop(id);
+        for (const id of ids) agents.drop(id);
       })
       .catch((err: Error) => log(`forkd daemon: reaper: ${err.message}`));
   }, 1000);
@@ -200,7 +200,7 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
     clearInterval(reaper);
     await Promise.all(servers.map((s) => s.close()));
     await ctx.hotPools.close();
-    pool.closeAll();
+    agents.closeAll();
     audit.close();
     fs.rmSync(socket, { force: true });
   };

@@ -20,8 +20,8 @@ import {
   setPoolSize,
   validatePoolSize,
 } from "@forkd/core";
+import type { AgentConnections } from "./agent-connections.js";
 import type { Metrics } from "./metrics.js";
-import type { AgentPool } from "./pool.js";
 
 /** A refill starts no sooner than this after the last user fork or claim ended. */
 export const REFILL_QUIET_MS = 500;
@@ -31,7 +31,7 @@ const CHECK_MS = 5000;
 const MAX_BACKOFF_MS = 60_000;
 
 export type HotPoolsDeps = {
-  agents: AgentPool;
+  agents: AgentConnections;
   admission: AdmissionLedger;
   metrics: Metrics;
   log: (line: string) => void;

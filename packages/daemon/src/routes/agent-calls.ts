@@ -27,7 +27,7 @@ async function mainLanguage(id: string): Promise<"javascript" | "python"> {
 
 export function registerAgentCallRoutes({ r, ctx, err }: RouteDeps): void {
   r.post("/v1/sandboxes/:id/ping", { schema: { params: S.IdParam, response: { 200: S.PingResponse, ...err } } }, async (request) => {
-    const agent = await ctx.pool.forSandbox(request.params.id);
+    const agent = await ctx.agents.forSandbox(request.params.id);
     const language = await mainLanguage(request.params.id);
     const t0 = performance.now();
     const pong = await agent.ping({ timeoutMs: 10_000 });
@@ -71,7 +71,7 @@ export function registerAgentCallRoutes({ r, ctx, err }: RouteDeps): void {
     async (request) => {
       const exec = execRequest(request.body);
       if (request.body.background) return startBackground(ctx, request.params.id, exec, request.body.tag);
-      const agent = await ctx.pool.forSandbox(request.params.id);
+      const agent = await ctx.agents.forSandbox(request.params.id);
       const stdout: Buffer[] = [];
       const stderr: Buffer[] = [];
       const t0 = performance.now();
@@ -101,7 +101,7 @@ export function registerAgentCallRoutes({ r, ctx, err }: RouteDeps): void {
       throw new ForkdError("bad_request", "a background process is started with POST /exec; follow it with GET /processes/PID/output");
     }
     const exec = execRequest(request.body);
-    const agent = await ctx.pool.forSandbox(request.params.id);
+    const agent = await ctx.agents.forSandbox(request.params.id);
     // A client that goes away before the exit line cancels the command in the guest.
     const stream = openOutputStream(reply);
     const t0 = performance.now();
@@ -133,7 +133,7 @@ export function registerAgentCallRoutes({ r, ctx, err }: RouteDeps): void {
     { schema: { params: S.IdParam, body: S.EvalBody, response: { 200: S.EvalResponse, ...err } } },
     async (request) => {
       const evalTimeoutMs = boundedTimeout(request.body.timeout_ms, "timeout_ms", "eval");
-      const agent = await ctx.pool.forSandbox(request.params.id);
+      const agent = await ctx.agents.forSandbox(request.params.id);
       const language = request.body.language ?? (await mainLanguage(request.params.id));
       const t0 = performance.now();
       try {
@@ -174,7 +174,7 @@ export function registerAgentCallRoutes({ r, ctx, err }: RouteDeps): void {
     "/v1/sandboxes/:id/files",
     { schema: { params: S.IdParam, body: S.FilesBody, response: { 200: z.record(z.string(), z.unknown()), ...err } } },
     async (request) => {
-      const agent = await ctx.pool.forSandbox(request.params.id);
+      const agent = await ctx.agents.forSandbox(request.params.id);
       const body = request.body;
       if (body.action === "write") {
         const data = Buffer.from(body.data, body.encoding ?? "utf8").toString("base64");

@@ -10,11 +10,11 @@ import type {
   RawServerDefault,
 } from "fastify";
 import type { ZodTypeProvider } from "fastify-type-provider-zod";
+import type { AgentConnections } from "../agent-connections.js";
 import type { AuditLog } from "../audit.js";
 import type { HotPools } from "../hot-pools.js";
 import type { JobRegistry } from "../jobs.js";
 import type { Metrics } from "../metrics.js";
-import type { AgentPool } from "../pool.js";
 import * as S from "../schemas.js";
 
 export const ERROR_RESPONSES = { 400: S.ErrorBody, 401: S.ErrorBody, 404: S.ErrorBody, 409: S.ErrorBody, 422: S.ErrorBody };
@@ -23,7 +23,8 @@ export type ServerContext = {
   token: string;
   audit: AuditLog;
   metrics: Metrics;
-  pool: AgentPool;
+  /** One open agent connection per sandbox (not a hot pool: those are hotPools). */
+  agents: AgentConnections;
   /** Work in flight and the limits it is admitted within (sandboxes, BRANCHes, host memory, shmem); over them: 503. */
   admission: AdmissionLedger;
   jobs: JobRegistry;

@@ -5,20 +5,20 @@ import type { ServerContext } from "./context.js";
 
 /**
  * Its admission ledger, its hot pools stepping aside while a user's fork is in
- * flight, its agent pool keeping each child's connection, the spawn metric, and a
+ * flight, the agent connection it keeps for each child, the spawn metric, and a
  * rollback that drops a killed child's connection with it.
  */
 export function daemonForkSteps(ctx: ServerContext, onEachChild: (child: ForkChildResult) => void) {
   return {
     admission: ctx.admission,
     around: <T>(work: () => Promise<T>) => ctx.hotPools.userFork(work),
-    keepAgent: (id: string, agent: AgentClient) => ctx.pool.adopt(id, agent),
+    keepAgent: (id: string, agent: AgentClient) => ctx.agents.adopt(id, agent),
     onChild: (child: ForkChildResult) => {
       onEachChild(child);
       if (child.ok) ctx.metrics.spawnSeconds.observe(child.timings.totalMs / 1000);
     },
     killChild: async (id: string) => {
-      ctx.pool.drop(id);
+      ctx.agents.drop(id);
       await killSandbox(id);
     },
   };

@@ -38,7 +38,7 @@ export async function startBackground(
   exec: { argv?: string[]; cmd?: string; env?: Record<string, string>; cwd?: string; stdin?: string; timeoutMs?: number },
   tag: string | undefined,
 ): Promise<S.ProcessInfoT> {
-  const agent = await ctx.pool.forSandbox(id);
+  const agent = await ctx.agents.forSandbox(id);
   const info = await agent.procStart({ ...exec, ...(tag !== undefined ? { tag } : {}) });
   return apiProcessView(info);
 }
@@ -49,7 +49,7 @@ function pidOf(params: { pid: string }): number {
 
 export function registerProcessRoutes({ r, ctx, err }: RouteDeps): void {
   r.get("/v1/sandboxes/:id/processes", { schema: { params: S.IdParam, response: { 200: S.ProcessList, ...err } } }, async (request) => {
-    const agent = await ctx.pool.forSandbox(request.params.id);
+    const agent = await ctx.agents.forSandbox(request.params.id);
     return (await agent.procList()).map(apiProcessView);
   });
 
@@ -57,7 +57,7 @@ export function registerProcessRoutes({ r, ctx, err }: RouteDeps): void {
     "/v1/sandboxes/:id/processes/:pid",
     { schema: { params: S.ProcessParam, response: { 200: S.ProcessInfo, ...err } } },
     async (request) => {
-      const agent = await ctx.pool.forSandbox(request.params.id);
+      const agent = await ctx.agents.forSandbox(request.params.id);
       const pid = pidOf(request.params);
       const found = (await agent.procList()).find((p) => p.pid === pid);
       if (!found) throw new ForkdError("not_found", `no background process ${pid} in sandbox ${request.params.id}`);
@@ -70,7 +70,7 @@ export function registerProcessRoutes({ r, ctx, err }: RouteDeps): void {
     "/v1/sandboxes/:id/processes/:pid",
     { schema: { params: S.ProcessParam, querystring: S.KillProcessQuery, response: { 204: z.null(), ...err } } },
     async (request, reply) => {
-      const agent = await ctx.pool.forSandbox(request.params.id);
+      const agent = await ctx.agents.forSandbox(request.params.id);
       await agent.procKill(pidOf(request.params), request.query.signal);
       return reply.code(204).send(null);
     },
@@ -86,7 +86,7 @@ export function registerProcessRoutes({ r, ctx, err }: RouteDeps): void {
         throw new ForkdError("bad_request", "`data` is not base64");
       }
       const data = Buffer.from(body.data ?? "", body.encoding ?? "utf8");
-      const agent = await ctx.pool.forSandbox(request.params.id);
+      const agent = await ctx.agents.forSandbox(request.params.id);
       const res = await agent.procStdin(pidOf(request.params), data, body.eof === true);
       return { pid: res.pid, bytes: res.bytes, stdin_open: res.stdinOpen };
     },
@@ -96,7 +96,7 @@ export function registerProcessRoutes({ r, ctx, err }: RouteDeps): void {
   // exit line. A client that leaves detaches; the process runs on.
   r.get("/v1/sandboxes/:id/processes/:pid/output", { schema: { params: S.ProcessParam } }, async (request, reply) => {
     const pid = pidOf(request.params);
-    const agent = await ctx.pool.forSandbox(request.params.id);
+    const agent = await ctx.agents.forSandbox(request.params.id);
     // Unknown pids are a 404 here, before the 200 of a stream is committed.
     if (!(await agent.procList()).some((p) => p.pid === pid)) {
       throw new ForkdError("not_found", `no background process ${pid} in sandbox ${request.params.id}`);

@@ -53,7 +53,7 @@ export function registerSandboxRoutes({ r, ctx, err, touch }: RouteDeps): void {
   );
   r.delete("/v1/sandboxes/:id", { schema: { params: S.IdParam, response: { 204: z.null(), ...err } } }, async (request, reply) => {
     validateSandboxId(request.params.id);
-    ctx.pool.drop(request.params.id);
+    ctx.agents.drop(request.params.id);
     await killSandbox(request.params.id);
     // A pooled child killed by id leaves its pool short: refill it.
     ctx.hotPools.kick();

@@ -93,7 +93,7 @@ export function registerSnapshotRoutes({ r, ctx, err, touch }: RouteDeps): void 
       });
       for (const tag of removed) touch(request, "snapshots", tag);
       for (const id of killed) {
-        ctx.pool.drop(id);
+        ctx.agents.drop(id);
         touch(request, "sandboxes", id);
       }
       return reply.code(204).send(null);

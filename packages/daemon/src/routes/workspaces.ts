@@ -34,7 +34,7 @@ export function registerWorkspaceRoutes({ r, ctx, err, touch }: RouteDeps): void
   );
   r.delete("/v1/workspaces/:name", { schema: { params: S.NameParam, response: { 204: z.null(), ...err } } }, async (request, reply) => {
     const row = getWorkspace(request.params.name);
-    if (row.sandbox_id) ctx.pool.drop(row.sandbox_id);
+    if (row.sandbox_id) ctx.agents.drop(row.sandbox_id);
     await deleteWorkspace(request.params.name);
     return reply.code(204).send(null);
   });
@@ -48,7 +48,7 @@ export function registerWorkspaceRoutes({ r, ctx, err, touch }: RouteDeps): void
       const ticket = source ? await admitBranch(ctx.admission, source.memory_mib) : undefined;
       const row = await suspendWorkspace(request.params.name, { diff: request.body?.diff === true }).finally(() => ticket?.release());
       if (before.sandbox_id) {
-        ctx.pool.drop(before.sandbox_id);
+        ctx.agents.drop(before.sandbox_id);
         touch(request, "sandboxes", before.sandbox_id);
       }
       touch(request, "snapshots", row.state_tag);

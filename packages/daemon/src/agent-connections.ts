@@ -1,3 +1,5 @@
+// The daemon's agent connections, one kept open per sandbox (hot pools of
+// ready children are another thing: hot-pools.ts).
 import { type AgentClient, connectSandbox, validateSandboxId, watchAgentHealth } from "@forkd/core";
 
 /**
@@ -5,14 +7,14 @@ import { type AgentClient, connectSandbox, validateSandboxId, watchAgentHealth }
  * one client at a time, and a guest with a host attached sleeps in a blocking
  * read instead of waiting for SIGIO, so the daemon keeps them open.
  */
-export class AgentPool {
+export class AgentConnections {
   private readonly agents = new Map<string, Promise<AgentClient>>();
 
   /** `onUnhealthy` hears of every guest that breaks the protocol (its row is marked already). */
   constructor(private readonly onUnhealthy?: (id: string, reason: string) => void) {}
 
   /**
-   * The agent of a sandbox for an API call. An open pooled connection proves the
+   * The agent of a sandbox for an API call. An open kept connection proves the
    * VMM is alive (it closes when QEMU exits), so the hot path skips the state
    * lookup; otherwise connecting goes through it and answers 404 for the unknown.
    */
