@@ -9,6 +9,7 @@ export * from "./common/config.js";
 export * from "./common/dirs.js";
 export * from "./common/errors.js";
 export * from "./common/fault.js";
+export * from "./common/pid.js";
 export * from "./common/procmem.js";
 export * from "./common/undo.js";
 export * from "./common/validate.js";

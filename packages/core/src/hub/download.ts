@@ -11,6 +11,7 @@ import { forkdHome } from "../common/config.js";
 import { ensurePrivateDir, ensureStateDir } from "../common/dirs.js";
 import { ForkdError } from "../common/errors.js";
 import { fsyncDir } from "../common/fsutil.js";
+import { isAlive, withPidLock } from "../common/pid.js";
 import { plainHttpAllowed, type RefOpts } from "./reference.js";
 import { unreachable } from "./registry-client.js";
 
@@ -28,66 +29,6 @@ export function blobsDir(): string {
 function stallMs(): number {
   const ms = Number(process.env.FORKD_REGISTRY_TIMEOUT_MS ?? 60_000);
   return Number.isFinite(ms) && ms > 0 ? ms : 60_000;
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "EPERM";
-  }
-}
-
-/** Locks this process holds: FILE.lock names a pid, so two jobs of one daemon must queue here instead. */
-const heldHere = new Map<string, Promise<void>>();
-
-/** Run `fn` holding FILE.lock; a lock left by a dead process is taken over. */
-export async function withFileLock<T>(file: string, what: string, fn: () => Promise<T>): Promise<T> {
-  for (let held = heldHere.get(file); held; held = heldHere.get(file)) await held;
-  let release!: () => void;
-  heldHere.set(
-    file,
-    new Promise<void>((resolve) => {
-      release = resolve;
-    }),
-  );
-  try {
-    return await withPidLock(file, what, fn);
-  } finally {
-    heldHere.delete(file);
-    release();
-  }
-}
-
-async function withPidLock<T>(file: string, what: string, fn: () => Promise<T>): Promise<T> {
-  const lock = `${file}.lock`;
-  for (let attempt = 0; ; attempt++) {
-    try {
-      const handle = await fsp.open(
-        lock,
-        fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW,
-        0o600,
-      );
-      await handle.writeFile(String(process.pid));
-      await handle.close();
-      break;
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== "EEXIST" || attempt >= 3) throw err;
-      const holder = Number((await fsp.readFile(lock, "utf8").catch(() => "")).trim());
-      if (Number.isInteger(holder) && holder > 0 && holder !== process.pid && alive(holder)) {
-        throw new ForkdError("conflict", `another forkd process (pid ${holder}) is downloading ${what} right now; wait for it to finish`, {
-          pid: holder,
-        });
-      }
-      await fsp.rm(lock, { force: true });
-    }
-  }
-  try {
-    return await fn();
-  } finally {
-    await fsp.rm(lock, { force: true });
-  }
 }
 
 /** GET `url` following redirects by hand, each hop under the same http rule; no credentials are ever sent. */
@@ -127,7 +68,7 @@ export async function fetchFollowing(
 export async function removeDeadTemps(dir: string, re: RegExp): Promise<void> {
   for (const name of await fsp.readdir(dir).catch(() => [] as string[])) {
     const m = re.exec(name);
-    if (m && !alive(Number(m[1]))) await fsp.rm(path.join(dir, name), { recursive: true, force: true });
+    if (m && !isAlive(Number(m[1]))) await fsp.rm(path.join(dir, name), { recursive: true, force: true });
   }
 }
 
@@ -185,7 +126,12 @@ export async function resumableDownload(opts: {
   onBytes?: (n: number) => void;
 }): Promise<Downloaded> {
   const { target, expect } = opts;
-  return withFileLock(target, opts.what, async () => {
+  // One process at a time per file; another one's download is not waited for.
+  const busy = (holder: number) =>
+    new ForkdError("conflict", `another forkd process (pid ${holder}) is downloading ${opts.what} right now; wait for it to finish`, {
+      pid: holder,
+    });
+  return withPidLock(`${target}.lock`, { waitMs: 0, busy }, async () => {
     if (fs.existsSync(target) && expect.sha256) {
       const hash = createHash("sha256");
       const size = await hashFile(target, hash);

@@ -9,6 +9,7 @@ import path from "node:path";
 import { forkdRunDir } from "../common/config.js";
 import { ensureRuntimeDir } from "../common/dirs.js";
 import { ForkdError } from "../common/errors.js";
+import { withPidLock } from "../common/pid.js";
 import { runChecked, runProgram } from "../common/program.js";
 import {
   type EgressLayout,
@@ -237,39 +238,11 @@ export async function removeEgressNamespace(): Promise<boolean> {
   return true;
 }
 
-async function withLock<T>(work: () => Promise<T>): Promise<T> {
+/** One process at a time sets the namespace up; another waits for it (30 s at most). */
+function withLock<T>(work: () => Promise<T>): Promise<T> {
   ensureRuntimeDir();
-  const lock = path.join(forkdRunDir(), "netns.lock");
-  const deadline = Date.now() + 30_000;
-  for (;;) {
-    try {
-      fs.writeFileSync(lock, String(process.pid), { flag: "wx", mode: 0o600 });
-      break;
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
-      const owner = Number(readTrim(lock));
-      if (!Number.isInteger(owner) || owner <= 0 || !pidAlive(owner)) {
-        fs.rmSync(lock, { force: true });
-        continue;
-      }
-      if (Date.now() > deadline) throw new ForkdError("vm_timeout", `waited 30 s for process ${owner} to set up the egress namespace`);
-      await new Promise((r) => setTimeout(r, 50));
-    }
-  }
-  try {
-    return await work();
-  } finally {
-    fs.rmSync(lock, { force: true });
-  }
-}
-
-function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "EPERM";
-  }
+  const busy = (owner: number) => new ForkdError("vm_timeout", `waited 30 s for process ${owner} to set up the egress namespace`);
+  return withPidLock(path.join(forkdRunDir(), "netns.lock"), { waitMs: 30_000, busy }, work);
 }
 
 async function hostV4Addresses(): Promise<string[]> {

@@ -9,6 +9,7 @@ import fsp from "node:fs/promises";
 import path from "node:path";
 import { branchAbandoned, recoverBranches } from "../branch/branch.js";
 import { forkdRunDir, shmDir, snapshotsDir, vmsRunDir } from "../common/config.js";
+import { isAlive } from "../common/pid.js";
 import { hubDir } from "../hub/download.js";
 import { removeEgressNamespace, removeSandboxEgress, sandboxEgressUids } from "../net/netns.js";
 import { abandonStartingSandbox, expireSandboxes, reapSandbox, sandboxAlive, startingOwned } from "../sandbox/lifecycle.js";
@@ -16,7 +17,7 @@ import { listSnapshots, tagDir } from "../store/snapshots.js";
 import { stageKey } from "../store/staging.js";
 import { branches, sandboxes, staged } from "../store/state.js";
 import { runtimePaths } from "../vmm/plan.js";
-import { findOurQemus, isAlive, isOurQemu, killAndWait, releaseStaleUids, removeRunDir, runDirOwnerAlive } from "../vmm/process.js";
+import { findOurQemus, isOurQemu, killAndWait, releaseStaleUids, removeRunDir, runDirOwnerAlive } from "../vmm/process.js";
 
 export type CleanupReport = {
   reaped: string[];

@@ -6,13 +6,14 @@ import fsp from "node:fs/promises";
 import path from "node:path";
 import { branchAbandoned } from "../branch/branch.js";
 import { forkdRunDir, shmDir, snapshotsDir, vmsRunDir } from "../common/config.js";
+import { isAlive } from "../common/pid.js";
 import { imageFiles } from "../guest/image.js";
 import { sandboxAlive } from "../sandbox/lifecycle.js";
 import { listSnapshots, type SnapshotInfo } from "../store/snapshots.js";
 import { stageKey } from "../store/staging.js";
 import { branches, sandboxes, staged } from "../store/state.js";
 import { runtimePaths } from "../vmm/plan.js";
-import { isAlive, runDirOwnerAlive } from "../vmm/process.js";
+import { runDirOwnerAlive } from "../vmm/process.js";
 import { QmpClient } from "../vmm/qmp.js";
 import { isStrayTempName, staleDownloadLocks } from "./cleanup.js";
 

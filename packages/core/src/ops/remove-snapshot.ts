@@ -8,13 +8,13 @@ import { snapshotsDir } from "../common/config.js";
 import { ForkdError } from "../common/errors.js";
 import { faultPoint } from "../common/fault.js";
 import { fsyncDir } from "../common/fsutil.js";
+import { isAlive } from "../common/pid.js";
 import { drainPool } from "../pool/pool.js";
 import { killSandbox, startingOwned } from "../sandbox/lifecycle.js";
 import { dependentsOf, subtreeOf } from "../store/chains.js";
 import { getSnapshot, type SnapshotInfo } from "../store/snapshots.js";
 import { stagedPath, stageKey } from "../store/staging.js";
 import { branches, sandboxes, staged } from "../store/state.js";
-import { isAlive } from "../vmm/process.js";
 
 export type RemoveSnapshotOpts = {
   /** Kill the live sandboxes forked from the snapshots removed. */

@@ -1,12 +1,13 @@
 // Sandboxes after their birth: find them from any process (SQLite), check they live, tear them down.
 import { ForkdError } from "../common/errors.js";
+import { isAlive } from "../common/pid.js";
 import { validateSandboxId } from "../common/validate.js";
 import { AgentClient } from "../guest/agent-client.js";
 import { waitForAgent } from "../guest/agent-wait.js";
 import { removeSandboxEgress } from "../net/netns.js";
 import { type SandboxRow, sandboxes } from "../store/state.js";
 import { runtimePaths } from "../vmm/plan.js";
-import { findOurQemus, isAlive, isOurQemu, killAndWait, processStartTime, removeRunDir, runDirUid, sameProcess } from "../vmm/process.js";
+import { findOurQemus, isOurQemu, killAndWait, processStartTime, removeRunDir, runDirUid, sameProcess } from "../vmm/process.js";
 import { QmpClient } from "../vmm/qmp.js";
 import { removeCgroup, sandboxCgroupDirs } from "./cgroup.js";
 

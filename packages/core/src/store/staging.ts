@@ -11,8 +11,9 @@ import { shmDir, stageBudgetBytes } from "../common/config.js";
 import { ensureStagingDir } from "../common/dirs.js";
 import { ForkdError } from "../common/errors.js";
 import { sha256File } from "../common/fsutil.js";
+import { isAlive } from "../common/pid.js";
 import { confinementEnabled, VMM_GID } from "../vmm/confine.js";
-import { isAlive, shareWithVmms } from "../vmm/process.js";
+import { shareWithVmms } from "../vmm/process.js";
 import { type StagedRow, sandboxes, staged } from "./state.js";
 
 /** What staging needs to know of a snapshot. */

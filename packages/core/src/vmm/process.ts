@@ -7,6 +7,7 @@ import path from "node:path";
 import { forkdRunDir, qemuBinary, vmsRunDir } from "../common/config.js";
 import { ensurePrivateDir, ensureRuntimeDir } from "../common/dirs.js";
 import { ForkdError } from "../common/errors.js";
+import { isAlive } from "../common/pid.js";
 import {
   confinementEnabled,
   kvmGroup,
@@ -235,17 +236,6 @@ export function launchQemu(opts: LaunchOpts): Launched {
   });
   if (!opts.dieWithParent) child.unref();
   return { pid: child.pid, exited };
-}
-
-export function isAlive(pid: number): boolean {
-  // kill(0) and kill(-1) would probe a process group: never a single process.
-  if (!Number.isInteger(pid) || pid <= 0) return false;
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "EPERM";
-  }
 }
 
 /** True only if `pid` is a QEMU whose command line names this runtime dir: never signal a stranger's process. */
