@@ -4,7 +4,9 @@ import { spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { cgroupDirs, connectSandbox, listSandboxes, listSnapshots } from "@forkd/core";
+import { Controller, ForkdApiError } from "@forkd/sdk";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { startDaemonProcess, stopDaemon } from "../helpers/daemon.js";
 import { CLI, isolateForkd, qemuPidsUnder } from "../helpers/env.js";
 import { startUpstream, type Upstream } from "../helpers/upstream.js";
 
@@ -197,6 +199,67 @@ describe("networking and limits", () => {
     expect(fs.readFileSync(path.join(path.dirname(limitFile!), "cgroup.procs"), "utf8")).toContain(String(row!.pid));
     forkd(["kill", limited!.id]);
     for (const dir of dirs) expect(fs.existsSync(dir)).toBe(false);
+  });
+});
+
+// One child of three fails (FORKD_FAULT=STEP@2:fail throws in the second restore,
+// just before its row would be confirmed):
+// the CLI without a daemon and the daemon run the same policy (core's fork-policy.ts),
+// so both keep none of the three, leave nothing running, and say the same thing.
+describe("a fork is all or nothing, with or without a daemon", () => {
+  const SECOND_CHILD_FAILS = "fork.before-confirm@2:fail";
+  const EXPECTED = /1 of 3 children could not be restored, so none were kept: injected failure at fork\.before-confirm@2/;
+  let before: string[];
+  beforeAll(() => {
+    before = listSandboxes().map((s) => s.id);
+  });
+  /** No sandbox but those that ran before (and `also`), and no QEMU but theirs. */
+  const nothingLeftBut = (also: string[] = []) => {
+    expect(listSandboxes().map((s) => s.id)).toEqual([...before, ...also]);
+    const pids = listSandboxes().map((s) => s.pid);
+    expect(qemuPidsUnder(path.join(env.runDir, "vms")).filter((pid) => !pids.includes(pid))).toEqual([]);
+  };
+
+  it("the CLI's fork from a snapshot kills the two that started and exits non-zero", () => {
+    const res = spawnSync(process.execPath, [CLI, "fork", "--tag", TAG, "-n", "3", "--concurrency", "1"], {
+      encoding: "utf8",
+      timeout: 300_000,
+      env: { ...process.env, FORKD_FAULT: SECOND_CHILD_FAILS },
+    });
+    expect(res.status, res.stderr).not.toBe(0);
+    expect(res.stderr).toMatch(EXPECTED);
+    nothingLeftBut();
+  });
+
+  it("the CLI's live fork kills the children that started and drops the capture; the source runs on", async () => {
+    const [source] = forkJson(["--tag", TAG, "-n", "1"]);
+    const res = spawnSync(
+      process.execPath,
+      [CLI, "fork", "--from-sandbox", source!.id, "--live-tag", "never-kept", "-n", "3", "--concurrency", "1"],
+      { encoding: "utf8", timeout: 300_000, env: { ...process.env, FORKD_FAULT: SECOND_CHILD_FAILS } },
+    );
+    expect(res.status, res.stderr).not.toBe(0);
+    expect(res.stderr).toMatch(EXPECTED);
+    nothingLeftBut([source!.id]);
+    expect((await listSnapshots()).map((s) => s.tag)).not.toContain("never-kept");
+    expect((await sh(source!.id, "echo alive")).out).toBe("alive\n");
+    expect(forkd(["kill", source!.id]).code).toBe(0);
+  });
+
+  it("the daemon's POST /v1/sandboxes answers the same error and keeps none", async () => {
+    const dir = fs.mkdtempSync(path.join(env.runDir, "daemon-"));
+    process.env.FORKD_FAULT = SECOND_CHILD_FAILS;
+    const daemon = await startDaemonProcess(dir).finally(() => delete process.env.FORKD_FAULT);
+    try {
+      const api = new Controller({ url: daemon.url, token: daemon.token });
+      const err = await api.createSandboxes({ snapshot_tag: TAG, n: 3 }).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(ForkdApiError);
+      expect(err).toMatchObject({ status: 500, code: "vm_start_failed", message: expect.stringMatching(EXPECTED) });
+      expect((err as ForkdApiError).details?.failures).toHaveLength(1);
+      nothingLeftBut();
+    } finally {
+      await stopDaemon(daemon);
+    }
   });
 });
 

@@ -1,19 +1,21 @@
 // The CLI's backend when no daemon answers: core, in this process. Loaded only then
 // (it brings all of core with it; a command that goes through the daemon never needs it).
 import {
+  AdmissionLedger,
+  admissionLimits,
   apiSandboxView,
   apiSnapshotView,
   apiWorkspaceView,
   branchesBySource,
+  childTimingsView,
   compactSnapshot,
   connectSandbox,
   createSnapshot,
   createWorkspace,
   deleteWorkspace,
-  type ForkChildResult,
   ForkdError,
-  forkLive,
-  forkSandboxes,
+  forkAllOrNothing,
+  forkLiveAllOrNothing,
   getSandbox,
   killSandbox,
   listPools,
@@ -26,7 +28,17 @@ import {
   startBranch,
   suspendWorkspace,
 } from "@forkd/core";
-import type { Backend, ExecArgs, FilesArgs, ForkRow, SnapshotArgs } from "./backend-types.js";
+import type { Backend, ExecArgs, FilesArgs, SnapshotArgs } from "./backend-types.js";
+import { forkRowOf } from "./fork-row.js";
+
+/**
+ * Admission without a daemon: this process's own ledger, with the daemon's default
+ * limits. It holds no other work, so it checks the fork against what the host has
+ * now, and refuses (over_limit) what the daemon would refuse on an idle host.
+ */
+function directAdmission(): AdmissionLedger {
+  return new AdmissionLedger(admissionLimits({ maxSandboxes: 1000, maxBranches: 4 }));
+}
 
 export class DirectBackend implements Backend {
   readonly kind = "direct" as const;
@@ -70,7 +82,8 @@ export class DirectBackend implements Backend {
     await removeSnapshot(tag, opts);
   }
   async fork(a: Parameters<Backend["fork"]>[0]) {
-    const results = await forkSandboxes({
+    // The same policy as the daemon's POST /v1/sandboxes (core's fork-policy.ts): all children or none.
+    const children = await forkAllOrNothing({
       tag: a.tag,
       n: a.n,
       memoryLimitMib: a.memoryLimitMib,
@@ -80,8 +93,9 @@ export class DirectBackend implements Backend {
       ...(a.denyOut?.length ? { denyOut: a.denyOut } : {}),
       concurrency: a.concurrency,
       onChild: a.onChild,
+      admission: directAdmission(),
     });
-    return results.map(forkRow);
+    return children.map((c) => forkRowOf({ id: c.id, timings: childTimingsView(c) }));
   }
   async listSandboxes(opts: { pool?: boolean } = {}) {
     const bySource = branchesBySource();
@@ -94,21 +108,21 @@ export class DirectBackend implements Backend {
   }
   async forkLive(id: string, a: { n: number; tag?: string; concurrency?: number }) {
     const started = performance.now();
-    const result = await forkLive(id, { n: a.n, ...(a.tag ? { tag: a.tag } : {}), concurrency: a.concurrency });
-    if (result.children.some((c) => !c.ok)) {
-      for (const c of result.children) if (c.ok) await killSandbox(c.id).catch(() => {});
-      await result.discard();
-    } else {
-      // Without a daemon this process is the writer: the snapshot is registered before it exits.
-      await result.register();
-    }
+    const result = await forkLiveAllOrNothing(id, {
+      n: a.n,
+      ...(a.tag ? { tag: a.tag } : {}),
+      concurrency: a.concurrency,
+      admission: directAdmission(),
+    });
+    // Without a daemon this process is the writer: the snapshot is registered before it exits.
+    await result.register();
     return {
       tag: result.tag,
       source_pause_ms: result.pauseMs,
       capture_ready_ms: result.captureReadyAt - started,
       total_ms: performance.now() - started,
       captured_pages: result.capturedPages,
-      children: result.children.map(forkRow),
+      children: result.children.map((c) => forkRowOf({ id: c.id, timings: childTimingsView(c) })),
     };
   }
   private async withAgent<T>(id: string, work: (agent: Awaited<ReturnType<typeof connectSandbox>>) => Promise<T>): Promise<T> {
@@ -170,17 +184,4 @@ export class DirectBackend implements Backend {
     resume: async (name: string) => apiWorkspaceView(await resumeWorkspace(name)),
     remove: (name: string) => deleteWorkspace(name),
   };
-}
-
-function forkRow(r: ForkChildResult): ForkRow {
-  return r.ok
-    ? {
-        id: r.id,
-        ok: true,
-        vmm_start_ms: r.timings.vmmStartMs,
-        restore_ms: r.timings.restoreMs,
-        first_answer_ms: r.timings.firstAnswerMs,
-        total_ms: r.timings.totalMs,
-      }
-    : { id: r.id, ok: false, error: r.error };
 }

@@ -8,28 +8,10 @@ import type { ApiSnapshot } from "@forkd/core";
 import { forkdRunDir } from "@forkd/core/config";
 import { ForkdError, isErrorCode } from "@forkd/core/errors";
 import { Controller, ForkdApiError } from "@forkd/sdk";
-import type { Backend, BranchRow, ExecArgs, FilesArgs, ForkRow, LiveForkRows, SnapshotArgs } from "./backend-types.js";
+import type { Backend, BranchRow, ExecArgs, FilesArgs, LiveForkRows, SnapshotArgs } from "./backend-types.js";
+import { forkRowOf } from "./fork-row.js";
 
 export type * from "./backend-types.js";
-
-/** A child the daemon restored, as the CLI reports it (the API gives only children that answered). */
-function forkRowOf(c: {
-  id: string;
-  timings?: { vmm_start_ms: number; restore_ms: number; first_answer_ms: number; total_ms: number };
-}): ForkRow {
-  return {
-    id: c.id,
-    ok: true,
-    ...(c.timings
-      ? {
-          vmm_start_ms: c.timings.vmm_start_ms,
-          restore_ms: c.timings.restore_ms,
-          first_answer_ms: c.timings.first_answer_ms,
-          total_ms: c.timings.total_ms,
-        }
-      : {}),
-  };
-}
 
 /** API errors come back as ForkdError with the same code, so the CLI reports both paths alike. */
 export async function viaApi<T>(work: () => Promise<T>): Promise<T> {
