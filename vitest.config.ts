@@ -1,8 +1,8 @@
 import fs from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import type { Plugin } from "vite";
-import { type Alias, defineConfig } from "vitest/config";
+import type { Alias, Plugin } from "vite";
+import { defineConfig } from "vitest/config";
 
 const REPO_ROOT = path.dirname(fileURLToPath(import.meta.url));
 

@@ -19,20 +19,25 @@ function watchConfinement(root: string): { stop: () => string[] } {
       if (unconfined.has(pid)) continue;
       try {
         if (!fs.readlinkSync(`/proc/${pid}/exe`).includes("qemu-system")) continue; // still the launcher
-        // QEMU installs its seccomp filter itself, early in its start: judge it once it has had a second.
-        const seen = firstSeen.get(pid) ?? Date.now();
-        firstSeen.set(pid, seen);
-        if (Date.now() - seen < 1000) continue;
         const status = fs.readFileSync(`/proc/${pid}/status`, "utf8");
         const field = (name: string) => new RegExp(`^${name}:\\s*(\\S+)`, "m").exec(status)?.[1];
+        // The launcher sets uid, no_new_privs and capabilities before exec: judged at once.
         const why = [
           field("Uid") === "0" ? "runs as root" : "",
-          field("Seccomp") !== "2" ? "no seccomp filter" : "",
           field("NoNewPrivs") !== "1" ? "no no_new_privs" : "",
           field("CapEff") !== "0000000000000000" ? "has capabilities" : "",
-        ].filter(Boolean);
-        if (why.length)
-          unconfined.set(pid, `${why.join(", ")}: ${fs.readFileSync(`/proc/${pid}/cmdline`, "utf8").replaceAll("\0", " ").slice(0, 300)}`);
+        ];
+        // QEMU installs its seccomp filter itself, early in its start (tens of ms of CPU). Judged once it has
+        // run that long: by its CPU time, since on a loaded 2-core host a second of wall clock can pass
+        // before it is scheduled at all (a wall-clock grace flagged starved QEMUs as unconfined).
+        const seen = firstSeen.get(pid) ?? Date.now();
+        firstSeen.set(pid, seen);
+        if (cpuMsOf(pid) >= 500 || Date.now() - seen >= 30_000) why.push(field("Seccomp") !== "2" ? "no seccomp filter" : "");
+        if (why.some(Boolean))
+          unconfined.set(
+            pid,
+            `${why.filter(Boolean).join(", ")}: ${fs.readFileSync(`/proc/${pid}/cmdline`, "utf8").replaceAll("\0", " ").slice(0, 300)}`,
+          );
       } catch {
         // exited meanwhile
       }
@@ -45,6 +50,14 @@ function watchConfinement(root: string): { stop: () => string[] } {
       return [...unconfined.values()];
     },
   };
+}
+
+/** CPU time (user + system) a process has used, from /proc/PID/stat (fields 14 and 15, in clock ticks of 10 ms). */
+function cpuMsOf(pid: number): number {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
+  // The command name (field 2) may hold spaces and parentheses: count fields after its closing ')'.
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return (Number(fields[11]) + Number(fields[12])) * 10;
 }
 
 /**
