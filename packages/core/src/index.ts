@@ -49,6 +49,7 @@ export * from "./store/pools.js";
 export * from "./store/snapshots.js";
 export * from "./store/staging.js";
 export * from "./store/state.js";
+export * from "./store/state-rules.js";
 export * from "./vmm/accel.js";
 export * from "./vmm/capture-pages.js";
 export * from "./vmm/confine.js";

@@ -25,8 +25,6 @@ import {
 } from "../vmm/process.js";
 import { QmpClient } from "../vmm/qmp.js";
 
-export type VmState = "starting" | "running" | "paused" | "branching" | "stopped";
-
 export type BootOpts = {
   image?: string;
   memoryMib?: number;
@@ -44,7 +42,8 @@ export type BootOpts = {
 export type BootTimings = { launchMs: number; qmpMs: number; agentMs: number; totalMs: number };
 
 export class Vm {
-  state: VmState = "starting";
+  /** Set by the first destroy: a Vm exists only once booted, so stopped is the one state it can change to. */
+  private stopped = false;
 
   constructor(
     readonly id: string,
@@ -93,7 +92,6 @@ export class Vm {
       agent = await raceExit(waitForAgent(runtimePaths(runDir).agent, opts.bootTimeoutMs ?? 60_000, runDir, opts.signal), launched, runDir);
       const t3 = performance.now();
       const vm = new Vm(id, runDir, launched.pid, accel, qmp, agent, launched);
-      vm.state = "running";
       return { vm, image, timings: { launchMs: t1 - t0, qmpMs: t2 - t1, agentMs: t3 - t2, totalMs: t3 - t0 } };
     } catch (err) {
       agent?.close();
@@ -117,8 +115,8 @@ export class Vm {
 
   /** Stop the VMM for good and remove its runtime dir. Safe to call twice. */
   async destroy(): Promise<void> {
-    if (this.state === "stopped") return;
-    this.state = "stopped";
+    if (this.stopped) return;
+    this.stopped = true;
     this.agent.close();
     try {
       if (!this.qmp.isClosed) await this.qmp.execute("quit", {}, { timeoutMs: 2000 });

@@ -13,8 +13,9 @@ import { validateName } from "../common/validate.js";
 import { planRestore } from "../sandbox/fork.js";
 import { getSandbox, sandboxAlive } from "../sandbox/lifecycle.js";
 import { ancestorsOf, MAX_CHAIN_DEPTH, stageSnapshot } from "../store/chains.js";
-import { getSnapshot, registerSnapshot, type SnapshotInfo, snapshotWorkDirs } from "../store/snapshots.js";
+import { assertSnapshotOp, getSnapshot, registerSnapshot, type SnapshotInfo, snapshotWorkDirs } from "../store/snapshots.js";
 import { type BranchRow, branches, sandboxes } from "../store/state.js";
+import { sandboxAllows, sandboxState } from "../store/state-rules.js";
 import { migrateToFile, openMigrationSink } from "../vmm/migration-sink.js";
 import { runtimePaths } from "../vmm/plan.js";
 import { grantToVmm, killAndWait, launchQemu, makeRunDir, newSandboxId, removeRunDir, sameProcess, selfIdentity } from "../vmm/process.js";
@@ -74,7 +75,7 @@ export async function captureSandbox(
   streamPath: string,
   opts: { branchTag?: string } = {},
 ): Promise<CaptureResult> {
-  const row = getSandbox(sandboxId);
+  const row = getSandbox(sandboxId, "capture");
   // Recorded before anything can pause the source, cleared once it surely runs:
   // a writer that dies in between leaves the row saying so, and recovery resumes it.
   const mayPause = (paused: boolean) => {
@@ -291,12 +292,11 @@ export type BranchPlan = { tag: string; mode: BranchMode; sourceId: string; snap
 
 /** Check everything that can be checked before the source is touched. */
 export async function planBranch(sourceId: string, opts: { tag?: string; mode?: string }): Promise<BranchPlan> {
-  const row = getSandbox(sourceId);
+  const row = getSandbox(sourceId, "capture");
   if (!row.tag) throw new ForkdError("bad_request", `sandbox ${sourceId} was not forked from a snapshot, so it cannot be branched`);
   const snapshot = await getSnapshot(row.tag);
   const tag = validateName(opts.tag ?? `${row.tag}-branch-${Date.now().toString(36)}`, "tag");
-  const existing = await getSnapshot(tag).catch(() => undefined);
-  if (existing) throw new ForkdError("conflict", `snapshot ${tag} already exists; pick another tag`, { tag });
+  await assertSnapshotOp(tag, "create");
   const requested = opts.mode === undefined ? undefined : parseBranchMode(opts.mode);
   if (requested !== undefined && requested !== "live") return { tag, mode: requested, sourceId, snapshot };
   // Live unless its memory is not a staged image (see judgeGuestRam): then diff by default, refused when live was asked for.
@@ -480,7 +480,7 @@ const PAUSED_BY_CAPTURE = new Set(["paused", "postmigrate", "finish-migrate"]);
  */
 export async function resumeSource(sourceId: string): Promise<boolean> {
   const row = sandboxes.get(sourceId);
-  if (row?.state !== "running" || !sandboxAlive(row)) return false;
+  if (!row || !sandboxAllows(sandboxState(row), "resume") || !sandboxAlive(row)) return false;
   let qmp: QmpClient | undefined;
   try {
     qmp = await QmpClient.connect(runtimePaths(row.run_dir).qmp, { timeoutMs: 5000 });

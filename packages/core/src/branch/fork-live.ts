@@ -13,7 +13,7 @@ import { admitLiveFork } from "../sandbox/admission-host.js";
 import { type ForkChildResult, forkSandboxes, validateForkCount } from "../sandbox/fork.js";
 import { allOrNothing, type StartedChild } from "../sandbox/fork-policy.js";
 import { getSandbox, killSandbox } from "../sandbox/lifecycle.js";
-import { getSnapshot, type SnapshotInfo } from "../store/snapshots.js";
+import { assertSnapshotOp, type SnapshotInfo } from "../store/snapshots.js";
 import { branches } from "../store/state.js";
 import { selfIdentity } from "../vmm/process.js";
 import { captureLive, mappedImage } from "./live-capture.js";
@@ -49,12 +49,10 @@ export type LiveFork = {
 export async function forkLive(sourceId: string, opts: LiveForkOpts): Promise<LiveFork> {
   const started = performance.now();
   const n = validateForkCount(opts.n);
-  const row = getSandbox(sourceId);
+  const row = getSandbox(sourceId, "capture");
   if (!row.tag) throw new ForkdError("bad_request", `sandbox ${sourceId} was not forked from a snapshot, so it cannot be forked live`);
   const tag = validateName(opts.tag ?? `${row.tag}-live-${Date.now().toString(36)}`, "tag");
-  if (await getSnapshot(tag).catch(() => undefined)) {
-    throw new ForkdError("conflict", `snapshot ${tag} already exists; pick another tag`, { tag });
-  }
+  await assertSnapshotOp(tag, "create");
   // Checked before the tag is claimed: a source that cannot be captured live leaves no row.
   const source = await mappedImage(sourceId);
   const owner = selfIdentity();
@@ -146,7 +144,7 @@ export async function forkLiveAllOrNothing(sourceId: string, opts: LiveForkAllOr
   const { admission, around, killChild, ...liveOpts } = opts;
   const n = validateForkCount(liveOpts.n);
   const { result, release } = await allOrNothing({
-    ...(admission ? { reserve: () => admitLiveFork(admission, { n, guestMemoryMib: getSandbox(sourceId).memory_mib }) } : {}),
+    ...(admission ? { reserve: () => admitLiveFork(admission, { n, guestMemoryMib: getSandbox(sourceId, "capture").memory_mib }) } : {}),
     restore: () => (around ? around(() => forkLive(sourceId, liveOpts)) : forkLive(sourceId, liveOpts)),
     children: (live) => live.children,
     killChild: killChild ?? killSandbox,

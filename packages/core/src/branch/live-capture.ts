@@ -146,7 +146,7 @@ export type LiveCapture = {
  * source runs again and nothing of the capture is left.
  */
 export async function captureLive(sourceId: string, tag: string, opts: { startedAt: number; source?: MappedImage }): Promise<LiveCapture> {
-  const row = getSandbox(sourceId);
+  const row = getSandbox(sourceId, "capture");
   const { snapshot: base, image, ram } = opts.source ?? (await mappedImage(sourceId));
   const unhold = holdStaged(stageKey(base));
   const { work, stageWork } = await snapshotWorkDirs();

@@ -130,7 +130,7 @@ export async function suspendWorkspace(name: string, opts: { diff?: boolean } = 
       },
     );
   }
-  getSandbox(row.sandbox_id);
+  getSandbox(row.sandbox_id, "capture");
   const states = JSON.parse(row.states) as string[];
   const tag = `ws-${name}-s${Date.now().toString(36)}`;
   const started = await startBranch(row.sandbox_id, { tag, mode: opts.diff ? "diff" : undefined });

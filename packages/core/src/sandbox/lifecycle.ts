@@ -6,6 +6,7 @@ import { AgentClient } from "../guest/agent-client.js";
 import { waitForAgent } from "../guest/agent-wait.js";
 import { removeSandboxEgress } from "../net/netns.js";
 import { type SandboxRow, sandboxes } from "../store/state.js";
+import { assertSandboxAllows, type SandboxOp, sandboxAllows, sandboxState } from "../store/state-rules.js";
 import { runtimePaths } from "../vmm/plan.js";
 import { findOurQemus, isOurQemu, killAndWait, processStartTime, removeRunDir, runDirUid, sameProcess } from "../vmm/process.js";
 import { QmpClient } from "../vmm/qmp.js";
@@ -18,31 +19,35 @@ export function sandboxAlive(row: Pick<SandboxRow, "pid" | "pid_start" | "run_di
 
 export type SandboxInfo = SandboxRow & { alive: boolean };
 
-/** A sandbox by id, or a clear not-found naming `forkd ls`. Dead ones are reaped on the way. */
-export function getSandbox(id: string): SandboxInfo {
+/**
+ * A sandbox by id for `op` (what the state table in store/state-rules.ts allows in its
+ * state), or a clear not-found naming `forkd ls`. Dead ones are reaped on the way.
+ */
+export function getSandbox(id: string, op: SandboxOp = "show"): SandboxInfo {
   validateSandboxId(id);
   const row = sandboxes.get(id);
   if (!row) throw new ForkdError("sandbox_not_found", `no sandbox ${id}; \`forkd ls\` lists them`, { id });
-  // Not a sandbox until it answered: its starter owns it (and recovery, if the starter died).
-  if (row.state === "starting") throw new ForkdError("sandbox_not_found", `sandbox ${id} is still starting`, { id });
+  // First whether it may be looked at at all: a row still starting has no VMM recorded yet and must not be judged dead.
+  assertSandboxAllows(row, "show");
   const alive = sandboxAlive(row);
   if (!alive) {
     void reapSandbox(row);
     throw new ForkdError("sandbox_not_found", `sandbox ${id} is no longer running (its VMM exited); it has been removed`, { id });
   }
+  assertSandboxAllows(row, op);
   return { ...row, alive };
 }
 
 export function listSandboxes(): SandboxInfo[] {
   return sandboxes
     .list()
-    .filter((row) => row.state !== "starting")
+    .filter((row) => sandboxAllows(sandboxState(row), "list"))
     .map((row) => ({ ...row, alive: sandboxAlive(row) }));
 }
 
 /** A row still being started whose starter is alive: hands off, it is not abandoned. */
 export function startingOwned(row: SandboxRow): boolean {
-  return row.state === "starting" && sameProcess(row.owner_pid, row.owner_start);
+  return sandboxState(row) === "starting" && sameProcess(row.owner_pid, row.owner_start);
 }
 
 /**
@@ -69,8 +74,8 @@ export async function connectSandbox(
   timeoutMs = 30_000,
   onUnhealthy?: (id: string, reason: string) => void,
 ): Promise<AgentClient> {
-  const row = getSandbox(id);
-  refuseUnhealthy(row);
+  // Refused for an unhealthy sandbox: reconnecting would only hand the same hostile guest another channel.
+  const row = getSandbox(id, "connect");
   const socketPath = runtimePaths(row.run_dir).agent;
   const agent = await AgentClient.connect(socketPath, { timeoutMs });
   watchAgentHealth(id, agent, onUnhealthy);
@@ -90,20 +95,13 @@ export function watchAgentHealth(id: string, agent: AgentClient, onUnhealthy?: (
   });
 }
 
-export function refuseUnhealthy(row: Pick<SandboxRow, "id" | "health" | "health_reason">): void {
-  if (row.health !== "unhealthy") return;
-  throw new ForkdError(
-    "invalid_state",
-    `sandbox ${row.id} is unhealthy (${row.health_reason ?? "its guest broke the agent protocol"}); its agent is no longer trusted: kill it`,
-    { id: row.id, health: "unhealthy", health_reason: row.health_reason ?? null },
-  );
-}
-
 export async function killSandbox(id: string): Promise<void> {
   validateSandboxId(id);
   const row = sandboxes.get(id);
   if (!row) throw new ForkdError("sandbox_not_found", `no sandbox ${id}; \`forkd ls\` lists them`, { id });
-  if (row.state === "starting") {
+  assertSandboxAllows(row, "kill");
+  // Killing one still starting undoes its start instead: its VMM may not be recorded yet.
+  if (sandboxState(row) === "starting") {
     await abandonStartingSandbox(row);
     return;
   }

@@ -5,6 +5,7 @@
 // two processes, can never get the same child.
 import type Database from "better-sqlite3";
 import { openState, type SandboxRow } from "./state.js";
+import { sandboxRowsAllowing } from "./state-rules.js";
 
 export type PoolSettingRow = { tag: string; size: number; updated_at: string };
 
@@ -54,7 +55,7 @@ export const pooledRows = {
     return db().prepare("SELECT * FROM sandboxes WHERE pool IS NOT NULL ORDER BY created_at, id").all() as SandboxRow[];
   },
   /**
-   * Take up to `n` ready children (answered their identity: state running) out of the
+   * Take up to `n` children the state table lets a pool hand out (answered their identity, healthy) out of the
    * pool, oldest first, and set what the claimer asked for. Atomic: a child is
    * returned by exactly one claim.
    */
@@ -63,7 +64,7 @@ export const pooledRows = {
     return db()
       .prepare(
         `UPDATE sandboxes SET pool = NULL, expires_at_ms = @expires_at_ms, metadata = @metadata
-         WHERE id IN (SELECT id FROM sandboxes WHERE pool = @tag AND state = 'running' ORDER BY created_at, id LIMIT @n)
+         WHERE id IN (SELECT id FROM sandboxes WHERE pool = @tag AND ${sandboxRowsAllowing("claim")} ORDER BY created_at, id LIMIT @n)
          RETURNING *`,
       )
       .all({ tag, n, ...fields }) as SandboxRow[];

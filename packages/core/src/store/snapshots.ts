@@ -15,7 +15,8 @@ import type { Accel, MachineProfile } from "../vmm/plan.js";
 import { shareWithVmms } from "../vmm/process.js";
 import { PAGE_BYTES, pagemapBytes, writeDiffLayer } from "./layers.js";
 import { enforceStageBudget, rememberVerified, stagedPath, stageKey } from "./staging.js";
-import { branches, staged } from "./state.js";
+import { type BranchRow, branches, staged } from "./state.js";
+import { assertSnapshotAllows, type SnapshotOp, type SnapshotState } from "./state-rules.js";
 
 export const SNAPSHOT_SCHEMA = 1;
 
@@ -85,23 +86,25 @@ export async function getSnapshot(tag: string): Promise<SnapshotInfo> {
   const manifest = await readJson<SnapshotManifest>(path.join(tagDir(tag), "manifest.json"));
   if (!manifest) {
     const branch = branches.get(tag);
-    if (branch?.status === "writing") {
-      throw new ForkdError(
-        "conflict",
-        `snapshot ${tag} is still being written by a BRANCH of ${branch.source_id}; wait until its status is ready`,
-        { tag, status: "writing" },
-      );
-    }
-    if (branch?.status === "failed") {
-      throw new ForkdError(
-        "snapshot_not_found",
-        `snapshot ${tag} does not exist: its BRANCH failed (${branch.error ?? "unknown reason"})`,
-        { tag, status: "failed" },
-      );
-    }
-    throw new ForkdError("snapshot_not_found", `no snapshot ${tag}; \`forkd images\` lists them`, { tag });
+    assertSnapshotAllows(tag, snapshotStateOf(false, branch), "use", branch);
+    throw new ForkdError("internal", `the state table lets snapshot ${tag} be used without a manifest`, { tag });
   }
   return info(manifest);
+}
+
+/** A tag's state: its committed manifest makes it ready, whatever its BRANCH row (if any) says. */
+export function snapshotStateOf(manifestCommitted: boolean, branch: Pick<BranchRow, "status"> | undefined): SnapshotState {
+  if (manifestCommitted) return "ready";
+  if (branch?.status === "writing" || branch?.status === "failed") return branch.status;
+  // A "ready" row whose manifest is gone is a leftover cleanup removes: nothing is there.
+  return "absent";
+}
+
+/** Refuse `op` on `tag` unless the state table allows it in the state the tag is in now. */
+export async function assertSnapshotOp(tag: string, op: SnapshotOp): Promise<void> {
+  validateName(tag, "tag");
+  const branch = branches.get(tag);
+  assertSnapshotAllows(tag, snapshotStateOf(await exists(path.join(tagDir(tag), "manifest.json")), branch), op, branch);
 }
 
 export async function listSnapshots(): Promise<SnapshotInfo[]> {

@@ -6,6 +6,7 @@ import path from "node:path";
 import Database from "better-sqlite3";
 import { forkdHome } from "../common/config.js";
 import { ensureStateDir } from "../common/dirs.js";
+import { claimableBranchStatuses, sandboxRowsAllowing } from "./state-rules.js";
 
 export type SandboxRow = {
   id: string;
@@ -17,8 +18,9 @@ export type SandboxRow = {
   /**
    * "starting" from before its VMM is launched until its first answer (the intent:
    * start-up recovery kills and reaps it if its writer died); "running" once confirmed.
+   * What each state (with `health`) allows is the table in state-rules.ts.
    */
-  state: "starting" | "running" | "paused" | "stopped";
+  state: "starting" | "running";
   created_at: string;
   accel: string;
   memory_mib: number;
@@ -176,9 +178,6 @@ export const sandboxes = {
   byTag(tag: string): SandboxRow[] {
     return openState().prepare("SELECT * FROM sandboxes WHERE tag = ?").all(tag) as SandboxRow[];
   },
-  setState(id: string, state: SandboxRow["state"]): void {
-    openState().prepare("UPDATE sandboxes SET state = ? WHERE id = ?").run(state, id);
-  },
   /** The first reason sticks: later violations of the same guest add nothing. */
   markUnhealthy(id: string, reason: string): void {
     openState()
@@ -189,9 +188,9 @@ export const sandboxes = {
     openState().prepare("DELETE FROM sandboxes WHERE id = ?").run(id);
   },
   expired(nowMs: number): SandboxRow[] {
-    // A child still starting is its starter's to finish or undo; its time limit applies once it runs.
+    // Only rows whose state the table lets expire (a child still starting is its starter's to finish or undo).
     return openState()
-      .prepare("SELECT * FROM sandboxes WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ? AND state != 'starting'")
+      .prepare(`SELECT * FROM sandboxes WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ? AND ${sandboxRowsAllowing("expire")}`)
       .all(nowMs) as SandboxRow[];
   },
 };
@@ -214,8 +213,11 @@ export const staged = {
 };
 
 export const branches = {
-  /** Claim the tag for a BRANCH in progress; false when some row already holds it. */
+  /** Claim the tag for a BRANCH in progress; false when a row holds it in a state the table lets no new writer take over. */
   claim(row: BranchRow): boolean {
+    const takeOver = claimableBranchStatuses()
+      .map((s) => `'${s}'`)
+      .join(", ");
     const res = openState()
       .prepare(
         `INSERT INTO branches (tag, source_id, mode, status, error, pause_ms, total_ms, owner_pid, created_at, owner_start, source_paused)
@@ -223,7 +225,7 @@ export const branches = {
          ON CONFLICT(tag) DO UPDATE SET source_id = excluded.source_id, mode = excluded.mode, status = excluded.status,
            error = NULL, pause_ms = NULL, total_ms = NULL, owner_pid = excluded.owner_pid, created_at = excluded.created_at,
            owner_start = excluded.owner_start, source_paused = 0
-         WHERE branches.status = 'failed'`,
+         WHERE branches.status IN (${takeOver || "NULL"})`,
       )
       .run({ owner_start: null, ...row });
     return res.changes === 1;

@@ -7,11 +7,9 @@ import path from "node:path";
 import { Vm } from "../boot/vm.js";
 import { ForkdError } from "../common/errors.js";
 import { faultPoint } from "../common/fault.js";
-import { exists } from "../common/fsutil.js";
 import { validateName } from "../common/validate.js";
 import { getImage } from "../guest/image.js";
-import { registerSnapshot, type SnapshotInfo, snapshotWorkDirs, tagDir } from "../store/snapshots.js";
-import { branches } from "../store/state.js";
+import { assertSnapshotOp, registerSnapshot, type SnapshotInfo, snapshotWorkDirs } from "../store/snapshots.js";
 import { migrateToFile } from "../vmm/migration-sink.js";
 import { type Accel, CURRENT_MACHINE } from "../vmm/plan.js";
 
@@ -33,9 +31,7 @@ export type CreateSnapshotOpts = {
 export async function createSnapshot(opts: CreateSnapshotOpts): Promise<SnapshotInfo> {
   const tag = validateName(opts.tag, "tag");
   const progress = opts.onProgress ?? (() => {});
-  if ((await exists(path.join(tagDir(tag), "manifest.json"))) || branches.get(tag)?.status === "writing") {
-    throw new ForkdError("conflict", `snapshot ${tag} already exists; remove it with \`forkd rmi ${tag}\` or pick another tag`, { tag });
-  }
+  await assertSnapshotOp(tag, "create");
   const image = await getImage(opts.image ?? "base");
   const started = performance.now();
   const { work, stageWork } = await snapshotWorkDirs();

@@ -17,7 +17,8 @@ export function registerBranchRoutes({ r, ctx, err, touch }: RouteDeps): void {
     "/v1/sandboxes/:id/branch",
     { schema: { params: S.IdParam, body: S.BranchBody, response: { 201: S.BranchResponse, 202: S.BranchResponse, ...err } } },
     async (request, reply) => {
-      const source = getSandbox(request.params.id);
+      // Refused before any admission is taken when the source's state allows no capture.
+      const source = getSandbox(request.params.id, "capture");
       const body = request.body;
       if (body.mode && (body.diff || body.live)) {
         throw new ForkdError("bad_request", "send either `mode` or the older `diff`/`live` flags, not both");
