@@ -4,10 +4,11 @@
 import fs from "node:fs";
 import path from "node:path";
 import { ForkdError } from "../common/errors.js";
+import { UndoStack } from "../common/undo.js";
 import type { AgentClient } from "../guest/agent-client.js";
 import { waitForAgent } from "../guest/agent-wait.js";
 import { getImage, type ImageManifest } from "../guest/image.js";
-import { applySandboxEgress, ensureEgressNamespace } from "../net/netns.js";
+import { applySandboxEgress, ensureEgressNamespace, removeSandboxEgress } from "../net/netns.js";
 import { type AccelChoice, selectAccel } from "../vmm/accel.js";
 import { type Accel, guestAppend, runtimePaths, type VmPlan } from "../vmm/plan.js";
 import {
@@ -65,6 +66,14 @@ export class Vm {
     const accel = opts.accel ?? (await chooseAccel()).accel;
     const id = newSandboxId();
     const runDir = await makeRunDir(id);
+    // A boot that fails gives back what it took, newest first, every step even if one throws.
+    const undo = new UndoStack();
+    undo.push("remove the runtime dir", () => removeRunDir(runDir));
+    // Unwound after the kill, before the runtime dir goes: QEMU's log is complete only once it exited.
+    let kept: string | undefined;
+    undo.push("keep the logs for the user", async () => {
+      kept = await keepLogs(id, runDir);
+    });
     const plan: VmPlan = {
       accel,
       memoryMib: opts.memoryMib ?? 256,
@@ -76,7 +85,6 @@ export class Vm {
       network: (opts.network ?? true) ? "user" : "none",
     };
     const t0 = performance.now();
-    let launched: Launched | undefined;
     let qmp: QmpClient | undefined;
     let agent: AgentClient | undefined;
     try {
@@ -84,32 +92,42 @@ export class Vm {
       // A VM with a NIC (a snapshot parent, `forkd run`) gets the default egress policy, like a child.
       const netns = plan.network === "user" ? await ensureEgressNamespace() : undefined;
       const uid = runDirUid(runDir);
-      if (netns && uid !== undefined) await applySandboxEgress(uid, { allowOut: [], denyOut: [] });
-      launched = launchQemu({ plan, dieWithParent: opts.ephemeral ?? false, ...(netns ? { netns } : {}) });
+      if (netns && uid !== undefined) {
+        // Pushed before the rules are written: the uid's next holder must not inherit what a half write left.
+        undo.push("remove the egress rules", () => removeSandboxEgress(uid));
+        await applySandboxEgress(uid, { allowOut: [], denyOut: [] });
+      }
+      const launched = launchQemu({ plan, dieWithParent: opts.ephemeral ?? false, ...(netns ? { netns } : {}) });
+      undo.push("kill the VMM", () => killAndWait(launched.pid, runDir, launched));
+      // Unwound first, while QEMU still runs: its console ring buffer is read over QMP.
+      undo.push("save the console", async () => {
+        const client = qmp ?? (await QmpClient.connect(runtimePaths(runDir).qmp, { timeoutMs: 1000 }).catch(() => undefined));
+        try {
+          await saveConsole(client, runDir);
+        } finally {
+          client?.close();
+        }
+      });
       const t1 = performance.now();
       qmp = await raceExit(QmpClient.connect(runtimePaths(runDir).qmp, { timeoutMs: 10_000, signal: opts.signal }), launched, runDir);
       const t2 = performance.now();
       agent = await raceExit(waitForAgent(runtimePaths(runDir).agent, opts.bootTimeoutMs ?? 60_000, runDir, opts.signal), launched, runDir);
       const t3 = performance.now();
       const vm = new Vm(id, runDir, launched.pid, accel, qmp, agent, launched);
+      undo.commit();
       return { vm, image, timings: { launchMs: t1 - t0, qmpMs: t2 - t1, agentMs: t3 - t2, totalMs: t3 - t0 } };
     } catch (err) {
       agent?.close();
-      if (!qmp && launched) qmp = await QmpClient.connect(runtimePaths(runDir).qmp, { timeoutMs: 1000 }).catch(() => undefined);
-      await saveConsole(qmp, runDir);
-      qmp?.close();
-      if (launched) await killAndWait(launched.pid, runDir, launched);
-      const kept = await keepLogs(id, runDir);
-      await removeRunDir(runDir);
-      if (err instanceof ForkdError && kept) {
+      const reported = await undo.rollback(err);
+      if (reported instanceof ForkdError && kept) {
         throw new ForkdError(
-          err.code,
-          err.message.replaceAll(runtimePaths(runDir).console, kept),
-          { ...err.details, console: kept },
+          reported.code,
+          reported.message.replaceAll(runtimePaths(runDir).console, kept),
+          { ...reported.details, console: kept },
           { cause: err },
         );
       }
-      throw err;
+      throw reported;
     }
   }
 

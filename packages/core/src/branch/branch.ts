@@ -9,6 +9,7 @@ import fsp from "node:fs/promises";
 import path from "node:path";
 import { ForkdError } from "../common/errors.js";
 import { faultPoint } from "../common/fault.js";
+import { UndoStack } from "../common/undo.js";
 import { validateName } from "../common/validate.js";
 import { planRestore } from "../sandbox/fork.js";
 import { getSandbox, sandboxAlive } from "../sandbox/lifecycle.js";
@@ -229,34 +230,29 @@ export async function materializeCapture(opts: MaterializeOpts): Promise<Snapsho
     network: false,
     startPaused: true,
   });
+  // The materialiser is temporary: all it takes is given back, newest first, whether it succeeded or not.
+  const teardown = new UndoStack();
+  teardown.push("remove the materialiser's runtime dir", () => removeRunDir(runDir));
   const stream = fs.openSync(opts.streamPath, "r");
-  let launched: ReturnType<typeof launchQemu> | undefined;
+  const closeStream = teardown.push("close the capture stream", () => fs.closeSync(stream));
   try {
     grantToVmm(opts.stageWork, runDir);
-    launched = launchQemu({ plan, dieWithParent: true, inheritFds: [stream] });
-    fs.closeSync(stream);
+    const launched = launchQemu({ plan, dieWithParent: true, inheritFds: [stream] });
+    teardown.push("kill the materialiser", () => killAndWait(launched.pid, runDir, launched));
+    // QEMU holds its own copy now; closed once here, so the fd number is never closed again after reuse.
+    await closeStream();
     faultPoint("branch.materialising");
     const qmp = await QmpClient.connect(runtimePaths(runDir).qmp, { timeoutMs: 10_000 });
-    try {
-      await qmp.execute("migrate-incoming", { uri: "fd:3" });
-      await waitForMigration(qmp, 600_000, "loading the capture");
-      await qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "x-ignore-shared", state: true }] });
-      await migrateToFile(qmp, runDir, path.join(opts.work, "vmstate.bin"), 120_000, "saving the device state");
-      await qmp.execute("quit", {}).catch(() => {});
-    } finally {
-      qmp.close();
-    }
+    teardown.push("close the materialiser's QMP", () => qmp.close());
+    await qmp.execute("migrate-incoming", { uri: "fd:3" });
+    await waitForMigration(qmp, 600_000, "loading the capture");
+    await qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "x-ignore-shared", state: true }] });
+    await migrateToFile(qmp, runDir, path.join(opts.work, "vmstate.bin"), 120_000, "saving the device state");
+    await qmp.execute("quit", {}).catch(() => {});
   } catch (err) {
-    try {
-      fs.closeSync(stream);
-    } catch {
-      // already closed
-    }
-    throw err;
-  } finally {
-    if (launched) await killAndWait(launched.pid, runDir, launched);
-    await removeRunDir(runDir);
+    throw await teardown.rollback(err);
   }
+  await teardown.unwindOrThrow("materialising the capture");
   await fsp.rm(opts.streamPath, { force: true });
   // Store only what changed since the source's snapshot, unless the chain is at its limit.
   const depth = (await ancestorsOf(snapshot)).length + 1;
@@ -334,16 +330,15 @@ export async function branchSandbox(plan: BranchPlan): Promise<BranchOutcome> {
 async function branchByStream(plan: BranchPlan, mode: StreamMode, startedAt: number): Promise<BranchOutcome> {
   const { work, stageWork } = await snapshotWorkDirs();
   const streamPath = path.join(stageWork, "capture.stream");
-  const cleanupDirs = async () => {
-    await fsp.rm(work, { recursive: true, force: true });
-    await fsp.rm(stageWork, { recursive: true, force: true });
-  };
+  // Registration moves the work dirs into place; until then a failure removes both.
+  const undo = new UndoStack();
+  undo.push("remove the snapshot work dir", () => fsp.rm(work, { recursive: true, force: true }));
+  undo.push("remove the staging work dir", () => fsp.rm(stageWork, { recursive: true, force: true }));
   let capture: CaptureResult;
   try {
     capture = await captureSandbox(plan.sourceId, mode, streamPath, { branchTag: plan.tag });
   } catch (err) {
-    await cleanupDirs();
-    throw err;
+    throw await undo.rollback(err);
   }
   const finish = materializeCapture({
     tag: plan.tag,
@@ -353,10 +348,15 @@ async function branchByStream(plan: BranchPlan, mode: StreamMode, startedAt: num
     work,
     stageWork,
     startedAt,
-  }).catch(async (err: unknown) => {
-    await cleanupDirs();
-    throw err;
-  });
+  }).then(
+    (snapshot) => {
+      undo.commit();
+      return snapshot;
+    },
+    async (err: unknown) => {
+      throw await undo.rollback(err);
+    },
+  );
   return { plan, pauseMs: capture.pauseMs, readyMs: undefined, finish };
 }
 
@@ -395,7 +395,11 @@ export async function startBranch(sourceId: string, opts: { tag?: string; mode?:
     if (sourceQueues.get(sourceId) === queued) sourceQueues.delete(sourceId);
   };
   const started = performance.now();
+  // Given back newest first if the BRANCH fails before its capture is taken, every step even if one throws.
+  const undo = new UndoStack();
+  undo.push("let the next BRANCH of this source start", releaseQueue);
   let plan: BranchPlan;
+  let outcome: BranchOutcome;
   try {
     plan = await planBranch(sourceId, opts);
     const owner = selfIdentity();
@@ -413,19 +417,15 @@ export async function startBranch(sourceId: string, opts: { tag?: string; mode?:
     });
     if (!claimed)
       throw new ForkdError("conflict", `snapshot ${plan.tag} already exists or is being written; pick another tag`, { tag: plan.tag });
-  } catch (err) {
-    releaseQueue();
-    throw err;
-  }
-  faultPoint("branch.claimed");
-  let outcome: BranchOutcome;
-  try {
+    const claimedTag = plan.tag;
+    undo.push("drop the claim on the tag", () => branches.remove(claimedTag));
+    faultPoint("branch.claimed");
     outcome = await branchSandbox(plan);
   } catch (err) {
-    branches.remove(plan.tag);
-    releaseQueue();
-    throw err;
+    throw await undo.rollback(err);
   }
+  // From here `done` reports the outcome in the row and lets the queue go when it settles.
+  undo.commit();
   branches.setPause(plan.tag, outcome.pauseMs);
   const base = { tag: plan.tag, mode: plan.mode, pause_ms: outcome.pauseMs, branched_from: sourceId, parent: plan.snapshot.tag };
   const done = outcome.finish

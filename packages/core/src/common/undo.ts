@@ -56,6 +56,15 @@ export class UndoStack {
   }
 
   /**
+   * Give back everything, for teardown that runs on success too (a temporary VMM):
+   * every step runs, and if any failed, one error names them all.
+   */
+  async unwindOrThrow(what: string): Promise<void> {
+    const failures = await this.unwind();
+    if (failures.length > 0) throw withTeardownFailures(new ForkdError("io_error", `${what} succeeded`), failures);
+  }
+
+  /**
    * Unwind after `err` and hand back the error to throw: `err` itself when the
    * teardown went clean; otherwise the same code with the teardown's failures named,
    * so a leak is reported instead of hidden behind the first failure.
