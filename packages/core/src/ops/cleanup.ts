@@ -16,6 +16,7 @@ import { abandonStartingSandbox, expireSandboxes, reapSandbox, sandboxAlive, sta
 import { listSnapshots, tagDir } from "../store/snapshots.js";
 import { stageKey } from "../store/staging.js";
 import { branches, sandboxes, staged } from "../store/state.js";
+import { sandboxState } from "../store/state-rules.js";
 import { runtimePaths } from "../vmm/plan.js";
 import { findOurQemus, isOurQemu, killAndWait, releaseStaleUids, removeRunDir, runDirOwnerAlive } from "../vmm/process.js";
 
@@ -68,7 +69,7 @@ export async function cleanup(opts: { dryRun?: boolean } = {}): Promise<CleanupR
   };
   const known = new Set<string>();
   for (const row of sandboxes.list()) {
-    if (row.state === "starting") {
+    if (sandboxState(row) === "starting") {
       if (startingOwned(row)) {
         known.add(row.run_dir);
         continue;

@@ -12,6 +12,7 @@ import { sandboxAlive } from "../sandbox/lifecycle.js";
 import { listSnapshots, type SnapshotInfo } from "../store/snapshots.js";
 import { stageKey } from "../store/staging.js";
 import { branches, sandboxes, staged } from "../store/state.js";
+import { sandboxState } from "../store/state-rules.js";
 import { runtimePaths } from "../vmm/plan.js";
 import { runDirOwnerAlive } from "../vmm/process.js";
 import { QmpClient } from "../vmm/qmp.js";
@@ -30,10 +31,10 @@ export type Leftovers = {
 
 export async function findLeftovers(opts: { qmpTimeoutMs?: number } = {}): Promise<Leftovers> {
   const rows = sandboxes.list();
-  const live = rows.filter((r) => r.state !== "starting" && sandboxAlive(r));
+  const live = rows.filter((r) => sandboxState(r) !== "starting" && sandboxAlive(r));
   const ownedDirs = new Set(live.map((r) => r.run_dir));
   // A row still starting under a living starter is work in progress, not a leftover.
-  for (const r of rows) if (r.state === "starting" && isAlive(r.owner_pid ?? 0)) ownedDirs.add(r.run_dir);
+  for (const r of rows) if (sandboxState(r) === "starting" && isAlive(r.owner_pid ?? 0)) ownedDirs.add(r.run_dir);
   const held = (dir: string) => ownedDirs.has(dir) || runDirOwnerAlive(dir) === true;
 
   const orphanVmms: Leftovers["orphanVmms"] = [];

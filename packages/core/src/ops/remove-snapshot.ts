@@ -15,6 +15,7 @@ import { dependentsOf, subtreeOf } from "../store/chains.js";
 import { getSnapshot, type SnapshotInfo } from "../store/snapshots.js";
 import { stagedPath, stageKey } from "../store/staging.js";
 import { branches, sandboxes, staged } from "../store/state.js";
+import { sandboxState } from "../store/state-rules.js";
 
 export type RemoveSnapshotOpts = {
   /** Kill the live sandboxes forked from the snapshots removed. */
@@ -36,7 +37,7 @@ export async function removeSnapshot(tag: string, opts: RemoveSnapshotOpts = {})
   const doomed = opts.cascade ? await subtreeOf(tag) : [snapshot];
   // A child still being started from it counts: its image must stay until it answers or is undone.
   const live = doomed.flatMap((s) =>
-    sandboxes.byTag(s.tag).filter((row) => (row.state === "starting" ? startingOwned(row) : isAlive(row.pid))),
+    sandboxes.byTag(s.tag).filter((row) => (sandboxState(row) === "starting" ? startingOwned(row) : isAlive(row.pid))),
   );
   // Pooled children are the daemon's stock, not anyone's sandbox: they never keep a snapshot, they go with it.
   const users = live.filter((row) => !row.pool);

@@ -14,6 +14,7 @@ import { setSandboxPriority } from "../sandbox/priority.js";
 import { pooledRows, poolSettings } from "../store/pools.js";
 import { getSnapshot } from "../store/snapshots.js";
 import type { SandboxRow } from "../store/state.js";
+import { sandboxState } from "../store/state-rules.js";
 
 export const MAX_POOL_SIZE = MAX_FORK;
 
@@ -33,7 +34,7 @@ export function poolMembers(tag: string): { ready: SandboxRow[]; starting: Sandb
   const ready: SandboxRow[] = [];
   const starting: SandboxRow[] = [];
   for (const row of pooledRows.of(tag)) {
-    if (row.state === "starting") starting.push(row);
+    if (sandboxState(row) === "starting") starting.push(row);
     else if (sandboxAlive(row)) ready.push(row);
     else void reapSandbox(row).catch(() => {});
   }
