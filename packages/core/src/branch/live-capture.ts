@@ -14,6 +14,7 @@ import path from "node:path";
 import { shmDir } from "../common/config.js";
 import { ForkdError } from "../common/errors.js";
 import { faultPoint } from "../common/fault.js";
+import { UndoStack, withTeardownFailures } from "../common/undo.js";
 import { getSandbox } from "../sandbox/lifecycle.js";
 import { type CaptureSource, offerCapture } from "../sandbox/offered-captures.js";
 import { ancestorsOf, MAX_CHAIN_DEPTH, stageSnapshot } from "../store/chains.js";
@@ -148,33 +149,34 @@ export type LiveCapture = {
 export async function captureLive(sourceId: string, tag: string, opts: { startedAt: number; source?: MappedImage }): Promise<LiveCapture> {
   const row = getSandbox(sourceId, "capture");
   const { snapshot: base, image, ram } = opts.source ?? (await mappedImage(sourceId));
-  const unhold = holdStaged(stageKey(base));
+  // Two stacks: what the capture holds goes whatever happens; the work dirs go only
+  // if it is never registered (registration moves them into place). Each unwinds
+  // every step, newest first, even when one throws.
+  const held = new UndoStack();
+  const workDirs = new UndoStack();
+  held.push("let the staged image be evicted again", holdStaged(stageKey(base)));
   const { work, stageWork } = await snapshotWorkDirs();
+  workDirs.push("remove the snapshot work dir", () => fsp.rm(work, { recursive: true, force: true }));
+  workDirs.push("remove the staging work dir", () => fsp.rm(stageWork, { recursive: true, force: true }));
   const captureDir = await shmWorkDir().catch(async (err: unknown) => {
-    await fsp.rm(work, { recursive: true, force: true });
-    await fsp.rm(stageWork, { recursive: true, force: true });
-    throw err;
+    throw withTeardownFailures(err, [...(await held.unwind()), ...(await workDirs.unwind())]);
   });
+  held.push("remove the capture dir", () => fsp.rm(captureDir, { recursive: true, force: true }));
   const out = {
     vmstate: path.join(captureDir, "capture.vmstate"),
     layer: path.join(captureDir, "capture.layer"),
     pagemap: path.join(captureDir, "capture.pagemap"),
   };
   const devicesPath = path.join(row.run_dir, `capture-${path.basename(captureDir).slice(-8)}.devices`);
-  let withdraw: (() => Promise<void>) | undefined;
+  held.push("remove the saved device state", () => fsp.rm(devicesPath, { force: true }));
   let released = false;
+  /** Give back what the capture holds (and the work dirs unless registered); what could not be undone comes back. */
   const release = async (keep: "registered" | "nothing") => {
-    if (released) return;
+    if (released) return [];
     released = true;
-    // Forks restoring from the capture finish loading it before its files go.
-    await withdraw?.();
-    unhold();
-    await fsp.rm(devicesPath, { force: true });
-    await fsp.rm(captureDir, { recursive: true, force: true });
-    if (keep === "nothing") {
-      await fsp.rm(work, { recursive: true, force: true });
-      await fsp.rm(stageWork, { recursive: true, force: true });
-    }
+    const failures = await held.unwind();
+    if (keep === "registered") workDirs.commit();
+    return [...failures, ...(await workDirs.unwind())];
   };
   let pauseMs: number;
   let capturedPages: number;
@@ -201,14 +203,14 @@ export async function captureLive(sourceId: string, tag: string, opts: { started
       capture.kill();
     }
   } catch (err) {
-    await release("nothing");
-    throw err;
+    throw withTeardownFailures(err, await release("nothing"));
   }
   const from: CaptureSource = {
     snapshot: { ...base, tag, vmstatePath: out.vmstate, parent: base.tag, branchedFrom: sourceId },
     memoryPath: image,
   };
-  withdraw = offerCapture(tag, from);
+  // Unwound first: forks restoring from the capture finish loading it before its files go.
+  held.push("withdraw the offered capture", offerCapture(tag, from));
   const readyAt = performance.now();
   let registering: Promise<SnapshotInfo> | undefined;
   const register = async (): Promise<SnapshotInfo> => {
@@ -240,11 +242,11 @@ export async function captureLive(sourceId: string, tag: string, opts: { started
           timings: { bootMs: 0, warmMs: 0, saveMs: captureMs, totalMs: performance.now() - opts.startedAt },
         },
       });
-      await release("registered");
+      const failures = await release("registered");
+      if (failures.length > 0) throw withTeardownFailures(new ForkdError("io_error", `snapshot ${tag} was registered`), failures);
       return info;
     } catch (err) {
-      await release("nothing");
-      throw err;
+      throw withTeardownFailures(err, await release("nothing"));
     }
   };
   return {
@@ -259,7 +261,10 @@ export async function captureLive(sourceId: string, tag: string, opts: { started
       registering ??= register();
       return registering;
     },
-    discard: () => release("nothing"),
+    discard: async () => {
+      const failures = await release("nothing");
+      if (failures.length > 0) throw withTeardownFailures(new ForkdError("io_error", `discarding the capture ${tag}`), failures);
+    },
   };
 }
 
