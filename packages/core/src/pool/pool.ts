@@ -14,7 +14,7 @@ import { setSandboxPriority } from "../sandbox/priority.js";
 import { pooledRows, poolSettings } from "../store/pools.js";
 import { getSnapshot } from "../store/snapshots.js";
 import type { SandboxRow } from "../store/state.js";
-import { sandboxState } from "../store/state-rules.js";
+import { sandboxAllows, sandboxState } from "../store/state-rules.js";
 
 export const MAX_POOL_SIZE = MAX_FORK;
 
@@ -29,14 +29,20 @@ export type PoolView = {
   updated_at: string | null;
 };
 
-/** Children that exist for `tag`'s pool, counted by phase; dead ones are reaped on the way. */
+/**
+ * Children that exist for `tag`'s pool, counted by phase; dead ones are reaped on the
+ * way, and so are those the state table never lets a pool hand out (a guest that broke
+ * the agent protocol): they would only hold a slot the refill then never fills.
+ */
 export function poolMembers(tag: string): { ready: SandboxRow[]; starting: SandboxRow[] } {
   const ready: SandboxRow[] = [];
   const starting: SandboxRow[] = [];
   for (const row of pooledRows.of(tag)) {
-    if (sandboxState(row) === "starting") starting.push(row);
-    else if (sandboxAlive(row)) ready.push(row);
-    else void reapSandbox(row).catch(() => {});
+    const state = sandboxState(row);
+    if (state === "starting") starting.push(row);
+    else if (!sandboxAlive(row)) void reapSandbox(row).catch(() => {});
+    else if (!sandboxAllows(state, "claim")) void killSandbox(row.id).catch(() => {});
+    else ready.push(row);
   }
   return { ready, starting };
 }
