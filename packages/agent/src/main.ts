@@ -162,13 +162,17 @@ function wakeDrained(): void {
 
 async function pump(): Promise<void> {
   writing = true;
-  for (let next = queue.shift(); next; next = queue.shift()) {
-    await writeAll(next, connection);
-    queuedBytes = Math.max(0, queuedBytes - next.length);
-    wakeDrained();
+  try {
+    for (let next = queue.shift(); next; next = queue.shift()) {
+      await writeAll(next, connection);
+      queuedBytes = Math.max(0, queuedBytes - next.length);
+      wakeDrained();
+    }
+  } finally {
+    // Even after a failure: a pump stuck "writing" would never send another answer.
+    writing = false;
+    for (const fn of writesDoneWaiters.splice(0)) fn();
   }
-  writing = false;
-  for (const fn of writesDoneWaiters.splice(0)) fn();
 }
 
 function send(frame: ResponseFrame): void {
@@ -180,7 +184,7 @@ function send(frame: ResponseFrame): void {
   }
   queue.push(bytes);
   queuedBytes += bytes.length;
-  if (!writing) void pump();
+  if (!writing) pump().catch((err: Error) => console.error(`forkd-agent: writing answers failed: ${err.message}`));
 }
 
 function hostLeft(): void {

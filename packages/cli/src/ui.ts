@@ -18,10 +18,13 @@ export function spinner(text: string): Spinner {
     if (shown) how(shown);
     else pending.push(how);
   };
-  void import("ora").then(({ default: ora }) => {
-    shown = ora({ text, stream: process.stderr, isEnabled: process.stderr.isTTY === true }).start();
-    for (const how of pending.splice(0)) how(shown);
-  });
+  import("ora").then(
+    ({ default: ora }) => {
+      shown = ora({ text, stream: process.stderr, isEnabled: process.stderr.isTTY === true }).start();
+      for (const how of pending.splice(0)) how(shown);
+    },
+    (err: Error) => process.stderr.write(`forkd: no progress spinner (${err.message})\n`),
+  );
   return {
     get text() {
       return text;

@@ -132,8 +132,10 @@ export async function serveHttp(opts: McpHttpOpts): Promise<McpHttpHandle> {
     const server = opts.createServer();
     const transport = new StreamableHTTPServerTransport({ sessionIdGenerator: undefined });
     res.on("close", () => {
-      void transport.close();
-      void server.close();
+      // The answer is gone already: a close that fails can only be reported here.
+      const reportClose = (err: Error) => process.stderr.write(`forkd mcp: closing a request's MCP session failed: ${err.message}\n`);
+      transport.close().catch(reportClose);
+      server.close().catch(reportClose);
     });
     await server.connect(transport);
     await transport.handleRequest(req, res, parsed);

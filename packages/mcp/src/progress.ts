@@ -41,7 +41,13 @@ export class Progress {
     const t0 = performance.now();
     const seconds = () => (performance.now() - t0) / 1000;
     await this.report(0, `${what}: started`);
-    const timer = setInterval(() => void this.report(seconds(), `${what}: ${seconds().toFixed(1)} s`), HEARTBEAT_MS);
+    // report() never rejects (a client that went away cannot be told); the catch is for a bug in it.
+    const heartbeat = () => {
+      this.report(seconds(), `${what}: ${seconds().toFixed(1)} s`).catch((err: Error) =>
+        process.stderr.write(`forkd mcp: progress heartbeat failed: ${err.message}\n`),
+      );
+    };
+    const timer = setInterval(heartbeat, HEARTBEAT_MS);
     let result: T;
     try {
       result = await work;

@@ -170,10 +170,15 @@ export function runExec(request: ExecRequest, signal: AbortSignal, onChunk: Chun
       paused = true;
       child.stdout.pause();
       child.stderr.pause();
-      void flow.drained().then(() => {
+      const resume = () => {
         paused = false;
         child.stdout.resume();
         child.stderr.resume();
+      };
+      flow.drained().then(resume, (err: Error) => {
+        // Output must not stay paused: the command would block on a full pipe.
+        console.error(`forkd-agent: exec output flow: ${err.message}`);
+        resume();
       });
     };
     child.stdout.on("data", onData("stdout"));

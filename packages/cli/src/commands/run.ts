@@ -34,7 +34,9 @@ async function runOnce(command: string[], opts: RunOpts): Promise<number> {
   let vm: Vm | undefined;
   const onSignal = () => {
     abort.abort();
-    void vm?.destroy().finally(() => process.exit(130));
+    (vm?.destroy() ?? Promise.resolve())
+      .catch((err: Error) => process.stderr.write(`forkd: could not stop the VM: ${err.message}\n`))
+      .finally(() => process.exit(130));
   };
   process.once("SIGINT", onSignal);
   process.once("SIGTERM", onSignal);

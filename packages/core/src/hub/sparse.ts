@@ -5,6 +5,7 @@
 import { createHash } from "node:crypto";
 import fsp from "node:fs/promises";
 import { Writable } from "node:stream";
+import { inBackground } from "../common/background.js";
 
 export const SPARSE_MAGIC = Buffer.from("FKSPARSE1\n");
 export const SPARSE_BLOCK = 64 * 1024;
@@ -142,49 +143,62 @@ export class SparseDecoder extends Writable {
     return this.blockIndex;
   }
 
-  override async _write(chunk: Buffer, _enc: BufferEncoding, callback: (err?: Error) => void): Promise<void> {
-    try {
-      this.pending.push(chunk);
-      this.pendingBytes += chunk.length;
-      if (this.size < 0) {
-        const header = this.take(HEADER_BYTES);
-        if (!header) return callback();
-        if (!header.subarray(0, SPARSE_MAGIC.length).equals(SPARSE_MAGIC)) throw new Error("not a forkd sparse encoding");
-        const size = Number(header.readBigUInt64BE(SPARSE_MAGIC.length));
-        if (header.readUInt32BE(SPARSE_MAGIC.length + 8) !== SPARSE_BLOCK) throw new Error("unsupported sparse block size");
-        if (!Number.isSafeInteger(size) || size > this.maxSize)
-          throw new Error(`declares ${size} bytes, more than the ${this.maxSize} allowed`);
-        this.size = size;
-        this.handle = await fsp.open(this.target, "wx", 0o600);
+  // Writable ignores what _write and _final return: each runs its async body and
+  // reports the outcome through the callback itself.
+  override _write(chunk: Buffer, _enc: BufferEncoding, callback: (err?: Error) => void): void {
+    this.decode(chunk).then(
+      () => callback(),
+      (err: Error) => {
+        this.failed(err);
+        callback(err);
+      },
+    );
+  }
+
+  private async decode(chunk: Buffer): Promise<void> {
+    this.pending.push(chunk);
+    this.pendingBytes += chunk.length;
+    if (this.size < 0) {
+      const header = this.take(HEADER_BYTES);
+      if (!header) return;
+      if (!header.subarray(0, SPARSE_MAGIC.length).equals(SPARSE_MAGIC)) throw new Error("not a forkd sparse encoding");
+      const size = Number(header.readBigUInt64BE(SPARSE_MAGIC.length));
+      if (header.readUInt32BE(SPARSE_MAGIC.length + 8) !== SPARSE_BLOCK) throw new Error("unsupported sparse block size");
+      if (!Number.isSafeInteger(size) || size > this.maxSize)
+        throw new Error(`declares ${size} bytes, more than the ${this.maxSize} allowed`);
+      this.size = size;
+      this.handle = await fsp.open(this.target, "wx", 0o600);
+    }
+    if (!this.bitmap) {
+      const bitmap = this.take(Math.ceil(blockCount(this.size) / 8));
+      if (!bitmap) return;
+      this.bitmap = new Uint8Array(bitmap);
+    }
+    for (;;) {
+      const index = this.nextDataBlock();
+      if (index >= blockCount(this.size)) {
+        if (this.pendingBytes > 0) throw new Error("has bytes after its last block");
+        break;
       }
-      if (!this.bitmap) {
-        const bitmap = this.take(Math.ceil(blockCount(this.size) / 8));
-        if (!bitmap) return callback();
-        this.bitmap = new Uint8Array(bitmap);
-      }
-      for (;;) {
-        const index = this.nextDataBlock();
-        if (index >= blockCount(this.size)) {
-          if (this.pendingBytes > 0) throw new Error("has bytes after its last block");
-          break;
-        }
-        const length = Math.min(SPARSE_BLOCK, this.size - index * SPARSE_BLOCK);
-        const block = this.take(length);
-        if (!block) break;
-        this.hashZerosUntil(index * SPARSE_BLOCK);
-        this.hash.update(block);
-        this.hashedUpTo += length;
-        await this.handle!.write(block, 0, length, index * SPARSE_BLOCK);
-        this.blockIndex++;
-      }
-      callback();
-    } catch (err) {
-      this.failed(err as Error);
-      callback(err as Error);
+      const length = Math.min(SPARSE_BLOCK, this.size - index * SPARSE_BLOCK);
+      const block = this.take(length);
+      if (!block) break;
+      this.hashZerosUntil(index * SPARSE_BLOCK);
+      this.hash.update(block);
+      this.hashedUpTo += length;
+      await this.handle!.write(block, 0, length, index * SPARSE_BLOCK);
+      this.blockIndex++;
     }
   }
 
-  override async _final(callback: (err?: Error) => void): Promise<void> {
+  override _final(callback: (err?: Error) => void): void {
+    this.finish().then(
+      () => callback(),
+      (err: Error) => callback(err),
+    );
+  }
+
+  private async finish(): Promise<void> {
     try {
       if (this.size < 0 || !this.bitmap) throw new Error("ends before its header");
       if (this.nextDataBlock() < blockCount(this.size)) throw new Error("ends before its last block");
@@ -193,16 +207,16 @@ export class SparseDecoder extends Writable {
       await this.handle!.close();
       this.hashZerosUntil(this.size);
       this.done({ sha256: this.hash.digest("hex"), size: this.size });
-      callback();
     } catch (err) {
+      // The failure reported is the decoding's; a close failing after it adds nothing.
       await this.handle?.close().catch(() => {});
       this.failed(err as Error);
-      callback(err as Error);
+      throw err;
     }
   }
 
   override _destroy(err: Error | null, callback: (err?: Error | null) => void): void {
-    void this.handle?.close().catch(() => {});
+    if (this.handle) inBackground(`closing ${this.target}`, this.handle.close());
     if (err) this.failed(err);
     callback(err);
   }

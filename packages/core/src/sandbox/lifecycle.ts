@@ -1,4 +1,5 @@
 // Sandboxes after their birth: find them from any process (SQLite), check they live, tear them down.
+import { inBackground } from "../common/background.js";
 import { ForkdError } from "../common/errors.js";
 import { isAlive } from "../common/pid.js";
 import { validateSandboxId } from "../common/validate.js";
@@ -31,7 +32,7 @@ export function getSandbox(id: string, op: SandboxOp = "show"): SandboxInfo {
   assertSandboxAllows(row, "show");
   const alive = sandboxAlive(row);
   if (!alive) {
-    void reapSandbox(row);
+    inBackground(`reaping sandbox ${id}`, reapSandbox(row));
     throw new ForkdError("sandbox_not_found", `sandbox ${id} is no longer running (its VMM exited); it has been removed`, { id });
   }
   assertSandboxAllows(row, op);

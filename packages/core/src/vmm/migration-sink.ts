@@ -63,13 +63,15 @@ export async function openMigrationSink(runDir: string, target: string): Promise
       stderr = (stderr + d).slice(-2000);
       if (stderr.includes("ready\n")) resolve();
     });
-    void exited.then(({ code, signal, error }) =>
-      reject(
-        new ForkdError(
-          "io_error",
-          `could not start the migration copier: ${error?.message ?? (stderr.trim() || "no output")} (${signal ?? `code ${code}`})`,
+    exited.then(
+      ({ code, signal, error }) =>
+        reject(
+          new ForkdError(
+            "io_error",
+            `could not start the migration copier: ${error?.message ?? (stderr.trim() || "no output")} (${signal ?? `code ${code}`})`,
+          ),
         ),
-      ),
+      reject,
     );
   });
   const written = exited.then(({ code, signal }) => {
