@@ -22,6 +22,8 @@
 // Any failure: "error MESSAGE" on stdout and exit status 1.
 // --layer/--pagemap: the same pages in store/layers.ts format (pages back to back,
 // one bit per page), from which the durable snapshot is assembled later.
+// --method: how the written pages are found: scan (PAGEMAP_SCAN), read (every
+// pagemap entry) or auto (default: scan where the kernel has it). Tests compare them.
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -30,6 +32,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -48,6 +51,19 @@
 #define VM_MAGIC 0x5145564dU
 #define VM_VERSION 3U
 #define BATCH_IOVS 1024
+// PAGEMAP_SCAN (Linux 6.7, include/uapi/linux/fs.h), spelled out: Debian 12's headers predate it.
+#define PAGE_IS_FILE (1ULL << 2)
+#define PAGE_IS_PRESENT (1ULL << 3)
+#define PAGE_IS_SWAPPED (1ULL << 4)
+struct page_region {
+  uint64_t start, end, categories;
+};
+struct pm_scan_arg {
+  uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
+  uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
+};
+#define PAGEMAP_SCAN _IOWR('f', 16, struct pm_scan_arg)
+#define SCAN_REGIONS 1024
 
 static _Noreturn void fail(const char *what) {
   printf("error %s: %s\n", what, strerror(errno));
@@ -160,10 +176,52 @@ static int is_zero(const unsigned char *p) {
   return 1;
 }
 
+static void mark(uint8_t *bitmap, unsigned long long p) { bitmap[p >> 3] |= (uint8_t)(1U << (p & 7)); }
+
+// The written pages by PAGEMAP_SCAN: the kernel walks only the page tables that
+// exist and returns runs of pages that are present or swapped and not file-backed
+// (private anonymous copies). Its cost follows what the guest touched, not its RAM
+// size (2 GiB guest here: ~1 ms, against ~60 ms reading all 512 Ki pagemap
+// entries). Returns 0 where the kernel has no PAGEMAP_SCAN; the pagemap is read then.
+static int scan_written(int pm_fd, unsigned long long start, unsigned long long pages, uint8_t *bitmap,
+                        unsigned long long *count) {
+  static struct page_region regions[SCAN_REGIONS];
+  const unsigned long long end = start + pages * PAGE;
+  unsigned long long at = start;
+  while (at < end) {
+    struct pm_scan_arg arg = {
+        .size = sizeof arg,
+        .start = at,
+        .end = end,
+        .vec = (uint64_t)(uintptr_t)regions,
+        .vec_len = SCAN_REGIONS,
+        .category_inverted = PAGE_IS_FILE,
+        .category_mask = PAGE_IS_FILE,
+        .category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+        .return_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE,
+    };
+    int n = ioctl(pm_fd, PAGEMAP_SCAN, &arg);
+    if (n < 0 && at == start && (errno == ENOTTY || errno == EINVAL)) return 0;
+    if (n < 0) fail("PAGEMAP_SCAN");
+    for (int i = 0; i < n; i++) {
+      if (regions[i].start < at || regions[i].end > end || regions[i].start >= regions[i].end || regions[i].start % PAGE ||
+          regions[i].end % PAGE)
+        failmsg("PAGEMAP_SCAN returned a region outside the guest RAM");
+      for (unsigned long long a = regions[i].start; a < regions[i].end; a += PAGE) {
+        mark(bitmap, (a - start) / PAGE);
+        (*count)++;
+      }
+    }
+    if (arg.walk_end <= at || arg.walk_end > end) failmsg("PAGEMAP_SCAN made no progress");
+    at = arg.walk_end;
+  }
+  return 1;
+}
+
 int main(int argc, char **argv) {
   long pid = 0;
   unsigned long long start = 0, pages = 0, section = 0;
-  const char *block = NULL, *prefix = NULL, *vmstate = NULL, *layer = NULL, *pagemap = NULL;
+  const char *block = NULL, *prefix = NULL, *vmstate = NULL, *layer = NULL, *pagemap = NULL, *method = "auto";
   for (int i = 1; i + 1 < argc; i += 2) {
     const char *k = argv[i], *v = argv[i + 1];
     if (!strcmp(k, "--pid")) pid = (long)parse_num(v, 10, "--pid");
@@ -175,11 +233,13 @@ int main(int argc, char **argv) {
     else if (!strcmp(k, "--vmstate")) vmstate = v;
     else if (!strcmp(k, "--layer")) layer = v;
     else if (!strcmp(k, "--pagemap")) pagemap = v;
+    else if (!strcmp(k, "--method")) method = v;
     else failmsg("unknown argument");
   }
   if (pid <= 0 || !start || start % PAGE || !pages || pages > (1ULL << 28) || section > 0xffffffffULL || !block ||
-      strlen(block) > 255 || !prefix || !vmstate || !layer || !pagemap)
-    failmsg("usage: --pid --start --pages --block --section --prefix --vmstate --layer --pagemap");
+      strlen(block) > 255 || !prefix || !vmstate || !layer || !pagemap ||
+      (strcmp(method, "auto") && strcmp(method, "scan") && strcmp(method, "read")))
+    failmsg("usage: --pid --start --pages --block --section --prefix --vmstate --layer --pagemap [--method auto|scan|read]");
 
   char path[64];
   snprintf(path, sizeof path, "/proc/%ld/pagemap", pid);
@@ -194,14 +254,18 @@ int main(int argc, char **argv) {
   char line[PATH_MAX + 64];
   read_line(line, sizeof line);
   if (strcmp(line, "go")) failmsg("expected go");
-  pread_all(pm_fd, entries, pages * sizeof *entries, (off_t)(start / PAGE * sizeof *entries), path);
   unsigned long long count = 0;
-  for (unsigned long long p = 0; p < pages; p++) {
-    uint64_t e = entries[p];
-    // Written since the restore: a private anonymous copy (present, not file-backed), or swapped out.
-    if ((e & PM_SWAPPED) || ((e & PM_PRESENT) && !(e & PM_FILE))) {
-      bitmap[p >> 3] |= (uint8_t)(1U << (p & 7));
-      count++;
+  int scanned = strcmp(method, "read") ? scan_written(pm_fd, start, pages, bitmap, &count) : 0;
+  if (!scanned && !strcmp(method, "scan")) failmsg("this kernel has no PAGEMAP_SCAN");
+  if (!scanned) {
+    pread_all(pm_fd, entries, pages * sizeof *entries, (off_t)(start / PAGE * sizeof *entries), path);
+    for (unsigned long long p = 0; p < pages; p++) {
+      uint64_t e = entries[p];
+      // Written since the restore: a private anonymous copy (present, not file-backed), or swapped out.
+      if ((e & PM_SWAPPED) || ((e & PM_PRESENT) && !(e & PM_FILE))) {
+        mark(bitmap, p);
+        count++;
+      }
     }
   }
   unsigned char *data = count ? malloc(count * PAGE) : NULL;
