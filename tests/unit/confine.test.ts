@@ -21,12 +21,14 @@ describe("VMM confinement plan", () => {
     process.env.FORKD_HOME = "/var/lib/forkd";
     process.env.FORKD_RUN_DIR = "/run/forkd";
     process.env.FORKD_SHM_DIR = "/dev/shm/forkd";
-    process.env.FORKD_CONFINE_HIDE = "/etc/forkd-token:relative/ignored";
+    // A relative path would hide nothing (or the wrong thing): refused, not skipped.
+    process.env.FORKD_CONFINE_HIDE = "/etc/forkd-token:relative/path";
+    expect(() => planConfinement(plan, VMM_UID_BASE + 7)).toThrow(/FORKD_CONFINE_HIDE='.*relative\/path' is not allowed/);
+    process.env.FORKD_CONFINE_HIDE = "/etc/forkd-token";
     const c = planConfinement(plan, VMM_UID_BASE + 7);
     expect(c.hide).toEqual(
       expect.arrayContaining(["/var/lib/forkd", "/run/forkd", "/dev/shm/forkd", "/root", "/etc/shadow", "/etc/forkd-token"]),
     );
-    expect(c.hide).not.toContain("relative/ignored");
     expect(c.uid).toBe(VMM_UID_BASE + 7);
     expect(c.groups).toEqual([VMM_GID]);
     const args = launcherArgs(c, true);

@@ -12,7 +12,11 @@ export const MAX_FRAME_BYTES = 16 * 1024 * 1024;
 export const MAX_FILE_BYTES = 8 * 1024 * 1024;
 /** Calls the agent runs at once; more are refused with `agent_busy`. */
 export const MAX_CONCURRENT_CALLS = 64;
-export const MAX_EXEC_TIMEOUT_MS = 24 * 60 * 60 * 1000;
+/**
+ * The longest timeout one exec may ask for: the agent refuses more, and the REST API
+ * (the daemon's schemas) answers 400 beyond it. One hour.
+ */
+export const MAX_EXEC_TIMEOUT_MS = 3_600_000;
 
 export type ExecRequest = {
   op: "exec";

@@ -3,10 +3,9 @@
 // implementations, so every command prints the same either way.
 import fs from "node:fs";
 import net from "node:net";
-import path from "node:path";
 import type { ApiSnapshot } from "@forkd/core";
-import { forkdRunDir } from "@forkd/core/config";
 import { ForkdError, isErrorCode } from "@forkd/core/errors";
+import { clientSocketPath, setting, settingsEnv } from "@forkd/core/settings";
 import { Controller, ForkdApiError } from "@forkd/sdk";
 import type { Backend, BranchRow, ExecArgs, FilesArgs, LiveForkRows, SnapshotArgs } from "./backend-types.js";
 import { forkRowOf } from "./fork-row.js";
@@ -159,14 +158,23 @@ class DaemonBackend implements Backend {
 }
 
 /**
+ * The daemon the settings name: FORKD_URL (or --daemon-url) with its token, else the
+ * local socket. The SDK finds it from the variables it is given: this process's,
+ * with what the CLI's flags decided written in.
+ */
+export function configuredController(): Controller {
+  return Controller.fromEnv(settingsEnv());
+}
+
+/**
  * FORKD_URL (with FORKD_TOKEN) names a daemon explicitly, and then it must answer.
  * Otherwise a daemon on the default socket is used when it accepts a connection (a
  * stale socket file refuses it); with none, the CLI works on core directly.
  */
 export async function openBackend(): Promise<Backend> {
-  if (process.env.FORKD_URL) return new DaemonBackend(Controller.fromEnv());
-  const socket = process.env.FORKD_SOCKET ?? path.join(forkdRunDir(), "forkd.sock");
-  if (fs.existsSync(socket) && (await accepts(socket))) return new DaemonBackend(Controller.fromEnv());
+  if (setting("url")) return new DaemonBackend(configuredController());
+  const socket = clientSocketPath();
+  if (fs.existsSync(socket) && (await accepts(socket))) return new DaemonBackend(configuredController());
   const { DirectBackend } = await import("./backend-direct.js");
   return new DirectBackend();
 }

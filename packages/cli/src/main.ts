@@ -1,4 +1,5 @@
 #!/usr/bin/env node
+import { configureSettings, settings } from "@forkd/core/settings";
 import { Command, CommanderError } from "commander";
 import { modulesFor } from "./commands/index.js";
 import { reportError } from "./ui.js";
@@ -14,8 +15,9 @@ const program = new Command()
   .hook("preAction", (command) => {
     // forkd's flags: the same as FORKD_URL / FORKD_TOKEN for everything that reaches the daemon.
     const { daemonUrl, daemonToken } = command.optsWithGlobals() as { daemonUrl?: string; daemonToken?: string };
-    if (daemonUrl) process.env.FORKD_URL = daemonUrl;
-    if (daemonToken) process.env.FORKD_TOKEN = daemonToken;
+    configureSettings({ ...(daemonUrl ? { url: daemonUrl } : {}), ...(daemonToken ? { token: daemonToken } : {}) });
+    // Every setting checked before the command does anything: a bad variable is named here.
+    settings();
   });
 
 try {

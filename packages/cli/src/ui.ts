@@ -68,7 +68,7 @@ export function fmtBytes(bytes: number | undefined): string {
 export function reportError(err: unknown): number {
   if (err instanceof ForkdError) {
     process.stderr.write(`forkd: ${err.message} [${err.code}]\n`);
-    return err.code === "bad_request" || err.code === "invalid_tag" || err.code === "invalid_id" ? 2 : 1;
+    return err.code === "bad_request" || err.code === "invalid_tag" || err.code === "invalid_id" || err.code === "invalid_setting" ? 2 : 1;
   }
   process.stderr.write(`forkd: unexpected error: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
   return 1;

@@ -11,6 +11,7 @@ export * from "./common/errors.js";
 export * from "./common/fault.js";
 export * from "./common/pid.js";
 export * from "./common/procmem.js";
+export * from "./common/settings.js";
 export * from "./common/undo.js";
 export * from "./common/validate.js";
 export * from "./guest/agent-client.js";

@@ -5,6 +5,8 @@ import {
   AdmissionLedger,
   admissionLimits,
   cleanup,
+  configureSettings,
+  defaultSocketPath,
   egressPolicyEnabled,
   ensureEgressNamespace,
   ensureRuntimeDir,
@@ -15,6 +17,8 @@ import {
   forkdRunDir,
   listSandboxes,
   markEgressPolicy,
+  setting,
+  settings,
 } from "@forkd/core";
 import type { FastifyInstance } from "fastify";
 import { AgentConnections } from "./agent-connections.js";
@@ -37,16 +41,15 @@ export type DaemonOpts = {
   auditLog?: string;
   maxSandboxes?: number;
   maxBranches?: number;
-  /** "off" runs sandboxes without the egress policy (FORKD_NETWORK_POLICY=off for this process); doctor then fails. */
+  /** "off" runs sandboxes without the egress policy (as FORKD_NETWORK_POLICY=off would); doctor then fails. */
   networkPolicy?: "on" | "off";
   log?: (line: string) => void;
 };
 
 export type RunningDaemon = { socket: string; tcp?: { host: string; port: number }; close: () => Promise<void> };
 
-export function defaultSocketPath(): string {
-  return path.join(forkdRunDir(), "forkd.sock");
-}
+/** The socket the daemon listens on without --socket (core's, re-exported for the daemon's callers). */
+export { defaultSocketPath };
 
 export function defaultTokenFile(): string {
   return path.join(forkdHome(), "token");
@@ -104,6 +107,8 @@ export function createServerContext(opts: {
 }
 
 export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon> {
+  // Every setting checked before anything starts: a bad variable stops the daemon here, naming it.
+  settings();
   const log = opts.log ?? ((line: string) => process.stderr.write(`${line}\n`));
   const tcp = opts.listen === "none" ? undefined : parseListen(opts.listen ?? "127.0.0.1:8889");
   if (tcp && !isLoopback(tcp.host) && !opts.tokenFile) {
@@ -122,10 +127,8 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
   ensureStateDir();
   const token = opts.tokenFile ? readTokenFile(opts.tokenFile) : ensureLocalToken(defaultTokenFile());
   // The daemon's secrets may live outside FORKD_HOME: no VMM it starts may see them either.
-  process.env.FORKD_CONFINE_HIDE = [process.env.FORKD_CONFINE_HIDE, opts.tokenFile, opts.auditLog, opts.tlsKey]
-    .filter((p): p is string => Boolean(p))
-    .map((p) => path.resolve(p))
-    .join(":");
+  const ownSecrets = [opts.tokenFile, opts.auditLog, opts.tlsKey].filter((p): p is string => Boolean(p)).map((p) => path.resolve(p));
+  const restoreHidden = configureSettings({ confineHide: [...setting("confineHide"), ...ownSecrets] });
   const ctx = createServerContext({
     token,
     auditLog: opts.auditLog ?? path.join(forkdHome(), "audit.log"),
@@ -139,7 +142,7 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
   // a killed predecessor left half done is finished or undone (ops/cleanup.ts).
   const report = await cleanup();
   // A host that cannot apply the egress policy is refused here, not at the first fork.
-  if (opts.networkPolicy === "off") process.env.FORKD_NETWORK_POLICY = "off";
+  const restorePolicy = opts.networkPolicy === "off" ? configureSettings({ networkPolicy: "off" }) : () => {};
   markEgressPolicy(egressPolicyEnabled());
   if (egressPolicyEnabled()) await ensureEgressNamespace();
   else log("forkd daemon: the network egress policy is OFF: sandboxes reach the host's loopback services and private networks");
@@ -203,6 +206,8 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
     agents.closeAll();
     audit.close();
     fs.rmSync(socket, { force: true });
+    restorePolicy();
+    restoreHidden();
   };
   return { socket, ...(tcpAddress ? { tcp: tcpAddress } : {}), close };
 }

@@ -41,6 +41,8 @@ export const REMEDIATION: Record<ErrorCode, string> = {
     "check the registry's host name, network and TLS (the message names the host and what failed), then pull or push again",
   registry_denied:
     "log in to the registry (docker login HOST, or FORKD_REGISTRY_USERNAME and FORKD_REGISTRY_PASSWORD) with an account allowed to do this",
+  invalid_setting:
+    "set the environment variable the message names to a value it allows (README: Configuration), or unset it for the default, and restart",
   internal: "see the daemon's log; this is a bug in forkd",
 };
 

@@ -1,14 +1,12 @@
 // Request and response shapes of REST API v1. The daemon validates with these,
 // the OpenAPI document is generated from them, and the SDK's types are inferred
 // from them: one source of truth.
-import { PROCESS_SIGNALS } from "@forkd/agent/protocol";
+import { MAX_EXEC_TIMEOUT_MS, PROCESS_SIGNALS } from "@forkd/agent/protocol";
 import { z } from "zod";
-
-export const MAX_EXEC_TIMEOUT_MS = 3_600_000;
 
 /** The range of every timeout a request may carry (routes check them: outside, 400; see request-checks.ts). */
 export const TIMEOUT_RANGES = {
-  /** exec's timeout_ms (and timeout_secs × 1000). */
+  /** exec's timeout_ms (and timeout_secs × 1000): the agent protocol's maximum, so the API and the guest agree. */
   exec: { min: 1, max: MAX_EXEC_TIMEOUT_MS, unit: "ms" },
   /** forkd's timeout_secs on exec. */
   execSecs: { min: 1, max: MAX_EXEC_TIMEOUT_MS / 1000, unit: "s" },

@@ -10,6 +10,7 @@ import type { AddressInfo } from "node:net";
 import path from "node:path";
 import type { McpServer } from "@modelcontextprotocol/sdk/server/mcp.js";
 import { StreamableHTTPServerTransport } from "@modelcontextprotocol/sdk/server/streamableHttp.js";
+import { processEnvironment } from "./environment.js";
 
 export const MCP_PATH = "/mcp";
 /** A write_file of the agent's largest file (8 MiB) in base64, with room for the JSON around it. */
@@ -42,7 +43,7 @@ export function parseListen(value: string): { host: string; port: number } {
 }
 
 /** The daemon's token: --token-file, else $FORKD_HOME/token (which `forkd daemon` writes). */
-export function readToken(file?: string, env: NodeJS.ProcessEnv = process.env): string {
+export function readToken(file?: string, env: NodeJS.ProcessEnv = processEnvironment()): string {
   const source = file ?? path.join(env.FORKD_HOME ?? "/var/lib/forkd", "token");
   let token: string;
   try {

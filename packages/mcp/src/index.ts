@@ -2,6 +2,7 @@
 // streamable HTTP, talking to the daemon through its REST API with the SDK's Controller.
 import { Controller } from "@forkd/sdk";
 import { StdioServerTransport } from "@modelcontextprotocol/sdk/server/stdio.js";
+import { processEnvironment } from "./environment.js";
 import { type McpHttpHandle, parseListen, readToken, serveHttp } from "./http.js";
 import { createForkdMcpServer } from "./server.js";
 
@@ -12,7 +13,7 @@ export { createForkdMcpServer, errorResult, SERVER_NAME, SERVER_VERSION, toolRes
 const DEFAULT_TIMEOUT_MS = 60_000;
 
 /** The daemon as forkd's clients find it (FORKD_URL / FORKD_TOKEN, else the local socket), with the MCP server's timeout. */
-export function controllerFromEnv(env: NodeJS.ProcessEnv = process.env): Controller {
+export function controllerFromEnv(env: NodeJS.ProcessEnv = processEnvironment()): Controller {
   const secs = Number(env.FORKD_HTTP_TIMEOUT);
   return Controller.fromEnv(env, { requestTimeoutMs: Number.isFinite(secs) && secs > 0 ? secs * 1000 : DEFAULT_TIMEOUT_MS });
 }

@@ -4,6 +4,7 @@
 import type * as S from "@forkd/daemon/schemas";
 import { Agent } from "undici";
 import { errorFromBody, ForkdApiError } from "./api-error.js";
+import { processEnvironment } from "./environment.js";
 import { type DaemonTarget, resolveTarget, targetOf } from "./target.js";
 
 export type ControllerOpts = {
@@ -55,7 +56,7 @@ export class Controller {
    * FORKD_TOKEN; without a URL, the local unix socket, which needs no token
    * (`resolveTarget` has the whole rule).
    */
-  static fromEnv(env: NodeJS.ProcessEnv = process.env, opts: Pick<ControllerOpts, "requestTimeoutMs"> = {}): Controller {
+  static fromEnv(env: NodeJS.ProcessEnv = processEnvironment(), opts: Pick<ControllerOpts, "requestTimeoutMs"> = {}): Controller {
     const target = resolveTarget(env);
     return new Controller({
       url: target.socketPath ? `unix:${target.socketPath}` : target.base,

@@ -2,6 +2,7 @@
 // and the local socket, shared by the Controller, the CLI and the MCP server.
 import fs from "node:fs";
 import path from "node:path";
+import { processEnvironment } from "./environment.js";
 
 export type DaemonTarget = {
   /** Base URL requests go to (for a unix socket, a placeholder host). */
@@ -28,7 +29,12 @@ export function isLoopbackUrl(url: string): boolean {
   }
 }
 
-/** A target from an explicit URL (http(s)://HOST:PORT or unix:/path) or socket path; no environment read. */
+/** $FORKD_RUN_DIR/forkd.sock, where the daemon listens by default (core's defaultSocketPath, which the SDK cannot import). */
+export function defaultSocketPath(env: NodeJS.ProcessEnv = processEnvironment()): string {
+  return path.join(env.FORKD_RUN_DIR || "/run/forkd", "forkd.sock");
+}
+
+/** A target from an explicit URL (http(s)://HOST:PORT or unix:/path) or socket path; no environment read but the default socket's. */
 export function targetOf(opts: { url?: string; socketPath?: string; token?: string }): DaemonTarget {
   let target: DaemonTarget;
   if (opts.url?.startsWith("unix:")) {
@@ -38,7 +44,7 @@ export function targetOf(opts: { url?: string; socketPath?: string; token?: stri
     const base = opts.url.replace(/\/+$/, "");
     target = { base, label: base };
   } else {
-    const socketPath = opts.socketPath ?? path.join(process.env.FORKD_RUN_DIR ?? "/run/forkd", "forkd.sock");
+    const socketPath = opts.socketPath ?? defaultSocketPath();
     target = { base: SOCKET_BASE, socketPath, label: `unix:${socketPath}` };
   }
   return opts.token ? { ...target, token: opts.token } : target;
@@ -49,14 +55,14 @@ export function targetOf(opts: { url?: string; socketPath?: string; token?: stri
  * read them; unset, the local socket ($FORKD_SOCKET, else $FORKD_RUN_DIR/forkd.sock)
  * when it exists, else forkd's default URL.
  */
-export function resolveTarget(env: NodeJS.ProcessEnv = process.env): DaemonTarget {
+export function resolveTarget(env: NodeJS.ProcessEnv = processEnvironment()): DaemonTarget {
   let token = env.FORKD_TOKEN?.trim() || undefined;
   const url = env.FORKD_URL?.trim();
   let target: DaemonTarget;
   if (url) {
     target = targetOf({ url });
   } else {
-    const socketPath = env.FORKD_SOCKET ?? path.join(env.FORKD_RUN_DIR ?? "/run/forkd", "forkd.sock");
+    const socketPath = env.FORKD_SOCKET || defaultSocketPath(env);
     target = fs.existsSync(socketPath) ? targetOf({ socketPath }) : targetOf({ url: DEFAULT_URL });
   }
   // The local token file is offered only to a local daemon: sending it to a remote

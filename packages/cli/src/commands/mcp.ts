@@ -1,4 +1,6 @@
+import path from "node:path";
 import { ForkdError } from "@forkd/core";
+import { setting, settingsEnv } from "@forkd/core/settings";
 import type { Command } from "commander";
 
 type McpCliOpts = { http?: string; tokenFile?: string; tlsCert?: string; tlsKey?: string };
@@ -16,19 +18,25 @@ export function registerMcp(program: Command): void {
     .action(async (opts: McpCliOpts) => {
       // Loaded here, not at the top: the MCP SDK is only worth its start-up time to this command.
       const mcp = await import("@forkd/mcp");
+      // The MCP server reads forkd's client variables from the environment it is given:
+      // this process's, with what the CLI's flags decided written in.
+      const client = mcp.controllerFromEnv(settingsEnv());
       if (!opts.http) {
-        await mcp.runStdio();
+        await mcp.runStdio(client);
         // The client hung up: a daemon call still in flight has nobody to answer to.
         process.exit(0);
       }
       let handle: Awaited<ReturnType<typeof mcp.runHttp>>;
       try {
-        handle = await mcp.runHttp({
-          listen: opts.http,
-          ...(opts.tokenFile ? { tokenFile: opts.tokenFile } : {}),
-          ...(opts.tlsCert ? { tlsCert: opts.tlsCert } : {}),
-          ...(opts.tlsKey ? { tlsKey: opts.tlsKey } : {}),
-        });
+        handle = await mcp.runHttp(
+          {
+            listen: opts.http,
+            tokenFile: opts.tokenFile ?? path.join(setting("home"), "token"),
+            ...(opts.tlsCert ? { tlsCert: opts.tlsCert } : {}),
+            ...(opts.tlsKey ? { tlsKey: opts.tlsKey } : {}),
+          },
+          client,
+        );
       } catch (err) {
         const code = (err as NodeJS.ErrnoException).code ? "io_error" : "bad_request";
         throw new ForkdError(code, (err as Error).message);

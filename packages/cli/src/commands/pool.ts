@@ -1,18 +1,18 @@
 // `forkd pool`: hot pools, which only a daemon keeps (it restores and refills them).
 import fs from "node:fs";
-import path from "node:path";
-import { ForkdError, forkdRunDir } from "@forkd/core";
-import { Controller } from "@forkd/sdk";
+import { ForkdError } from "@forkd/core";
+import { clientSocketPath, setting } from "@forkd/core/settings";
+import type { Controller } from "@forkd/sdk";
 import type { Command } from "commander";
-import { viaApi } from "../backend.js";
+import { configuredController, viaApi } from "../backend.js";
 import { parseIntOption, plainTable } from "../ui.js";
 
 /** The daemon to talk to (FORKD_URL, or one answering on the local socket); a pool needs one. */
 export async function daemonController(what: string): Promise<Controller> {
-  if (process.env.FORKD_URL) return Controller.fromEnv();
-  const socket = process.env.FORKD_SOCKET ?? path.join(forkdRunDir(), "forkd.sock");
+  if (setting("url")) return configuredController();
+  const socket = clientSocketPath();
   if (fs.existsSync(socket)) {
-    const controller = Controller.fromEnv();
+    const controller = configuredController();
     try {
       await controller.health();
       return controller;

@@ -9,6 +9,7 @@ import fsp from "node:fs/promises";
 import path from "node:path";
 import { ForkdError } from "../common/errors.js";
 import { faultPoint } from "../common/fault.js";
+import { setting } from "../common/settings.js";
 import { UndoStack } from "../common/undo.js";
 import { validateName } from "../common/validate.js";
 import { planRestore } from "../sandbox/fork.js";
@@ -45,18 +46,17 @@ export type CaptureResult = {
  * the source is stopped to finish: a guest that dirties memory faster than it is
  * copied never converges on its own. The first pass may take 12 times as long.
  */
-export function diffConvergeMs(env = process.env): number {
-  const ms = Number(env.FORKD_DIFF_CONVERGE_MS);
-  return Number.isFinite(ms) && ms > 0 ? ms : 5000;
+export function diffConvergeMs(): number {
+  return setting("diffConvergeMs");
 }
 
 /** Pre-copy passes over RAM before the same fallback, whichever bound comes first. */
 const DIFF_MAX_PASSES = 20;
 
 /** What a capture may write per second: unlimited unless FORKD_BRANCH_MAX_MIBPS caps the I/O it costs. */
-function captureBandwidth(env = process.env): number {
-  const mib = Number(env.FORKD_BRANCH_MAX_MIBPS);
-  return Number.isFinite(mib) && mib > 0 ? Math.round(mib * 2 ** 20) : 64 * 2 ** 30;
+function captureBandwidth(): number {
+  const mib = setting("branchMaxMibps");
+  return mib !== undefined ? Math.round(mib * 2 ** 20) : 64 * 2 ** 30;
 }
 
 export function parseBranchMode(value: unknown): BranchMode {

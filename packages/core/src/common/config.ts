@@ -1,13 +1,14 @@
 import path from "node:path";
+import { setting } from "./settings.js";
 
 /** Where durable state lives (images, snapshots, the database): survives reboots. */
 export function forkdHome(): string {
-  return path.resolve(process.env.FORKD_HOME ?? "/var/lib/forkd");
+  return setting("home");
 }
 
 /** Where per-VM runtime dirs (sockets, pid files, console logs) live: gone after a reboot, as they should be. */
 export function forkdRunDir(): string {
-  return path.resolve(process.env.FORKD_RUN_DIR ?? "/run/forkd");
+  return setting("runDir");
 }
 
 export function imagesDir(): string {
@@ -19,8 +20,7 @@ export function vmsRunDir(): string {
 }
 
 export function qemuBinary(accel: "kvm" | "tcg"): string {
-  if (process.env.FORKD_QEMU) return process.env.FORKD_QEMU;
-  return accel === "kvm" ? "/usr/bin/qemu-system-x86_64-microvm" : "/usr/bin/qemu-system-x86_64";
+  return setting("qemu") ?? (accel === "kvm" ? "/usr/bin/qemu-system-x86_64-microvm" : "/usr/bin/qemu-system-x86_64");
 }
 
 export function snapshotsDir(): string {
@@ -29,11 +29,10 @@ export function snapshotsDir(): string {
 
 /** Staged memory images live on shmem: children map them privately, and live BRANCH needs shmem for write-protect. */
 export function shmDir(): string {
-  return path.resolve(process.env.FORKD_SHM_DIR ?? "/dev/shm/forkd");
+  return setting("shmDir");
 }
 
 /** How much staged memory images may take on tmpfs before the least recently used idle one is evicted. */
 export function stageBudgetBytes(): number {
-  const mib = Number(process.env.FORKD_STAGE_BUDGET_MIB ?? 8192);
-  return (Number.isFinite(mib) && mib > 0 ? mib : 8192) * 2 ** 20;
+  return setting("stageBudgetMib") * 2 ** 20;
 }

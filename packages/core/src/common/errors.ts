@@ -34,6 +34,8 @@ export const ERROR_STATUS = {
   guest_error: 422,
   /** A registry that refuses the credentials forkd sent (or asks for some and none are configured). */
   registry_denied: 502,
+  /** A setting (an environment variable, common/settings.ts) holds a value it does not allow: the host's configuration must change. */
+  invalid_setting: 500,
   internal: 500,
 } as const;
 

@@ -1,3 +1,4 @@
+import { setting } from "./settings.js";
 // Fault injection, for tests only. A crash window is only closed if a test can
 // make the process die exactly inside it: FORKD_FAULT=STEP (or STEP@N for the Nth
 // time the step is reached, or several joined with commas) makes this process
@@ -45,7 +46,7 @@ const reached = new Map<string, number>();
 
 /** SIGKILL this process here (or throw, with :fail) when FORKD_FAULT names this step (test-only; inert when unset). */
 export function faultPoint(step: FaultStep): void {
-  const wanted = process.env.FORKD_FAULT;
+  const wanted = setting("fault");
   if (!wanted) return;
   const count = (reached.get(step) ?? 0) + 1;
   reached.set(step, count);

@@ -18,7 +18,6 @@ import {
   FrameDecoder,
   type IdentityRequest,
   MAX_BACKGROUND_PROCESSES,
-  MAX_EXEC_TIMEOUT_MS,
   MAX_EXITED_PROCESSES,
   type PingResult,
   type ProcExit,
@@ -31,26 +30,22 @@ import {
   type ResponseFrame,
 } from "@forkd/agent/protocol";
 import { ForkdError } from "../common/errors.js";
+import { SETTINGS, setting } from "../common/settings.js";
 
 type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;
 
 /** Default cap on the output one exec call delivers; FORKD_MAX_OUTPUT_BYTES overrides it. */
-export const DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024;
+export const DEFAULT_MAX_OUTPUT_BYTES = SETTINGS.maxOutputBytes.default;
 
 export function defaultMaxOutputBytes(): number {
-  const raw = process.env.FORKD_MAX_OUTPUT_BYTES;
-  const value = raw === undefined ? Number.NaN : Number(raw);
-  return Number.isSafeInteger(value) && value > 0 ? value : DEFAULT_MAX_OUTPUT_BYTES;
+  return setting("maxOutputBytes");
 }
 
 // How long an agent may stay silent, once a call has been cancelled, before the
 // host gives up on it. Counted from the cancel or the last frame, whichever is later,
-// so an agent that is merely busy draining output is never cut off.
-const DEFAULT_SILENCE_GRACE_MS = 30_000;
-
+// so an agent that is merely busy draining output is never cut off (FORKD_AGENT_GRACE_MS).
 function silenceGraceMs(): number {
-  const value = Number(process.env.FORKD_AGENT_GRACE_MS);
-  return Number.isSafeInteger(value) && value > 0 ? value : DEFAULT_SILENCE_GRACE_MS;
+  return setting("agentGraceMs");
 }
 
 // A host that hung up mid-call may leave frames queued in the guest that the next
@@ -68,13 +63,18 @@ const MAX_RETIRED_IDS = 4096;
 
 // After this long with nothing said either way, the guest's clock is set again (the
 // agent's `clock` op) before the next call: a guest keeps time with its TSC, at the
-// rate the host told it at boot, and that rate is only as good as the host's figure.
-const CLOCK_RESYNC_IDLE_MS = 60_000;
-
+// rate the host told it at boot, and that rate is only as good as the host's figure
+// (FORKD_CLOCK_RESYNC_MS).
 function clockResyncIdleMs(): number {
-  const value = Number(process.env.FORKD_CLOCK_RESYNC_MS);
-  return Number.isSafeInteger(value) && value > 0 ? value : CLOCK_RESYNC_IDLE_MS;
+  return setting("clockResyncMs");
 }
+
+/**
+ * How long the host waits on an exec that has no timeout of its own, or on a
+ * process it follows: a day, longer than any exec may ask for (MAX_EXEC_TIMEOUT_MS),
+ * and still never unbounded.
+ */
+const UNTIMED_CALL_DEADLINE_MS = 24 * 3_600_000;
 
 /** Host-side deadline of a call nobody gave one: never unbounded. */
 export function defaultDeadlineMs(request: { op: string; timeoutMs?: unknown }): number {
@@ -84,14 +84,14 @@ export function defaultDeadlineMs(request: { op: string; timeoutMs?: unknown }):
       return 10_000;
     case "exec":
       // The agent enforces the command's own timeout; the margin covers its answer.
-      return (own ?? MAX_EXEC_TIMEOUT_MS) + 30_000;
+      return (own ?? UNTIMED_CALL_DEADLINE_MS) + 30_000;
     case "eval":
       return (own ?? 30_000) + 10_000;
     case "identity":
       return 30_000;
     case "proc_attach":
       // Follows a process until it exits, which may be never; a detach (cancel) ends it sooner.
-      return MAX_EXEC_TIMEOUT_MS + 30_000;
+      return UNTIMED_CALL_DEADLINE_MS + 30_000;
     default:
       return 60_000;
   }

@@ -10,6 +10,7 @@ import { ensureStateDir } from "../common/dirs.js";
 import { ForkdError } from "../common/errors.js";
 import { exists, fsyncDir, readJson, sha256File, writeFileAtomic } from "../common/fsutil.js";
 import { runChecked, runProgram } from "../common/program.js";
+import { setting } from "../common/settings.js";
 import { validateName } from "../common/validate.js";
 import { busyboxShims, patchBusybox, WGET_APPLET } from "./busybox.js";
 import { type CpioEntry, writeCpio } from "./cpio.js";
@@ -53,7 +54,7 @@ export function compareKernelVersions(a: string, b: string): number {
 
 /** The newest Debian cloud kernel in /boot with its modules; its version is discovered, never assumed. */
 export async function discoverKernel(bootDir = "/boot", modulesRoot = "/lib/modules"): Promise<KernelInfo> {
-  const override = process.env.FORKD_KERNEL;
+  const override = setting("kernel");
   let names: string[] = [];
   try {
     names = await fs.readdir(bootDir);
@@ -117,7 +118,7 @@ async function gatherInputs(): Promise<Inputs> {
       throw new ForkdError("not_supported", `module ${file} is compressed; busybox insmod needs plain .ko modules`);
     }
   }
-  const busybox = process.env.FORKD_BUSYBOX ?? "/bin/busybox";
+  const busybox = setting("busybox");
   if (!(await exists(busybox))) {
     throw new ForkdError("missing_dependency", `${busybox} not found; install it with: apt-get install busybox-static`);
   }

@@ -4,15 +4,15 @@
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
+import { setting } from "../common/settings.js";
 
 export type Credentials = { username: string; password: string /** Where they came from, for messages. */; source: string };
 export type Challenge = { scheme: string; params: Record<string, string> };
 
 /** docker's config file: $DOCKER_CONFIG/config.json, else ~/.docker/config.json. */
 export function dockerConfigPath(): string {
-  return process.env.DOCKER_CONFIG
-    ? path.join(process.env.DOCKER_CONFIG, "config.json")
-    : path.join(os.homedir(), ".docker", "config.json");
+  const dir = setting("dockerConfig");
+  return dir ? path.join(dir, "config.json") : path.join(os.homedir(), ".docker", "config.json");
 }
 
 /** The host an `auths` key names: docker writes them as hosts, URLs, or Docker Hub's v1 index URL. */
@@ -37,8 +37,8 @@ function sameRegistry(a: string, b: string): boolean {
  * does not run; their registries need the environment variables.
  */
 export function registryCredentials(host: string): Credentials | undefined {
-  const user = process.env.FORKD_REGISTRY_USERNAME;
-  const pass = process.env.FORKD_REGISTRY_PASSWORD;
+  const user = setting("registryUsername");
+  const pass = setting("registryPassword");
   if (user && pass !== undefined) return { username: user, password: pass, source: "FORKD_REGISTRY_USERNAME/FORKD_REGISTRY_PASSWORD" };
   const file = dockerConfigPath();
   let config: { auths?: Record<string, { auth?: string; username?: string; password?: string }> };

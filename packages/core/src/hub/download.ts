@@ -12,6 +12,7 @@ import { ensurePrivateDir, ensureStateDir } from "../common/dirs.js";
 import { ForkdError } from "../common/errors.js";
 import { fsyncDir } from "../common/fsutil.js";
 import { isAlive, withPidLock } from "../common/pid.js";
+import { setting } from "../common/settings.js";
 import { plainHttpAllowed, type RefOpts } from "./reference.js";
 import { unreachable } from "./registry-client.js";
 
@@ -27,8 +28,7 @@ export function blobsDir(): string {
 }
 
 function stallMs(): number {
-  const ms = Number(process.env.FORKD_REGISTRY_TIMEOUT_MS ?? 60_000);
-  return Number.isFinite(ms) && ms > 0 ? ms : 60_000;
+  return setting("registryTimeoutMs");
 }
 
 /** GET `url` following redirects by hand, each hop under the same http rule; no credentials are ever sent. */

@@ -8,6 +8,7 @@ import { createHash, randomBytes } from "node:crypto";
 import fsp from "node:fs/promises";
 import path from "node:path";
 import { ForkdError, isForkdError } from "../common/errors.js";
+import { setting } from "../common/settings.js";
 import { blobsDir, fetchFollowing, removeDeadTemps, resumableDownload } from "./download.js";
 import { type Progress, unpackFile } from "./pack.js";
 import { HUB_NAME_RE, parseFetchUrl, type RefOpts } from "./reference.js";
@@ -24,7 +25,7 @@ const SHA_RE = /^[0-9a-f]{64}$/;
 
 /** The hub index to use: --hub, else FORKD_HUB_URL. */
 export function hubIndexUrl(hub: string | undefined, opts: RefOpts = {}): URL {
-  const value = hub ?? process.env.FORKD_HUB_URL;
+  const value = hub ?? setting("hubUrl");
   if (!value) {
     throw new ForkdError(
       "bad_request",

@@ -5,6 +5,7 @@
 // starts with a host (it has a dot or a port, or is localhost), a hub name is
 // exactly two plain words, and a URL has its scheme.
 import { ForkdError } from "../common/errors.js";
+import { setting } from "../common/settings.js";
 
 export type RegistryRef = {
   kind: "registry";
@@ -49,11 +50,7 @@ function shown(value: string): string {
 
 /** Hosts the user allowed over http: the option, then FORKD_INSECURE_REGISTRIES (comma-separated). */
 export function insecureHosts(opts: RefOpts = {}): string[] {
-  const fromEnv = (process.env.FORKD_INSECURE_REGISTRIES ?? "")
-    .split(",")
-    .map((h) => h.trim())
-    .filter(Boolean);
-  return [...(opts.insecureRegistries ?? []), ...fromEnv].map((h) => h.toLowerCase());
+  return [...(opts.insecureRegistries ?? []), ...setting("insecureRegistries")].map((h) => h.toLowerCase());
 }
 
 function hostOnly(host: string): string {

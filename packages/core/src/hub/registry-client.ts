@@ -4,6 +4,7 @@
 // Authorization header never leaves the registry's origin, and turning every
 // failure into an error that names the host and the request tried.
 import { ForkdError } from "../common/errors.js";
+import { setting } from "../common/settings.js";
 import { basicHeader, type Credentials, dockerConfigPath, parseChallenges, registryCredentials } from "./auth.js";
 import { plainHttpAllowed, type RefOpts, type RegistryRef } from "./reference.js";
 
@@ -13,14 +14,12 @@ export const MAX_MANIFEST_BYTES = 4 * 2 ** 20;
 export const OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json";
 
 function timeoutMs(): number {
-  const ms = Number(process.env.FORKD_REGISTRY_TIMEOUT_MS ?? 60_000);
-  return Number.isFinite(ms) && ms > 0 ? ms : 60_000;
+  return setting("registryTimeoutMs");
 }
 
 /** Upload chunk size (FORKD_REGISTRY_CHUNK_MIB, default 16). */
 export function chunkBytes(): number {
-  const mib = Number(process.env.FORKD_REGISTRY_CHUNK_MIB ?? 16);
-  return Math.round((Number.isFinite(mib) && mib > 0 ? Math.min(mib, 512) : 16) * 2 ** 20);
+  return Math.round(setting("registryChunkMib") * 2 ** 20);
 }
 
 export type SendOpts = {

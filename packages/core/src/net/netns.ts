@@ -11,6 +11,7 @@ import { ensureRuntimeDir } from "../common/dirs.js";
 import { ForkdError } from "../common/errors.js";
 import { withPidLock } from "../common/pid.js";
 import { runChecked, runProgram } from "../common/program.js";
+import { setting } from "../common/settings.js";
 import {
   type EgressLayout,
   type EgressPolicy,
@@ -30,8 +31,8 @@ const IP = "ip";
 const NFT = "nft";
 
 /** On unless turned off: FORKD_NETWORK_POLICY=off (or `forkd daemon --network-policy off`); doctor then fails its check. */
-export function egressPolicyEnabled(env = process.env): boolean {
-  return env.FORKD_NETWORK_POLICY !== "off";
+export function egressPolicyEnabled(): boolean {
+  return setting("networkPolicy") === "on";
 }
 
 /** A daemon started with the policy off leaves this mark, so `forkd doctor` run beside it knows. */

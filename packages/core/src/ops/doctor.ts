@@ -3,6 +3,7 @@ import fs from "node:fs";
 import { chooseAccel } from "../boot/vm.js";
 import { qemuBinary } from "../common/config.js";
 import { runProgram } from "../common/program.js";
+import { setting } from "../common/settings.js";
 import { discoverKernel, getImage } from "../guest/image.js";
 import { egressNamespaceInfo, egressPolicyEnabled, egressPolicyMarkedOff, egressProblems } from "../net/netns.js";
 import { detectCgroups } from "../sandbox/cgroup.js";
@@ -13,7 +14,7 @@ export type CheckStatus = "pass" | "warn" | "fail";
 export type Check = { name: string; status: CheckStatus; detail: string; fix?: string };
 
 async function which(file: string): Promise<boolean> {
-  for (const dir of (process.env.PATH ?? "/usr/bin:/bin").split(":")) {
+  for (const dir of setting("searchPath").split(":")) {
     try {
       fs.accessSync(`${dir}/${file}`, fs.constants.X_OK);
       return true;

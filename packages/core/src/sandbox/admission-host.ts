@@ -4,7 +4,7 @@
 import fs from "node:fs";
 import path from "node:path";
 import { shmDir } from "../common/config.js";
-import { ForkdError } from "../common/errors.js";
+import { setting } from "../common/settings.js";
 import { getSnapshot, type SnapshotInfo } from "../store/snapshots.js";
 import { evictableStagedBytes, evictStaged } from "../store/staging.js";
 import {
@@ -44,27 +44,19 @@ export function readCapacity(): Capacity {
   };
 }
 
-function envNumber(name: string, check: (v: number) => boolean, what: string): number | undefined {
-  const raw = process.env[name];
-  if (raw === undefined || raw === "") return undefined;
-  const value = Number(raw);
-  if (!Number.isFinite(value) || !check(value)) throw new ForkdError("bad_request", `${name} must be ${what}, got '${raw}'`);
-  return value;
-}
-
 /**
  * The daemon's limits. FORKD_ADMIT_MEMORY_HEADROOM_MIB sets the host memory
  * admission never hands out; FORKD_ADMIT_DIRTY_FRACTION (0..1) how much of its RAM
  * a child without a memory limit is counted as writing (1: the worst case).
  */
 export function admissionLimits(opts: { maxSandboxes: number; maxBranches: number }): Limits {
-  const headroomMib = envNumber("FORKD_ADMIT_MEMORY_HEADROOM_MIB", (v) => v >= 0, "a number of MiB (0 or more)");
-  const dirtyFraction = envNumber("FORKD_ADMIT_DIRTY_FRACTION", (v) => v >= 0 && v <= 1, "a fraction from 0 to 1");
+  const headroomMib = setting("admitMemoryHeadroomMib");
+  const dirtyFraction = setting("admitDirtyFraction");
   return defaultLimits({
     ...opts,
     memTotalBytes: parseMemInfo(fs.readFileSync("/proc/meminfo", "utf8")).memTotalBytes,
     ...(headroomMib !== undefined ? { memoryHeadroomBytes: headroomMib * MIB } : {}),
-    ...(dirtyFraction !== undefined ? { dirtyFraction } : {}),
+    dirtyFraction,
   });
 }
 

@@ -4,6 +4,7 @@
 // event-loop turn can never both take the last of something. Reading the host
 // (/proc/meminfo, statfs) is admission-host.ts; nothing here does I/O.
 import { ForkdError } from "../common/errors.js";
+import { SETTINGS } from "../common/settings.js";
 
 const MIB = 2 ** 20;
 
@@ -18,7 +19,7 @@ export const CAPTURE_STREAM_SLACK_BYTES = 64 * MIB;
  * Pages a child only reads stay shared with the staged image (counted once, when
  * staged); only the pages it writes become its own. 1 counts the worst case.
  */
-export const DEFAULT_DIRTY_FRACTION = 0.25;
+export const DEFAULT_DIRTY_FRACTION = SETTINGS.admitDirtyFraction.default;
 
 export type Resource = "memory" | "shm" | "sandboxes" | "branches";
 

@@ -4,6 +4,7 @@ import path from "node:path";
 import { forkdHome, qemuBinary } from "../common/config.js";
 import { ensureStateDir } from "../common/dirs.js";
 import { ForkdError } from "../common/errors.js";
+import { setting } from "../common/settings.js";
 import type { Accel } from "./plan.js";
 
 export type AccelChoice = { accel: Accel; reason: string };
@@ -66,7 +67,7 @@ function probeKey(): string {
  * TCG otherwise. FORKD_ACCEL or --accel overrides.
  */
 export async function selectAccel(opts: { override?: string; probe: ProbeBoot }): Promise<AccelChoice> {
-  const override = opts.override ?? process.env.FORKD_ACCEL;
+  const override = opts.override ?? setting("accel");
   if (override) return { accel: parseAccel(override), reason: `chosen explicitly (${opts.override ? "--accel" : "FORKD_ACCEL"})` };
   if (cached) return cached;
   const fromHost = accelFromHost(fs.readFileSync("/proc/cpuinfo", "utf8"), kvmUsable());

@@ -7,10 +7,11 @@ import fs from "node:fs";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 import { ForkdError } from "../common/errors.js";
+import { setting } from "../common/settings.js";
 
 /** Where forkd-capture-pages is built: core's dist (`npm run build`), named from the package root so it is found from src/vmm (tests) as from dist/vmm. */
 export function capturePagesPath(): string {
-  return process.env.FORKD_CAPTURE_PAGES ?? fileURLToPath(new URL("../../dist/forkd-capture-pages", import.meta.url));
+  return setting("capturePages") ?? fileURLToPath(new URL("../../dist/forkd-capture-pages", import.meta.url));
 }
 
 export type GuestRam = { start: number; pages: number; path: string; inode: number; deleted: boolean };

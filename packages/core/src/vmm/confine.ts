@@ -8,6 +8,7 @@ import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { forkdHome, forkdRunDir, shmDir } from "../common/config.js";
 import { ForkdError } from "../common/errors.js";
+import { setting } from "../common/settings.js";
 import type { VmPlan } from "./plan.js";
 
 /** uids handed to VMMs: no account needed, above the ranges distributions and container tools hand out. */
@@ -28,18 +29,18 @@ export type Confinement = {
 };
 
 /** Off only when asked: FORKD_CONFINE=off (the doctor then reports a failed check). */
-export function confinementEnabled(env = process.env): boolean {
-  return env.FORKD_CONFINE !== "off";
+export function confinementEnabled(): boolean {
+  return setting("confine") === "on";
 }
 
 /** Where forkd-vmm-launch is built: core's dist (`npm run build`), named from the package root so it is found from src/vmm (tests) as from dist/vmm. */
 export function launcherPath(): string {
-  return process.env.FORKD_VMM_LAUNCH ?? fileURLToPath(new URL("../../dist/forkd-vmm-launch", import.meta.url));
+  return setting("vmmLaunch") ?? fileURLToPath(new URL("../../dist/forkd-vmm-launch", import.meta.url));
 }
 
 /** Host paths no VMM may see, whatever it was started for. */
-export function hiddenPaths(env = process.env): string[] {
-  const extra = (env.FORKD_CONFINE_HIDE ?? "").split(":").filter((p) => path.isAbsolute(p));
+export function hiddenPaths(): string[] {
+  const extra = setting("confineHide");
   return [forkdHome(), forkdRunDir(), shmDir(), "/root", "/home", "/etc/shadow", "/etc/gshadow", "/etc/forkd", ...extra];
 }
 

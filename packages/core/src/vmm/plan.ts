@@ -1,6 +1,7 @@
 // Planning a QEMU command line: pure, unit-tested. Launching it is vmm/process.ts.
 import path from "node:path";
 import { ForkdError } from "../common/errors.js";
+import { setting } from "../common/settings.js";
 
 export type Accel = "kvm" | "tcg";
 
@@ -91,7 +92,7 @@ export const BASE_APPEND = "console=ttyS0 panic=-1 quiet reboot=t nowatchdog psi
  * calibration fails and boot stalls ("tsc: Unable to calibrate against PIT").
  * Telling the guest the host's known TSC rate skips the calibration entirely.
  */
-export function guestAppend(accel: Accel, hostCpuinfo: string, extra = process.env.FORKD_APPEND): string {
+export function guestAppend(accel: Accel, hostCpuinfo: string, extra = setting("append")): string {
   if (extra) return extra;
   const parts = [BASE_APPEND];
   if (accel === "tcg") {

@@ -11,7 +11,7 @@ import { randomBytes } from "node:crypto";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { cleanup, ForkdError, findLeftovers, forkdHome } from "@forkd/core";
+import { cleanup, configureSettings, ForkdError, findLeftovers, forkdHome, settingsEnv } from "@forkd/core";
 import { Controller } from "@forkd/sdk";
 import type { Command } from "commander";
 import { parseIntOption, plainTable, spinner } from "../../ui.js";
@@ -76,11 +76,7 @@ class Campaign {
   readonly shmDir = fs.mkdtempSync(path.join("/dev/shm", "forkd-chaos-"));
   readonly socket = path.join(this.root, "forkd.sock");
   readonly token = randomBytes(24).toString("base64url");
-  private readonly saved = {
-    FORKD_HOME: process.env.FORKD_HOME,
-    FORKD_RUN_DIR: process.env.FORKD_RUN_DIR,
-    FORKD_SHM_DIR: process.env.FORKD_SHM_DIR,
-  };
+  private readonly restoreSettings: () => void;
   daemon: Daemon | undefined;
 
   constructor() {
@@ -90,14 +86,14 @@ class Campaign {
     if (fs.existsSync(images)) fs.symlinkSync(images, path.join(this.home, "images"));
     fs.writeFileSync(path.join(this.root, "token"), `${this.token}\n`, { mode: 0o600 });
     // This process reads the same state the daemon writes (findLeftovers, cleanup at the end).
-    Object.assign(process.env, { FORKD_HOME: this.home, FORKD_RUN_DIR: this.runDir, FORKD_SHM_DIR: this.shmDir });
+    this.restoreSettings = configureSettings({ home: this.home, runDir: this.runDir, shmDir: this.shmDir });
   }
 
   async start(): Promise<Daemon> {
     const child = spawn(
       process.execPath,
       [process.argv[1]!, "daemon", "--socket", this.socket, "--listen", "none", "--token-file", path.join(this.root, "token")],
-      { env: process.env, stdio: ["ignore", "ignore", "pipe"] },
+      { env: settingsEnv(), stdio: ["ignore", "ignore", "pipe"] },
     );
     let log = "";
     child.stderr!.setEncoding("utf8").on("data", (d: string) => (log = (log + d).slice(-8000)));
@@ -138,10 +134,7 @@ class Campaign {
       }
     }
     await cleanup().catch(() => {});
-    for (const [key, value] of Object.entries(this.saved)) {
-      if (value === undefined) delete process.env[key];
-      else process.env[key] = value;
-    }
+    this.restoreSettings();
     fs.rmSync(this.root, { recursive: true, force: true });
     fs.rmSync(this.shmDir, { recursive: true, force: true });
   }

@@ -2,7 +2,7 @@
 // seccomp) costs a fork, against unconfined forks of the same snapshot in the
 // same run, alternated so both see the same machine load.
 import { randomBytes } from "node:crypto";
-import { createSnapshot, ForkdError, forkSandboxes, killSandbox, removeSnapshot } from "@forkd/core";
+import { configureSettings, createSnapshot, ForkdError, forkSandboxes, killSandbox, removeSnapshot } from "@forkd/core";
 import type { Command } from "commander";
 import { parseIntOption, spinner } from "../../ui.js";
 import { emit, machine, p50, round1 } from "./report.js";
@@ -18,7 +18,7 @@ export function registerConfineBench(bench: Command): void {
       if (process.geteuid?.() !== 0) throw new ForkdError("not_supported", "bench confine needs root (confined VMMs get their own uid)");
       const tag = `bench-confine-${randomBytes(4).toString("hex")}`;
       const s = spinner(`snapshot ${tag}`);
-      const saved = process.env.FORKD_CONFINE;
+      let restoreSettings = () => {};
       const samples = {
         confined: [] as number[],
         unconfined: [] as number[],
@@ -29,7 +29,8 @@ export function registerConfineBench(bench: Command): void {
         for (let i = 0; i < opts.count * 2; i++) {
           const kind = i % 2 === 0 ? "confined" : "unconfined";
           s.text = `fork ${Math.floor(i / 2) + 1}/${opts.count} ${kind}`;
-          process.env.FORKD_CONFINE = kind === "confined" ? "on" : "off";
+          restoreSettings();
+          restoreSettings = configureSettings({ confine: kind === "confined" ? "on" : "off" });
           const [child] = await forkSandboxes({ tag, n: 1 });
           if (!child?.ok)
             throw new ForkdError("vm_start_failed", `a ${kind} fork failed: ${child && !child.ok ? child.error.message : "?"}`);
@@ -38,8 +39,7 @@ export function registerConfineBench(bench: Command): void {
           await killSandbox(child.id);
         }
       } finally {
-        if (saved === undefined) delete process.env.FORKD_CONFINE;
-        else process.env.FORKD_CONFINE = saved;
+        restoreSettings();
         s.stop();
         await removeSnapshot(tag, { force: true }).catch(() => {});
       }

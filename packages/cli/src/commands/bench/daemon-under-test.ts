@@ -6,7 +6,7 @@ import { randomBytes } from "node:crypto";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { ForkdError, forkdHome } from "@forkd/core";
+import { ForkdError, forkdHome, settingsEnv } from "@forkd/core";
 import { Controller } from "@forkd/sdk";
 
 export type DaemonUnderTest = {
@@ -40,7 +40,7 @@ export async function startDaemonUnderTest(opts: { prefix: string; args?: string
   const token = randomBytes(24).toString("base64url");
   fs.writeFileSync(tokenFile, `${token}\n`, { mode: 0o600 });
   const socket = path.join(root, "forkd.sock");
-  const env = { ...process.env, FORKD_HOME: home, FORKD_RUN_DIR: runDir, FORKD_SHM_DIR: shmDir };
+  const env = settingsEnv({ home, runDir, shmDir });
   const child: ChildProcess = spawn(
     process.execPath,
     [

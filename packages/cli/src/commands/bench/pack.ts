@@ -8,12 +8,21 @@ import fs from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
-import { createSnapshot, ForkdError, getSnapshot, packSnapshot, pullSnapshot, pushSnapshot, removeSnapshot, unpackFile } from "@forkd/core";
+import {
+  createSnapshot,
+  ForkdError,
+  getSnapshot,
+  packSnapshot,
+  pullSnapshot,
+  pushSnapshot,
+  removeSnapshot,
+  setting,
+  unpackFile,
+  withSettings,
+} from "@forkd/core";
 import type { Command } from "commander";
 import { parseIntOption, plainTable, spinner } from "../../ui.js";
 import { emit, fieldsTable, MIB, machine, round1 } from "./report.js";
-
-const REGISTRY_BIN = process.env.FORKD_DOCKER_REGISTRY ?? "/usr/bin/docker-registry";
 
 function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -28,8 +37,9 @@ function freePort(): Promise<number> {
 
 /** A docker-registry of our own on loopback, storage under `dir`; never the packaged service. */
 export async function startRegistry(dir: string): Promise<{ port: number; child: ChildProcess }> {
-  if (!fs.existsSync(REGISTRY_BIN)) {
-    throw new ForkdError("missing_dependency", `${REGISTRY_BIN} is not installed: apt-get install docker-registry (npm run setup does)`);
+  const registryBin = setting("dockerRegistry");
+  if (!fs.existsSync(registryBin)) {
+    throw new ForkdError("missing_dependency", `${registryBin} is not installed: apt-get install docker-registry (npm run setup does)`);
   }
   const port = await freePort();
   const config = [
@@ -47,7 +57,7 @@ export async function startRegistry(dir: string): Promise<{ port: number; child:
     "",
   ].join("\n");
   fs.writeFileSync(path.join(dir, "config.yml"), config);
-  const child = spawn(REGISTRY_BIN, ["serve", path.join(dir, "config.yml")], { stdio: ["ignore", "ignore", "pipe"] });
+  const child = spawn(registryBin, ["serve", path.join(dir, "config.yml")], { stdio: ["ignore", "ignore", "pipe"] });
   let log = "";
   child.stderr!.setEncoding("utf8").on("data", (d: string) => (log = (log + d).slice(-4000)));
   const deadline = Date.now() + 20_000;
@@ -65,21 +75,8 @@ export async function startRegistry(dir: string): Promise<{ port: number; child:
 }
 
 /** Run `fn` with FORKD_HOME (and the staging dir) pointing at a scratch store. */
-async function inHome<T>(home: string, fn: () => Promise<T>): Promise<T> {
-  const saved = { home: process.env.FORKD_HOME, shm: process.env.FORKD_SHM_DIR };
-  process.env.FORKD_HOME = home;
-  process.env.FORKD_SHM_DIR = `${home}-shm`;
-  try {
-    return await fn();
-  } finally {
-    for (const [key, value] of [
-      ["FORKD_HOME", saved.home],
-      ["FORKD_SHM_DIR", saved.shm],
-    ] as const) {
-      if (value === undefined) delete process.env[key];
-      else process.env[key] = value;
-    }
-  }
+function inHome<T>(home: string, fn: () => Promise<T>): Promise<T> {
+  return withSettings({ home, shmDir: `${home}-shm` }, fn);
 }
 
 async function timed<T>(fn: () => Promise<T>): Promise<{ value: T; seconds: number }> {

@@ -2,7 +2,7 @@
 // one way to print (a table, or JSON) and to keep the result (FORKD_BENCH_DIR).
 import fs from "node:fs";
 import os from "node:os";
-import { type Accel, chooseAccel } from "@forkd/core";
+import { type Accel, chooseAccel, setting } from "@forkd/core";
 import { percentile, round1 } from "../../stats.js";
 import { plainTable } from "../../ui.js";
 
@@ -36,7 +36,7 @@ export function fieldsTable(result: Record<string, unknown>): string {
  * line with --json, otherwise `render` (the plain fields by default).
  */
 export function emit(name: string, result: Record<string, unknown>, opts: { json?: boolean }, render = fieldsTable): void {
-  const dir = process.env.FORKD_BENCH_DIR;
+  const dir = setting("benchDir");
   if (dir) {
     fs.mkdirSync(dir, { recursive: true });
     fs.writeFileSync(`${dir}/${name}.json`, `${JSON.stringify(result, null, 2)}\n`);
