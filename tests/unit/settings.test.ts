@@ -3,6 +3,7 @@
 // from the table, and no variable read anywhere the table does not list.
 import { spawnSync } from "node:child_process";
 import fs from "node:fs";
+import os from "node:os";
 import path from "node:path";
 import {
   clientSocketPath,
@@ -167,5 +168,35 @@ describe("settings", () => {
     });
     expect(res.status).toBe(2);
     expect(res.stderr).toContain("FORKD_AGENT_GRACE_MS='soon' is not allowed: a whole number above 0 [invalid_setting]");
+  });
+
+  it("biome's noProcessEnv refuses process.env in packages/*/src outside the table and the few readers allowed", () => {
+    // The repo's biome.json over a scratch tree of probes at the paths that matter.
+    const root = fs.mkdtempSync(path.join(os.tmpdir(), "forkd-lint-probe-"));
+    try {
+      fs.copyFileSync(path.join(REPO_ROOT, "biome.json"), path.join(root, "biome.json"));
+      const probes = {
+        "packages/core/src/common/probe.ts": true,
+        "packages/daemon/src/probe.ts": true,
+        "packages/cli/src/commands/probe.ts": true,
+        "packages/core/src/common/settings.ts": false,
+        "packages/agent/src/main.ts": false,
+        "packages/sdk/src/environment.ts": false,
+        "tests/unit/probe.test.ts": false,
+      };
+      for (const file of Object.keys(probes)) {
+        fs.mkdirSync(path.dirname(path.join(root, file)), { recursive: true });
+        fs.writeFileSync(path.join(root, file), "export const home = process.env.FORKD_HOME;\n");
+      }
+      const res = spawnSync(path.join(REPO_ROOT, "node_modules/.bin/biome"), ["lint", "--reporter=json", "."], {
+        cwd: root,
+        encoding: "utf8",
+      });
+      const report = JSON.parse(res.stdout) as { diagnostics: { category: string; location: { path: string } }[] };
+      const flagged = report.diagnostics.filter((d) => d.category === "lint/style/noProcessEnv").map((d) => d.location.path);
+      for (const [file, refused] of Object.entries(probes)) expect(flagged.includes(file), file).toBe(refused);
+    } finally {
+      fs.rmSync(root, { recursive: true, force: true });
+    }
   });
 });
