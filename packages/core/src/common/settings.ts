@@ -68,8 +68,10 @@ function optional<T>(
 
 /** A path, made absolute against the working directory as the OS would. */
 const resolvedPath = (z: Z) => z.string().transform((p) => path.resolve(p));
-const plainPath = (z: Z) => z.string();
-const text = (z: Z) => z.string();
+/** Any text: taken as it is, without loading zod (PATH is set in every process). */
+const anyText = (z: Z) => z.string();
+const plainPath = anyText;
+const text = anyText;
 const positiveNumber = (z: Z) => z.coerce.number().positive();
 const positiveInteger = (z: Z) => z.coerce.number().int().positive();
 const onOff = (z: Z) => z.enum(["on", "off"]);
@@ -441,6 +443,7 @@ function readEnv(name: string): string | undefined {
 function parseSetting<K extends SettingName>(name: K, raw: string | undefined): Settings[K] {
   const spec = SETTINGS[name] as SettingSpec<Settings[K]>;
   if (raw === undefined || (raw === "" && !spec.keepsEmpty)) return spec.default;
+  if ((spec.schema as unknown) === anyText) return raw as Settings[K];
   const result = spec.schema(loadZod()).safeParse(raw);
   if (result.success) return result.data;
   const shown = spec.secret ? "(hidden)" : `'${raw.length > 200 ? `${raw.slice(0, 200)}…` : raw}'`;
