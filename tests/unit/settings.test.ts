@@ -61,6 +61,8 @@ describe("settings", () => {
     expect(setting("registryChunkMib")).toBe(32);
     setEnv("FORKD_INSECURE_REGISTRIES", " a:5000, ,B ");
     expect(setting("insecureRegistries")).toEqual(["a:5000", "B"]);
+    setEnv("FORKD_FAULT", "fork.row-written@2:fail, branch.live-stopped");
+    expect(setting("fault")).toBe("fork.row-written@2:fail, branch.live-stopped");
   });
 
   it("refuses a bad value with invalid_setting naming the variable, the value and what is allowed", () => {

@@ -1,4 +1,3 @@
-import { setting } from "./settings.js";
 // Fault injection, for tests only. A crash window is only closed if a test can
 // make the process die exactly inside it: FORKD_FAULT=STEP (or STEP@N for the Nth
 // time the step is reached, or several joined with commas) makes this process
@@ -9,6 +8,7 @@ import { setting } from "./settings.js";
 // production: it exists so tests/integration/crash-windows.test.ts can reproduce
 // each window and show that start-up recovery finishes or undoes it.
 import { ForkdError } from "./errors.js";
+import { setting } from "./settings.js";
 
 /** Every step a fault can be injected at, in the order an operation reaches them. */
 export const FAULT_STEPS = [

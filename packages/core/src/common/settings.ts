@@ -395,11 +395,11 @@ export const SETTINGS = {
   fault: optional({
     env: "FORKD_FAULT",
     group: "development",
-    type: "STEP[@N],…",
+    type: "STEP[@N][:fail],…",
     shownDefault: "none",
-    allowed: "fault steps (common/fault.ts) separated by `,`, each optionally @N",
-    description: "tests only: SIGKILL this process when it reaches the step (the Nth time)",
-    schema: (z) => z.string().regex(/^\s*[a-z][a-z.-]*(@[1-9][0-9]*)?\s*(,\s*[a-z][a-z.-]*(@[1-9][0-9]*)?\s*)*$/),
+    allowed: "fault steps (common/fault.ts) separated by `,`, each optionally @N and :fail",
+    description: "tests only: SIGKILL this process when it reaches the step (the Nth time), or with :fail throw there",
+    schema: (z) => z.string().regex(/^\s*[a-z][a-z.-]*(@[1-9][0-9]*)?(:fail)?\s*(,\s*[a-z][a-z.-]*(@[1-9][0-9]*)?(:fail)?\s*)*$/),
   }),
   benchDir: optional({
     env: "FORKD_BENCH_DIR",
