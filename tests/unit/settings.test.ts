@@ -158,6 +158,24 @@ describe("settings", () => {
     expect([...missing]).toEqual([]);
   });
 
+  it("no module reaches the environment around the lint rule (destructuring process, or node:process)", () => {
+    // biome's noProcessEnv sees process.env and process["env"], not these.
+    const around = /\{[^}]*\benv\b[^}]*\}\s*=\s*(globalThis\.)?process\b|from\s+"(node:)?process"|require\("(node:)?process"\)/;
+    const found: string[] = [];
+    const walk = (dir: string): void => {
+      for (const entry of fs.readdirSync(dir, { withFileTypes: true })) {
+        const at = path.join(dir, entry.name);
+        if (entry.isDirectory()) walk(at);
+        else if (entry.name.endsWith(".ts") && around.test(fs.readFileSync(at, "utf8"))) found.push(path.relative(REPO_ROOT, at));
+      }
+    };
+    for (const pkg of fs.readdirSync(path.join(REPO_ROOT, "packages"))) {
+      const src = path.join(REPO_ROOT, "packages", pkg, "src");
+      if (fs.existsSync(src)) walk(src);
+    }
+    expect(found).toEqual([]);
+  });
+
   it("README's configuration block is the table's (npm run docs:settings writes it)", () => {
     const readme = fs.readFileSync(path.join(REPO_ROOT, "README.md"), "utf8");
     const block = /<!-- settings:begin -->\n([\s\S]*?)\n<!-- settings:end -->/.exec(readme)?.[1];
