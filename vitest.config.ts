@@ -68,6 +68,10 @@ export default defineConfig({
           include: ["tests/unit/**/*.test.ts"],
           // Pure logic, no VMs, no set-up: files run side by side and the project finishes first.
           fileParallelism: true,
+          // Modules are evaluated once per worker, not once per file (a fresh @forkd/core per file
+          // was two thirds of the project's CPU); process.env is put back after each file.
+          isolate: false,
+          setupFiles: ["tests/helpers/unit-setup.ts"],
           // vitest's default on 2 cores is one worker; these files mostly wait (processes, timeouts, sockets).
           maxWorkers: "100%",
           testTimeout: 60_000,
