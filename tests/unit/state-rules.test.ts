@@ -4,6 +4,7 @@
 import {
   assertSandboxAllows,
   assertSnapshotAllows,
+  assertWorkspaceAllows,
   claimableBranchStatuses,
   ForkdError,
   SANDBOX_OPS,
@@ -17,6 +18,11 @@ import {
   sandboxState,
   snapshotAllows,
   snapshotStateOf,
+  WORKSPACE_OPS,
+  WORKSPACE_RULES,
+  WORKSPACE_STATES,
+  workspaceAllows,
+  workspaceState,
 } from "@forkd/core";
 import Database from "better-sqlite3";
 import { describe, expect, it } from "vitest";
@@ -132,5 +138,27 @@ describe("the snapshot table", () => {
     expect(failed.message).toContain("its BRANCH failed (QEMU exited)");
     expect(refusal(() => assertSnapshotAllows("t3", "absent", "use")).message).toBe("no snapshot t3; `forkd images` lists them");
     expect(refusal(() => assertSnapshotAllows("t4", "ready", "create")).message).toMatch(/snapshot t4 already exists.*forkd rmi/);
+  });
+});
+
+describe("the workspace table", () => {
+  it("has a decision for every state and operation", () => {
+    expect(Object.keys(WORKSPACE_RULES).sort()).toEqual([...WORKSPACE_STATES].sort());
+    for (const state of WORKSPACE_STATES) expect(Object.keys(WORKSPACE_RULES[state]).sort()).toEqual([...WORKSPACE_OPS].sort());
+  });
+
+  it("suspends only a running one, resumes any other; a running one without a sandbox is stale", () => {
+    expect(WORKSPACE_STATES.filter((s) => workspaceAllows(s, "suspend"))).toEqual(["running"]);
+    expect(WORKSPACE_STATES.filter((s) => workspaceAllows(s, "resume"))).toEqual(["suspended", "stale"]);
+    expect(workspaceState({ status: "running", sandbox_id: null })).toBe("stale");
+    expect(workspaceState({ status: "running", sandbox_id: "sb-000000000005" })).toBe("running");
+  });
+
+  it("refuses with 400 and says what to do", () => {
+    const twice = refusal(() => assertWorkspaceAllows({ name: "w", status: "suspended", sandbox_id: null }, "suspend"));
+    expect(twice.code).toBe("bad_request");
+    expect(twice.message).toBe("workspace w is suspended, not running: suspend needs its live sandbox (resume it first)");
+    const running = refusal(() => assertWorkspaceAllows({ name: "w", status: "running", sandbox_id: "sb-000000000006" }, "resume"));
+    expect(running.details).toMatchObject({ name: "w", status: "running", op: "resume", sandbox_id: "sb-000000000006" });
   });
 });

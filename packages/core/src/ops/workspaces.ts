@@ -11,6 +11,7 @@ import { forkSandboxes } from "../sandbox/fork.js";
 import { getSandbox, killSandbox, sandboxAlive } from "../sandbox/lifecycle.js";
 import { getSnapshot } from "../store/snapshots.js";
 import { sandboxes, type WorkspaceRow, workspaces } from "../store/state.js";
+import { assertWorkspaceAllows } from "../store/state-rules.js";
 import { compactSnapshot } from "./compact.js";
 import { removeSnapshot } from "./remove-snapshot.js";
 
@@ -119,17 +120,8 @@ export async function createWorkspace(opts: { name: string; snapshotTag: string;
  */
 export async function suspendWorkspace(name: string, opts: { diff?: boolean } = {}): Promise<WorkspaceRow> {
   const row = getWorkspace(name);
-  if (row.status !== "running" || !row.sandbox_id) {
-    // forkd answers 400 here.
-    throw new ForkdError(
-      "bad_request",
-      `workspace ${name} is ${row.status}, not running: suspend needs its live sandbox (resume it first)`,
-      {
-        name,
-        status: row.status,
-      },
-    );
-  }
+  assertWorkspaceAllows(row, "suspend");
+  if (!row.sandbox_id) throw new ForkdError("internal", `the state table lets workspace ${name} be suspended without a sandbox`, { name });
   getSandbox(row.sandbox_id, "capture");
   const states = JSON.parse(row.states) as string[];
   const tag = `ws-${name}-s${Date.now().toString(36)}`;
@@ -159,9 +151,7 @@ export async function suspendWorkspace(name: string, opts: { diff?: boolean } = 
 
 export async function resumeWorkspace(name: string): Promise<WorkspaceRow> {
   const row = getWorkspace(name);
-  if (row.status === "running") {
-    throw new ForkdError("bad_request", `workspace ${name} is already running (sandbox ${row.sandbox_id})`, { name, status: row.status });
-  }
+  assertWorkspaceAllows(row, "resume");
   const sandboxId = await spawnOne(row.state_tag ?? row.source_tag, row.memory_limit_mib);
   workspaces.update(name, { status: "running", sandbox_id: sandboxId, last_active_ms: Date.now() });
   return getWorkspace(name);

@@ -207,3 +207,51 @@ export function assertSnapshotAllows(
 export function claimableBranchStatuses(): SnapshotState[] {
   return (["writing", "ready", "failed"] as const).filter((s) => snapshotAllows(s, "create"));
 }
+
+// --- workspaces ---
+
+/** running: its sandbox is live. suspended: its state is a snapshot, no sandbox. stale: it was running and its sandbox died. */
+export const WORKSPACE_STATES = ["running", "suspended", "stale"] as const;
+export type WorkspaceState = (typeof WORKSPACE_STATES)[number];
+
+export const WORKSPACE_OPS = ["suspend", "resume"] as const;
+export type WorkspaceOp = (typeof WORKSPACE_OPS)[number];
+
+// Refused with 400 (bad_request), as before this table: asking to suspend a suspended workspace is a wrong request, not a race.
+export const WORKSPACE_RULES: Record<WorkspaceState, Record<WorkspaceOp, Decision>> = {
+  running: {
+    suspend: ALLOW,
+    resume: refuse("bad_request", "not suspended: it runs in its sandbox already (suspend it first)"),
+  },
+  suspended: {
+    suspend: refuse("bad_request", "not running: suspend needs its live sandbox (resume it first)"),
+    resume: ALLOW,
+  },
+  stale: {
+    suspend: refuse("bad_request", "not running: its sandbox is gone, so there is nothing to capture (resume it first)"),
+    // From its last suspended state (or its source): what it did since then died with its sandbox.
+    resume: ALLOW,
+  },
+};
+
+/** A running workspace without a sandbox has nothing live to act on: it is stale. */
+export function workspaceState(row: { status: WorkspaceState; sandbox_id: string | null }): WorkspaceState {
+  return row.status === "running" && !row.sandbox_id ? "stale" : row.status;
+}
+
+export function workspaceAllows(state: WorkspaceState, op: WorkspaceOp): boolean {
+  return WORKSPACE_RULES[state][op].allow;
+}
+
+/** Throw the table's refusal for `op` on this workspace; return quietly when it is allowed. */
+export function assertWorkspaceAllows(row: { name: string; status: WorkspaceState; sandbox_id: string | null }, op: WorkspaceOp): void {
+  const state = workspaceState(row);
+  const decision = WORKSPACE_RULES[state][op];
+  if (decision.allow) return;
+  throw new ForkdError(decision.code, `workspace ${row.name} is ${state}, ${decision.todo}`, {
+    name: row.name,
+    status: state,
+    op,
+    ...(row.sandbox_id ? { sandbox_id: row.sandbox_id } : {}),
+  });
+}

@@ -6,7 +6,7 @@ import path from "node:path";
 import Database from "better-sqlite3";
 import { forkdHome } from "../common/config.js";
 import { ensureStateDir } from "../common/dirs.js";
-import { claimableBranchStatuses, sandboxRowsAllowing } from "./state-rules.js";
+import { claimableBranchStatuses, sandboxRowsAllowing, type WorkspaceState } from "./state-rules.js";
 
 export type SandboxRow = {
   id: string;
@@ -271,7 +271,7 @@ export type WorkspaceRow = {
   state_tag: string | null;
   /** Every state snapshot it made and still holds, oldest first (JSON array): removed with it. */
   states: string;
-  status: "running" | "suspended" | "stale";
+  status: WorkspaceState;
   sandbox_id: string | null;
   memory_limit_mib: number | null;
   created_ms: number;
