@@ -49,6 +49,8 @@ describe("workspaces", () => {
     expect(suspended).toMatchObject({ status: "suspended", current_state_tag: expect.stringMatching(/^ws-dev-/) });
     expect(suspended.live_sandbox_id).toBeUndefined();
     expect((await api.listSandboxes()).map((s) => s.id)).not.toContain(first);
+    // Suspend captures through the page capture (live BRANCH): a layer of only what the sandbox wrote.
+    expect(await api.getSnapshot(suspended.current_state_tag!)).toMatchObject({ mode: "live", storage: "diff", parent: TAG });
 
     await stopDaemon(daemon, "SIGKILL");
     daemon = await startDaemonProcess(path.dirname(env.home));
