@@ -328,7 +328,10 @@ int main(int argc, char **argv) {
     if (prctl(PR_SET_PDEATHSIG, SIGKILL)) die("parent-death signal", NULL);
     if (getppid() != parent) _exit(1);
   }
-  execv(argv[i], &argv[i]);
+  // An empty environment: whatever the daemon holds (FORKD_TOKEN, registry and cloud
+  // credentials) is none of the VMM's or the copier's business, and neither needs any.
+  char *no_environment[] = {NULL};
+  execve(argv[i], &argv[i], no_environment);
   die("exec", argv[i]);
   return 126;
 }

@@ -99,7 +99,8 @@ export async function startPageCapture(opts: PageCaptureOpts): Promise<PageCaptu
       "--pagemap",
       opts.out.pagemap,
     ],
-    { stdio: ["pipe", "pipe", "ignore"] },
+    // Root, reading a VMM's memory: it needs none of the daemon's environment (tokens, credentials).
+    { stdio: ["pipe", "pipe", "ignore"], env: {} },
   );
   const lines: string[] = [];
   const waiting: ((line: string | undefined) => void)[] = [];

@@ -13,11 +13,8 @@ import fs from "node:fs";
 import path from "node:path";
 import { ForkdError } from "../common/errors.js";
 import { launcherPath, VMM_GID } from "./confine.js";
-import { runDirUid } from "./process.js";
+import { claimUid, releaseUid, runDirUid } from "./process.js";
 import { type QmpClient, waitForMigration } from "./qmp.js";
-
-/** The copier owns nothing of forkd's: it only holds the two fds it is given. */
-const NOBODY = 65_534;
 
 export type MigrationSink = {
   /** The URI to hand to QMP `migrate`. */
@@ -33,9 +30,13 @@ export async function openMigrationSink(runDir: string, target: string): Promise
   const launcher = launcherPath();
   if (!fs.existsSync(launcher)) throw new ForkdError("missing_dependency", `${launcher} is not built; run \`npm run build\``);
   const uid = runDirUid(runDir);
+  // As root the launcher drops, once it has accepted, to a uid of the copier's own
+  // (claimed like a VMM's, freed when it exits; no groups, no capabilities,
+  // no_new_privs): it owns nothing of forkd's and holds only the two fds it is given,
+  // and no VMM or other copier shares its uid to signal or trace it.
+  const copierUid = process.geteuid?.() === 0 ? claimUid(runDir) : undefined;
   const args = [
-    // As root the launcher drops to nobody (no capabilities, no_new_privs) once it has accepted.
-    ...(process.geteuid?.() === 0 ? ["--uid", String(NOBODY), "--gid", String(NOBODY), "--groups", String(NOBODY)] : []),
+    ...(copierUid !== undefined ? ["--uid", String(copierUid), "--gid", String(copierUid)] : []),
     "--parent-pid",
     String(process.pid),
     "--die-with-parent",
@@ -49,7 +50,11 @@ export async function openMigrationSink(runDir: string, target: string): Promise
   const out = fs.openSync(target, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_TRUNC | fs.constants.O_NOFOLLOW, 0o600);
   let copier: ReturnType<typeof spawn>;
   try {
-    copier = spawn(launcher, args, { stdio: ["ignore", out, "pipe"] });
+    // No environment: the daemon's (FORKD_TOKEN, registry and cloud credentials) is not the copier's business.
+    copier = spawn(launcher, args, { stdio: ["ignore", out, "pipe"], env: {} });
+  } catch (err) {
+    if (copierUid !== undefined) releaseUid(copierUid, runDir);
+    throw err;
   } finally {
     fs.closeSync(out);
   }
@@ -57,6 +62,8 @@ export async function openMigrationSink(runDir: string, target: string): Promise
     copier.once("exit", (code, signal) => resolve({ code, signal }));
     copier.once("error", (error) => resolve({ code: null, signal: null, error }));
   });
+  // The uid is free again once no process runs as it.
+  if (copierUid !== undefined) void exited.then(() => releaseUid(copierUid, runDir));
   let stderr = "";
   await new Promise<void>((resolve, reject) => {
     copier.stderr!.setEncoding("utf8").on("data", (d: string) => {
