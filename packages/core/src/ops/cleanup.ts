@@ -18,7 +18,7 @@ import { stageKey } from "../store/staging.js";
 import { branches, sandboxes, staged } from "../store/state.js";
 import { sandboxState } from "../store/state-rules.js";
 import { runtimePaths } from "../vmm/plan.js";
-import { findOurQemus, isOurQemu, killAndWait, releaseStaleUids, removeRunDir, runDirOwnerAlive } from "../vmm/process.js";
+import { findOurQemus, isOurVmm, killAndWait, releaseStaleUids, removeRunDir, runDirOwnerAlive } from "../vmm/process.js";
 
 export type CleanupReport = {
   reaped: string[];
@@ -99,7 +99,7 @@ export async function cleanup(opts: { dryRun?: boolean } = {}): Promise<CleanupR
     if (owner === undefined) {
       // A dir from before owners were recorded: judged by its QEMU and its age.
       const pid = Number((await fsp.readFile(runtimePaths(dir).pidfile, "utf8").catch(() => "")).trim());
-      if (Number.isInteger(pid) && pid > 0 && isOurQemu(pid, dir)) continue;
+      if (Number.isInteger(pid) && pid > 0 && isOurVmm(pid, dir)) continue;
       const stat = await fsp.stat(dir).catch(() => undefined);
       if (stat && Date.now() - stat.mtimeMs < 60_000 && !(await fsp.readFile(runtimePaths(dir).pidfile).catch(() => undefined))) {
         continue; // just created; QEMU has not written its pid file yet

@@ -9,13 +9,19 @@ import { removeSandboxEgress } from "../net/netns.js";
 import { type SandboxRow, sandboxes } from "../store/state.js";
 import { assertSandboxAllows, type SandboxOp, sandboxAllows, sandboxState } from "../store/state-rules.js";
 import { runtimePaths } from "../vmm/plan.js";
-import { findOurQemus, isOurQemu, killAndWait, processStartTime, removeRunDir, runDirUid, sameProcess } from "../vmm/process.js";
+import { findOurQemus, isOurVmm, killAndWait, processStartTime, removeRunDir, runDirUid, sameProcess } from "../vmm/process.js";
 import { QmpClient } from "../vmm/qmp.js";
 import { removeCgroup, sandboxCgroupDirs } from "./cgroup.js";
 
-/** Alive and still the same process: pids are reused, so the start time and runtime dir must match too. */
-export function sandboxAlive(row: Pick<SandboxRow, "pid" | "pid_start" | "run_dir">): boolean {
-  return isAlive(row.pid) && processStartTime(row.pid) === row.pid_start && isOurQemu(row.pid, row.run_dir);
+/**
+ * Alive and still the same process: pids are reused, so the start time (which the
+ * kernel keeps) and the VMM's uid (which the root launcher set and the VMM cannot
+ * change) must match too. Not the command line: a VMM can rewrite its own.
+ */
+export function sandboxAlive(row: Pick<SandboxRow, "pid" | "pid_start" | "run_dir" | "vmm_uid">): boolean {
+  return (
+    isAlive(row.pid) && processStartTime(row.pid) === row.pid_start && isOurVmm(row.pid, row.run_dir, row.vmm_uid ?? runDirUid(row.run_dir))
+  );
 }
 
 export type SandboxInfo = SandboxRow & { alive: boolean };
@@ -58,7 +64,8 @@ export function startingOwned(row: SandboxRow): boolean {
  */
 export async function abandonStartingSandbox(row: SandboxRow): Promise<void> {
   const pids = new Set(findOurQemus(row.run_dir));
-  if (row.pid > 0 && processStartTime(row.pid) === row.pid_start && isOurQemu(row.pid, row.run_dir)) pids.add(row.pid);
+  if (row.pid > 0 && processStartTime(row.pid) === row.pid_start && isOurVmm(row.pid, row.run_dir, row.vmm_uid ?? runDirUid(row.run_dir)))
+    pids.add(row.pid);
   for (const pid of pids) await killAndWait(pid, row.run_dir, undefined, 200);
   // The group may have been made and the pid moved in before the row recorded it.
   await removeCgroup(row.cgroup ?? sandboxCgroupDirs(row.id));

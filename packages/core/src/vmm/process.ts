@@ -27,8 +27,9 @@ export function newSandboxId(): string {
 
 /**
  * A VM's private runtime dir. With confinement on it also claims the VM's own uid
- * (a file named by the uid under FORKD_RUN_DIR/uids, created exclusively) and
- * hands the dir to that uid: QEMU creates its sockets and pid file there.
+ * and hands the dir to that uid: QEMU creates its sockets and pid file there. The
+ * claim is kept where no VMM can write (claimUid): a VMM owns its runtime dir, so
+ * nothing in it may say which uid is whose.
  */
 export async function makeRunDir(id: string): Promise<string> {
   ensureRuntimeDir();
@@ -40,8 +41,8 @@ export async function makeRunDir(id: string): Promise<string> {
   fs.writeFileSync(path.join(dir, OWNER_FILE), `${process.pid} ${processStartTime(process.pid)}\n`, { mode: 0o444 });
   if (confinementEnabled()) {
     requireRoot();
-    const uid = claimVmmUid(dir);
-    fs.writeFileSync(path.join(dir, "vmm.uid"), `${uid}\n`, { mode: 0o644 });
+    const uid = claimUid(dir);
+    fs.writeFileSync(path.join(vmUidsDir(), id), `${uid}\n`, { mode: 0o600 });
     fs.chownSync(dir, uid, VMM_GID);
   }
   return dir;
@@ -77,23 +78,35 @@ export function selfIdentity(): { pid: number; start: string } {
 }
 
 /**
- * Every QEMU (or its launcher, before the exec) started for `runDir`, found by
- * command line: for a VMM launched but not yet recorded when its starter died.
+ * Every VMM (or its launcher, before the exec) started for `runDir`: for a VMM
+ * launched but not yet recorded when its starter died. Found by what a VMM cannot
+ * change (isOurVmm), never by its command line.
  */
 export function findOurQemus(runDir: string): number[] {
+  const uid = runDirUid(runDir);
   const found: number[] = [];
   for (const entry of fs.readdirSync("/proc")) {
     if (!/^\d+$/.test(entry)) continue;
-    if (isOurQemu(Number(entry), runDir)) found.push(Number(entry));
+    if (isOurVmm(Number(entry), runDir, uid)) found.push(Number(entry));
   }
   return found;
 }
 
+/** uid -> the runtime dir (or copier) that holds it: root's, 0700, never inside a VMM's view. */
 function uidsDir(): string {
   return ensurePrivateDir(path.join(forkdRunDir(), "uids"), { kind: "runtime dir (FORKD_RUN_DIR)" });
 }
 
-function claimVmmUid(runDir: string): number {
+/** VM id -> its VMM's uid: the reverse of uidsDir, as private. */
+function vmUidsDir(): string {
+  return ensurePrivateDir(path.join(forkdRunDir(), "vm-uids"), { kind: "runtime dir (FORKD_RUN_DIR)" });
+}
+
+/**
+ * Claim a uid of forkd's range no other VMM or copier holds, for a process that
+ * belongs to `runDir` (freed by cleanup once that dir is gone).
+ */
+export function claimUid(runDir: string): number {
   const dir = uidsDir();
   for (let attempt = 0; attempt < 64; attempt++) {
     const uid = VMM_UID_BASE + randomInt(VMM_UID_COUNT);
@@ -107,11 +120,32 @@ function claimVmmUid(runDir: string): number {
   throw new ForkdError("over_limit", `no free VMM uid in forkd's range of ${VMM_UID_COUNT}; run \`forkd cleanup\``);
 }
 
-/** The uid a runtime dir was given, if confinement gave it one. */
-export function runDirUid(runDir: string): number | undefined {
+/** Free a uid claimed for `runDir`; a claim that names another dir is not ours to free. */
+export function releaseUid(uid: number, runDir: string): void {
+  const file = path.join(forkdRunDir(), "uids", String(uid));
   try {
-    const uid = Number(fs.readFileSync(path.join(runDir, "vmm.uid"), "utf8").trim());
-    return Number.isInteger(uid) ? uid : undefined;
+    if (fs.readFileSync(file, "utf8") === runDir) fs.rmSync(file, { force: true });
+  } catch {
+    // already free
+  }
+}
+
+/**
+ * The uid a runtime dir's VMM was given, if confinement gave it one: read from
+ * root's own records (vm-uids, checked against the uid's claim), never from the
+ * runtime dir, which the VMM owns and could rewrite to free another VM's uid.
+ */
+export function runDirUid(runDir: string): number | undefined {
+  if (path.dirname(runDir) !== vmsRunDir()) return undefined;
+  let uid: number;
+  try {
+    uid = Number(fs.readFileSync(path.join(forkdRunDir(), "vm-uids", path.basename(runDir)), "utf8").trim());
+  } catch {
+    return undefined;
+  }
+  if (!Number.isInteger(uid) || uid < VMM_UID_BASE || uid >= VMM_UID_BASE + VMM_UID_COUNT) return undefined;
+  try {
+    return fs.readFileSync(path.join(forkdRunDir(), "uids", String(uid)), "utf8") === runDir ? uid : undefined;
   } catch {
     return undefined;
   }
@@ -121,7 +155,8 @@ export function runDirUid(runDir: string): number | undefined {
 export async function removeRunDir(runDir: string): Promise<void> {
   const uid = runDirUid(runDir);
   await fsp.rm(runDir, { recursive: true, force: true });
-  if (uid !== undefined) await fsp.rm(path.join(forkdRunDir(), "uids", String(uid)), { force: true });
+  if (uid !== undefined) releaseUid(uid, runDir);
+  if (path.dirname(runDir) === vmsRunDir()) await fsp.rm(path.join(forkdRunDir(), "vm-uids", path.basename(runDir)), { force: true });
 }
 
 /** uid claims whose runtime dir is gone (a crash between the two): freed by cleanup. */
@@ -139,6 +174,15 @@ export async function releaseStaleUids(): Promise<number[]> {
     if (owner === undefined || fs.existsSync(owner)) continue;
     await fsp.rm(file, { force: true });
     freed.push(Number(name));
+  }
+  let vms: string[] = [];
+  try {
+    vms = await fsp.readdir(path.join(forkdRunDir(), "vm-uids"));
+  } catch {
+    return freed;
+  }
+  for (const id of vms) {
+    if (!fs.existsSync(path.join(vmsRunDir(), id))) await fsp.rm(path.join(forkdRunDir(), "vm-uids", id), { force: true });
   }
   return freed;
 }
@@ -222,6 +266,10 @@ export function launchQemu(opts: LaunchOpts): Launched {
             "--",
           ];
     child = spawn(launcher, [...prefix, binary, ...args], {
+      // Nothing of the daemon's environment (registry password, FORKD_TOKEN, cloud
+      // credentials) reaches a VMM: QEMU needs none of it, and the launcher execs it
+      // with an empty environment besides.
+      env: {},
       detached: !opts.dieWithParent,
       stdio: ["ignore", log, log, ...(opts.inheritFds ?? [])],
     });
@@ -238,11 +286,46 @@ export function launchQemu(opts: LaunchOpts): Launched {
   return { pid: child.pid, exited };
 }
 
-/** True only if `pid` is a QEMU whose command line names this runtime dir: never signal a stranger's process. */
-export function isOurQemu(pid: number, runDir: string): boolean {
+/** A process's real, effective, saved and filesystem uids, from /proc/PID/status. */
+function processUids(pid: number): number[] | undefined {
+  try {
+    const line = /^Uid:\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)/m.exec(fs.readFileSync(`/proc/${pid}/status`, "utf8"));
+    return line ? line.slice(1, 5).map(Number) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * True only if `pid` is the VMM of this runtime dir (or its launcher, before the
+ * exec): never signal a stranger's process. A confined VMM is known by its uid,
+ * claimed for this dir alone and set by the root launcher; without capabilities
+ * the VMM cannot change it, whereas its command line it can rewrite at will (its
+ * argv is its own memory). The launcher before the exec is root running our
+ * binary with our arguments: nothing of the VMM's yet. Unconfined VMMs run as
+ * root and are known by command line, all there is.
+ */
+export function isOurVmm(pid: number, runDir: string, uid = runDirUid(runDir)): boolean {
+  if (!Number.isInteger(pid) || pid <= 0) return false;
+  if (uid === undefined) return cmdlineNames(pid, runDir, "qemu-system");
+  const uids = processUids(pid);
+  if (!uids) return false;
+  if (uids.every((u) => u === uid)) return true;
+  return uids.every((u) => u === 0) && isLauncher(pid) && cmdlineNames(pid, runDir, "");
+}
+
+function cmdlineNames(pid: number, runDir: string, program: string): boolean {
   try {
     const cmdline = fs.readFileSync(`/proc/${pid}/cmdline`, "utf8");
-    return cmdline.includes("qemu-system") && cmdline.includes(`${runDir}/qmp.sock`);
+    return cmdline.includes(program) && cmdline.includes(`${runDir}/qmp.sock`);
+  } catch {
+    return false;
+  }
+}
+
+function isLauncher(pid: number): boolean {
+  try {
+    return fs.readlinkSync(`/proc/${pid}/exe`) === fs.realpathSync(launcherPath());
   } catch {
     return false;
   }
@@ -259,9 +342,9 @@ export function processStartTime(pid: number): string {
   }
 }
 
-/** SIGTERM, then SIGKILL after a grace period; only ever a process that is provably our QEMU. */
+/** SIGTERM, then SIGKILL after a grace period; only ever a process that is provably our VMM. */
 export async function killAndWait(pid: number, runDir: string, launched?: Launched, graceMs = 2000): Promise<void> {
-  const ours = launched !== undefined || isOurQemu(pid, runDir);
+  const ours = launched !== undefined || isOurVmm(pid, runDir);
   if (!ours) return;
   const gone = async (ms: number) => {
     const until = Date.now() + ms;
