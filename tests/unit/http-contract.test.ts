@@ -212,6 +212,16 @@ describe("the error table", () => {
     for (const [code, line] of Object.entries(REMEDIATION)) expect(line.length, code).toBeGreaterThan(10);
   });
 
+  it("lists the closed set of codes in the OpenAPI document's error bodies", async () => {
+    const doc = (await unix.inject({ method: "GET", url: "/v1/openapi.json" })).json() as {
+      paths: Record<string, Record<string, { responses: Record<string, { content: Record<string, { schema: unknown }> }> }>>;
+    };
+    const notFound = doc.paths["/v1/sandboxes/{id}"]?.get?.responses["404"]?.content["application/json"]?.schema as {
+      properties: { code: { enum: string[] } };
+    };
+    expect([...notFound.properties.code.enum].sort()).toEqual(Object.keys(ERROR_STATUS).sort());
+  });
+
   it("records the code of each refusal in the audit log", async () => {
     await tcp.inject({ method: "GET", url: `/v1/sandboxes/${UNKNOWN_SANDBOX}`, headers: AUTH });
     const lines = fs

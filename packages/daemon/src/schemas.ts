@@ -2,6 +2,7 @@
 // the OpenAPI document is generated from them, and the SDK's types are inferred
 // from them: one source of truth.
 import { MAX_EXEC_TIMEOUT_MS, PROCESS_SIGNALS } from "@forkd/agent/protocol";
+import { ERROR_STATUS, type ErrorCode } from "@forkd/core/errors";
 import { z } from "zod";
 
 /** The range of every timeout a request may carry (routes check them: outside, 400; see request-checks.ts). */
@@ -30,7 +31,8 @@ function timeout(kind: TimeoutKind) {
 /** forkd's error body ({"error": message}) with our stable code and a one-line next step beside it. */
 export const ErrorBody = z.object({
   error: z.string(),
-  code: z.string(),
+  /** The closed set of codes (core's ERROR_STATUS), listed as an enum in the OpenAPI document. */
+  code: z.enum(Object.keys(ERROR_STATUS) as [ErrorCode, ...ErrorCode[]]),
   remediation: z.string(),
   details: z.record(z.string(), z.unknown()).optional(),
 });
