@@ -55,16 +55,12 @@ if [ "$(id -u)" -eq 0 ]; then
   bash scripts/undo-userfaultfd.sh
 fi
 # Sandboxes' network: every VMM runs in forkd's egress namespace, whose traffic
-# the host routes (and masquerades) out; routing needs forwarding on (trade-off in
-# the README's security model). Persisted in a file of its own.
-if [ "$(id -u)" -eq 0 ] && [ -w /proc/sys/net/ipv4/ip_forward ]; then
-  if [ "$(cat /proc/sys/net/ipv4/ip_forward)" != 1 ]; then
-    say "enabling net.ipv4.ip_forward for the sandboxes' egress namespace"
-    sysctl -q -w net.ipv4.ip_forward=1
-  fi
-  if [ -d /etc/sysctl.d ] && [ ! -f /etc/sysctl.d/61-forkd-net.conf ]; then
-    printf '# forkd: route the sandboxes'"'"' egress namespace out (see the README security model)\nnet.ipv4.ip_forward = 1\n' >/etc/sysctl.d/61-forkd-net.conf
-  fi
+# the host routes (and masquerades) out. forkd turns forwarding on per interface,
+# only where that traffic passes, when it makes the namespace: setup changes no
+# host-wide sysctl, and undoes the net.ipv4.ip_forward=1 an earlier setup of ours
+# set (only if it was ours).
+if [ "$(id -u)" -eq 0 ]; then
+  bash scripts/undo-ip-forward.sh
 fi
 
 node packages/cli/dist/main.js image build --name base

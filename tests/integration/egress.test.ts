@@ -61,7 +61,17 @@ function hostAddresses(): string[] {
     .map((a) => a.address);
 }
 
+/**
+ * The host-wide switch, off for this file whatever the host had: forkd turns
+ * forwarding on only on the interfaces its namespace's traffic passes, so every
+ * test below runs with net.ipv4.ip_forward=0 and must still get out (and be
+ * stopped where its policy says).
+ */
+const IP_FORWARD = "/proc/sys/net/ipv4/ip_forward";
+const ipForwardBefore = fs.readFileSync(IP_FORWARD, "utf8").trim();
+
 beforeAll(async () => {
+  fs.writeFileSync(IP_FORWARD, "0");
   pub = await startUpstream({ hostAddr: "203.0.113.9", addr: "203.0.113.10", body: "upstream-public" });
   priv = await startUpstream({ hostAddr: "10.213.77.1", addr: "10.213.77.2", body: "upstream-private" });
   // A service on the host's loopback (and every other host address): what a guest must never reach.
@@ -82,12 +92,17 @@ afterAll(async () => {
   hostServer?.close();
   pub?.stop();
   priv?.stop();
+  fs.writeFileSync(IP_FORWARD, ipForwardBefore);
 });
 
 describe("default policy", () => {
   it("reaches a public upstream, not a private one, and the sandbox view says so", async () => {
     const id = await fork();
     expect(await get(id, pub.addr, pub.port)).toContain("BODY:upstream-public");
+    // Without the host-wide switch: forwarding is on only where the namespace's traffic passes.
+    expect(fs.readFileSync(IP_FORWARD, "utf8").trim()).toBe("0");
+    const ns = egressNamespaceInfo();
+    expect(fs.readFileSync(`/proc/sys/net/ipv4/conf/${ns!.hostVeth}/forwarding`, "utf8").trim()).toBe("1");
     expect(await get(id, priv.addr, priv.port)).toMatch(/ ERR:/);
     const view = await api.getSandbox(id);
     expect(view.network).toBe("user");

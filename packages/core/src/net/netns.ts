@@ -88,13 +88,7 @@ export async function egressProblems(): Promise<{ detail: string; fix: string }[
   if (nft?.code !== 0) problems.push({ detail: "the nft program is not installed", fix: "apt-get install nftables" });
   const ip = await runProgram(IP, ["-V"]).catch(() => undefined);
   if (ip?.code !== 0) problems.push({ detail: "the ip program is not installed", fix: "apt-get install iproute2" });
-  const forward = readTrim("/proc/sys/net/ipv4/ip_forward");
-  if (forward !== "1") {
-    problems.push({
-      detail: "net.ipv4.ip_forward is off, so the namespace's traffic cannot be routed out",
-      fix: "sysctl -w net.ipv4.ip_forward=1 (`npm run setup` sets it and persists it in /etc/sysctl.d/60-forkd.conf)",
-    });
-  }
+  // No net.ipv4.ip_forward: forwarding is turned on per interface, only where the namespace's traffic passes (enableForwarding).
   return problems;
 }
 
@@ -114,7 +108,16 @@ function unsupported(problems: { detail: string; fix: string }[]): ForkdError {
 export async function ensureEgressNamespace(): Promise<string | undefined> {
   if (!egressPolicyEnabled()) return undefined;
   const existing = readState();
-  if (existing && isComplete(existing)) return netnsPath(existing.netns);
+  if (existing && isComplete(existing)) {
+    // Someone may have switched forwarding off since (writing net.ipv4.ip_forward=0 resets every interface).
+    if (operatorForwards()) {
+      fs.rmSync(UPLINK_RECORD, { force: true });
+      await reopenForwarding(existing);
+    } else if (!forwardingOn(existing.hostVeth)) {
+      await reopenForwarding(existing);
+    }
+    return netnsPath(existing.netns);
+  }
   const problems = await egressProblems();
   if (problems.length) throw unsupported(problems);
   return withLock(async () => {
@@ -156,7 +159,8 @@ async function createNamespace(): Promise<NamespaceState> {
     await runChecked(IP, ["-n", layout.netns, "route", "add", "default", "via", layout.hostAddr]);
     // The namespace's filter goes in before its host side opens: there is no moment without it.
     await nftInNamespace(layout.netns, renderNamespaceRuleset({ nameservers: resolvers, hostAddrs }));
-    await runChecked(NFT, ["-f", "-"], { input: renderHostRuleset(layout, resolvers) });
+    const opened = await enableForwarding(layout.hostVeth);
+    await runChecked(NFT, ["-f", "-"], { input: renderHostRuleset(layout, resolvers, opened) });
   } catch (err) {
     await removeLayout(layout);
     throw err;
@@ -169,6 +173,94 @@ async function removeLayout(layout: Pick<EgressLayout, "netns" | "hostVeth" | "h
   if (fs.existsSync(netnsPath(layout.netns))) await runProgram(IP, ["netns", "delete", layout.netns]).catch(() => {});
   if (fs.existsSync(`/sys/class/net/${layout.hostVeth}`)) await runProgram(IP, ["link", "delete", layout.hostVeth]).catch(() => {});
   await runProgram(NFT, ["-f", "-"], { input: renderHostRemoval(layout) }).catch(() => {});
+  restoreUplinkForwarding();
+}
+
+/**
+ * The uplinks forkd turned IPv4 forwarding on for, host-wide (every forkd instance
+ * of this host shares it): so that forwarding goes back off exactly where forkd
+ * turned it on, once no forkd namespace needs it, and nowhere else.
+ */
+const UPLINK_RECORD = "/run/forkd-uplink-forwarding.json";
+
+function openedUplinks(): string[] {
+  try {
+    const list = JSON.parse(fs.readFileSync(UPLINK_RECORD, "utf8")) as unknown;
+    return Array.isArray(list) ? list.filter((n): n is string => typeof n === "string" && /^[\w.-]{1,15}$/.test(n)) : [];
+  } catch {
+    return [];
+  }
+}
+
+/**
+ * Turn on IPv4 forwarding only for the namespace's traffic, never
+ * net.ipv4.ip_forward (which turns it on for every interface, for everyone).
+ * Linux decides by the interface a packet came in on: the host end of the veth
+ * (the namespace's packets arrive there), and every interface a reply may come
+ * back on, addressed to the namespace once the masquerade is undone. Those that
+ * were off are recorded and the host filter forwards nothing that arrives on them
+ * except into a forkd namespace (renderHostRuleset): for every other packet the
+ * host routes exactly as before. Returns the interfaces forkd turned on (by this
+ * or another namespace of this host).
+ */
+async function enableForwarding(hostVeth: string): Promise<string[]> {
+  fs.writeFileSync(`/proc/sys/net/ipv4/conf/${hostVeth}/forwarding`, "1");
+  const opened = new Set(openedUplinks());
+  for (const dev of replyInterfaces()) {
+    const file = `/proc/sys/net/ipv4/conf/${dev}/forwarding`;
+    if (readTrim(file) !== "0") continue;
+    // Recorded before it is turned on: a crash in between leaves it recorded, so undone.
+    opened.add(dev);
+    fs.writeFileSync(UPLINK_RECORD, `${JSON.stringify([...opened])}\n`, { mode: 0o644 });
+    fs.writeFileSync(file, "1");
+  }
+  return [...opened];
+}
+
+/** The host's interfaces a reply to the namespace may arrive on: all but loopback and forkd's own veths. */
+function replyInterfaces(): string[] {
+  let devices: string[] = [];
+  try {
+    devices = fs.readdirSync("/proc/sys/net/ipv4/conf");
+  } catch {
+    return [];
+  }
+  return devices.filter((d) => !["all", "default", "lo"].includes(d) && !/^fkd[0-9a-f]+[hn]$/.test(d) && /^[\w.-]{1,15}$/.test(d));
+}
+
+/** Every interface the namespace's traffic needs forwards (an interface added since, or a reset by ip_forward=0, shows here). */
+function forwardingOn(hostVeth: string): boolean {
+  return [hostVeth, ...replyInterfaces()].every((dev) => readTrim(`/proc/sys/net/ipv4/conf/${dev}/forwarding`) !== "0");
+}
+
+/**
+ * The operator (or a service such as Docker) turned net.ipv4.ip_forward on after
+ * forkd opened interfaces: forwarding is theirs now, so forkd forgets its record
+ * and stops filtering what arrives on those interfaces.
+ */
+function operatorForwards(): boolean {
+  return readTrim("/proc/sys/net/ipv4/ip_forward") === "1" && openedUplinks().length > 0;
+}
+
+async function reopenForwarding(state: NamespaceState): Promise<void> {
+  await withLock(async () => {
+    const opened = await enableForwarding(state.hostVeth);
+    const resolvers = parseResolvConf(readTrim("/etc/resolv.conf") ?? "");
+    await runChecked(NFT, ["-f", "-"], { input: renderHostRuleset(state, resolvers, opened) });
+  });
+}
+
+/** Once no forkd namespace is left on the host, the uplinks forkd turned on go back off. */
+function restoreUplinkForwarding(): void {
+  let devices: string[] = [];
+  try {
+    devices = fs.readdirSync("/sys/class/net");
+  } catch {
+    return;
+  }
+  if (devices.some((d) => /^fkd[0-9a-f]+h$/.test(d))) return;
+  for (const dev of openedUplinks()) writeSysctl(`/proc/sys/net/ipv4/conf/${dev}/forwarding`, "0");
+  fs.rmSync(UPLINK_RECORD, { force: true });
 }
 
 function nftInNamespace(netns: string, ruleset: string) {

@@ -328,7 +328,12 @@ export function renderSandboxRemoval(uid: number): string {
  * touched): masquerade the namespace out; nothing from the namespace reaches the
  * host itself but DNS to its listed resolvers; nobody outside opens a connection in.
  */
-export function renderHostRuleset(layout: EgressLayout, nameservers: { v4: string[] }): string {
+/**
+ * The host's side of one egress namespace. `openedUplinks` are the interfaces forkd
+ * turned forwarding on for: what arrives on them is forwarded only towards a forkd
+ * namespace (the replies it waits for), never elsewhere, as before forkd.
+ */
+export function renderHostRuleset(layout: EgressLayout, nameservers: { v4: string[] }, openedUplinks: string[] = []): string {
   const t = layout.hostTable;
   const v = `"${layout.hostVeth}"`;
   const lines = [
@@ -346,6 +351,7 @@ export function renderHostRuleset(layout: EgressLayout, nameservers: { v4: strin
     "  }",
     "  chain forward {",
     "    type filter hook forward priority filter; policy accept;",
+    ...(openedUplinks.length ? [`    iifname ${set(openedUplinks.map((d) => `"${d}"`))} oifname != "fkd*" drop`] : []),
     `    oifname ${v} ct state established,related accept`,
     `    oifname ${v} drop`,
     `    iifname ${v} ip saddr != ${layout.nsAddr} drop`,
