@@ -207,8 +207,11 @@ static int scan_written(int pm_fd, unsigned long long start, unsigned long long 
       if (regions[i].start < at || regions[i].end > end || regions[i].start >= regions[i].end || regions[i].start % PAGE ||
           regions[i].end % PAGE)
         failmsg("PAGEMAP_SCAN returned a region outside the guest RAM");
+      // Counted once: when the region array fills, the next call may report the tail of the last region again.
       for (unsigned long long a = regions[i].start; a < regions[i].end; a += PAGE) {
-        mark(bitmap, (a - start) / PAGE);
+        unsigned long long p = (a - start) / PAGE;
+        if (bitmap[p >> 3] & (1U << (p & 7))) continue;
+        mark(bitmap, p);
         (*count)++;
       }
     }
