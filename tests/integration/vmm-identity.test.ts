@@ -83,11 +83,13 @@ describe("what a VMM and the copier are handed", () => {
       env: { ...process.env, ...SECRETS },
       stdio: "ignore",
     });
-    const done = new Promise<number | null>((resolve) => run.on("exit", (code) => resolve(code)));
     let finished = false;
-    void done.then(() => {
-      finished = true;
-    });
+    const done = new Promise<number | null>((resolve) =>
+      run.on("exit", (code) => {
+        finished = true;
+        resolve(code);
+      }),
+    );
     while (!finished) {
       sample(qemuPidsUnder(root), qemus, "qemu-system");
       sample(copierPids(), copiers, "/usr/bin/cat");

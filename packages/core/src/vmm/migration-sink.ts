@@ -62,8 +62,11 @@ export async function openMigrationSink(runDir: string, target: string): Promise
     copier.once("exit", (code, signal) => resolve({ code, signal }));
     copier.once("error", (error) => resolve({ code: null, signal: null, error }));
   });
-  // The uid is free again once no process runs as it.
-  if (copierUid !== undefined) void exited.then(() => releaseUid(copierUid, runDir));
+  // The uid is free again once no process runs as it (a copier that never started emits only "error").
+  if (copierUid !== undefined) {
+    const release = () => releaseUid(copierUid, runDir);
+    copier.once("exit", release).once("error", release);
+  }
   let stderr = "";
   await new Promise<void>((resolve, reject) => {
     copier.stderr!.setEncoding("utf8").on("data", (d: string) => {
