@@ -28,7 +28,7 @@ import {
   startBranch,
   suspendWorkspace,
 } from "@forkd/core";
-import type { Backend, ExecArgs, FilesArgs, SnapshotArgs } from "./backend-types.js";
+import type { Backend, BranchRow, ExecArgs, FilesArgs, SnapshotArgs } from "./backend-types.js";
 import { forkRowOf } from "./fork-row.js";
 
 /**
@@ -43,7 +43,7 @@ function directAdmission(): AdmissionLedger {
 export class DirectBackend implements Backend {
   readonly kind = "direct" as const;
 
-  async branch(id: string, a: { tag?: string; mode?: string; wait: boolean }) {
+  async branch(id: string, a: { tag?: string; mode?: string; wait: boolean }): Promise<BranchRow> {
     if (!a.wait) {
       throw new ForkdError(
         "bad_request",
