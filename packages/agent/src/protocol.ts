@@ -81,7 +81,7 @@ export type PingResult = {
   stats?: Record<string, unknown>;
 };
 
-export type CancelRequest = { op: "cancel"; target: number };
+type CancelRequest = { op: "cancel"; target: number };
 
 /** Background processes the agent runs at once; more are refused with `agent_busy`. */
 export const MAX_BACKGROUND_PROCESSES = 64;
@@ -98,7 +98,7 @@ export type ProcessSignal = (typeof PROCESS_SIGNALS)[number];
 
 /** Start a process that outlives the call: its stdin stays open, its output goes to a ring buffer. */
 export type ProcStartRequest = Omit<ExecRequest, "op"> & { op: "proc_start"; tag?: string };
-export type ProcListRequest = { op: "proc_list" };
+type ProcListRequest = { op: "proc_list" };
 export type ProcKillRequest = { op: "proc_kill"; pid: number; signal?: ProcessSignal };
 /** base64 `data` written to the process's stdin; `eof` closes it after. */
 export type ProcStdinRequest = { op: "proc_stdin"; pid: number; data?: string; eof?: boolean };
@@ -134,7 +134,7 @@ export type ProcExit = {
   droppedBytes: number;
 };
 
-export type AgentRequest =
+type AgentRequest =
   | { op: "ping" }
   | ExecRequest
   | EvalRequest
@@ -284,7 +284,7 @@ export type ParsedResponse = { ok: true; frame: ResponseFrame } | { ok: false; e
 const BASE64_RE = /^[A-Za-z0-9+/]*={0,2}$/;
 const ERROR_CODE_RE = /^[a-z][a-z0-9_]{0,63}$/;
 /** Longest agent error message passed on; the rest is cut (the agent's own are a line or two). */
-export const MAX_ERROR_MESSAGE_CHARS = 8192;
+const MAX_ERROR_MESSAGE_CHARS = 8192;
 
 /**
  * Check a decoded frame from the guest against the shape of a ResponseFrame. The

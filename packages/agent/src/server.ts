@@ -12,7 +12,6 @@ import type { PythonWorker } from "./ops/python.js";
 import { AGENT_VERSION, type AgentErrorCode, MAX_CONCURRENT_CALLS, type RequestFrame, type ResponseFrame } from "./protocol.js";
 
 export type Send = (frame: ResponseFrame) => void;
-export type { OutputFlow };
 
 export type AgentServerOpts = {
   /** The warm Python worker, where the image has Python. */
@@ -176,6 +175,6 @@ export class AgentServer {
   }
 }
 
-export function isObject(value: unknown): value is Record<string, unknown> {
+function isObject(value: unknown): value is Record<string, unknown> {
   return typeof value === "object" && value !== null && !Array.isArray(value);
 }

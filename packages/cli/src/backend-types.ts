@@ -13,7 +13,7 @@ export type ForkRow = {
 };
 export type { ApiWorkspace };
 export type ExecArgs = { argv?: string[]; cmd?: string; env?: Record<string, string>; cwd?: string; timeoutMs?: number; stdin?: Buffer };
-export type ExecOutcome = { exitCode: number | null; signal: string | null; timedOut: boolean };
+type ExecOutcome = { exitCode: number | null; signal: string | null; timedOut: boolean };
 export type FilesArgs = { action: "read" | "write" | "list"; path: string; data?: Buffer };
 export type SnapshotArgs = {
   tag: string;
@@ -35,7 +35,7 @@ export type LiveForkRows = {
   children: ForkRow[];
 };
 
-export type PoolRow = { tag: string; size: number; ready: number; starting: number };
+type PoolRow = { tag: string; size: number; ready: number; starting: number };
 
 /** What a BRANCH reports, the same through the daemon and directly. */
 export type BranchRow = {

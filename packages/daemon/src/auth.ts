@@ -3,7 +3,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { ForkdError } from "@forkd/core";
 
-export const MIN_TOKEN_BYTES = 16;
+const MIN_TOKEN_BYTES = 16;
 
 const PLACEHOLDERS = ["changeme", "change-me", "password", "secret", "token", "your-token-here", "xxxxxxxx", "forkd", "example", "test"];
 
@@ -30,7 +30,7 @@ export function validateToken(token: string, source: string): string {
  * A token file others on the host can read (or swap) is no secret: refused, with
  * the fix. Checked on the open descriptor, so what is checked is what is read.
  */
-export function checkTokenFileMode(file: string, st: fs.Stats): void {
+function checkTokenFileMode(file: string, st: fs.Stats): void {
   if ((st.mode & 0o077) !== 0) {
     throw new ForkdError(
       "unsafe_path",

@@ -47,11 +47,9 @@ export type DaemonOpts = {
 };
 
 export type RunningDaemon = { socket: string; tcp?: { host: string; port: number }; close: () => Promise<void> };
-
 /** The socket the daemon listens on without --socket (core's, re-exported for the daemon's callers). */
-export { defaultSocketPath };
 
-export function defaultTokenFile(): string {
+function defaultTokenFile(): string {
   return path.join(forkdHome(), "token");
 }
 

@@ -24,7 +24,7 @@ import type { AgentConnections } from "./agent-connections.js";
 import type { Metrics } from "./metrics.js";
 
 /** A refill starts no sooner than this after the last user fork or claim ended. */
-export const REFILL_QUIET_MS = 500;
+const REFILL_QUIET_MS = 500;
 /** With a pool configured, how often it is checked for children that died (a kill by id, a crash). */
 const CHECK_MS = 5000;
 /** Longest wait after failed refills of a tag (doubling from 1 s). */

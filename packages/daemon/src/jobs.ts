@@ -6,7 +6,7 @@ import { randomBytes } from "node:crypto";
 import { isForkdError } from "@forkd/core";
 
 export type JobKind = "pack" | "unpack" | "push" | "pull";
-export type JobProgress = { done_bytes: number; total_bytes: number; step: string };
+type JobProgress = { done_bytes: number; total_bytes: number; step: string };
 export type Job = {
   id: string;
   kind: JobKind;

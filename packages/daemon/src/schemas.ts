@@ -147,8 +147,6 @@ export const BranchBody = z
     parent_tag: z.string().nullable().optional(),
   })
   .strict();
-/** forkd answers a BRANCH with the new snapshot's SnapshotInfo; ours adds how it went. */
-export const BranchResponse = Snapshot;
 export const SnapshotStatus = z.object({
   tag: z.string(),
   status: z.enum(["writing", "ready", "failed"]),
@@ -398,9 +396,9 @@ export type EvalResponseT = z.infer<typeof EvalResponse>;
 export type FilesBodyT = z.infer<typeof FilesBody>;
 export type PingResponseT = z.infer<typeof PingResponse>;
 export type VersionT = z.infer<typeof Version>;
-export type ErrorBodyT = z.infer<typeof ErrorBody>;
 export type BranchBodyT = z.infer<typeof BranchBody>;
-export type BranchResponseT = z.infer<typeof BranchResponse>;
+/** forkd answers a BRANCH with the new snapshot's SnapshotInfo; ours adds how it went. */
+export type BranchResponseT = SnapshotT;
 export type SnapshotStatusT = z.infer<typeof SnapshotStatus>;
 
 // Background processes (E2B's commands.run with background, list, kill, connect, sendStdin).

@@ -22,7 +22,6 @@ import { registerSnapshotRoutes } from "./routes/snapshots.js";
 import { registerSystemRoutes } from "./routes/system.js";
 import { registerWorkspaceRoutes } from "./routes/workspaces.js";
 
-export { BODY_LIMIT_BYTES } from "./http-errors.js";
 export type { ServerContext } from "./routes/context.js";
 
 import { FORKD_VERSION } from "./version.js";

@@ -12,9 +12,9 @@ import type { McpServer } from "@modelcontextprotocol/sdk/server/mcp.js";
 import { StreamableHTTPServerTransport } from "@modelcontextprotocol/sdk/server/streamableHttp.js";
 import { processEnvironment } from "./environment.js";
 
-export const MCP_PATH = "/mcp";
+const MCP_PATH = "/mcp";
 /** A write_file of the agent's largest file (8 MiB) in base64, with room for the JSON around it. */
-export const MAX_BODY_BYTES = 16 * 1024 * 1024;
+const MAX_BODY_BYTES = 16 * 1024 * 1024;
 const MIN_TOKEN_BYTES = 16;
 
 export type McpHttpOpts = {
@@ -28,7 +28,7 @@ export type McpHttpOpts = {
 
 export type McpHttpHandle = { url: string; close: () => Promise<void> };
 
-export function isLoopbackHost(host: string): boolean {
+function isLoopbackHost(host: string): boolean {
   return host === "localhost" || host === "::1" || /^127\.\d+\.\d+\.\d+$/.test(host);
 }
 

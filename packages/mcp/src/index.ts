@@ -6,8 +6,8 @@ import { processEnvironment } from "./environment.js";
 import { type McpHttpHandle, parseListen, readToken, serveHttp } from "./http.js";
 import { createForkdMcpServer } from "./server.js";
 
-export { isLoopbackHost, MCP_PATH, type McpHttpHandle, parseListen, readToken, serveHttp } from "./http.js";
-export { createForkdMcpServer, errorResult, SERVER_NAME, SERVER_VERSION, toolResult } from "./server.js";
+export { type McpHttpHandle, parseListen } from "./http.js";
+export { errorResult, toolResult } from "./server.js";
 
 /** A short call's deadline: FORKD_HTTP_TIMEOUT seconds, as forkd's MCP server reads it; 60 by default. */
 const DEFAULT_TIMEOUT_MS = 60_000;

@@ -6,7 +6,7 @@ import type { ServerNotification, ServerRequest } from "@modelcontextprotocol/sd
 export type ToolExtra = RequestHandlerExtra<ServerRequest, ServerNotification>;
 
 /** How often a call the daemon answers in one piece says it is still going. */
-export const HEARTBEAT_MS = 1000;
+const HEARTBEAT_MS = 1000;
 
 export class Progress {
   private readonly token: string | number | undefined;

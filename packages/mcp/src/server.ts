@@ -7,8 +7,8 @@ import type { CallToolResult } from "@modelcontextprotocol/sdk/types.js";
 import { z } from "zod";
 import { Progress, type ToolExtra } from "./progress.js";
 
-export const SERVER_NAME = "forkd";
-export const SERVER_VERSION = "0.1.0";
+const SERVER_NAME = "forkd";
+const SERVER_VERSION = "0.1.0";
 
 /** Fork, BRANCH and snapshot builds can take minutes on a busy host; the short-call timeout would cut them off. */
 const LONG_CALL_MS = 15 * 60_000;

@@ -28,7 +28,7 @@ export type SandboxOpts = {
 /** E2B's name for every IPv4 destination. */
 export const ALL_TRAFFIC = "0.0.0.0/0";
 
-export const DEFAULT_TIMEOUT_MS = 300_000;
+const DEFAULT_TIMEOUT_MS = 300_000;
 
 export type CommandResult = { exitCode: number; stdout: string; stderr: string; error?: string };
 

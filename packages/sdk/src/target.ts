@@ -30,7 +30,7 @@ export function isLoopbackUrl(url: string): boolean {
 }
 
 /** $FORKD_RUN_DIR/forkd.sock, where the daemon listens by default (core's defaultSocketPath, which the SDK cannot import). */
-export function defaultSocketPath(env: NodeJS.ProcessEnv = processEnvironment()): string {
+function defaultSocketPath(env: NodeJS.ProcessEnv = processEnvironment()): string {
   return path.join(env.FORKD_RUN_DIR || "/run/forkd", "forkd.sock");
 }
 

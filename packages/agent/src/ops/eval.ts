@@ -106,7 +106,7 @@ function raceTimeout(value: PromiseLike<unknown>, timeoutMs: number, signal: Abo
 }
 
 /** JSON when the value survives a round trip, otherwise its inspected text. */
-export function toWire(value: unknown): { value: unknown; type: string } {
+function toWire(value: unknown): { value: unknown; type: string } {
   const type = value === null ? "null" : Array.isArray(value) ? "array" : typeof value;
   if (value === undefined) return { value: null, type };
   if (typeof value === "function" || typeof value === "symbol" || typeof value === "bigint") {

@@ -43,7 +43,7 @@ export type ProcessLimits = {
   ringChunks: number;
 };
 
-export const DEFAULT_PROCESS_LIMITS: ProcessLimits = {
+const DEFAULT_PROCESS_LIMITS: ProcessLimits = {
   maxRunning: MAX_BACKGROUND_PROCESSES,
   maxExited: MAX_EXITED_PROCESSES,
   keepExitedMs: EXITED_PROCESS_KEEP_MS,

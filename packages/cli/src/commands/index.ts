@@ -5,7 +5,7 @@
 // without a line here still works (slower to start); a unit test keeps the table true.
 import type { Command } from "commander";
 
-export type Register = (program: Command) => void;
+type Register = (program: Command) => void;
 export type CommandModule = { commands: readonly string[]; load: () => Promise<Register> };
 
 /** In the order `forkd --help` lists them. */

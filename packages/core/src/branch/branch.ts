@@ -24,12 +24,12 @@ import { grantToVmm, killAndWait, launchQemu, makeRunDir, newSandboxId, removeRu
 import { eventTimeMs, QmpClient, type QmpEvent, waitForMigration } from "../vmm/qmp.js";
 import { captureLive, liveCaptureSupport } from "./live-capture.js";
 
-export type BranchMode = "full" | "diff" | "live";
-export const BRANCH_MODES: readonly BranchMode[] = ["full", "diff", "live"];
+type BranchMode = "full" | "diff" | "live";
+const BRANCH_MODES: readonly BranchMode[] = ["full", "diff", "live"];
 /** The modes that write a whole migration stream (live is the page capture). */
-export type StreamMode = Exclude<BranchMode, "live">;
+type StreamMode = Exclude<BranchMode, "live">;
 
-export type CaptureResult = {
+type CaptureResult = {
   mode: StreamMode;
   /** Source stop to resume. */
   pauseMs: number;
@@ -46,7 +46,7 @@ export type CaptureResult = {
  * the source is stopped to finish: a guest that dirties memory faster than it is
  * copied never converges on its own. The first pass may take 12 times as long.
  */
-export function diffConvergeMs(): number {
+function diffConvergeMs(): number {
   return setting("diffConvergeMs");
 }
 
@@ -59,7 +59,7 @@ function captureBandwidth(): number {
   return mib !== undefined ? Math.round(mib * 2 ** 20) : 64 * 2 ** 30;
 }
 
-export function parseBranchMode(value: unknown): BranchMode {
+function parseBranchMode(value: unknown): BranchMode {
   if (typeof value === "string" && (BRANCH_MODES as readonly string[]).includes(value)) return value as BranchMode;
   throw new ForkdError("bad_request", `mode must be one of ${BRANCH_MODES.join(", ")}, got '${String(value)}'`);
 }
@@ -70,7 +70,7 @@ export function parseBranchMode(value: unknown): BranchMode {
  *  full: stop, write everything, cont: the pause covers the whole write.
  *  diff: pre-copy while the source runs; QEMU pauses it only for the last dirty pages.
  */
-export async function captureSandbox(
+async function captureSandbox(
   sandboxId: string,
   mode: StreamMode,
   streamPath: string,
@@ -204,7 +204,7 @@ async function waitEvent(qmp: QmpClient, seen: QmpEvent[], name: string, timeout
   return qmp.waitForEvent(name, { timeoutMs }).catch(() => undefined);
 }
 
-export type MaterializeOpts = {
+type MaterializeOpts = {
   tag: string;
   source: { id: string; snapshot: SnapshotInfo };
   capture: CaptureResult;
@@ -219,7 +219,7 @@ export type MaterializeOpts = {
  * save its device state with x-ignore-shared: the result is forkable like any
  * warm snapshot. The QEMU used for this never runs the guest (-S).
  */
-export async function materializeCapture(opts: MaterializeOpts): Promise<SnapshotInfo> {
+async function materializeCapture(opts: MaterializeOpts): Promise<SnapshotInfo> {
   const { snapshot } = opts.source;
   const written = await opts.capture.completed;
   const runDir = await makeRunDir(newSandboxId());
@@ -284,10 +284,10 @@ export async function materializeCapture(opts: MaterializeOpts): Promise<Snapsho
   });
 }
 
-export type BranchPlan = { tag: string; mode: BranchMode; sourceId: string; snapshot: SnapshotInfo };
+type BranchPlan = { tag: string; mode: BranchMode; sourceId: string; snapshot: SnapshotInfo };
 
 /** Check everything that can be checked before the source is touched. */
-export async function planBranch(sourceId: string, opts: { tag?: string; mode?: string }): Promise<BranchPlan> {
+async function planBranch(sourceId: string, opts: { tag?: string; mode?: string }): Promise<BranchPlan> {
   const row = getSandbox(sourceId, "capture");
   if (!row.tag) throw new ForkdError("bad_request", `sandbox ${sourceId} was not forked from a snapshot, so it cannot be branched`);
   const snapshot = await getSnapshot(row.tag);
@@ -303,7 +303,7 @@ export async function planBranch(sourceId: string, opts: { tag?: string; mode?: 
   return { tag, mode: "diff", sourceId, snapshot };
 }
 
-export type BranchOutcome = {
+type BranchOutcome = {
   plan: BranchPlan;
   /** The source's pause. */
   pauseMs: number;
@@ -318,7 +318,7 @@ export type BranchOutcome = {
  * migration stream first). On any failure nothing is registered and the temp dirs
  * are removed.
  */
-export async function branchSandbox(plan: BranchPlan): Promise<BranchOutcome> {
+async function branchSandbox(plan: BranchPlan): Promise<BranchOutcome> {
   const startedAt = performance.now();
   if (plan.mode === "live") {
     const capture = await captureLive(plan.sourceId, plan.tag, { startedAt });
@@ -360,7 +360,7 @@ async function branchByStream(plan: BranchPlan, mode: StreamMode, startedAt: num
   return { plan, pauseMs: capture.pauseMs, readyMs: undefined, finish };
 }
 
-export type BranchStatus = {
+type BranchStatus = {
   tag: string;
   mode: BranchMode;
   status: "writing" | "ready" | "failed";
@@ -478,7 +478,7 @@ const PAUSED_BY_CAPTURE = new Set(["paused", "postmigrate", "finish-migrate"]);
  * End whatever migration a dead writer left on the source and run it again if it
  * is paused. True when it had to be resumed. A source that is gone needs nothing.
  */
-export async function resumeSource(sourceId: string): Promise<boolean> {
+async function resumeSource(sourceId: string): Promise<boolean> {
   const row = sandboxes.get(sourceId);
   if (!row || !sandboxAllows(sandboxState(row), "resume") || !sandboxAlive(row)) return false;
   let qmp: QmpClient | undefined;

@@ -18,7 +18,7 @@ import { branches } from "../store/state.js";
 import { selfIdentity } from "../vmm/process.js";
 import { captureLive, mappedImage } from "./live-capture.js";
 
-export type LiveForkOpts = {
+type LiveForkOpts = {
   n: number;
   /** The snapshot the capture is registered as; default SOURCE_TAG-live-BASE36. */
   tag?: string;
@@ -29,7 +29,7 @@ export type LiveForkOpts = {
   onChild?: (result: ForkChildResult) => void;
 };
 
-export type LiveFork = {
+type LiveFork = {
   tag: string;
   sourceId: string;
   /** The source's pause, QEMU's STOP to RESUME. */
@@ -46,7 +46,7 @@ export type LiveFork = {
   discard: () => Promise<void>;
 };
 
-export async function forkLive(sourceId: string, opts: LiveForkOpts): Promise<LiveFork> {
+async function forkLive(sourceId: string, opts: LiveForkOpts): Promise<LiveFork> {
   const started = performance.now();
   const n = validateForkCount(opts.n);
   const row = getSandbox(sourceId, "capture");

@@ -75,7 +75,7 @@ function euid(): number {
 }
 
 /** Refuse `dir` if it exists and is not private to us; its parents must not let others replace it. */
-export function checkPrivateDir(dir: string, kind = "directory"): boolean {
+function checkPrivateDir(dir: string, kind = "directory"): boolean {
   let st: fs.Stats;
   try {
     st = fs.lstatSync(dir);

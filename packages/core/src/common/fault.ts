@@ -11,7 +11,7 @@ import { ForkdError } from "./errors.js";
 import { setting } from "./settings.js";
 
 /** Every step a fault can be injected at, in the order an operation reaches them. */
-export const FAULT_STEPS = [
+const FAULT_STEPS = [
   // fork (sandbox/fork.ts restoreChild)
   "fork.row-written",
   "fork.before-launch",

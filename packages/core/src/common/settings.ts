@@ -27,7 +27,7 @@ function loadZod(): Z {
   return zod;
 }
 
-export type SettingGroup = "state" | "vm" | "limits" | "registry" | "client" | "development";
+type SettingGroup = "state" | "vm" | "limits" | "registry" | "client" | "development";
 
 export type SettingSpec<T> = {
   /** The environment variable. */

@@ -30,14 +30,11 @@ import {
   type ResponseFrame,
 } from "@forkd/agent/protocol";
 import { ForkdError } from "../common/errors.js";
-import { SETTINGS, setting } from "../common/settings.js";
+import { setting } from "../common/settings.js";
 
 type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;
 
-/** Default cap on the output one exec call delivers; FORKD_MAX_OUTPUT_BYTES overrides it. */
-export const DEFAULT_MAX_OUTPUT_BYTES = SETTINGS.maxOutputBytes.default;
-
-export function defaultMaxOutputBytes(): number {
+function defaultMaxOutputBytes(): number {
   return setting("maxOutputBytes");
 }
 
@@ -77,7 +74,7 @@ function clockResyncIdleMs(): number {
 const UNTIMED_CALL_DEADLINE_MS = 24 * 3_600_000;
 
 /** Host-side deadline of a call nobody gave one: never unbounded. */
-export function defaultDeadlineMs(request: { op: string; timeoutMs?: unknown }): number {
+function defaultDeadlineMs(request: { op: string; timeoutMs?: unknown }): number {
   const own = typeof request.timeoutMs === "number" && request.timeoutMs > 0 ? request.timeoutMs : undefined;
   switch (request.op) {
     case "ping":
@@ -750,4 +747,4 @@ function agentCodeToForkd(code: string): ForkdError["code"] {
   }
 }
 
-export type { EvalResult, ExecResult, PingResult, ProcExit, ProcInfo };
+export type { EvalResult, PingResult, ProcExit, ProcInfo };

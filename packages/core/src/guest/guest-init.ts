@@ -15,9 +15,9 @@ export const GUEST_MODULES = [
   "overlay",
 ] as const;
 
-export const GUEST_NODE = "/opt/forkd/bin/node";
-export const GUEST_AGENT = "/opt/forkd/agent.js";
-export const GUEST_STAGE2 = "/opt/forkd/init";
+const GUEST_NODE = "/opt/forkd/bin/node";
+const GUEST_AGENT = "/opt/forkd/agent.js";
+const GUEST_STAGE2 = "/opt/forkd/init";
 
 /**
  * Stage 1 (initramfs /init): load the virtio modules, mount the read-only root

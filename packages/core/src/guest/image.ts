@@ -32,7 +32,7 @@ export type ImageManifest = {
   runtimes: string[];
 };
 
-export type ImageProgress = (step: string) => void;
+type ImageProgress = (step: string) => void;
 
 export type KernelInfo = { version: string; vmlinuz: string; modulesDir: string };
 
@@ -234,7 +234,7 @@ export type BuildImageOpts = {
 };
 
 /** Recipes that need no --from-dir/--from-tar: what each name builds. */
-export const IMAGE_RECIPES: Record<string, { packages: string[] } | "busybox"> = {
+const IMAGE_RECIPES: Record<string, { packages: string[] } | "busybox"> = {
   base: "busybox",
   python: { packages: ["python3", "python3-numpy"] },
 };

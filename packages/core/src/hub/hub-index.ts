@@ -15,7 +15,7 @@ import { HUB_NAME_RE, parseFetchUrl, type RefOpts } from "./reference.js";
 import type { PullResult } from "./registry.js";
 import { readLimited } from "./registry-client.js";
 
-export type HubEntry = { url: string; sha256?: string; description?: string };
+type HubEntry = { url: string; sha256?: string; description?: string };
 export type HubIndex = { snapshots: Record<string, HubEntry> };
 
 const MAX_HUB_INDEX_BYTES = 4 * 2 ** 20;
@@ -51,7 +51,7 @@ export function validateHubIndex(value: unknown, where: string): HubIndex {
   return index;
 }
 
-export async function fetchHubIndex(url: URL, opts: RefOpts = {}): Promise<HubIndex> {
+async function fetchHubIndex(url: URL, opts: RefOpts = {}): Promise<HubIndex> {
   const res = await fetchFollowing(url, { ...opts, what: "read the hub index", headers: { accept: "application/json" } });
   if (!res.ok) {
     await res.body?.cancel().catch(() => {});

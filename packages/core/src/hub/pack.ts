@@ -21,8 +21,8 @@ import { ancestorsOf } from "../store/chains.js";
 import { getSnapshot, type SnapshotInfo, type SnapshotManifest, snapshotWorkDirs, tagDir } from "../store/snapshots.js";
 import { encodeSparse, planSparse, SparseDecoder, type SparsePlan } from "./sparse.js";
 
-export const PACK_FORMAT = "forkd-pack";
-export const PACK_VERSION = 1;
+const PACK_FORMAT = "forkd-pack";
+const PACK_VERSION = 1;
 const INDEX_NAME = "forkd-pack.json";
 export const MAX_INDEX_BYTES = 1 << 20;
 /** Larger than any guest memory forkd makes (64 GiB) or a root image it builds. */
@@ -99,7 +99,7 @@ export async function packMembers(tag: string): Promise<{ index: PackIndex; memb
 }
 
 /** A snapshot's own files, as a pack or a registry names them. */
-export async function snapshotMembers(s: SnapshotInfo): Promise<Member[]> {
+async function snapshotMembers(s: SnapshotInfo): Promise<Member[]> {
   const base = `snapshots/${s.tag}`;
   const out = [
     await member(`${base}/manifest.json`, path.join(s.dir, "manifest.json")),

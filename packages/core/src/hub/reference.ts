@@ -22,8 +22,8 @@ export type RegistryRef = {
   /** For messages: host/repository:tag or @digest, as parsed. */
   display: string;
 };
-export type HubRef = { kind: "hub"; name: string };
-export type UrlRef = { kind: "url"; url: URL };
+type HubRef = { kind: "hub"; name: string };
+type UrlRef = { kind: "url"; url: URL };
 export type PullSource = RegistryRef | HubRef | UrlRef;
 
 export type RefOpts = {
@@ -36,8 +36,8 @@ const HOST_RE = new RegExp(`^(?:${LABEL}(?:\\.${LABEL})*|\\[[0-9A-Fa-f:.]+\\])(?
 /** The distribution spec's repository grammar. */
 const COMPONENT = "[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*";
 const REPOSITORY_RE = new RegExp(`^${COMPONENT}(?:/${COMPONENT})*$`);
-export const TAG_RE = /^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$/;
-export const DIGEST_REF_RE = /^sha256:[0-9a-f]{64}$/;
+const TAG_RE = /^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$/;
+const DIGEST_REF_RE = /^sha256:[0-9a-f]{64}$/;
 /** Hub names: OWNER/NAME, each a plain word. */
 export const HUB_NAME_RE = /^[a-z0-9][a-z0-9_-]{0,63}\/[a-z0-9][a-z0-9_.-]{0,63}$/;
 
@@ -49,7 +49,7 @@ function shown(value: string): string {
 }
 
 /** Hosts the user allowed over http: the option, then FORKD_INSECURE_REGISTRIES (comma-separated). */
-export function insecureHosts(opts: RefOpts = {}): string[] {
+function insecureHosts(opts: RefOpts = {}): string[] {
   return [...(opts.insecureRegistries ?? []), ...setting("insecureRegistries")].map((h) => h.toLowerCase());
 }
 
@@ -59,7 +59,7 @@ function hostOnly(host: string): string {
   return colon < 0 ? host : host.slice(0, colon);
 }
 
-export function isLoopbackHost(host: string): boolean {
+function isLoopbackHost(host: string): boolean {
   const name = hostOnly(host.toLowerCase());
   return name === "localhost" || name === "[::1]" || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(name);
 }

@@ -10,7 +10,7 @@ import { plainHttpAllowed, type RefOpts, type RegistryRef } from "./reference.js
 
 const MAX_REDIRECTS = 5;
 /** Larger than any manifest forkd writes (one layer per pack member) by far; registries cap theirs at 4 MiB. */
-export const MAX_MANIFEST_BYTES = 4 * 2 ** 20;
+const MAX_MANIFEST_BYTES = 4 * 2 ** 20;
 export const OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json";
 
 function timeoutMs(): number {
@@ -18,7 +18,7 @@ function timeoutMs(): number {
 }
 
 /** Upload chunk size (FORKD_REGISTRY_CHUNK_MIB, default 16). */
-export function chunkBytes(): number {
+function chunkBytes(): number {
   return Math.round(setting("registryChunkMib") * 2 ** 20);
 }
 

@@ -36,16 +36,16 @@ import {
 import { parseRegistryRef, type RefOpts, type RegistryRef } from "./reference.js";
 import { OCI_MANIFEST, RegistryClient } from "./registry-client.js";
 
-export const SNAPSHOT_ARTIFACT = "application/vnd.forkd.snapshot.v1";
-export const INDEX_MEDIA_TYPE = "application/vnd.forkd.pack.index.v1+json";
-export const MEMBER_MEDIA_TYPE = "application/vnd.forkd.pack.member.v1+zstd";
+const SNAPSHOT_ARTIFACT = "application/vnd.forkd.snapshot.v1";
+const INDEX_MEDIA_TYPE = "application/vnd.forkd.pack.index.v1+json";
+const MEMBER_MEDIA_TYPE = "application/vnd.forkd.pack.member.v1+zstd";
 const TITLE = "org.opencontainers.image.title";
 const ZSTD_LEVEL = 3;
 const BLOB_DIGEST_RE = /^sha256:([0-9a-f]{64})$/;
 /** Entries kept in the push cache (each is a member digest → blob digest, ~200 bytes). */
 const MAX_CACHED_BLOBS = 4096;
 
-export type Descriptor = { mediaType: string; digest: string; size: number; annotations?: Record<string, string> };
+type Descriptor = { mediaType: string; digest: string; size: number; annotations?: Record<string, string> };
 export type SnapshotManifestOci = {
   schemaVersion: 2;
   mediaType: typeof OCI_MANIFEST;

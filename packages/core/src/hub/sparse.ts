@@ -7,8 +7,8 @@ import fsp from "node:fs/promises";
 import { Writable } from "node:stream";
 import { inBackground } from "../common/background.js";
 
-export const SPARSE_MAGIC = Buffer.from("FKSPARSE1\n");
-export const SPARSE_BLOCK = 64 * 1024;
+const SPARSE_MAGIC = Buffer.from("FKSPARSE1\n");
+const SPARSE_BLOCK = 64 * 1024;
 const HEADER_BYTES = SPARSE_MAGIC.length + 8 + 4;
 const ZERO = Buffer.alloc(SPARSE_BLOCK);
 

@@ -63,7 +63,7 @@ function statePath(): string {
 
 type NamespaceState = EgressLayout & { subnetIndex: number; loopbackResolvers: string[] };
 
-export function netnsPath(name: string): string {
+function netnsPath(name: string): string {
   return `/run/netns/${name}`;
 }
 
@@ -293,7 +293,7 @@ export async function sandboxEgressUids(): Promise<number[]> {
 }
 
 /** Pids of processes inside the namespace (by the namespace's inode): any one means it is in use. */
-export function namespacePids(netns: string): number[] {
+function namespacePids(netns: string): number[] {
   let ino: number;
   try {
     ino = fs.statSync(netnsPath(netns)).ino;

@@ -13,13 +13,13 @@ export type EgressPolicy = { allowOut: EgressEntry[]; denyOut: EgressEntry[] };
 /** What a sandbox's NIC may reach: none (no NIC traffic at all), public (the default policy plus its lists), unfiltered (policy off). */
 export type EgressMode = "none" | "public" | "unfiltered";
 
-export const MAX_EGRESS_ENTRIES = 256;
+const MAX_EGRESS_ENTRIES = 256;
 
 /**
  * Denied by default: this host's loopback, link-local (cloud metadata), private
  * and shared ranges, and what is never a public unicast destination anyway.
  */
-export const DEFAULT_DENY_V4 = [
+const DEFAULT_DENY_V4 = [
   "0.0.0.0/8",
   "10.0.0.0/8",
   "100.64.0.0/10",
@@ -32,7 +32,7 @@ export const DEFAULT_DENY_V4 = [
   "224.0.0.0/4",
   "240.0.0.0/4",
 ];
-export const DEFAULT_DENY_V6 = [
+const DEFAULT_DENY_V6 = [
   "::/127",
   "::ffff:0:0/96",
   "64:ff9b::/96",
@@ -96,7 +96,7 @@ function bigIntToV6(n: bigint): string {
 }
 
 /** An address or network with its host bits cleared, in canonical text. */
-export function canonicalCidr(address: string, prefix: number): { family: 4 | 6; cidr: string } {
+function canonicalCidr(address: string, prefix: number): { family: 4 | 6; cidr: string } {
   if (isIPv4(address)) {
     const n = v4ToInt(address);
     const size = 2 ** (32 - prefix);

@@ -10,7 +10,7 @@ import { detectCgroups } from "../sandbox/cgroup.js";
 import { capturePagesPath } from "../vmm/capture-pages.js";
 import { confinementEnabled, hiddenPaths, launcherPath, VMM_GID, VMM_UID_BASE, VMM_UID_COUNT } from "../vmm/confine.js";
 
-export type CheckStatus = "pass" | "warn" | "fail";
+type CheckStatus = "pass" | "warn" | "fail";
 export type Check = { name: string; status: CheckStatus; detail: string; fix?: string };
 
 async function which(file: string): Promise<boolean> {

@@ -100,7 +100,7 @@ export async function findLeftovers(opts: { qmpTimeoutMs?: number } = {}): Promi
 }
 
 /** Why a listed snapshot could not be forked, judged from its files; undefined when nothing is missing. */
-export function snapshotIncomplete(s: SnapshotInfo, all: SnapshotInfo[]): string | undefined {
+function snapshotIncomplete(s: SnapshotInfo, all: SnapshotInfo[]): string | undefined {
   const size = (file: string) => {
     try {
       return fs.statSync(file).size;

@@ -9,7 +9,7 @@ import { physicalBytes } from "../store/chains.js";
 import { type SnapshotInfo, tagDir } from "../store/snapshots.js";
 import { type BranchRow, branches } from "../store/state.js";
 
-export type SnapshotStatusName = "ready" | "writing" | "failed";
+type SnapshotStatusName = "ready" | "writing" | "failed";
 
 export type ApiSnapshot = {
   // forkd v0.5.3
@@ -69,7 +69,7 @@ export type ApiSandbox = {
 };
 
 /** Where a sandbox's agent is: forkd reports a guest TCP address; ours is a virtio-serial port. */
-export const GUEST_ADDR = "virtio-serial:forkd.agent";
+const GUEST_ADDR = "virtio-serial:forkd.agent";
 
 function unixSeconds(iso: string): number {
   return Math.floor(Date.parse(iso) / 1000);

@@ -16,7 +16,7 @@ import { getSnapshot } from "../store/snapshots.js";
 import type { SandboxRow } from "../store/state.js";
 import { sandboxAllows, sandboxState } from "../store/state-rules.js";
 
-export const MAX_POOL_SIZE = MAX_FORK;
+const MAX_POOL_SIZE = MAX_FORK;
 
 export type PoolView = {
   tag: string;
@@ -34,7 +34,7 @@ export type PoolView = {
  * way, and so are those the state table never lets a pool hand out (a guest that broke
  * the agent protocol): they would only hold a slot the refill then never fills.
  */
-export function poolMembers(tag: string): { ready: SandboxRow[]; starting: SandboxRow[] } {
+function poolMembers(tag: string): { ready: SandboxRow[]; starting: SandboxRow[] } {
   const ready: SandboxRow[] = [];
   const starting: SandboxRow[] = [];
   for (const row of pooledRows.of(tag)) {
@@ -214,7 +214,7 @@ export async function claimPooled(tag: string, n: number, opts: ClaimOpts): Prom
 }
 
 /** Kill ready children beyond `keep`, newest first (the oldest have answered most and are the warmest). */
-export async function trimPool(tag: string, keep: number): Promise<string[]> {
+async function trimPool(tag: string, keep: number): Promise<string[]> {
   const { ready, starting } = poolMembers(tag);
   const extra = ready.length + starting.length - keep;
   if (extra <= 0) return [];

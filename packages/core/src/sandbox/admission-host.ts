@@ -27,7 +27,7 @@ import { forkableSnapshot } from "./offered-captures.js";
 const MIB = 2 ** 20;
 
 /** Free bytes of the filesystem holding `dir` (its nearest existing ancestor: the staging dir may not exist yet). */
-export function freeBytesOn(dir: string): number {
+function freeBytesOn(dir: string): number {
   let at = path.resolve(dir);
   while (!fs.existsSync(at) && path.dirname(at) !== at) at = path.dirname(at);
   const st = fs.statfsSync(at);
@@ -77,7 +77,7 @@ export async function unstagedChainBytes(snapshot: SnapshotInfo): Promise<number
  * reservation are one synchronous step; idle staged images the verdict counted on
  * are evicted after it, under the reservation.
  */
-export async function admit(ledger: AdmissionLedger, needs: Needs): Promise<Ticket> {
+async function admit(ledger: AdmissionLedger, needs: Needs): Promise<Ticket> {
   const verdict = ledger.admit(needs, readCapacity());
   if (!verdict.ok) throw refusalError(verdict.refusal);
   if (verdict.evictBytes > 0) {

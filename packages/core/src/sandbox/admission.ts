@@ -12,16 +12,16 @@ const MIB = 2 ** 20;
 export const VMM_OVERHEAD_BYTES = 40 * MIB;
 
 /** A migration stream carries every RAM page plus device state and framing; this covers the latter. */
-export const CAPTURE_STREAM_SLACK_BYTES = 64 * MIB;
+const CAPTURE_STREAM_SLACK_BYTES = 64 * MIB;
 
 /**
  * How much of its guest RAM a child without a memory limit is counted as writing.
  * Pages a child only reads stay shared with the staged image (counted once, when
  * staged); only the pages it writes become its own. 1 counts the worst case.
  */
-export const DEFAULT_DIRTY_FRACTION = SETTINGS.admitDirtyFraction.default;
+const DEFAULT_DIRTY_FRACTION = SETTINGS.admitDirtyFraction.default;
 
-export type Resource = "memory" | "shm" | "sandboxes" | "branches";
+type Resource = "memory" | "shm" | "sandboxes" | "branches";
 
 export type Needs = {
   /** Host RAM, shmem included: a file on /dev/shm is memory too. */
@@ -68,7 +68,7 @@ export type Refusal = {
 export type Verdict = { ok: true; evictBytes: number } | { ok: false; refusal: Refusal };
 
 /** Seconds a refused client should wait: slots free when work finishes, memory and shm when sandboxes exit or images are evicted. */
-export const RETRY_AFTER_S: Record<Resource, number> = { sandboxes: 5, branches: 2, memory: 10, shm: 10 };
+const RETRY_AFTER_S: Record<Resource, number> = { sandboxes: 5, branches: 2, memory: 10, shm: 10 };
 
 export function defaultLimits(opts: Partial<Limits> & { memTotalBytes: number }): Limits {
   return {
@@ -160,7 +160,7 @@ export function branchNeeds(guestMemoryBytes: number): Needs {
   };
 }
 
-export function addNeeds(a: Needs, b: Needs): Needs {
+function addNeeds(a: Needs, b: Needs): Needs {
   return {
     memoryBytes: a.memoryBytes + b.memoryBytes,
     shmBytes: a.shmBytes + b.shmBytes,

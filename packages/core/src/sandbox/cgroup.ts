@@ -27,7 +27,7 @@ export function detectCgroups(root = "/sys/fs/cgroup"): CgroupLayout | undefined
 }
 
 /** The CFS period every quota is expressed in: 100 ms, the kernel's default. */
-export const CPU_PERIOD_US = 100_000;
+const CPU_PERIOD_US = 100_000;
 /** The kernel refuses quotas under 1 ms a period. */
 const MIN_CPU_LIMIT = 0.01;
 
@@ -173,19 +173,6 @@ export function cgroupDirs(value: string | null | undefined): string[] {
     }
   }
   return [value];
-}
-
-export function readMemoryLimit(value: string | null | undefined): number | undefined {
-  for (const dir of cgroupDirs(value)) {
-    for (const file of ["memory.max", "memory.limit_in_bytes"]) {
-      try {
-        return Number(fs.readFileSync(path.join(dir, file), "utf8").trim());
-      } catch {
-        // try the other flavour
-      }
-    }
-  }
-  return undefined;
 }
 
 /** The CPUs a sandbox's quota allows, from its cgroup files; undefined when it has none. */

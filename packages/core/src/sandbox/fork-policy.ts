@@ -14,7 +14,7 @@ import { killSandbox } from "./lifecycle.js";
 export type StartedChild = Extract<ForkChildResult, { ok: true }>;
 
 /** What admission reserved for the work; given back once. */
-export type Reservation = { release: () => void };
+type Reservation = { release: () => void };
 
 /** The steps of one fork; the policy decides their order and what is undone when. */
 export type ForkSteps<R> = {
@@ -87,7 +87,7 @@ async function killAll(ids: readonly string[], killChild: (id: string) => Promis
 }
 
 /** The error a fork leaves with: how many of how many failed, the first cause, every failure, and any rollback step that failed. */
-export function forkFailedError(
+function forkFailedError(
   failed: readonly ForkChildResult[],
   total: number,
   rollback: readonly { id?: string; message: string }[] = [],

@@ -65,7 +65,7 @@ export type ForkOpts = {
   from?: CaptureSource;
 };
 
-export type ForkTimings = {
+type ForkTimings = {
   /** spawn → QMP greeting: the VMM process is up. */
   vmmStartMs: number;
   /** QMP up → guest running again (device state loaded). */

@@ -15,7 +15,7 @@ export function pagemapBytes(memoryBytes: number): number {
   return Math.ceil(memoryBytes / PAGE_BYTES / 8);
 }
 
-export function pageIsSet(map: Uint8Array, page: number): boolean {
+function pageIsSet(map: Uint8Array, page: number): boolean {
   return ((map[page >> 3] ?? 0) & (1 << (page & 7))) !== 0;
 }
 
@@ -24,7 +24,7 @@ function setPage(map: Uint8Array, page: number): void {
 }
 
 /** How many pages a map marks (the number of pages its layer must hold). */
-export function countPages(map: Uint8Array): number {
+function countPages(map: Uint8Array): number {
   let n = 0;
   for (const byte of map) {
     let b = byte;

@@ -18,7 +18,7 @@ import { enforceStageBudget, rememberVerified, stagedPath, stageKey } from "./st
 import { type BranchRow, branches, staged } from "./state.js";
 import { assertSnapshotAllows, type SnapshotOp, type SnapshotState } from "./state-rules.js";
 
-export const SNAPSHOT_SCHEMA = 1;
+const SNAPSHOT_SCHEMA = 1;
 
 export type SnapshotManifest = {
   schema: typeof SNAPSHOT_SCHEMA;

@@ -58,7 +58,7 @@ export async function rememberVerified(file: string, sha256: string): Promise<vo
 type StagedCheck = { ok: true } | { ok: false; missing: boolean; why: string };
 
 /** Is the staged file there, ours, read-only, the recorded size and (hashed once) the recorded digest? */
-export async function checkStaged(file: string, snapshot: VerifiableSnapshot): Promise<StagedCheck> {
+async function checkStaged(file: string, snapshot: VerifiableSnapshot): Promise<StagedCheck> {
   let st: fs.BigIntStats;
   try {
     st = await fsp.lstat(file, { bigint: true });

@@ -36,18 +36,6 @@ export function findGuestRam(maps: string, memoryMib: number): GuestRam | undefi
   return found.length === 1 ? found[0] : undefined;
 }
 
-export function guestRamOf(pid: number, memoryMib: number): GuestRam {
-  let maps: string;
-  try {
-    maps = fs.readFileSync(`/proc/${pid}/maps`, "utf8");
-  } catch (err) {
-    throw new ForkdError("invalid_state", `cannot read the memory map of VMM ${pid}: ${(err as Error).message}`);
-  }
-  const ram = findGuestRam(maps, memoryMib);
-  if (!ram) throw new ForkdError("not_supported", `VMM ${pid} has no single private ${memoryMib} MiB memory-image mapping to capture`);
-  return ram;
-}
-
 export type PageCaptureOpts = {
   pid: number;
   ram: GuestRam;

@@ -5,7 +5,7 @@ import { setting } from "../common/settings.js";
 
 export type Accel = "kvm" | "tcg";
 
-export type MemoryBacking =
+type MemoryBacking =
   /** Private anonymous RAM: a throwaway VM. */
   | { kind: "anon" }
   /** RAM in a file: share=true for a parent whose RAM becomes the snapshot, false for a copy-on-write child. */
@@ -46,10 +46,10 @@ export type VmPlan = {
  *    every 27 ms (36 wake-ups a second) in every idle child.
  */
 export type MachineProfile = "v1" | "v2";
-export const MACHINE_PROFILES: readonly MachineProfile[] = ["v1", "v2"];
+const MACHINE_PROFILES: readonly MachineProfile[] = ["v1", "v2"];
 export const CURRENT_MACHINE: MachineProfile = "v2";
 
-export function machineOption(profile: MachineProfile): string {
+function machineOption(profile: MachineProfile): string {
   if (!MACHINE_PROFILES.includes(profile)) {
     throw new ForkdError(
       "not_supported",
@@ -60,7 +60,7 @@ export function machineOption(profile: MachineProfile): string {
   return profile === "v1" ? base : `${base},pit=off,pic=off`;
 }
 
-export const LIMITS = {
+const LIMITS = {
   memoryMib: { min: 128, max: 64 * 1024 },
   vcpus: { min: 1, max: 64 },
 } as const;
@@ -84,7 +84,7 @@ export const CONSOLE_RING_BYTES = 256 * 1024;
  * timer, `psi=0` the pressure-stall averaging that re-arms itself every 2 s while
  * anything runs (the other periodic wake-ups are sysctls set by the guest's init).
  */
-export const BASE_APPEND = "console=ttyS0 panic=-1 quiet reboot=t nowatchdog psi=0";
+const BASE_APPEND = "console=ttyS0 panic=-1 quiet reboot=t nowatchdog psi=0";
 
 /**
  * The guest kernel command line. Under TCG the guest's TSC is the host's TSC, but

@@ -8,7 +8,7 @@ import { ForkdError } from "../common/errors.js";
 
 export type QmpEvent = { event: string; data?: Record<string, unknown>; timestamp: { seconds: number; microseconds: number } };
 
-export type QmpStatus =
+type QmpStatus =
   | "running"
   | "paused"
   | "postmigrate"

@@ -133,7 +133,7 @@ async function warmAgentPaths(vm: Vm, python: boolean): Promise<void> {
 }
 
 /** Stop the VM and write its device state (RAM in the shared file is skipped) to `target`. */
-export async function saveDeviceState(vm: Vm, target: string): Promise<void> {
+async function saveDeviceState(vm: Vm, target: string): Promise<void> {
   await vm.qmp.execute("stop", {});
   await vm.qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "x-ignore-shared", state: true }] });
   await migrateToFile(vm.qmp, vm.runDir, target, 600_000, "saving the device state");

@@ -7,8 +7,6 @@ import type { RouteDeps } from "./context.js";
 import { openOutputStream } from "./output-stream.js";
 import { startBackground } from "./processes.js";
 
-export { STREAM_BUFFER_BYTES } from "./output-stream.js";
-
 const languageOfImage = new Map<string, "javascript" | "python">();
 
 /** What eval runs when the caller does not say: the main runtime of the sandbox's image. */

@@ -15,7 +15,7 @@ import type { RouteDeps } from "./context.js";
 export function registerBranchRoutes({ r, ctx, err, touch }: RouteDeps): void {
   r.post(
     "/v1/sandboxes/:id/branch",
-    { schema: { params: S.IdParam, body: S.BranchBody, response: { 201: S.BranchResponse, 202: S.BranchResponse, ...err } } },
+    { schema: { params: S.IdParam, body: S.BranchBody, response: { 201: S.Snapshot, 202: S.Snapshot, ...err } } },
     async (request, reply) => {
       // Refused before any admission is taken when the source's state allows no capture.
       const source = getSandbox(request.params.id, "capture");

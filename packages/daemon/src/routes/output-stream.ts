@@ -7,7 +7,7 @@ import { isForkdError } from "@forkd/core";
 import type { FastifyReply } from "fastify";
 
 /** What one slow or stalled client may cost the daemon, and no more. */
-export const STREAM_BUFFER_BYTES = 1024 * 1024;
+const STREAM_BUFFER_BYTES = 1024 * 1024;
 
 export type OutputStream = {
   /** Aborted when the client goes away before the last line. */

@@ -10,7 +10,7 @@ import type { RouteDeps, ServerContext } from "./context.js";
 import { openOutputStream } from "./output-stream.js";
 
 /** The agent's view of a process in the API's (E2B's) shape. */
-export function apiProcessView(p: ProcInfo): S.ProcessInfoT {
+function apiProcessView(p: ProcInfo): S.ProcessInfoT {
   const [cmd, ...args] = p.argv ?? ["/bin/sh", "-c", p.cmd ?? ""];
   return {
     pid: p.pid,

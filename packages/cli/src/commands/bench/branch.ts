@@ -162,7 +162,7 @@ async function firstFork(controller: Controller, tag: string): Promise<number> {
 type Row = { mode: string; workload: string; memory_mib: number; pause_ms_p50: number };
 
 /** For each mode and workload measured at more than one size: the p50 pause at the largest size over the smallest. */
-export function pauseRatios(rows: Row[]): {
+function pauseRatios(rows: Row[]): {
   mode: string;
   workload: string;
   smallest_mib: number;

@@ -34,7 +34,7 @@ const FIRST_ESTIMATE_MS: Record<Op, number> = {
   pull: 3000,
 };
 
-export type ChaosResult = {
+type ChaosResult = {
   kills: number;
   seed: number;
   ops: Record<string, number>;

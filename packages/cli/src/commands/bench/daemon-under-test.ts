@@ -134,7 +134,7 @@ export function processesUnder(dirs: string[]): number[] {
 }
 
 /** The children of `pid` (its direct ones: the daemon starts QEMUs, copiers and helpers itself). */
-export function childProcesses(pid: number): number[] {
+function childProcesses(pid: number): number[] {
   const out: number[] = [];
   for (const entry of fs.readdirSync("/proc")) {
     if (!/^\d+$/.test(entry)) continue;

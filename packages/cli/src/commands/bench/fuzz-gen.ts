@@ -11,7 +11,7 @@
 // its strict body, and ids that name nothing.
 import fc from "fast-check";
 
-export type JsonSchema = {
+type JsonSchema = {
   type?: string;
   enum?: unknown[];
   properties?: Record<string, JsonSchema>;
@@ -112,7 +112,7 @@ const anyString = (maxLength: number) =>
   fc.oneof({ arbitrary: fc.string({ maxLength }), weight: 4 }, { arbitrary: nasty, weight: 1 }, { arbitrary: weird, weight: 1 });
 
 /** A value the schema allows (bounded in size), biased toward the ids and tags that exist for safe operations. */
-export function valueFor(schema: JsonSchema | undefined, known: Known, name: string, safe: boolean, depth = 0): fc.Arbitrary<unknown> {
+function valueFor(schema: JsonSchema | undefined, known: Known, name: string, safe: boolean, depth = 0): fc.Arbitrary<unknown> {
   if (!schema || depth > 6) return fc.jsonValue({ maxDepth: 2 });
   const base = baseValue(schema, known, name, safe, depth);
   return schema.nullable ? fc.oneof(base, fc.constant(null)) : base;
@@ -196,7 +196,7 @@ const badContentTypes = fc.constantFrom(
   "",
 );
 
-export type Mutation =
+type Mutation =
   | "valid"
   | "wrong_type"
   | "missing_field"

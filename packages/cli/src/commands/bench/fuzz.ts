@@ -11,10 +11,10 @@ import { startDaemonUnderTest } from "./daemon-under-test.js";
 import { type FuzzRequest, type Known, type OpenApiDoc, operations, requestArbitrary } from "./fuzz-gen.js";
 import { emit, machine } from "./report.js";
 
-export type FuzzAnswer = { status: number | null; head: string; body: string; error?: string };
+type FuzzAnswer = { status: number | null; head: string; body: string; error?: string };
 
 /** One request on its own connection, exactly as built (no client fixing up what the fuzzer broke). */
-export function sendRaw(port: number, req: FuzzRequest, timeoutMs: number): Promise<FuzzAnswer> {
+function sendRaw(port: number, req: FuzzRequest, timeoutMs: number): Promise<FuzzAnswer> {
   return new Promise((resolve) => {
     const socket = net.createConnection({ host: "127.0.0.1", port });
     const chunks: Buffer[] = [];

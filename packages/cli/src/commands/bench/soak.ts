@@ -10,7 +10,7 @@ import { emit, machine, p50, round1 } from "./report.js";
 
 const MODES = ["live", "diff", "full"] as const;
 
-export type SoakResult = {
+type SoakResult = {
   cycles: number;
   failed_cycles: number;
   failures: string[];

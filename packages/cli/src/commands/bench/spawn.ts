@@ -26,7 +26,7 @@ const IDLE_WINDOW_MS = 10_000;
 const SINGLE_RUNS = 5;
 
 /** CPU a process has used, every thread (QEMU's main loop, vCPU, I/O) included, in ms; ns precision from schedstat. */
-export function processCpuMs(pid: number): number | undefined {
+function processCpuMs(pid: number): number | undefined {
   try {
     let ns = 0;
     for (const task of fs.readdirSync(`/proc/${pid}/task`)) {
