@@ -131,6 +131,7 @@ export { sandboxes, staged } from "./store/state.js";
 export {
   assertSandboxAllows,
   assertSnapshotAllows,
+  assertWorkspaceAllows,
   claimableBranchStatuses,
   SANDBOX_OPS,
   SANDBOX_RULES,
@@ -142,6 +143,11 @@ export {
   sandboxRowsAllowing,
   sandboxState,
   snapshotAllows,
+  WORKSPACE_OPS,
+  WORKSPACE_RULES,
+  WORKSPACE_STATES,
+  workspaceAllows,
+  workspaceState,
 } from "./store/state-rules.js";
 export { accelFromHost } from "./vmm/accel.js";
 export { capturePagesPath, findGuestRam } from "./vmm/capture-pages.js";

@@ -6,6 +6,9 @@
 /** Run `work` without waiting for it; a failure becomes a warning that names it. */
 export function inBackground(what: string, work: Promise<unknown>): void {
   work.catch((err: unknown) => {
-    process.emitWarning(`${what}: ${err instanceof Error ? err.message : String(err)}`, { type: "ForkdWarning", code: "BACKGROUND_FAILURE" });
+    process.emitWarning(`${what}: ${err instanceof Error ? err.message : String(err)}`, {
+      type: "ForkdWarning",
+      code: "BACKGROUND_FAILURE",
+    });
   });
 }
