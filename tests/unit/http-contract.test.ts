@@ -193,6 +193,58 @@ describe("bad bodies", () => {
   });
 });
 
+describe("pack and unpack paths", () => {
+  const json = { ...AUTH, "content-type": "application/json" };
+  it("over TCP (the token) refuses any path outside $FORKD_HOME/packs, before looking for the snapshot, naming the directory", async () => {
+    const packs = path.join(process.env.FORKD_HOME!, "packs");
+    for (const p of ["/etc/cron.d/forkd", "/tmp/x.forkd.tar.zst", "../token", `${packs}/../token`]) {
+      const packed = await expectError(
+        tcp,
+        { method: "POST", url: "/v1/snapshots/base/pack", headers: json, payload: { path: p } },
+        "bad_request",
+      );
+      expect(packed.error).toContain(packs);
+      expect(packed.details).toMatchObject({ allowed_dir: packs });
+      const unpacked = await expectError(
+        tcp,
+        { method: "POST", url: "/v1/snapshots/unpack", headers: json, payload: { path: p } },
+        "bad_request",
+      );
+      expect(unpacked.error).toContain(packs);
+    }
+    fs.mkdirSync(packs, { recursive: true, mode: 0o700 });
+    fs.symlinkSync("/etc/passwd", path.join(packs, "passwd.tar.zst"));
+    await expectError(
+      tcp,
+      { method: "POST", url: "/v1/snapshots/unpack", headers: json, payload: { path: "passwd.tar.zst" } },
+      "bad_request",
+    );
+  });
+
+  it("over TCP a name inside the packs directory gets as far as the snapshot lookup; over the unix socket the caller's absolute path does", async () => {
+    await expectError(
+      tcp,
+      { method: "POST", url: "/v1/snapshots/base/pack", headers: json, payload: { path: "base.forkd.tar.zst" } },
+      "snapshot_not_found",
+    );
+    await expectError(
+      unix,
+      { method: "POST", url: "/v1/snapshots/base/pack", headers: json, payload: { path: "/tmp/x.forkd.tar.zst" } },
+      "snapshot_not_found",
+    );
+    await expectError(
+      unix,
+      { method: "POST", url: "/v1/snapshots/base/pack", headers: json, payload: { path: "relative.tar.zst" } },
+      "bad_request",
+    );
+    await expectError(
+      tcp,
+      { method: "POST", url: "/v1/snapshots/unpack", headers: json, payload: { path: "missing.tar.zst" } },
+      "not_found",
+    );
+  });
+});
+
 describe("the error table", () => {
   it("sends every code with the status the table gives it, its own remediation, and Retry-After on over_limit", async () => {
     const codes = Object.keys(ERROR_STATUS) as ErrorCode[];

@@ -4,7 +4,7 @@
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { errorResult, parseListen, toolResult } from "@forkd/mcp";
+import { errorResult, parseListen, readToken, toolResult } from "@forkd/mcp";
 import { errorFromBody, resolveTarget } from "@forkd/sdk";
 import { describe, expect, it } from "vitest";
 
@@ -83,5 +83,25 @@ describe("parseListen", () => {
     expect(parseListen("[::1]:0")).toEqual({ host: "::1", port: 0 });
     expect(parseListen("8890")).toEqual({ host: "127.0.0.1", port: 8890 });
     for (const bad of ["localhost", "1.2.3.4:70000", ":80", "a:b"]) expect(() => parseListen(bad), bad).toThrow(/HOST:PORT/);
+  });
+});
+
+describe("readToken (--token-file for MCP over HTTP)", () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "forkd-mcp-token-"));
+  const file = path.join(dir, "token");
+  const token = "mcp-token-0123456789abcdef";
+
+  it("reads a 0600 token file", () => {
+    fs.writeFileSync(file, `${token}\n`, { mode: 0o600 });
+    fs.chmodSync(file, 0o600);
+    expect(readToken(file)).toBe(token);
+  });
+
+  it("refuses a token file group or others can read, naming chmod 600, as the daemon does", () => {
+    for (const mode of [0o640, 0o604, 0o660]) {
+      fs.writeFileSync(file, `${token}\n`);
+      fs.chmodSync(file, mode);
+      expect(() => readToken(file)).toThrow(new RegExp(`group or others can read or change it.*chmod 600 ${file}`));
+    }
   });
 });

@@ -108,14 +108,17 @@ export const SnapshotInfo = z.object({
   ),
 });
 export const CompactBody = z.object({ to: z.string() }).strict();
-/** A path on the daemon's host: absolute, no NUL. */
-const HostPath = z
+/**
+ * A pack file: over TCP a name inside $FORKD_HOME/packs (relative, or absolute within it);
+ * over the unix socket any absolute path. pack-paths.ts applies the rule per transport.
+ */
+const PackPath = z
   .string()
-  .min(2)
+  .min(1)
   .max(4096)
-  .refine((p) => p.startsWith("/") && !p.includes("\0"), "must be an absolute path");
-export const PackBody = z.object({ path: HostPath }).strict();
-export const UnpackBody = z.object({ path: HostPath, tag: z.string().optional() }).strict();
+  .refine((p) => !p.includes("\0"), "must not contain NUL");
+export const PackBody = z.object({ path: PackPath }).strict();
+export const UnpackBody = z.object({ path: PackPath, tag: z.string().optional() }).strict();
 /** A registry reference (HOST/REPO:TAG), a hub name (OWNER/NAME) or a pack URL; checked by core, which names the three forms. */
 const PullRef = z.string().min(1).max(4096);
 export const PushBody = z.object({ ref: PullRef }).strict();

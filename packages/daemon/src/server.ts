@@ -124,7 +124,14 @@ export async function buildServer(ctx: ServerContext, opts: ServerOpts = { requi
     void reply.code(404).send(errorBody("not_found", `no route ${request.method} ${request.url.split("?")[0]}; see GET /v1/openapi.json`));
   });
 
-  const deps: RouteDeps = { app, r: app.withTypeProvider<ZodTypeProvider>(), ctx, err: ERROR_RESPONSES, touch };
+  const deps: RouteDeps = {
+    app,
+    r: app.withTypeProvider<ZodTypeProvider>(),
+    ctx,
+    err: ERROR_RESPONSES,
+    touch,
+    confinePackPaths: opts.requireToken,
+  };
   for (const register of [
     registerSystemRoutes,
     registerSnapshotRoutes,

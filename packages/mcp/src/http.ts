@@ -42,16 +42,31 @@ export function parseListen(value: string): { host: string; port: number } {
   return { host: (m[1] ?? m[2])!, port };
 }
 
+/** A token file others could read: refused as it is, not reported as unreadable. */
+class UnsafeTokenFile extends Error {}
+
 /** The daemon's token: --token-file, else $FORKD_HOME/token (which `forkd daemon` writes). */
 export function readToken(file?: string, env: NodeJS.ProcessEnv = processEnvironment()): string {
   const source = file ?? path.join(env.FORKD_HOME ?? "/var/lib/forkd", "token");
   let token: string;
+  let fd: number | undefined;
   try {
-    token = fs.readFileSync(source, "utf8").trim();
+    fd = fs.openSync(source, "r");
+    // The daemon's own rule (daemon/src/auth.ts), on the open descriptor so what is checked is what is read.
+    const mode = fs.fstatSync(fd).mode;
+    if ((mode & 0o077) !== 0) {
+      throw new UnsafeTokenFile(
+        `the token file ${source} has mode ${(mode & 0o777).toString(8).padStart(4, "0")}: group or others can read or change it, so anyone on this host could use the daemon's token; run: chmod 600 ${source}`,
+      );
+    }
+    token = fs.readFileSync(fd, "utf8").trim();
   } catch (err) {
+    if (err instanceof UnsafeTokenFile) throw err;
     throw new Error(
       `cannot read the bearer token from ${source}: ${(err as Error).message}; start \`forkd daemon\` once (it writes one) or pass --token-file`,
     );
+  } finally {
+    if (fd !== undefined) fs.closeSync(fd);
   }
   if (Buffer.byteLength(token) < MIN_TOKEN_BYTES) throw new Error(`the token in ${source} is shorter than ${MIN_TOKEN_BYTES} bytes`);
   return token;

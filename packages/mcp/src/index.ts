@@ -6,7 +6,7 @@ import { processEnvironment } from "./environment.js";
 import { type McpHttpHandle, parseListen, readToken, serveHttp } from "./http.js";
 import { createForkdMcpServer } from "./server.js";
 
-export { type McpHttpHandle, parseListen } from "./http.js";
+export { type McpHttpHandle, parseListen, readToken } from "./http.js";
 export { errorResult, toolResult } from "./server.js";
 
 /** A short call's deadline: FORKD_HTTP_TIMEOUT seconds, as forkd's MCP server reads it; 60 by default. */

@@ -39,6 +39,8 @@ export type RouteDeps = {
   ctx: ServerContext;
   err: typeof ERROR_RESPONSES;
   touch: typeof touch;
+  /** TCP (token) requests: pack paths are confined to $FORKD_HOME/packs (pack-paths.ts); the root-only unix socket is not. */
+  confinePackPaths: boolean;
 };
 
 /** Record a sandbox or snapshot a request acted on, for its audit line. */
