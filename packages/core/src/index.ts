@@ -14,6 +14,7 @@ export { configureSettings, defaultSocketPath, setting, settings, settingsEnv, w
 export { validateName, validateSandboxId } from "./common/validate.js";
 export { AgentCallError, AgentClient } from "./guest/agent-client.js";
 export { getImage, listImages } from "./guest/image.js";
+export { checkGuestPayload, guestPayloadLimitBytes } from "./guest/payload-limit.js";
 export { packSnapshot, unpackFile } from "./hub/pack.js";
 export { pullSnapshot, pullSource } from "./hub/pull.js";
 export { type PullResult, pushSnapshot, pushTarget } from "./hub/registry.js";

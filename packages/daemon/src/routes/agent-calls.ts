@@ -1,5 +1,5 @@
 // Calls into a sandbox's guest agent: ping, exec (whole or streamed), eval, files.
-import { AgentCallError, ForkdError, getImage, getSandbox } from "@forkd/core";
+import { AgentCallError, checkGuestPayload, ForkdError, getImage, getSandbox } from "@forkd/core";
 import { z } from "zod";
 import { boundedTimeout, noNulBytes } from "../request-checks.js";
 import * as S from "../schemas.js";
@@ -40,7 +40,7 @@ export function registerAgentCallRoutes({ r, ctx, err }: RouteDeps): void {
     };
   });
 
-  const execRequest = (body: S.ExecBodyT) => {
+  const execRequest = (id: string, body: S.ExecBodyT) => {
     if (body.args && body.argv) throw new ForkdError("bad_request", "send the command as `args` (forkd's name) or `argv`, not both");
     const argv = body.args ?? body.argv;
     if ((argv === undefined) === (body.cmd === undefined)) {
@@ -54,11 +54,13 @@ export function registerAgentCallRoutes({ r, ctx, err }: RouteDeps): void {
     noNulBytes({ [body.args ? "args" : "argv"]: argv, cmd: body.cmd, env: body.env, cwd: body.cwd });
     const secs = boundedTimeout(body.timeout_secs, "timeout_secs", "execSecs");
     const timeoutMs = secs !== undefined ? secs * 1000 : boundedTimeout(body.timeout_ms, "timeout_ms", "exec");
+    const stdin = body.stdin !== undefined ? Buffer.from(body.stdin, body.stdin_encoding ?? "utf8") : undefined;
+    if (stdin) checkGuestPayload("exec stdin", stdin.length, getSandbox(id).memory_mib);
     return {
       ...(argv ? { argv } : { cmd: body.cmd }),
       ...(body.env ? { env: body.env } : {}),
       ...(body.cwd ? { cwd: body.cwd } : {}),
-      ...(body.stdin !== undefined ? { stdin: Buffer.from(body.stdin, body.stdin_encoding ?? "utf8").toString("base64") } : {}),
+      ...(stdin ? { stdin: stdin.toString("base64") } : {}),
       ...(timeoutMs ? { timeoutMs } : {}),
     };
   };
@@ -67,7 +69,7 @@ export function registerAgentCallRoutes({ r, ctx, err }: RouteDeps): void {
     "/v1/sandboxes/:id/exec",
     { schema: { params: S.IdParam, body: S.ExecBody, response: { 200: z.union([S.ExecResponse, S.ProcessInfo]), ...err } } },
     async (request) => {
-      const exec = execRequest(request.body);
+      const exec = execRequest(request.params.id, request.body);
       if (request.body.background) return startBackground(ctx, request.params.id, exec, request.body.tag);
       const agent = await ctx.agents.forSandbox(request.params.id);
       const stdout: Buffer[] = [];
@@ -98,7 +100,7 @@ export function registerAgentCallRoutes({ r, ctx, err }: RouteDeps): void {
     if (request.body.background) {
       throw new ForkdError("bad_request", "a background process is started with POST /exec; follow it with GET /processes/PID/output");
     }
-    const exec = execRequest(request.body);
+    const exec = execRequest(request.params.id, request.body);
     const agent = await ctx.agents.forSandbox(request.params.id);
     // A client that goes away before the exit line cancels the command in the guest.
     const stream = openOutputStream(reply);
@@ -172,10 +174,12 @@ export function registerAgentCallRoutes({ r, ctx, err }: RouteDeps): void {
     "/v1/sandboxes/:id/files",
     { schema: { params: S.IdParam, body: S.FilesBody, response: { 200: z.record(z.string(), z.unknown()), ...err } } },
     async (request) => {
-      const agent = await ctx.agents.forSandbox(request.params.id);
       const body = request.body;
       if (body.action === "write") {
-        const data = Buffer.from(body.data, body.encoding ?? "utf8").toString("base64");
+        const bytes = Buffer.from(body.data, body.encoding ?? "utf8");
+        checkGuestPayload("the file's content", bytes.length, getSandbox(request.params.id).memory_mib);
+        const agent = await ctx.agents.forSandbox(request.params.id);
+        const data = bytes.toString("base64");
         return agent.files<Record<string, unknown>>({
           action: "write",
           path: body.path,
@@ -183,6 +187,7 @@ export function registerAgentCallRoutes({ r, ctx, err }: RouteDeps): void {
           ...(body.mode !== undefined ? { mode: body.mode } : {}),
         });
       }
+      const agent = await ctx.agents.forSandbox(request.params.id);
       const res = await agent.files<Record<string, unknown>>(body);
       return body.action === "read" ? { ...res, encoding: "base64" } : res;
     },

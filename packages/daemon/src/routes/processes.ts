@@ -3,7 +3,7 @@
 // request and the HTTP connection that started them, and a BRANCH carries them (and
 // the output they have kept) into every child.
 import type { ProcExit, ProcInfo } from "@forkd/agent/protocol";
-import { ForkdError } from "@forkd/core";
+import { checkGuestPayload, ForkdError, getSandbox } from "@forkd/core";
 import { z } from "zod";
 import * as S from "../schemas.js";
 import type { RouteDeps, ServerContext } from "./context.js";
@@ -86,6 +86,7 @@ export function registerProcessRoutes({ r, ctx, err }: RouteDeps): void {
         throw new ForkdError("bad_request", "`data` is not base64");
       }
       const data = Buffer.from(body.data ?? "", body.encoding ?? "utf8");
+      checkGuestPayload("stdin", data.length, getSandbox(request.params.id).memory_mib);
       const agent = await ctx.agents.forSandbox(request.params.id);
       const res = await agent.procStdin(pidOf(request.params), data, body.eof === true);
       return { pid: res.pid, bytes: res.bytes, stdin_open: res.stdinOpen };
