@@ -83,6 +83,21 @@ describe("agent server", () => {
     expect(await call({ id: 9, op: "eval", code: "throw new TypeError('nope')" })).toMatchObject({ kind: "error", code: "eval_error" });
     expect(await call({ id: 10, op: "eval", code: "while (true) {}", timeoutMs: 100 })).toMatchObject({ kind: "error", code: "timeout" });
     expect(await call({ id: 11, op: "eval", code: "counter" })).toMatchObject({ value: { value: 42 } });
+    // eval runs inside the agent: process.exit would end it, so it is an eval error instead.
+    for (const code of ["process.exit(3)", "process.abort()"]) {
+      expect(await call({ id: 12, op: "eval", code })).toMatchObject({
+        kind: "error",
+        code: "eval_error",
+        message: expect.stringMatching(/not available in eval/),
+      });
+    }
+    expect(
+      await call({
+        id: 13,
+        op: "eval",
+        code: '[process.env.PATH, process.cwd(), process.title, process.memoryUsage().rss, process.hrtime.bigint() > 0n, process.on("forkd-x", () => {}) === process, process.uptime()].join()',
+      }),
+    ).toMatchObject({ kind: "result" });
   });
 
   it("moves files: write atomically, read, list, stat, mkdir, remove", async () => {
@@ -105,6 +120,23 @@ describe("agent server", () => {
       kind: "result",
     });
     expect(await call({ id: 27, op: "files", action: "stat", path: file })).toMatchObject({ code: "not_found" });
+    await fs.rm(dir, { recursive: true, force: true });
+  });
+
+  it("makes nested directories, and answers at once where the kernel refuses one (Node's recursive mkdir spins on /proc/x)", async () => {
+    const dir = await fs.mkdtemp(path.join(os.tmpdir(), "forkd-agent-"));
+    const { call } = harness();
+    expect(await call({ id: 30, op: "files", action: "mkdir", path: path.join(dir, "a", "b", "c") })).toMatchObject({ kind: "result" });
+    expect((await fs.stat(path.join(dir, "a", "b", "c"))).isDirectory()).toBe(true);
+    expect(await call({ id: 31, op: "files", action: "mkdir", path: path.join(dir, "a", "b") })).toMatchObject({ kind: "result" });
+    await fs.writeFile(path.join(dir, "file"), "x");
+    expect(await call({ id: 32, op: "files", action: "mkdir", path: path.join(dir, "file", "sub") })).toMatchObject({ kind: "error" });
+    const t0 = performance.now();
+    expect(await call({ id: 33, op: "files", action: "mkdir", path: "/proc/forkd-x/y" })).toMatchObject({
+      kind: "error",
+      code: "not_found",
+    });
+    expect(performance.now() - t0).toBeLessThan(2_000);
     await fs.rm(dir, { recursive: true, force: true });
   });
 

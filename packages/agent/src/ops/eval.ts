@@ -23,7 +23,7 @@ export class JsEvaluator {
     this.context = vm.createContext({
       console,
       require: sandboxRequire,
-      process,
+      process: processWithoutExit(),
       Buffer,
       setTimeout,
       clearTimeout,
@@ -85,6 +85,21 @@ export class JsEvaluator {
     }
     return { ...toWire(value), durationMs: performance.now() - started };
   }
+}
+
+/**
+ * The agent's own process, except that exit and abort throw: eval runs inside the
+ * agent, so `process.exit()` there ended the agent and the call waited for its deadline.
+ * Every other property (env, cwd, on, …) is the real one.
+ */
+function processWithoutExit(): NodeJS.Process {
+  const refuse = (name: string) => () => {
+    throw new Error(
+      `process.${name}() is not available in eval: it would end the guest agent that runs every call; run a program that exits with exec instead`,
+    );
+  };
+  const refused = new Map(["exit", "abort", "reallyExit"].map((name) => [name, refuse(name)]));
+  return new Proxy(process, { get: (target, key) => (typeof key === "string" && refused.get(key)) || Reflect.get(target, key) });
 }
 
 function isThenable(value: unknown): value is PromiseLike<unknown> {

@@ -54,7 +54,7 @@ export async function runFiles(request: FilesRequest): Promise<unknown> {
         return { path: target, type: entryType(stat), size: stat.size, mode: stat.mode & 0o7777, mtimeMs: stat.mtimeMs };
       }
       case "mkdir":
-        await fs.mkdir(target, { recursive: true });
+        await makeDirectories(target);
         return { path: target };
       case "remove":
         if (target === "/") throw new AgentOpError("bad_request", "refusing to remove /");
@@ -67,6 +67,25 @@ export async function runFiles(request: FilesRequest): Promise<unknown> {
     if (err instanceof AgentOpError) throw err;
     if ((err as NodeJS.ErrnoException).code === "ERR_FS_EISDIR") throw fsError({ code: "EISDIR" }, target);
     throw fsError(err, target);
+  }
+}
+
+/**
+ * mkdir -p, one level at a time. Node 20's `fs.mkdir(…, { recursive: true })` never
+ * returns where mkdir answers ENOENT under a parent that exists (/proc/x: procfs
+ * refuses new entries with ENOENT): it retries the parent forever, holding a libuv
+ * thread, and the call waited for its deadline. Here every level is tried once.
+ */
+async function makeDirectories(target: string): Promise<void> {
+  let current = "/";
+  for (const part of target.split("/").filter(Boolean)) {
+    current = path.join(current, part);
+    try {
+      await fs.mkdir(current);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
+      if (!(await fs.stat(current)).isDirectory()) throw Object.assign(new Error(`not a directory: ${current}`), { code: "ENOTDIR" });
+    }
   }
 }
 
