@@ -277,7 +277,8 @@ describe("rmi", () => {
 });
 
 describe("unpack", () => {
-  const pack = path.join(env.runDir, "chain.forkd.tar.zst");
+  // Over TCP a pack is named inside $FORKD_HOME/packs (the daemon confines it there).
+  const pack = "chain.forkd.tar.zst";
 
   beforeAll(async () => {
     // A chain of two (a base and a BRANCH layer on it) that this store then no longer has.

@@ -37,25 +37,26 @@ def test_workspace_suspend_and_resume_keep_its_state(ctl: forkd.Controller) -> N
 
 
 def test_pack_and_unpack_jobs(daemon: Daemon, ctl: forkd.Controller) -> None:
-    pack = daemon.root / "warm.pack"
+    # Over TCP a pack is named inside $FORKD_HOME/packs: the daemon confines it there.
+    pack = daemon.home / "packs" / "warm.pack"
     seen: list[forkd.controller.JsonObject] = []
-    job = ctl.pack_snapshot(TAG, str(pack))
+    job = ctl.pack_snapshot(TAG, pack.name)
     assert job["kind"] == "pack" and job["id"].startswith("job-")
     done = ctl.wait_for_job(job["id"], timeout=300, on_progress=seen.append)
     assert done["status"] == "succeeded" and seen[-1]["status"] == "succeeded"
     assert done["result"]["pack_bytes"] == pack.stat().st_size > 0
     assert ctl.get_job(job["id"])["status"] == "succeeded"
 
-    done = ctl.wait_for_job(ctl.unpack_snapshot(str(pack), tag="py-unpacked")["id"], timeout=300)
+    done = ctl.wait_for_job(ctl.unpack_snapshot(pack.name, tag="py-unpacked")["id"], timeout=300)
     assert done["result"]["tag"] == "py-unpacked"
     assert ctl.get_snapshot("py-unpacked")["status"] == "ready"
     ctl.delete_snapshot("py-unpacked")
     pack.unlink()
 
-    garbage = daemon.root / "garbage.pack"
+    garbage = daemon.home / "packs" / "garbage.pack"
     garbage.write_bytes(b"this is not a forkd pack\n" * 100)
     with pytest.raises(forkd.ControllerError) as e:
-        ctl.wait_for_job(ctl.unpack_snapshot(str(garbage))["id"], timeout=300)
+        ctl.wait_for_job(ctl.unpack_snapshot(garbage.name)["id"], timeout=300)
     assert e.value.code not in ("http_error", "internal")
     with pytest.raises(forkd.NotFoundError):
         ctl.get_job("job-000000000000")
