@@ -49,18 +49,13 @@ if [ "$(id -u)" -ne 0 ] && [ -z "${FORKD_HOME:-}" ]; then
   say "not root: set FORKD_HOME and FORKD_RUN_DIR to writable directories, or run as root"
   exit 1
 fi
-# Live BRANCH copies the pages a guest wrote and needs no userfaultfd: undo the
-# vm.unprivileged_userfaultfd=1 an earlier setup of ours set (only if it was ours).
+# Setup changes no host-wide sysctl. Live BRANCH copies the pages a guest wrote
+# (no userfaultfd), and forkd turns forwarding on per interface, only where the
+# egress namespace's traffic passes, when it makes the namespace. Undo the
+# vm.unprivileged_userfaultfd=1 and net.ipv4.ip_forward=1 an earlier setup of
+# ours set (only where the file it wrote says it was ours).
 if [ "$(id -u)" -eq 0 ]; then
-  bash scripts/undo-userfaultfd.sh
-fi
-# Sandboxes' network: every VMM runs in forkd's egress namespace, whose traffic
-# the host routes (and masquerades) out. forkd turns forwarding on per interface,
-# only where that traffic passes, when it makes the namespace: setup changes no
-# host-wide sysctl, and undoes the net.ipv4.ip_forward=1 an earlier setup of ours
-# set (only if it was ours).
-if [ "$(id -u)" -eq 0 ]; then
-  bash scripts/undo-ip-forward.sh
+  bash scripts/undo-host-sysctls.sh
 fi
 
 node packages/cli/dist/main.js image build --name base
