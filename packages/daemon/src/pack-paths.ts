@@ -8,7 +8,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { ForkdError, forkdHome } from "@forkd/core";
 
-export function packsDir(): string {
+function packsDir(): string {
   return path.join(forkdHome(), "packs");
 }
 
