@@ -39,6 +39,22 @@ describe("isAlive", () => {
     expect(isAlive(await deadPid())).toBe(false);
     for (const bad of [0, -1, -process.pid, Number.NaN, 1.5]) expect(isAlive(bad), String(bad)).toBe(false);
   });
+
+  it("is false for a zombie: exited, but never reaped by its parent", async () => {
+    // sh starts a child that exits at once, then becomes `sleep`, which never waits for it.
+    const parent = spawn("sh", ["-c", "sleep 0 & echo $!; exec sleep 30"], { stdio: ["ignore", "pipe", "ignore"] });
+    children.push(parent);
+    const zombie = Number(await new Promise<string>((resolve) => parent.stdout!.once("data", (d: Buffer) => resolve(d.toString()))));
+    const stateOf = () => {
+      const stat = fs.readFileSync(`/proc/${zombie}/stat`, "utf8");
+      return stat[stat.lastIndexOf(")") + 2];
+    };
+    const until = Date.now() + 5000;
+    while (stateOf() !== "Z" && Date.now() < until) await new Promise((r) => setTimeout(r, 20));
+    expect(stateOf()).toBe("Z");
+    expect(isAlive(zombie)).toBe(false);
+    expect(isAlive(parent.pid!)).toBe(true);
+  });
 });
 
 describe("one pid check", () => {

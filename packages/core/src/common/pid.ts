@@ -5,16 +5,34 @@ import fs from "node:fs";
 import fsp from "node:fs/promises";
 import { ForkdError } from "./errors.js";
 
-/** `pid` names a running process (another user's too: EPERM means it exists). */
+/**
+ * `pid` names a running process (another user's too: EPERM means it exists). A
+ * zombie is not running: it has exited and only waits for a parent that may never
+ * reap it (a VMM whose launching CLI is gone, under an init that does not reap),
+ * yet kill(0) still finds it and /proc still shows its uids.
+ */
 export function isAlive(pid: number): boolean {
   // kill(0) and kill(-1) would probe a process group: never a single process.
   if (!Number.isInteger(pid) || pid <= 0) return false;
   try {
     process.kill(pid, 0);
-    return true;
   } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "EPERM";
+    if ((err as NodeJS.ErrnoException).code !== "EPERM") return false;
   }
+  return !hasExited(pid);
+}
+
+/** The state letter of /proc/PID/stat is Z (zombie) or X (dead), or the entry is gone. */
+function hasExited(pid: number): boolean {
+  let stat: string;
+  try {
+    stat = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "ENOENT";
+  }
+  // comm may contain spaces and parens: the state follows the last ')'.
+  const state = stat[stat.lastIndexOf(")") + 2];
+  return state === "Z" || state === "X";
 }
 
 export type PidLockOpts = {
