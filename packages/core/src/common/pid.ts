@@ -24,15 +24,23 @@ export function isAlive(pid: number): boolean {
 
 /** The state letter of /proc/PID/stat is Z (zombie) or X (dead), or the entry is gone. */
 function hasExited(pid: number): boolean {
-  let stat: string;
+  let fields: string[];
   try {
-    stat = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
+    fields = procStatFields(pid);
   } catch (err) {
     return (err as NodeJS.ErrnoException).code === "ENOENT";
   }
-  // comm may contain spaces and parens: the state follows the last ')'.
-  const state = stat[stat.lastIndexOf(")") + 2];
-  return state === "Z" || state === "X";
+  return fields[0] === "Z" || fields[0] === "X";
+}
+
+/**
+ * The fields of /proc/PID/stat from the third (the state) on: the second, the
+ * command name, may hold spaces and parentheses, so they start after its last ')'.
+ * Throws what reading the file throws.
+ */
+export function procStatFields(pid: number): string[] {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
+  return stat.slice(stat.lastIndexOf(")") + 2).split(" ");
 }
 
 export type PidLockOpts = {

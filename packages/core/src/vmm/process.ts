@@ -7,7 +7,7 @@ import path from "node:path";
 import { forkdRunDir, qemuBinary, vmsRunDir } from "../common/config.js";
 import { ensurePrivateDir, ensureRuntimeDir } from "../common/dirs.js";
 import { ForkdError } from "../common/errors.js";
-import { isAlive } from "../common/pid.js";
+import { isAlive, procStatFields } from "../common/pid.js";
 import {
   confinementEnabled,
   kvmGroup,
@@ -334,9 +334,7 @@ function isLauncher(pid: number): boolean {
 /** Process start time from /proc/PID/stat: with the pid, it names a process uniquely (pids are reused). */
 export function processStartTime(pid: number): string {
   try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
-    // comm may contain spaces and parens: fields restart after the last ')'.
-    return stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19] ?? "";
+    return procStatFields(pid)[19] ?? "";
   } catch {
     return "";
   }
