@@ -63,6 +63,49 @@ export type FileEntry = {
   mtimeMs: number;
 };
 
+/**
+ * The filesystem as E2B's envd presents it (`fs` op): paths may be relative to the
+ * user's home or start with ~, and what is made belongs to `user` (default root).
+ */
+export type FsRequest =
+  | { op: "fs"; action: "info"; path: string; user?: string }
+  | { op: "fs"; action: "walk"; path: string; depth?: number; user?: string }
+  | { op: "fs"; action: "mkdir"; path: string; user?: string }
+  | { op: "fs"; action: "move"; path: string; to: string; user?: string }
+  | { op: "fs"; action: "remove"; path: string; user?: string }
+  /** Parents are made (owned by the user); the file is truncated first unless `append`. */
+  | { op: "fs"; action: "write"; path: string; data: string; append?: boolean; user?: string }
+  /** At most MAX_FILE_BYTES from `offset`; `size` in the answer is the whole file's. */
+  | { op: "fs"; action: "read"; path: string; offset?: number; length?: number; user?: string };
+
+export type FsEntry = {
+  name: string;
+  /** A symlink has its target's type ("other" when dangling); "symlink" only for a link whose target is a link. */
+  type: "file" | "dir" | "symlink" | "other";
+  path: string;
+  size: number;
+  /** Permission bits (0o777 at most), of the target for a symlink. */
+  mode: number;
+  /** Go's os.FileMode string of the entry itself: -rw-r--r--, drwxr-xr-x, Lrwxrwxrwx… */
+  permissions: string;
+  owner: string;
+  group: string;
+  mtimeMs: number;
+  /** For a symlink: its target, fully resolved and absolute. */
+  symlinkTarget?: string;
+};
+
+/**
+ * Watch a directory (inotify, through fs.watch) until cancelled. Events arrive as
+ * stdout chunks of JSON lines: first `{"type":"start","path":<the directory, absolute>}`,
+ * then one line an event (`{"type":"create"|"write"|"remove"|"chmod","name":<path
+ * relative to the directory>}`), and `{"type":"dropped","count":n}` when the host was
+ * too slow to take n of them.
+ */
+export type WatchRequest = { op: "watch"; path: string; recursive?: boolean; user?: string };
+/** Watches the agent keeps at once; more are refused with `agent_busy`. */
+export const MAX_WATCHES = 32;
+
 export type IdentityRequest = {
   op: "identity";
   hostname?: string;
@@ -96,14 +139,23 @@ export const MAX_PROCESS_STDIN_BYTES = 4 * 1024 * 1024;
 export const PROCESS_SIGNALS = ["SIGTERM", "SIGKILL", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGSTOP", "SIGCONT"] as const;
 export type ProcessSignal = (typeof PROCESS_SIGNALS)[number];
 
-/** Start a process that outlives the call: its stdin stays open, its output goes to a ring buffer. */
-export type ProcStartRequest = Omit<ExecRequest, "op"> & { op: "proc_start"; tag?: string };
+/**
+ * Start a process that outlives the call: its stdin stays open (unless `stdinOpen` is
+ * false: then it reads EOF at once), its output goes to a ring buffer. With `user` it
+ * runs as that guest user (its uid, gid and groups), in that user's home unless `cwd`
+ * says otherwise (a relative cwd is taken from the home), with E2B's environment:
+ * PATH, HOME, USER and LOGNAME, then `env` over them.
+ */
+export type ProcStartRequest = Omit<ExecRequest, "op"> & { op: "proc_start"; tag?: string; user?: string; stdinOpen?: boolean };
 type ProcListRequest = { op: "proc_list" };
 export type ProcKillRequest = { op: "proc_kill"; pid: number; signal?: ProcessSignal };
 /** base64 `data` written to the process's stdin; `eof` closes it after. */
 export type ProcStdinRequest = { op: "proc_stdin"; pid: number; data?: string; eof?: boolean };
-/** Output kept so far as chunks, then live output, then the exit as the result; a cancel detaches. */
-export type ProcAttachRequest = { op: "proc_attach"; pid: number };
+/**
+ * Output kept so far as chunks (none with `fromNow`: only what the process writes
+ * after the attach), then live output, then the exit as the result; a cancel detaches.
+ */
+export type ProcAttachRequest = { op: "proc_attach"; pid: number; fromNow?: boolean };
 
 export type ProcInfo = {
   pid: number;
@@ -112,6 +164,8 @@ export type ProcInfo = {
   cwd: string;
   env: Record<string, string>;
   tag?: string;
+  /** The guest user it runs as, when one was asked for. */
+  user?: string;
   startedAtMs: number;
   running: boolean;
   exitCode: number | null;
@@ -145,7 +199,9 @@ type AgentRequest =
   | ProcListRequest
   | ProcKillRequest
   | ProcStdinRequest
-  | ProcAttachRequest;
+  | ProcAttachRequest
+  | FsRequest
+  | WatchRequest;
 
 export type RequestFrame = AgentRequest & { id: number };
 

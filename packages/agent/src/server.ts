@@ -2,6 +2,7 @@
 // sends response frames through a callback. The guest main wires it to the
 // virtio-serial port; tests wire it to an in-memory pair.
 
+import { runFs } from "./ops/entries.js";
 import { AgentOpError } from "./ops/errors.js";
 import { JsEvaluator } from "./ops/eval.js";
 import { type OutputFlow, runExec } from "./ops/exec.js";
@@ -9,6 +10,7 @@ import { runFiles } from "./ops/files.js";
 import { applyIdentity, type IdentityDeps } from "./ops/identity.js";
 import { type ProcessLimits, ProcessRegistry } from "./ops/processes.js";
 import type { PythonWorker } from "./ops/python.js";
+import { runWatch } from "./ops/watch.js";
 import { AGENT_VERSION, type AgentErrorCode, MAX_CONCURRENT_CALLS, type RequestFrame, type ResponseFrame } from "./protocol.js";
 
 export type Send = (frame: ResponseFrame) => void;
@@ -137,6 +139,15 @@ export class AgentServer {
         return this.evaluator.evaluate(request, signal);
       case "files":
         return runFiles(request);
+      case "fs":
+        return runFs(request);
+      case "watch":
+        return runWatch(
+          request,
+          signal,
+          (stream, data) => this.send({ id, kind: "chunk", stream, data: data.toString("base64") }),
+          this.opts.flow,
+        );
       case "identity":
         // A restored child's first call: attaches still running were its parent's host
         // following a process; nobody here follows it for them.

@@ -5,6 +5,7 @@
 // reading; any number of later attaches replay what the rings hold, then follow.
 import { type ChildProcessWithoutNullStreams, spawn } from "node:child_process";
 import { statSync } from "node:fs";
+import path from "node:path";
 import {
   EXITED_PROCESS_KEEP_MS,
   MAX_BACKGROUND_PROCESSES,
@@ -33,6 +34,7 @@ import {
   validateTimeout,
   whenExitSettled,
 } from "./exec.js";
+import { type GuestUser, lookupUser } from "./users.js";
 
 export type ProcessLimits = {
   maxRunning: number;
@@ -104,7 +106,7 @@ type Exit = { exitCode: number | null; signal: string | null; timedOut: boolean;
 type Proc = {
   pid: number;
   child: ChildProcessWithoutNullStreams;
-  request: { argv?: string[]; cmd?: string; cwd: string; env: Record<string, string>; tag?: string };
+  request: { argv?: string[]; cmd?: string; cwd: string; env: Record<string, string>; tag?: string; user?: string };
   startedAtMs: number;
   started: number;
   rings: Record<Stream, OutputRing>;
@@ -143,6 +145,10 @@ export class ProcessRegistry {
       throw new AgentOpError("bad_request", "`tag` must be 1-128 printable ASCII characters");
     }
     const stdin = request.stdin === undefined ? undefined : decodeBase64(request.stdin, "stdin");
+    if (request.stdinOpen !== undefined && typeof request.stdinOpen !== "boolean") {
+      throw new AgentOpError("bad_request", "`stdinOpen` must be a boolean");
+    }
+    const user = request.user === undefined ? undefined : lookupUser(request.user);
     const running = this.running;
     if (running >= this.limits.maxRunning) {
       throw new AgentOpError(
@@ -151,8 +157,16 @@ export class ProcessRegistry {
         { limit: this.limits.maxRunning },
       );
     }
-    const cwd = request.cwd ?? "/root";
-    const child = spawn(file, args, { cwd, env: { ...DEFAULT_ENV, ...userEnv }, detached: true, stdio: ["pipe", "pipe", "pipe"] });
+    const cwd = user ? path.resolve(user.home, request.cwd ?? ".") : (request.cwd ?? "/root");
+    const env = user ? { ...loginEnv(user), ...userEnv } : { ...DEFAULT_ENV, ...userEnv };
+    const child = spawn(file, args, {
+      cwd,
+      env,
+      detached: true,
+      stdio: ["pipe", "pipe", "pipe"],
+      // libuv drops the supplementary groups when it changes the uid: the process has the user's primary group only.
+      ...(user ? { uid: user.uid, gid: user.gid } : {}),
+    });
     await new Promise<void>((resolve, reject) => {
       child.once("spawn", () => {
         child.off("error", reject);
@@ -176,6 +190,7 @@ export class ProcessRegistry {
         cwd,
         env: { ...userEnv },
         ...(request.tag !== undefined ? { tag: request.tag } : {}),
+        ...(user ? { user: user.name } : {}),
       },
       startedAtMs: Date.now(),
       started: performance.now(),
@@ -214,6 +229,10 @@ export class ProcessRegistry {
       (code, sig) => this.exited(proc, code, sig),
     );
     if (stdin && stdin.length > 0) child.stdin.write(stdin);
+    if (request.stdinOpen === false) {
+      child.stdin.end();
+      proc.stdinOpen = false;
+    }
     return info(proc);
   }
 
@@ -311,8 +330,14 @@ export class ProcessRegistry {
   async attach(request: ProcAttachRequest, signal: AbortSignal, onChunk: ChunkSink, flow?: OutputFlow): Promise<ProcExit> {
     const proc = this.get(request.pid);
     const aborted = new Promise<void>((resolve) => signal.addEventListener("abort", () => resolve(), { once: true }));
-    const delivered: Record<Stream, number> = { stdout: 0, stderr: 0 };
-    let cursor = 0;
+    if (request.fromNow !== undefined && typeof request.fromNow !== "boolean") {
+      throw new AgentOpError("bad_request", "`fromNow` must be a boolean");
+    }
+    // From now: what the rings hold is skipped, and not counted as dropped.
+    const delivered: Record<Stream, number> = request.fromNow
+      ? { stdout: proc.rings.stdout.total, stderr: proc.rings.stderr.total }
+      : { stdout: 0, stderr: 0 };
+    let cursor = request.fromNow ? this.seq : 0;
     let droppedBytes = 0;
     for (;;) {
       if (signal.aborted) throw new AgentOpError("cancelled", `detached from process ${proc.pid}`);
@@ -344,6 +369,11 @@ export class ProcessRegistry {
       });
     }
   }
+}
+
+/** E2B's environment for a user's process: the default PATH and who the user is; nothing of the agent's own. */
+function loginEnv(user: GuestUser): Record<string, string> {
+  return { PATH: DEFAULT_ENV.PATH, HOME: user.home, USER: user.name, LOGNAME: user.name };
 }
 
 function info(proc: Proc): ProcInfo {

@@ -16,6 +16,8 @@ import {
   encodeFrame,
   type FilesRequest,
   FrameDecoder,
+  type FsEntry,
+  type FsRequest,
   type IdentityRequest,
   MAX_BACKGROUND_PROCESSES,
   MAX_EXITED_PROCESSES,
@@ -87,7 +89,8 @@ function defaultDeadlineMs(request: { op: string; timeoutMs?: unknown }): number
     case "identity":
       return 30_000;
     case "proc_attach":
-      // Follows a process until it exits, which may be never; a detach (cancel) ends it sooner.
+    case "watch":
+      // Follows a process until it exits (or a directory), which may be never; a detach (cancel) ends it sooner.
       return UNTIMED_CALL_DEADLINE_MS + 30_000;
     default:
       return 60_000;
@@ -558,15 +561,51 @@ export class AgentClient {
    * The output a background process has kept, then its live output, then its exit.
    * Aborting `signal` detaches (the process runs on); so does the host leaving.
    */
-  procAttach(pid: number, opts: Omit<ExecOpts, "cancelOnOutputLimit"> = {}): Promise<ProcExit & { truncated: boolean }> {
-    const { onStdout, onStderr, maxOutputBytes, ...callOpts } = opts;
+  procAttach(
+    pid: number,
+    opts: Omit<ExecOpts, "cancelOnOutputLimit"> & { fromNow?: boolean } = {},
+  ): Promise<ProcExit & { truncated: boolean }> {
+    const { onStdout, onStderr, maxOutputBytes, fromNow, ...callOpts } = opts;
     return this.call(
-      { op: "proc_attach", pid },
+      { op: "proc_attach", pid, ...(fromNow ? { fromNow: true } : {}) },
       {
         ...callOpts,
         validate: (v) => validateProcExit(v, pid),
         output: { max: maxOutputBytes ?? Number.POSITIVE_INFINITY, cancel: false },
         onChunk: (stream, data) => (stream === "stdout" ? onStdout?.(data) : onStderr?.(data)),
+      },
+    );
+  }
+
+  /** The filesystem as E2B's envd presents it; every entry the guest describes is checked. */
+  fs<A extends FsRequest["action"]>(
+    request: DistributiveOmit<Extract<FsRequest, { action: A }>, "op">,
+    opts?: CallOpts,
+  ): Promise<FsAnswer[A]> {
+    return this.call(
+      { op: "fs", ...(request as Record<string, unknown>) },
+      { ...opts, validate: (v) => validateFsAnswer(request.action, v) },
+    );
+  }
+
+  /**
+   * Follow a directory's changes until `signal` aborts (the promise then rejects) or
+   * the agent ends the watch. Events come through onEvents as the agent's JSON lines,
+   * at most `maxOutputBytes` of them in all (the rest is dropped).
+   */
+  watch(
+    request: { path: string; recursive?: boolean; user?: string },
+    opts: CallOpts & { onEvents: (lines: Buffer) => void; maxOutputBytes?: number },
+  ): Promise<unknown> {
+    const { onEvents, maxOutputBytes, ...callOpts } = opts;
+    return this.call(
+      { op: "watch", ...request },
+      {
+        ...callOpts,
+        output: { max: maxOutputBytes ?? Number.POSITIVE_INFINITY, cancel: false },
+        onChunk: (stream, data) => {
+          if (stream === "stdout") onEvents(data);
+        },
       },
     );
   }
@@ -706,6 +745,72 @@ function validateProcExit(value: unknown, pid: number): string | undefined {
   if (value.signal !== null && !SIGNAL_RE.test(value.signal as string)) return "has a signal that is not a signal name";
   if (!isCount(value.droppedBytes)) return "has a droppedBytes that is not a non-negative integer";
   return undefined;
+}
+
+/** What each `fs` action answers, once checked. */
+type FsAnswer = {
+  info: { entry: FsEntry };
+  walk: { entries: FsEntry[] };
+  mkdir: { entry: FsEntry };
+  move: { entry: FsEntry };
+  remove: { path: string };
+  write: { entry: { name: string; type: "file"; path: string } };
+  read: { path: string; size: number; data: string };
+};
+
+const FS_TYPES = new Set(["file", "dir", "symlink", "other"]);
+const MAX_FS_ENTRIES = 10_000;
+const MAX_GUEST_PATH_CHARS = 4096;
+const MAX_GUEST_NAME_CHARS = 256;
+const isGuestPath = (v: unknown): v is string => typeof v === "string" && v.startsWith("/") && v.length <= MAX_GUEST_PATH_CHARS;
+const isGuestName = (v: unknown): v is string => typeof v === "string" && v.length <= MAX_GUEST_NAME_CHARS;
+
+function fsEntryProblem(value: unknown): string | undefined {
+  if (!isObject(value)) return "is not an object";
+  if (!isGuestName(value.name) || !isGuestPath(value.path)) return "lacks a name and an absolute path of sane length";
+  if (typeof value.type !== "string" || !FS_TYPES.has(value.type)) return "has a type that is not file, dir, symlink or other";
+  if (!isCount(value.size) || !Number.isSafeInteger(value.mode) || (value.mode as number) < 0 || (value.mode as number) > 0o777)
+    return "has a size or mode out of range";
+  if (typeof value.permissions !== "string" || !/^[-dalTLDpSugct?]{1,14}[-rwx]{9}$/.test(value.permissions))
+    return "has a permissions string that is not Go's";
+  if (!isGuestName(value.owner) || !isGuestName(value.group)) return "lacks owner and group names";
+  if (!isFiniteNumber(value.mtimeMs)) return "has no numeric mtimeMs";
+  if (value.symlinkTarget !== undefined && !isGuestPath(value.symlinkTarget)) return "has a symlinkTarget that is not an absolute path";
+  return undefined;
+}
+
+function validateFsAnswer(action: string, value: unknown): string | undefined {
+  if (!isObject(value)) return "is not an object";
+  switch (action) {
+    case "info":
+    case "mkdir":
+    case "move": {
+      const problem = fsEntryProblem(value.entry);
+      return problem ? `has an entry that ${problem}` : undefined;
+    }
+    case "walk": {
+      if (!Array.isArray(value.entries) || value.entries.length > MAX_FS_ENTRIES)
+        return `lacks an entries array of at most ${MAX_FS_ENTRIES}`;
+      for (const [i, entry] of value.entries.entries()) {
+        const problem = fsEntryProblem(entry);
+        if (problem) return `has an entry (#${i}) that ${problem}`;
+      }
+      return undefined;
+    }
+    case "remove":
+      return isGuestPath(value.path) ? undefined : "lacks the path removed";
+    case "write": {
+      const e = value.entry;
+      return isObject(e) && isGuestName(e.name) && isGuestPath(e.path) && e.type === "file" ? undefined : "lacks the file entry written";
+    }
+    case "read":
+      if (!isGuestPath(value.path) || !isCount(value.size)) return "lacks a path and a size";
+      if (typeof value.data !== "string" || value.data.length % 4 !== 0 || !/^[A-Za-z0-9+/]*={0,2}$/.test(value.data))
+        return "has data that is not base64";
+      return undefined;
+    default:
+      return "answers an action never asked for";
+  }
 }
 
 /** An error the agent itself reported (bad request, file not found, eval exception…). */
