@@ -7,11 +7,12 @@ const PACKAGES = {
   atomic: [],
   agent: ["atomic"],
   core: ["atomic", "agent"],
-  daemon: ["atomic", "agent", "core"],
+  e2b: ["atomic", "agent", "core"],
+  daemon: ["atomic", "agent", "core", "e2b"],
   // The SDK is a client: of the daemon it takes the API's types only (rule below).
   sdk: ["daemon"],
   mcp: ["sdk"],
-  cli: ["atomic", "agent", "core", "daemon", "sdk", "mcp"],
+  cli: ["atomic", "agent", "core", "e2b", "daemon", "sdk", "mcp"],
 };
 
 const layerRules = CORE_LAYERS.slice(0, -1).map((layer, i) => ({

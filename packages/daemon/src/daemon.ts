@@ -20,6 +20,7 @@ import {
   setting,
   settings,
 } from "@forkd/core";
+import { E2bContext, startE2bTimeLimits } from "@forkd/e2b";
 import type { FastifyInstance } from "fastify";
 import { AgentConnections } from "./agent-connections.js";
 import { AuditLog } from "./audit.js";
@@ -27,6 +28,7 @@ import { ensureLocalToken, isLoopback, readTokenFile } from "./auth.js";
 import { HotPools } from "./hot-pools.js";
 import { JobRegistry } from "./jobs.js";
 import { createMetrics } from "./metrics.js";
+import { daemonForkSteps } from "./routes/fork-steps.js";
 import { buildServer, FORKD_VERSION, type ServerContext } from "./server.js";
 
 export type DaemonOpts = {
@@ -93,7 +95,7 @@ export function createServerContext(opts: {
     log(`forkd daemon: sandbox ${id} is unhealthy: ${reason}`);
   });
   const admission = new AdmissionLedger(admissionLimits({ maxSandboxes: opts.maxSandboxes ?? 1000, maxBranches: opts.maxBranches ?? 4 }));
-  return {
+  const ctx: ServerContext = {
     token,
     audit,
     metrics,
@@ -101,7 +103,9 @@ export function createServerContext(opts: {
     admission,
     jobs: new JobRegistry(),
     hotPools: new HotPools({ agents, admission, metrics, log }),
+    e2b: new E2bContext({ home: forkdHome(), agents, admission, forkSteps: (onEachChild) => daemonForkSteps(ctx, onEachChild), log }),
   };
+  return ctx;
 }
 
 export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon> {
@@ -180,6 +184,7 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
   }
   // Pools refill once everything that survived the restart is re-adopted (pooled children included).
   ctx.hotPools.start();
+  const stopE2b = startE2bTimeLimits(ctx.e2b);
   log(`forkd daemon ${FORKD_VERSION}: unix ${socket}${tcpAddress ? `, ${https(opts)}://${tcpAddress.host}:${tcpAddress.port}` : ""}`);
 
   // Sandboxes with a time limit are killed by this reaper.
@@ -199,6 +204,7 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
     closed = true;
     process.off("SIGHUP", onHup);
     clearInterval(reaper);
+    stopE2b();
     await Promise.all(servers.map((s) => s.close()));
     await ctx.hotPools.close();
     agents.closeAll();

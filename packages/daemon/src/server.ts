@@ -4,6 +4,7 @@
 
 import swagger from "@fastify/swagger";
 import type { ErrorCode } from "@forkd/core";
+import { e2bCredentialVerdict, isE2bRequest, registerE2bPlanes, sendE2bError } from "@forkd/e2b";
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyRequest } from "fastify";
 import { jsonSchemaTransform, serializerCompiler, validatorCompiler, type ZodTypeProvider } from "fastify-type-provider-zod";
 import { describeCall } from "./audit.js";
@@ -82,8 +83,12 @@ export async function buildServer(ctx: ServerContext, opts: ServerOpts = { requi
   app.addHook("onRequest", async (request, reply) => {
     (request as FastifyRequest & { startedAt: number }).startedAt = performance.now();
     if (request.url === "/healthz" || !opts.requireToken) return;
-    if (!tokenMatches(ctx.token, bearer(request.headers.authorization))) {
-      request.errorCode = "unauthorized";
+    const verdict = e2bCredentialVerdict(ctx.token, request, tokenMatches(ctx.token, bearer(request.headers.authorization)));
+    if (verdict !== "refused") return;
+    request.errorCode = "unauthorized";
+    if (isE2bRequest(request)) {
+      await sendE2bError(reply, 401, 'missing or invalid API key: send X-API-Key: e2b_… (eval "$(forkd e2b env)" sets E2B_API_KEY)');
+    } else {
       await reply
         .code(401)
         .header("www-authenticate", 'Bearer realm="forkd"')
@@ -121,6 +126,7 @@ export async function buildServer(ctx: ServerContext, opts: ServerOpts = { requi
   });
   app.setNotFoundHandler((request, reply) => {
     request.errorCode = "not_found";
+    if (isE2bRequest(request)) return void sendE2bError(reply, 404, `no route ${request.method} ${request.url.split("?")[0]}`);
     void reply.code(404).send(errorBody("not_found", `no route ${request.method} ${request.url.split("?")[0]}; see GET /v1/openapi.json`));
   });
 
@@ -147,5 +153,6 @@ export async function buildServer(ctx: ServerContext, opts: ServerOpts = { requi
   ]) {
     register(deps);
   }
+  await registerE2bPlanes(app, ctx.e2b);
   return app;
 }

@@ -1,6 +1,7 @@
 // What every route module receives: the typed app, the daemon's context, the
 // error responses every route may give, and the audit helper for what it touched.
 import type { AdmissionLedger } from "@forkd/core";
+import type { E2bContext } from "@forkd/e2b";
 import type {
   FastifyBaseLogger,
   FastifyInstance,
@@ -30,6 +31,8 @@ export type ServerContext = {
   jobs: JobRegistry;
   /** Hot pools: children kept restored per snapshot, handed out by forks first. */
   hotPools: HotPools;
+  /** E2B's planes on the same port (@forkd/e2b): its sandbox records and time limits. */
+  e2b: E2bContext;
 };
 
 export type RouteDeps = {
