@@ -8,11 +8,13 @@ const PACKAGES = {
   agent: ["atomic"],
   core: ["atomic", "agent"],
   e2b: ["atomic", "agent", "core"],
-  daemon: ["atomic", "agent", "core", "e2b"],
+  // The cluster layer: above core, beside the daemon (which runs it); never the other way.
+  cluster: ["atomic", "agent", "core"],
+  daemon: ["atomic", "agent", "core", "e2b", "cluster"],
   // The SDK is a client: of the daemon it takes the API's types only (rule below).
   sdk: ["daemon"],
   mcp: ["sdk"],
-  cli: ["atomic", "agent", "core", "e2b", "daemon", "sdk", "mcp"],
+  cli: ["atomic", "agent", "core", "e2b", "cluster", "daemon", "sdk", "mcp"],
 };
 
 const layerRules = CORE_LAYERS.slice(0, -1).map((layer, i) => ({

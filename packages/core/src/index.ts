@@ -61,7 +61,7 @@ export {
   validatePoolSize,
 } from "./pool/pool.js";
 export { AdmissionLedger } from "./sandbox/admission.js";
-export { admissionLimits, admitBranch, admitFork, admitSnapshot } from "./sandbox/admission-host.js";
+export { admissionLimits, admitBranch, admitFork, admitSnapshot, readCapacity } from "./sandbox/admission-host.js";
 export { defaultRestoreConcurrency, type ForkChildResult, forkSandboxes, planRestore, validateForkCount } from "./sandbox/fork.js";
 export { forkAllOrNothing } from "./sandbox/fork-policy.js";
 export { connectSandbox, expireSandboxes, getSandbox, killSandbox, listSandboxes, watchAgentHealth } from "./sandbox/lifecycle.js";
@@ -69,7 +69,7 @@ export { physicalBytes, type SnapshotDetails, snapshotDetails, stageSnapshot } f
 export { poolSettings } from "./store/pools.js";
 export { getSnapshot, listSnapshots } from "./store/snapshots.js";
 export { stagedPath } from "./store/staging.js";
-export { branches } from "./store/state.js";
+export { branches, staged } from "./store/state.js";
 export { parseAccel } from "./vmm/accel.js";
 export { type Accel, runtimePaths, validateResources } from "./vmm/plan.js";
 export { killAndWait, launchQemu, makeRunDir, newSandboxId, removeRunDir } from "./vmm/process.js";
@@ -128,7 +128,7 @@ export { offerCapture, useOfferedCapture } from "./sandbox/offered-captures.js";
 export { priorityValues, setSandboxPriority } from "./sandbox/priority.js";
 export { type SnapshotInfo, snapshotStateOf } from "./store/snapshots.js";
 export { enforceStageBudget, evictableStagedBytes, evictStaged, holdStaged, inProgressStageBytes } from "./store/staging.js";
-export { sandboxes, staged } from "./store/state.js";
+export { sandboxes } from "./store/state.js";
 export {
   assertSandboxAllows,
   assertSnapshotAllows,

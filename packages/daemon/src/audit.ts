@@ -12,6 +12,8 @@ export type AuditEntry = {
   sandboxes?: string[];
   snapshots?: string[];
   error_code?: string;
+  /** The cluster node a call was forwarded to (its own audit log has the call as it ran). */
+  forwarded_to?: string;
 } & AuditCall;
 
 /**

@@ -1,6 +1,8 @@
 import fs from "node:fs";
 import net from "node:net";
+import os from "node:os";
 import path from "node:path";
+import { clusterConfig, readClusterToken } from "@forkd/cluster";
 import {
   AdmissionLedger,
   admissionLimits,
@@ -25,6 +27,7 @@ import type { FastifyInstance } from "fastify";
 import { AgentConnections } from "./agent-connections.js";
 import { AuditLog } from "./audit.js";
 import { ensureLocalToken, isLoopback, readTokenFile } from "./auth.js";
+import { startCluster } from "./cluster.js";
 import { HotPools } from "./hot-pools.js";
 import { JobRegistry } from "./jobs.js";
 import { createMetrics } from "./metrics.js";
@@ -46,6 +49,16 @@ export type DaemonOpts = {
   /** "off" runs sandboxes without the egress policy (as FORKD_NETWORK_POLICY=off would); doctor then fails. */
   networkPolicy?: "on" | "off";
   log?: (line: string) => void;
+  /** etcd://HOST:PORT[,…]: join this cluster (FORKD_CLUSTER when unset). */
+  cluster?: string;
+  /** This node's name in the cluster (FORKD_NODE_NAME, else the host name). */
+  nodeName?: string;
+  /** Where the other nodes reach this daemon (FORKD_ADVERTISE_URL, else the --listen address). */
+  advertiseUrl?: string;
+  /** The cluster secret's file (else FORKD_CLUSTER_TOKEN). */
+  clusterTokenFile?: string;
+  /** oci://HOST/REPO the nodes move snapshots through (FORKD_CLUSTER_REGISTRY). */
+  registry?: string;
 };
 
 export type RunningDaemon = { socket: string; tcp?: { host: string; port: number }; close: () => Promise<void> };
@@ -97,6 +110,7 @@ export function createServerContext(opts: {
   const admission = new AdmissionLedger(admissionLimits({ maxSandboxes: opts.maxSandboxes ?? 1000, maxBranches: opts.maxBranches ?? 4 }));
   const ctx: ServerContext = {
     token,
+    log,
     audit,
     metrics,
     agents,
@@ -182,6 +196,34 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
     tcpAddress = { host: tcp.host, port: typeof address === "object" && address ? address.port : tcp.port };
     servers.push(tcpServer);
   }
+  // The cluster is joined once this node answers on the address it advertises.
+  const clusterUrl = opts.cluster ?? setting("cluster");
+  if (clusterUrl) {
+    const advertised =
+      opts.advertiseUrl ??
+      setting("advertiseUrl") ??
+      (tcpAddress ? `${https(opts)}://${hostForUrl(tcpAddress.host)}:${tcpAddress.port}` : undefined);
+    if (!advertised)
+      throw new ForkdError("bad_request", "a cluster node needs --advertise-url (or a TCP --listen address the others can reach)");
+    try {
+      const config = clusterConfig({
+        cluster: clusterUrl,
+        name: opts.nodeName ?? setting("nodeName") ?? os.hostname(),
+        url: advertised,
+        token: readClusterToken({ file: opts.clusterTokenFile, value: setting("clusterToken") }),
+        leaseTtlS: setting("clusterLeaseTtlS"),
+        timeoutMs: setting("clusterTimeoutMs"),
+        registry: opts.registry ?? setting("registry"),
+        version: FORKD_VERSION,
+      });
+      ctx.cluster = await startCluster(ctx, config, log);
+    } catch (err) {
+      await Promise.all(servers.map((s) => s.close()));
+      fs.rmSync(socket, { force: true });
+      throw err;
+    }
+    log(`forkd daemon: cluster node ${ctx.cluster.name} (${ctx.cluster.config.url}), etcd ${clusterUrl}`);
+  }
   // Pools refill once everything that survived the restart is re-adopted (pooled children included).
   ctx.hotPools.start();
   const stopE2b = startE2bTimeLimits(ctx.e2b);
@@ -206,6 +248,8 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
     clearInterval(reaper);
     stopE2b();
     await Promise.all(servers.map((s) => s.close()));
+    // Leave the cluster at once (the lease is revoked): the others do not wait out the TTL.
+    await ctx.cluster?.close().catch((err: Error) => log(`forkd daemon: leaving the cluster: ${err.message}`));
     await ctx.hotPools.close();
     agents.closeAll();
     audit.close();
@@ -214,6 +258,11 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
     restoreHidden();
   };
   return { socket, ...(tcpAddress ? { tcp: tcpAddress } : {}), close };
+}
+
+/** An IPv6 address in a URL goes in brackets. */
+function hostForUrl(host: string): string {
+  return host.includes(":") ? `[${host}]` : host;
 }
 
 function https(opts: DaemonOpts): string {

@@ -43,6 +43,10 @@ export const REMEDIATION: Record<ErrorCode, string> = {
     "log in to the registry (docker login HOST, or FORKD_REGISTRY_USERNAME and FORKD_REGISTRY_PASSWORD) with an account allowed to do this",
   invalid_setting:
     "set the environment variable the message names to a value it allows (README: Configuration), or unset it for the default, and restart",
+  node_unreachable:
+    "the node that runs this sandbox lost its cluster lease: restart or reconnect that node (`forkd cluster ls` shows it missing); its sandboxes answer again once it rejoins",
+  cluster_unavailable:
+    "check that etcd answers (etcdctl endpoint health) and that this node holds its lease (`forkd cluster ls`); retry once it has rejoined, or call another node",
   internal: "see the daemon's log; this is a bug in forkd",
 };
 

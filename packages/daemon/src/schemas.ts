@@ -390,6 +390,8 @@ export type CreateSandboxesBodyT = z.infer<typeof CreateSandboxesBody>;
 export type SandboxT = z.infer<typeof Sandbox>;
 export type ForkResultT = z.infer<typeof ForkResult>;
 export type PoolT = z.infer<typeof Pool>;
+export type ClusterNodeT = z.infer<typeof ClusterNodeView>;
+export type DrainResultT = z.infer<typeof DrainResult>;
 export type ForkLiveBodyT = z.infer<typeof ForkLiveBody>;
 export type ForkLiveResponseT = z.infer<typeof ForkLiveResponse>;
 export type ExecBodyT = z.infer<typeof ExecBody>;
@@ -437,3 +439,27 @@ export type ProcessInfoT = z.infer<typeof ProcessInfo>;
 export type ProcessStdinBodyT = z.infer<typeof ProcessStdinBody>;
 export type ProcessStdinResponseT = z.infer<typeof ProcessStdinResponse>;
 export type ProcessSignalT = (typeof PROCESS_SIGNALS)[number];
+
+/** A node of the cluster as `GET /v1/cluster/nodes` lists it (its record in etcd, with the drain flag). */
+const ClusterNodeView = z.object({
+  name: z.string(),
+  url: z.string(),
+  version: z.string(),
+  joined_at: z.string(),
+  updated_at: z.string(),
+  draining: z.boolean(),
+  /** The node that answered this call. */
+  self: z.boolean(),
+  load: z.number(),
+  capacity: z.object({
+    max_sandboxes: z.number(),
+    sandboxes: z.number(),
+    max_branches: z.number(),
+    branches: z.number(),
+    memory_free_bytes: z.number(),
+    shm_free_bytes: z.number(),
+  }),
+  snapshots: z.array(z.object({ tag: z.string(), presence: z.enum(["pool_ready", "staged", "on_disk"]) })),
+});
+export const ClusterNodeList = z.array(ClusterNodeView);
+export const DrainResult = z.object({ name: z.string(), draining: z.boolean() });

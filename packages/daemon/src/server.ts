@@ -9,9 +9,11 @@ import Fastify, { type FastifyError, type FastifyInstance, type FastifyRequest }
 import { jsonSchemaTransform, serializerCompiler, validatorCompiler, type ZodTypeProvider } from "fastify-type-provider-zod";
 import { describeCall } from "./audit.js";
 import { bearer, tokenMatches } from "./auth.js";
+import { clusterTokenOf, isForwarded, registerClusterHooks } from "./cluster-hooks.js";
 import { BODY_LIMIT_BYTES, classify, errorBody } from "./http-errors.js";
 import { registerAgentCallRoutes } from "./routes/agent-calls.js";
 import { registerBranchRoutes } from "./routes/branch.js";
+import { registerClusterRoutes } from "./routes/cluster.js";
 import { ERROR_RESPONSES, type RouteDeps, type ServerContext, touch } from "./routes/context.js";
 import { registerForkLiveRoutes } from "./routes/fork-live.js";
 import { registerJobRoutes } from "./routes/jobs.js";
@@ -82,7 +84,15 @@ export async function buildServer(ctx: ServerContext, opts: ServerOpts = { requi
 
   app.addHook("onRequest", async (request, reply) => {
     (request as FastifyRequest & { startedAt: number }).startedAt = performance.now();
-    if (request.url === "/healthz" || !opts.requireToken) return;
+    if (request.url === "/healthz") return;
+    // A node-to-node call (cluster) carries the cluster secret instead of a client's token, on any listener.
+    if (ctx.cluster && isForwarded(request)) {
+      if (tokenMatches(ctx.cluster.token, clusterTokenOf(request))) return;
+      request.errorCode = "unauthorized";
+      await reply.code(401).send(errorBody("unauthorized", "a forwarded call without the right cluster token"));
+      return reply;
+    }
+    if (!opts.requireToken) return;
     const verdict = e2bCredentialVerdict(ctx.token, request, tokenMatches(ctx.token, bearer(request.headers.authorization)));
     if (verdict !== "refused") return;
     request.errorCode = "unauthorized";
@@ -130,6 +140,8 @@ export async function buildServer(ctx: ServerContext, opts: ServerOpts = { requi
     void reply.code(404).send(errorBody("not_found", `no route ${request.method} ${request.url.split("?")[0]}; see GET /v1/openapi.json`));
   });
 
+  registerClusterHooks(app, ctx);
+
   const deps: RouteDeps = {
     app,
     r: app.withTypeProvider<ZodTypeProvider>(),
@@ -150,6 +162,7 @@ export async function buildServer(ctx: ServerContext, opts: ServerOpts = { requi
     registerForkLiveRoutes,
     registerWorkspaceRoutes,
     registerRegistryRoutes,
+    registerClusterRoutes,
   ]) {
     register(deps);
   }

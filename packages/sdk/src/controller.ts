@@ -250,6 +250,15 @@ export class Controller {
     return this.request("POST", `/v1/sandboxes/${encodeURIComponent(id)}/fork`, body, { timeoutMs: 30 * 60_000 });
   }
 
+  /** The cluster's live nodes (capacity, load, drain flag, snapshots each holds); a daemon outside a cluster answers not_supported. */
+  clusterNodes(): Promise<S.ClusterNodeT[]> {
+    return this.request("GET", "/v1/cluster/nodes");
+  }
+  /** Stop placing new work on `node` (draining) or place it there again; what runs there keeps running. */
+  setDraining(node: string, draining: boolean): Promise<S.DrainResultT> {
+    return this.request(draining ? "POST" : "DELETE", `/v1/cluster/nodes/${encodeURIComponent(node)}/drain`);
+  }
+
   /** Hot pools: per snapshot, children kept restored and answering, handed out by forks first. */
   listPools(): Promise<S.PoolT[]> {
     return this.request("GET", "/v1/pools");

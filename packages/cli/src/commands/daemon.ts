@@ -13,6 +13,11 @@ type DaemonCliOpts = {
   auditLog?: string;
   maxSandboxes: number;
   networkPolicy: string;
+  cluster?: string;
+  nodeName?: string;
+  advertiseUrl?: string;
+  clusterTokenFile?: string;
+  registry?: string;
 };
 
 export function registerDaemon(program: Command): void {
@@ -33,6 +38,14 @@ export function registerDaemon(program: Command): void {
       "egress policy for sandboxes: on (public internet only, per-sandbox allow/deny) or off (they reach the host's loopback and private networks; `forkd doctor` fails)",
       "on",
     )
+    .option("--cluster <etcd-url>", "join a forkd cluster through etcd: etcd://HOST:PORT[,HOST:PORT…] (FORKD_CLUSTER)")
+    .option("--node-name <name>", "this node's name in the cluster (FORKD_NODE_NAME; default the host name)")
+    .option(
+      "--advertise-url <url>",
+      "where the other nodes reach this daemon, http(s)://HOST:PORT (FORKD_ADVERTISE_URL; default the --listen address)",
+    )
+    .option("--cluster-token-file <file>", "the secret every node presents to the others (else FORKD_CLUSTER_TOKEN)")
+    .option("--registry <oci-url>", "the OCI registry the nodes move snapshots through, oci://HOST/REPO (FORKD_CLUSTER_REGISTRY)")
     .action(async (opts: DaemonCliOpts) => {
       if (opts.networkPolicy !== "on" && opts.networkPolicy !== "off") {
         throw new ForkdError("bad_request", `--network-policy is on or off, got '${opts.networkPolicy}'`);

@@ -26,6 +26,7 @@ export const COMMAND_MODULES: readonly CommandModule[] = [
   { commands: ["image"], load: async () => (await import("./image.js")).registerImage },
   { commands: ["doctor"], load: async () => (await import("./doctor.js")).registerDoctor },
   { commands: ["daemon"], load: async () => (await import("./daemon.js")).registerDaemon },
+  { commands: ["cluster"], load: async () => (await import("./cluster.js")).registerCluster },
   { commands: ["mcp"], load: async () => (await import("./mcp.js")).registerMcp },
   { commands: ["bench"], load: async () => (await import("./bench/index.js")).registerBench },
   { commands: ["quickstart"], load: async () => (await import("./quickstart.js")).registerQuickstart },

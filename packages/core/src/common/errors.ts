@@ -36,6 +36,10 @@ export const ERROR_STATUS = {
   registry_denied: 502,
   /** A setting (an environment variable, common/settings.ts) holds a value it does not allow: the host's configuration must change. */
   invalid_setting: 500,
+  /** The cluster node that owns the sandbox holds no lease in etcd (stopped, cut off, or crashed): its calls cannot be forwarded. */
+  node_unreachable: 503,
+  /** etcd cannot be reached, or this node lost its lease and has not rejoined: nothing cluster-wide (placement, a new tag) is done. */
+  cluster_unavailable: 503,
   internal: 500,
 } as const;
 

@@ -27,7 +27,7 @@ function loadZod(): Z {
   return zod;
 }
 
-type SettingGroup = "state" | "vm" | "limits" | "registry" | "client" | "development";
+type SettingGroup = "state" | "vm" | "limits" | "registry" | "cluster" | "client" | "development";
 
 export type SettingSpec<T> = {
   /** The environment variable. */
@@ -355,6 +355,70 @@ export const SETTINGS = {
     description: "upload chunk size of a push",
     schema: (z) => z.coerce.number().positive().max(512),
   }),
+  cluster: optional({
+    env: "FORKD_CLUSTER",
+    group: "cluster",
+    type: "etcd URL",
+    shownDefault: "none (a single host)",
+    allowed: "etcd://HOST:PORT[,HOST:PORT…]",
+    description: "the etcd members a daemon joins its cluster through (`--cluster` wins); unset, the daemon serves alone",
+    schema: (z) => z.string().regex(/^etcd:\/\/[^\s/,]+(,[^\s/,]+)*\/?$/),
+  }),
+  nodeName: optional({
+    env: "FORKD_NODE_NAME",
+    group: "cluster",
+    type: "name",
+    shownDefault: "the host name",
+    allowed: "1-63 letters, digits, '-', '_' and '.', starting with a letter or digit",
+    description: "this daemon's name in the cluster (`--node-name` wins); unique among live nodes",
+    schema: (z) => z.string().regex(/^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/),
+  }),
+  advertiseUrl: optional({
+    env: "FORKD_ADVERTISE_URL",
+    group: "cluster",
+    type: "URL",
+    shownDefault: "the daemon's --listen address",
+    allowed: "http://HOST:PORT or https://HOST:PORT",
+    description: "where the other nodes reach this daemon's API (`--advertise-url` wins)",
+    schema: (z) => z.string().regex(/^https?:\/\/[^\s/@?#]+\/?$/),
+  }),
+  clusterToken: optional({
+    env: "FORKD_CLUSTER_TOKEN",
+    group: "cluster",
+    type: "text",
+    shownDefault: "none (`--cluster-token-file`)",
+    allowed: "a secret of at least 16 characters, the same on every node",
+    description: "the secret nodes present to each other on forwarded calls (never logged); `--cluster-token-file` wins",
+    schema: (z) => z.string().min(16),
+    secret: true,
+  }),
+  clusterLeaseTtlS: required({
+    env: "FORKD_CLUSTER_LEASE_TTL",
+    group: "cluster",
+    type: "s",
+    default: 10,
+    allowed: "a whole number of seconds from 2 to 300",
+    description: "how long a node that stops answering etcd keeps its lease: after it, its sandboxes answer 503 `node_unreachable`",
+    schema: (z) => z.coerce.number().int().min(2).max(300),
+  }),
+  clusterTimeoutMs: required({
+    env: "FORKD_CLUSTER_TIMEOUT_MS",
+    group: "cluster",
+    type: "ms",
+    default: 2000,
+    allowed: "a number above 0",
+    description: "how long one etcd call or one forwarded call's connection may take before the cluster counts as unreachable",
+    schema: positiveNumber,
+  }),
+  registry: optional({
+    env: "FORKD_CLUSTER_REGISTRY",
+    group: "cluster",
+    type: "URL",
+    shownDefault: "none",
+    allowed: "oci://HOST[:PORT]/REPOSITORY",
+    description: "the OCI registry the nodes move snapshots through (`--registry` wins)",
+    schema: (z) => z.string().regex(/^oci:\/\/[^\s/]+\/[^\s]+$/),
+  }),
   url: optional({
     env: "FORKD_URL",
     group: "client",
@@ -531,6 +595,7 @@ const GROUP_TITLES: Record<SettingGroup, string> = {
   vm: "VMs",
   limits: "Limits",
   registry: "Registries and hubs",
+  cluster: "Cluster (`forkd daemon --cluster`)",
   client: "Clients (CLI, SDKs, MCP server)",
   development: "Development and benchmarks",
 };

@@ -1,5 +1,6 @@
 // What every route module receives: the typed app, the daemon's context, the
 // error responses every route may give, and the audit helper for what it touched.
+import type { ClusterNode } from "@forkd/cluster";
 import type { AdmissionLedger } from "@forkd/core";
 import type { E2bContext } from "@forkd/e2b";
 import type {
@@ -33,6 +34,10 @@ export type ServerContext = {
   hotPools: HotPools;
   /** E2B's planes on the same port (@forkd/e2b): its sandbox records and time limits. */
   e2b: E2bContext;
+  /** The daemon's log (stderr): one line a message. */
+  log: (line: string) => void;
+  /** This node's cluster membership, set once it has joined (undefined: a single host, forkd's behaviour unchanged). */
+  cluster?: ClusterNode;
 };
 
 export type RouteDeps = {
