@@ -24,6 +24,12 @@ const IDLE_CHILDREN = 20;
 const IDLE_WINDOW_MS = 10_000;
 /** Children forked one at a time, alone on the machine, for single_child_ms. */
 const SINGLE_RUNS = 5;
+/** Children forked one after another for first_exec_ms and the first call's memory (issue #20: p50 over 20). */
+const FIRST_EXEC_RUNS = 20;
+/** Children forked one after another for first_eval_ms. */
+const FIRST_EVAL_RUNS = 10;
+/** What a restored child is left to settle before its idle PSS is read (its first page faults after cont). */
+const IDLE_SETTLE_MS = 300;
 
 /** CPU a process has used, every thread (QEMU's main loop, vCPU, I/O) included, in ms; ns precision from schedstat. */
 function processCpuMs(pid: number): number | undefined {
@@ -119,6 +125,51 @@ export function registerSpawnBench(bench: Command): void {
             await killAll();
           }
 
+          // The first call users feel: spawn to the first `exec true` answered, and the host memory a child
+          // gains from idle to after that exec and a first small file write (QEMU's translation cache for
+          // the code the call ran, guest pages the call dirtied).
+          const firstExecMs: number[] = [];
+          for (let i = 0; i < FIRST_EXEC_RUNS; i++) {
+            s.text = `first exec ${i + 1}/${FIRST_EXEC_RUNS}`;
+            const started = performance.now();
+            const [r] = await forkSandboxes({ tag, n: 1, keepAgent: (id, agent) => agents.set(id, agent) });
+            if (!r?.ok) throw new ForkdError("vm_start_failed", `a child failed: ${r?.error.message ?? "no result"}`);
+            ids.push(r.id);
+            await agents.get(r.id)?.exec({ argv: ["true"] });
+            firstExecMs.push(performance.now() - started);
+            await killAll();
+          }
+          // Memory of the first calls, each child measured against itself: idle after its identity, then
+          // after its first exec and a first small file write. Reading PSS touches nothing in the guest.
+          const idlePss: number[] = [];
+          const firstCallGrowth: number[] = [];
+          for (let i = 0; i < SINGLE_RUNS; i++) {
+            s.text = `first-call memory ${i + 1}/${SINGLE_RUNS}`;
+            const [r] = await forkSandboxes({ tag, n: 1, keepAgent: (id, agent) => agents.set(id, agent) });
+            if (!r?.ok) throw new ForkdError("vm_start_failed", `a child failed: ${r?.error.message ?? "no result"}`);
+            ids.push(r.id);
+            const agent = agents.get(r.id);
+            await sleep(IDLE_SETTLE_MS);
+            const idle = pssBytes(r.pid) ?? Number.NaN;
+            await agent?.exec({ argv: ["true"] });
+            await agent?.files({ action: "write", path: "/tmp/first-write.txt", data: Buffer.from("hello\n").toString("base64") });
+            await sleep(IDLE_SETTLE_MS);
+            idlePss.push(idle);
+            firstCallGrowth.push((pssBytes(r.pid) ?? Number.NaN) - idle);
+            await killAll();
+          }
+          const firstEvalMs: number[] = [];
+          for (let i = 0; i < FIRST_EVAL_RUNS; i++) {
+            s.text = `first eval ${i + 1}/${FIRST_EVAL_RUNS}`;
+            const [r] = await forkSandboxes({ tag, n: 1, keepAgent: (id, agent) => agents.set(id, agent) });
+            if (!r?.ok) throw new ForkdError("vm_start_failed", `a child failed: ${r?.error.message ?? "no result"}`);
+            ids.push(r.id);
+            const evalStarted = performance.now();
+            await agents.get(r.id)?.eval("1+1");
+            firstEvalMs.push(performance.now() - evalStarted);
+            await killAll();
+          }
+
           // Scaling: the same fan-out at N/10 and at N, one after the other.
           const small = Math.max(1, Math.round(n / 10));
           const smallRun = await fanOut(small, `forking ${small} (N/10)`);
@@ -161,6 +212,9 @@ export function registerSpawnBench(bench: Command): void {
           const coldMs = percentile(cold, 50);
           const singleMs = percentile(single, 50);
           const perChild = ok.map((r) => r.timings.totalMs);
+          const firstExecP50 = percentile(firstExecMs, 50);
+          const idlePssMib = percentile(idlePss, 50) / MIB;
+          const firstCallPssMib = percentile(firstCallGrowth, 50) / MIB;
           const result = {
             ...(await machine(accel)),
             n,
@@ -176,6 +230,17 @@ export function registerSpawnBench(bench: Command): void {
             // One child alone, spawn to identity answered (p50 of SINGLE_RUNS), against a cold boot of the same image.
             single_child_ms: round1(singleMs),
             single_child_first_exec_ms: p50(firstExec),
+            // Issue #20: spawn to the first `exec true` answered, p50 of FIRST_EXEC_RUNS children forked one after another.
+            first_exec_ms: round1(firstExecP50),
+            first_exec_vs_cold: round1(coldMs / firstExecP50),
+            first_exec_runs: firstExecMs.length,
+            // PSS of a child idle after its identity (alone beside whatever else runs on the host), and what it gains
+            // with its first exec and a first small file write; the total is 100 such children after their first calls.
+            idle_pss_mib: round1(idlePssMib),
+            first_exec_pss_mib: round1(firstCallPssMib),
+            first_exec_pss_total_100_mib: Math.round((idlePssMib + firstCallPssMib) * 100),
+            // The warm runtime's reason to exist: a child's first eval (1+1) after its identity, p50.
+            first_eval_ms: p50(firstEvalMs),
             cold_boot_ms: round1(coldMs),
             single_child_vs_cold: round1(coldMs / singleMs),
             // Wall per child at N over wall per child at N/10, both in this run: 1 is linear.
