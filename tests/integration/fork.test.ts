@@ -133,7 +133,8 @@ describe("children", () => {
     try {
       // Restored parked: the gate answered the identity, and answers this ping, without the JavaScript runtime.
       expect((await agent.ping()).stats).toEqual({ gate: true });
-      // Busybox's date sets the guest's clock to 2000-01-01; the agent's runtime has the port from here on.
+      // Busybox's date sets the guest's clock to 2000-01-01 (the gate runs it); after the silence the gate
+      // answers the host's clock, and the eval (the runtime's, from here on) reads it.
       expect((await agent.exec({ argv: ["date", "-s", "@946684800"] })).exitCode).toBe(0);
       await new Promise((r) => setTimeout(r, 800));
       const before = Date.now();
@@ -163,6 +164,112 @@ describe("children", () => {
 
   it("refuse rmi while alive, unless forced", () => {
     expect(forkd(["rmi", TAG]).stderr).toMatch(/live sandbox/);
+  });
+});
+
+// The calls agents make most are answered by a parked guest's native gate without waking its
+// JavaScript runtime; FORKD_AGENT_NATIVE_CALLS=off sends them to the runtime. One set of semantics:
+// the same checks, on both paths, each on a fresh child (a child's runtime, once awake, keeps the port).
+describe.each([
+  ["the native gate", "on"],
+  ["the JavaScript runtime", "off"],
+])("exec and files answered by %s", (_path, mode) => {
+  let id: string;
+  beforeAll(() => {
+    process.env.FORKD_AGENT_NATIVE_CALLS = mode;
+    const [child] = forkJson(["--tag", TAG, "-n", "1"]);
+    id = child!.id;
+  });
+  afterAll(() => {
+    delete process.env.FORKD_AGENT_NATIVE_CALLS;
+    forkd(["kill", id]);
+  });
+
+  it("exec: output on both streams, exit status, stdin, env, cwd, a missing program, a timeout, a cancel", async () => {
+    const agent = await connectSandbox(id);
+    try {
+      let out = "";
+      let err = "";
+      const streams = { onStdout: (d: Buffer) => (out += d), onStderr: (d: Buffer) => (err += d) };
+      expect(await agent.exec({ cmd: "echo out; echo err >&2; exit 3" }, streams)).toMatchObject({
+        exitCode: 3,
+        signal: null,
+        timedOut: false,
+      });
+      expect([out, err]).toEqual(["out\n", "err\n"]);
+      out = "";
+      await agent.exec({ argv: ["cat"], stdin: Buffer.from("piped").toString("base64") }, streams);
+      expect(out).toBe("piped");
+      out = "";
+      await agent.exec({ cmd: 'echo "$FOO $HOME"; pwd', env: { FOO: "bar" }, cwd: "/tmp" }, streams);
+      expect(out).toBe("bar /root\n/tmp\n");
+      err = "";
+      expect((await agent.exec({ argv: ["no-such-tool"] }, streams)).exitCode).toBe(127);
+      expect(err).toBe("forkd: no-such-tool: command not found\n");
+      expect(await agent.exec({ argv: ["sleep", "30"], timeoutMs: 300 })).toMatchObject({
+        exitCode: null,
+        signal: "SIGKILL",
+        timedOut: true,
+      });
+      const controller = new AbortController();
+      const running = agent.exec({ argv: ["sleep", "30"] }, { signal: controller.signal });
+      setTimeout(() => controller.abort(), 300);
+      await expect(running).rejects.toThrow(/aborted/);
+      expect((await agent.exec({ argv: ["true"] })).exitCode).toBe(0);
+    } finally {
+      agent.close();
+    }
+  });
+
+  it("files: write (atomic, with a mode), append, read, stat, and the errors", async () => {
+    const agent = await connectSandbox(id);
+    try {
+      const data = Buffer.from("first\n").toString("base64");
+      expect(await agent.files({ action: "write", path: "/root/f.txt", data, mode: 0o600 })).toEqual({ path: "/root/f.txt", size: 6 });
+      expect(await agent.files({ action: "write", path: "/root/./f.txt", data, append: true })).toEqual({ path: "/root/f.txt", size: 12 });
+      expect(await agent.files({ action: "read", path: "/root/f.txt" })).toEqual({
+        path: "/root/f.txt",
+        size: 12,
+        data: Buffer.from("first\nfirst\n").toString("base64"),
+      });
+      expect(await agent.files({ action: "stat", path: "/root/f.txt" })).toMatchObject({
+        path: "/root/f.txt",
+        type: "file",
+        size: 12,
+        mode: 0o600,
+      });
+      expect(await agent.files({ action: "stat", path: "/root" })).toMatchObject({ type: "dir" });
+      await expect(agent.files({ action: "read", path: "/root/missing" })).rejects.toMatchObject({
+        message: expect.stringMatching(/no such file or directory: \/root\/missing/),
+      });
+      await expect(agent.files({ action: "read", path: "/root" })).rejects.toMatchObject({
+        message: expect.stringMatching(/is a directory: \/root/),
+      });
+      await expect(agent.files({ action: "write", path: "/no/such/dir/f", data })).rejects.toMatchObject({
+        message: expect.stringMatching(/no such file or directory: \/no\/such\/dir\/f/),
+      });
+    } finally {
+      agent.close();
+    }
+  });
+
+  it("through the CLI: exec and files", () => {
+    const exec = forkd(["exec", id, "--", "sh", "-c", "echo out; echo err >&2; exit 3"]);
+    expect([exec.code, exec.stdout]).toEqual([3, "out\n"]);
+    expect(exec.stderr).toContain("err");
+    expect(forkd(["files", id, "write", "/root/up.txt"], { input: "uploaded" }).code).toBe(0);
+    expect(forkd(["files", id, "read", "/root/up.txt"]).stdout).toBe("uploaded");
+  });
+
+  it(mode === "on" ? "never woke the runtime" : "were answered by the runtime", async () => {
+    const agent = await connectSandbox(id);
+    try {
+      const { stats } = await agent.ping();
+      if (mode === "on") expect(stats).toEqual({ gate: true });
+      else expect(stats).toMatchObject({ sigioEnabled: true });
+    } finally {
+      agent.close();
+    }
   });
 });
 

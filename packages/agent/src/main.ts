@@ -63,6 +63,11 @@ const GUESTCTL = "/opt/forkd/bin/forkd-guestctl";
 let gate: ChildProcessWithoutNullStreams | undefined;
 let parked = false;
 let gateBytes: Buffer = Buffer.alloc(0);
+// Commands the gate started while it held the port, still running after it handed the port to us:
+// their frames come through the gate's pipe ('W') and leave through our queue; cancels for them go
+// to the gate. Orphaned ones (their host left, or an identity came) have their frames dropped.
+const gateCalls = new Set<number>();
+const orphanedGateCalls = new Set<number>();
 
 function startGate(runtimes: string[]): void {
   const child = spawn(GUESTCTL, ["gate", AGENT_VERSION, runtimes.map((r) => JSON.stringify(r)).join(","), String(Date.now())], {
@@ -90,7 +95,36 @@ function onGateData(chunk: Buffer): void {
     gateBytes = gateBytes.subarray(5 + length);
     if (type === "S") sigioEnabled = true;
     else if (type === "s") console.error(`forkd-agent: could not enable SIGIO on the agent port (${payload.toString()}); polling instead`);
+    else if (type === "N") gateCalls.add(Number(payload.toString()));
+    else if (type === "W") relayGateFrame(Buffer.from(payload));
     else if (type === "F" && parked) unpark(Buffer.from(payload));
+  }
+}
+
+/** A frame of a command the gate runs, answered after the gate handed us the port: it leaves in our queue. */
+function relayGateFrame(frame: Buffer): void {
+  let id: number;
+  let final: boolean;
+  try {
+    const message = JSON.parse(frame.subarray(4).toString("utf8")) as { id: number; kind: string };
+    id = message.id;
+    final = message.kind !== "chunk";
+  } catch {
+    return;
+  }
+  if (final) gateCalls.delete(id);
+  if (orphanedGateCalls.has(id)) {
+    if (final) orphanedGateCalls.delete(id);
+    return;
+  }
+  queue.push(frame);
+  queuedBytes += frame.length;
+  if (!writing) pump().catch((err: Error) => console.error(`forkd-agent: writing answers failed: ${err.message}`));
+  // A slow host holds the gate's command back as it would hold ours: the gate blocks on its pipe.
+  if (gate && queuedBytes >= QUEUE_HIGH_BYTES) {
+    const paused = gate;
+    paused.stdout.pause();
+    drainWaiters.push(() => paused.stdout.resume());
   }
 }
 
@@ -102,7 +136,7 @@ function onGateData(chunk: Buffer): void {
 function park(id: number, lastInRead: boolean): void {
   const busy = !gate
     ? "the agent's gate is not running"
-    : server.inFlight > 0 || !lastInRead || decoder.pendingBytes > 0
+    : server.inFlight > 0 || gateCalls.size > 0 || !lastInRead || decoder.pendingBytes > 0
       ? "park needs an idle agent: calls are running or more frames follow"
       : undefined;
   if (busy) {
@@ -266,6 +300,7 @@ function readLoop(): void {
         // The host hung up: nobody will read the answers of what it started.
         connected = false;
         server.abortAll();
+        abortGateCalls();
         hostLeft();
         decoder = new FrameDecoder();
       }
@@ -285,9 +320,37 @@ function handleBytes(bytes: Buffer): void {
   for (const [i, frame] of frames.entries()) {
     if (frame.ok && isParkRequest(frame.message)) park(frame.message.id, i === frames.length - 1);
     else if (frame.ok && isClockRequest(frame.message)) setClock(frame.message.id, frame.message.clockMs);
+    else if (frame.ok && gateCalls.size > 0 && forGateCall(frame.message)) continue;
     else if (frame.ok) server.handle(frame.message);
     else server.rejectFrame(frame.error);
   }
+}
+
+/** Stop the gate's commands and drop their frames: their host left. */
+function abortGateCalls(): void {
+  for (const id of gateCalls) orphanedGateCalls.add(id);
+  if (gateCalls.size > 0) gate?.stdin.write("A\n");
+}
+
+/**
+ * A frame that concerns a command the gate runs: a cancel of it (forwarded), a request reusing its
+ * id (refused as the server refuses one of its own), an identity (its output is for a host this
+ * child never had). True when answered here.
+ */
+function forGateCall(message: unknown): boolean {
+  const m = message as { op?: unknown; id?: unknown; target?: unknown } | null;
+  if (typeof m !== "object" || m === null || typeof m.id !== "number" || !Number.isSafeInteger(m.id)) return false;
+  if (m.op === "cancel" && typeof m.target === "number" && gateCalls.has(m.target)) {
+    gate?.stdin.write(`C ${m.target}\n`);
+    send({ id: m.id, kind: "result", value: { cancelled: true } });
+    return true;
+  }
+  if (m.op !== "cancel" && gateCalls.has(m.id)) {
+    send({ id: m.id, kind: "error", code: "bad_request", message: `request id ${m.id} is already in flight` });
+    return true;
+  }
+  if (m.op === "identity") for (const id of gateCalls) orphanedGateCalls.add(id);
+  return false;
 }
 
 /**

@@ -203,7 +203,11 @@ type AgentRequest =
   | FsRequest
   | WatchRequest;
 
-export type RequestFrame = AgentRequest & { id: number };
+/**
+ * `via: "runtime"`: answered by the JavaScript runtime even where a parked guest's native gate
+ * could answer it (exec, files read/write/stat); both give the same answers.
+ */
+export type RequestFrame = AgentRequest & { id: number; via?: "runtime" };
 
 export type ResponseFrame =
   | { id: number; kind: "chunk"; stream: "stdout" | "stderr"; data: string }

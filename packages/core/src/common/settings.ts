@@ -216,6 +216,16 @@ export const SETTINGS = {
     schema: absolutePathList,
     toEnv: (paths) => paths.join(":"),
   }),
+  agentNativeCalls: required({
+    env: "FORKD_AGENT_NATIVE_CALLS",
+    group: "vm",
+    type: "on | off",
+    default: "on" as "on" | "off",
+    allowed: "on or off",
+    description:
+      "a parked guest's small native gate answers exec and file read/write/stat itself; off sends every call to the guest's JavaScript runtime (`via: \"runtime\"`, for comparing the two)",
+    schema: onOff,
+  }),
   networkPolicy: required({
     env: "FORKD_NETWORK_POLICY",
     group: "vm",

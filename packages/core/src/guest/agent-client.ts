@@ -484,7 +484,8 @@ export class AgentClient {
       this.calls.set(id, call);
       let frame: Buffer;
       try {
-        frame = encodeFrame({ ...request, id });
+        // `via: "runtime"` asks a parked guest's gate to hand the call to the JavaScript runtime.
+        frame = encodeFrame(setting("agentNativeCalls") === "off" ? { ...request, id, via: "runtime" } : { ...request, id });
       } catch (err) {
         this.settle(id, call);
         reject(new ForkdError("too_large", (err as Error).message));
