@@ -163,6 +163,9 @@ describe("the agent's gate", () => {
       encodeFrame({ op: "exec", argv: ["t\u0000rue"], id: 40 }),
       // The host asks for the runtime (FORKD_AGENT_NATIVE_CALLS=off).
       encodeFrame({ op: "exec", argv: ["true"], via: "runtime", id: 42 }),
+      // A field the gate does not know (one the protocol may add later) is not ignored: the agent answers.
+      encodeFrame({ op: "exec", argv: ["true"], user: "nobody", id: 43 }),
+      encodeFrame({ op: "files", action: "read", path: "/etc/hostname", offset: 3, id: 44 }),
       Buffer.concat([Buffer.from([0, 0, 0, 31]), Buffer.from('{"op":"exec","argv":["true"],"id":41}').subarray(0, 31)]),
       // An identity it would have to judge differently from the agent: a bad hostname, lenient base64, a field missing.
       encodeFrame({ op: "identity", hostname: "-bad", entropy: Buffer.alloc(32).toString("base64"), clockMs: 1, id: 11 }),

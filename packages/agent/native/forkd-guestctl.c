@@ -453,6 +453,8 @@ typedef struct {
   int append;
   /* A field the gate does not take as the agent would (a wrong type, for one): the agent answers. */
   int unsure;
+  /* A field the gate does not know: an exec or files call with one is the agent's (a field added to the protocol later is not ignored here). */
+  int unknown_field;
 } request;
 
 static int string_array(cursor *c, request *r) {
@@ -618,8 +620,9 @@ static int parse_request(const unsigned char *body, size_t len, request *r) {
       /* The host asks for the JavaScript runtime (FORKD_AGENT_NATIVE_CALLS=off): the agent answers. */
       r->unsure = 1;
       if (skip_value(&c, 0) < 0) return -1;
-    } else if (skip_value(&c, 0) < 0) {
-      return -1;
+    } else {
+      r->unknown_field = 1;
+      if (skip_value(&c, 0) < 0) return -1;
     }
 #undef KEY
     skip_ws(&c);
@@ -1268,8 +1271,8 @@ static int gate_answer(const unsigned char *body, size_t len) {
     send_frame(json);
     return 1;
   }
-  if (r.op_n == 4 && memcmp(r.op, "exec", 4) == 0) return native_exec(id, &r);
-  if (r.op_n == 5 && memcmp(r.op, "files", 5) == 0) return native_files(id, &r);
+  if (r.op_n == 4 && memcmp(r.op, "exec", 4) == 0) return !r.unknown_field && native_exec(id, &r);
+  if (r.op_n == 5 && memcmp(r.op, "files", 5) == 0) return !r.unknown_field && native_files(id, &r);
   if (r.op_n == 5 && memcmp(r.op, "clock", 5) == 0) {
     /* The host's clock again after a long silence: nothing else changes. */
     if (!r.has_clock || !(r.clock_ms > 0 && r.clock_ms < 1e15)) return 0;
