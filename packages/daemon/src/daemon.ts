@@ -195,6 +195,7 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
     const address = tcpServer.server.address();
     tcpAddress = { host: tcp.host, port: typeof address === "object" && address ? address.port : tcp.port };
     servers.push(tcpServer);
+    ctx.e2b.tcpUrl = `${opts.tlsCert ? "https" : "http"}://${tcpAddress.host.includes(":") ? `[${tcpAddress.host}]` : tcpAddress.host}:${tcpAddress.port}`;
   }
   // The cluster is joined once this node answers on the address it advertises.
   const clusterUrl = opts.cluster ?? setting("cluster");

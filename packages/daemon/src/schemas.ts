@@ -375,6 +375,9 @@ export const SuspendWorkspaceBody = z.object({ diff: z.boolean().optional() }).s
 export const NameParam = z.object({ name: z.string() }).strict();
 export const Health = z.object({ ok: z.literal(true) });
 export const Version = z.object({ version: z.string(), api: z.literal("v1"), node: z.string(), accel: z.string() });
+/** What E2B's SDKs need to reach this daemon (`forkd e2b env`): the key is the daemon's credential, so only its holders see it. */
+export const E2bEnv = z.object({ api_url: z.string().nullable(), api_key: z.string() });
+export type E2bEnvT = z.infer<typeof E2bEnv>;
 
 export type CreateSnapshotBodyT = z.infer<typeof CreateSnapshotBody>;
 export type SnapshotT = z.infer<typeof Snapshot>;

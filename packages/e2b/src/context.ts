@@ -37,6 +37,8 @@ export class E2bContext {
   readonly sandboxes: E2bSandboxes;
   /** Signs paging tokens (X-Next-Token); per daemon process, so a restart invalidates old ones. */
   readonly pagingSecret = randomBytes(32);
+  /** The daemon's TCP URL once it listens (what `forkd e2b env` prints as E2B_API_URL and E2B_SANDBOX_URL). */
+  tcpUrl: string | undefined;
 
   constructor(readonly deps: E2bDaemonDeps) {
     this.sandboxes = new E2bSandboxes(path.join(deps.home, "e2b", "sandboxes"));

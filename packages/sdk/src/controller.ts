@@ -135,6 +135,10 @@ export class Controller {
   version(): Promise<S.VersionT> {
     return this.request("GET", "/version");
   }
+  /** The URL and key E2B's SDKs use against this daemon (E2B_API_URL/E2B_SANDBOX_URL, E2B_API_KEY). */
+  e2bEnv(): Promise<S.E2bEnvT> {
+    return this.request("GET", "/v1/e2b/env");
+  }
   metrics(): Promise<string> {
     return this.request("GET", "/metrics");
   }
