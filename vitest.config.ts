@@ -82,7 +82,8 @@ export default defineConfig({
         extends: true,
         test: {
           name: "integration",
-          include: ["tests/integration/**/*.test.ts"],
+          // tests/e2b: the unmodified e2b npm SDK against a real daemon (one at a time too).
+          include: ["tests/integration/**/*.test.ts", "tests/e2b/**/*.test.ts"],
           globalSetup: VM_GLOBAL_SETUP,
           // Real VMs on a 2-core machine: one file at a time.
           fileParallelism: false,

@@ -60,3 +60,7 @@ if [ "$(id -u)" -eq 0 ]; then
 fi
 
 node packages/cli/dist/main.js image build --name base
+# E2B's `base` template (tests/e2b, `forkd bench e2b`) starts from this Debian image (core's
+# `debian` recipe: bash, coreutils, python3, sudo, git, user `user`); built here, cached by its
+# input digest, so no test pays the debootstrap. The daemon makes the warm snapshot on first use.
+node packages/cli/dist/main.js image build --name debian

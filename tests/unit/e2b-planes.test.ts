@@ -5,8 +5,9 @@
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
+import { ForkdError } from "@forkd/core";
 import { buildServer, createServerContext, type ServerContext } from "@forkd/daemon";
-import { e2bApiKey } from "@forkd/e2b";
+import { e2bApiKey, e2bErrorOf, parseGuestProbe } from "@forkd/e2b";
 import type { FastifyInstance } from "fastify";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 
@@ -131,5 +132,42 @@ describe("the unmodified e2b SDK against the control plane", () => {
       AuthenticationError,
     );
     await expect(Sandbox.create("no-such-template", opts())).rejects.toThrow(/404/);
+  });
+});
+
+describe("errors and the guest's metrics", () => {
+  it("maps forkd's over-limit refusal onto E2B's 429 with Retry-After (the SDK retries those)", () => {
+    expect(e2bErrorOf(new ForkdError("over_limit", "too many sandboxes", { retry_after_s: 7 }))).toEqual({
+      status: 429,
+      message: "too many sandboxes",
+      retryAfterS: 7,
+    });
+    expect(e2bErrorOf(new ForkdError("sandbox_not_found", "gone")).status).toBe(404);
+    expect(e2bErrorOf(new Error("boom"))).toEqual({ status: 500, message: "internal error; see the forkd daemon's log" });
+  });
+
+  it("reads the guest's probe as numbers only; anything else is zero", () => {
+    const good =
+      "MemTotal:         230000 kB\nMemAvailable:     130000 kB\nCached:            20000 kB\nFilesystem     1024-blocks    Used Available Capacity Mounted on\n/dev/vda           1000000  400000    600000      40% /\n";
+    expect(parseGuestProbe(good)).toEqual({
+      memTotal: 230000 * 1024,
+      memUsed: 100000 * 1024,
+      memCache: 20000 * 1024,
+      diskTotal: 1000000 * 1024,
+      diskUsed: 400000 * 1024,
+    });
+    for (const hostile of [
+      "",
+      "MemTotal: -5 kB",
+      `MemTotal: ${"9".repeat(400)} kB`,
+      "\u0000".repeat(100),
+      "MemAvailable: 999999999 kB\nMemTotal: 1 kB",
+    ]) {
+      const parsed = parseGuestProbe(hostile);
+      for (const v of Object.values(parsed)) {
+        expect(Number.isFinite(v)).toBe(true);
+        expect(v).toBeGreaterThanOrEqual(0);
+      }
+    }
   });
 });

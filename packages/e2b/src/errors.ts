@@ -24,8 +24,10 @@ export function e2bErrorOf(err: unknown): { status: number; message: string; ret
   if (err instanceof E2bHttpError)
     return { status: err.status, message: err.message, ...(err.retryAfterS ? { retryAfterS: err.retryAfterS } : {}) };
   if (isForkdError(err)) {
-    const retry = err.code === "over_limit" ? Number(err.details?.retry_after_s) || 5 : undefined;
-    return { status: err.httpStatus, message: err.message, ...(retry ? { retryAfterS: retry } : {}) };
+    // Over a limit (sandboxes, host memory, BRANCHes) is E2B's 429 with Retry-After: the SDK
+    // waits and retries it within its request deadline, as it does against E2B's own limits.
+    if (err.code === "over_limit") return { status: 429, message: err.message, retryAfterS: Number(err.details?.retry_after_s) || 5 };
+    return { status: err.httpStatus, message: err.message };
   }
   if (err instanceof ZodError) return { status: 400, message: `invalid request: ${zodSummary(err)}` };
   const e = err as FastifyError & { validation?: unknown };

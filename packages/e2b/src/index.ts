@@ -2,5 +2,6 @@
 export { e2bApiKey } from "./api-key.js";
 export { E2bContext } from "./context.js";
 export { startE2bTimeLimits } from "./control/lifecycle.js";
-export { sendE2bError } from "./errors.js";
+export { parseGuestProbe } from "./control/metrics.js";
+export { e2bErrorOf, sendE2bError } from "./errors.js";
 export { e2bCredentialVerdict, isE2bRequest, registerE2bPlanes } from "./planes.js";

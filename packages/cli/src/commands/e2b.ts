@@ -25,7 +25,10 @@ function e2bEnvText(env: E2bEnvLines): string {
 export async function e2bEnv(): Promise<E2bEnvLines> {
   const explicit = setting("url");
   if (!explicit && !fs.existsSync(clientSocketPath())) {
-    throw new ForkdError("not_supported", "no forkd daemon answers on the local socket; start `forkd daemon` (or set FORKD_URL and FORKD_TOKEN)");
+    throw new ForkdError(
+      "not_supported",
+      "no forkd daemon answers on the local socket; start `forkd daemon` (or set FORKD_URL and FORKD_TOKEN)",
+    );
   }
   const controller = configuredController();
   try {

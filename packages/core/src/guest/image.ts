@@ -233,11 +233,20 @@ export type BuildImageOpts = {
   onProgress?: ImageProgress;
 };
 
+/** A debootstrapped Debian root: its packages, and a login user to add (uid 1000, home /home/NAME, bash, passwordless sudo). */
+type DebianRecipe = { packages: string[]; user?: string };
+
 /** Recipes that need no --from-dir/--from-tar: what each name builds. */
-const IMAGE_RECIPES: Record<string, { packages: string[] } | "busybox"> = {
+const IMAGE_RECIPES: Record<string, DebianRecipe | "busybox"> = {
   base: "busybox",
   python: { packages: ["python3", "python3-numpy"] },
+  // What E2B's users assume of a sandbox (its `base` template): bash -l, coreutils, python3,
+  // sudo, git, and a user `user` whose home is /home/user. Other recipes build on it too.
+  debian: { packages: ["bash", "ca-certificates", "coreutils", "git", "procps", "python3", "sudo"], user: "user" },
 };
+
+/** The uid and gid of a recipe's login user (Debian's first regular user). */
+const RECIPE_USER_ID = 1000;
 
 const PACKAGE_RE = /^[a-z0-9][a-z0-9+.-]+$/;
 
@@ -316,6 +325,10 @@ export async function buildGuestImage(
       await runChecked("cp", ["-a", `${base.dir}/.`, `${tree}/`]);
     }
     await assembleRootTree(tree, inputs, guestctl, work);
+    if (recipe && recipe !== "busybox" && recipe.user) {
+      progress(`adding the user ${recipe.user}`);
+      await addLoginUser(tree, recipe.user);
+    }
     const runtimes = (await existsInTree(tree, "usr/bin/python3")) ? ["javascript", "python"] : ["javascript"];
     progress("writing the ext4 root image");
     const rootfs = path.join(work, "rootfs.ext4");
@@ -436,7 +449,8 @@ async function prepareBaseRoot(
     await fs.rm(cacheDir, { recursive: true, force: true });
     await fs.rename(temp, cacheDir);
   }
-  return { kind: "tree", dir: cacheDir, digest: `debootstrap:${key}` };
+  // The login user is added to the image, not to the cached debootstrap: it is part of the image's digest.
+  return { kind: "tree", dir: cacheDir, digest: `debootstrap:${key}${recipe.user ? `+user:${recipe.user}` : ""}` };
 }
 
 /** Content digest of a directory tree: names, modes, link targets and file bytes. */
@@ -611,6 +625,50 @@ async function putFileFrom(tree: string, rel: string, source: string, mode: numb
       await src.close();
     }
   });
+}
+
+/**
+ * A login user as Debian's adduser would make it, written into the tree's files
+ * (no chroot: nothing of the root runs on the host): uid/gid 1000, a group of its
+ * own, in the sudo group with passwordless sudo, bash, /home/NAME from /etc/skel.
+ * Its password is locked (`*`): it is reached through the agent, never by login.
+ */
+async function addLoginUser(tree: string, name: string): Promise<void> {
+  if (!/^[a-z_][a-z0-9_-]{0,31}$/.test(name)) throw new ForkdError("bad_request", `'${name}' is not a user name`);
+  const id = RECIPE_USER_ID;
+  const home = `home/${name}`;
+  // Rewritten files keep their owner: /etc/shadow is group shadow, which PAM's unix_chkpwd (sudo's account check) needs.
+  const rewrite = async (rel: string, text: string, mode: number) => {
+    const before = await fs.lstat(inTree(tree, rel)).catch(() => undefined);
+    await putFile(tree, rel, text, mode);
+    if (before) await fs.lchown(inTree(tree, rel), before.uid, before.gid);
+  };
+  const appendLine = async (rel: string, line: string, mode: number) => {
+    const current = await fs.readFile(inTree(tree, rel, { followLast: true }), "utf8").catch(() => "");
+    if (current.split("\n").some((l) => l.split(":")[0] === name)) throw layoutError(rel, `it already has an entry for ${name}`);
+    await rewrite(rel, `${current}${current && !current.endsWith("\n") ? "\n" : ""}${line}\n`, mode);
+  };
+  await appendLine("etc/passwd", `${name}:x:${id}:${id}::/${home}:/bin/bash`, 0o644);
+  await appendLine("etc/group", `${name}:x:${id}:`, 0o644);
+  await appendLine("etc/shadow", `${name}:*:19000:0:99999:7:::`, 0o640);
+  // Member of sudo as well (`sudo -l` lists it); the sudoers.d line is what needs no password.
+  const groupFile = inTree(tree, "etc/group", { followLast: true });
+  const groups = (await fs.readFile(groupFile, "utf8")).split("\n").map((l) => {
+    const f = l.split(":");
+    if (f[0] !== "sudo" || f.length !== 4) return l;
+    f[3] = f[3] ? `${f[3]},${name}` : name;
+    return f.join(":");
+  });
+  await rewrite("etc/group", groups.join("\n"), 0o644);
+  await putFile(tree, `etc/sudoers.d/${name}`, `${name} ALL=(ALL:ALL) NOPASSWD: ALL\n`, 0o440);
+  const homeDir = await mkdirInTree(tree, home, 0o755);
+  await fs.lchown(homeDir, id, id);
+  const skel = inTree(tree, "etc/skel", { followLast: true });
+  for (const entry of await fs.readdir(skel, { withFileTypes: true }).catch(() => [])) {
+    if (!entry.isFile()) continue;
+    await putFileFrom(tree, `${home}/${entry.name}`, path.join(skel, entry.name), 0o644);
+    await fs.lchown(inTree(tree, `${home}/${entry.name}`), id, id);
+  }
 }
 
 /**

@@ -1,10 +1,11 @@
 // The E2B lifecycle on forkd's concepts: create = fork from the template's
 // snapshot, pause = BRANCH (memory, devices and disk captured) then kill, resume =
 // fork from that capture, kill = kill plus the captures only this sandbox used.
-import { forkAllOrNothing, getSnapshot, isForkdError, killSandbox, listSandboxes, removeSnapshot, startBranch } from "@forkd/core";
+import { forkAllOrNothing, forkLiveAllOrNothing, isForkdError, killSandbox, listSandboxes, removeSnapshot, startBranch } from "@forkd/core";
 import type { E2bContext } from "../context.js";
 import { E2bHttpError } from "../errors.js";
 import { type E2bSandboxRecord, newAccessToken, newE2bSandboxId } from "../sandboxes.js";
+import { templateSnapshot } from "./templates.js";
 
 /** E2B's API default when the body names no timeout (the SDKs always send one: 300 s). */
 export const DEFAULT_TIMEOUT_S = 15;
@@ -24,22 +25,8 @@ export type CreateOpts = {
   autoPause: boolean;
 };
 
-/** The snapshot a template id names (forkd's templates are snapshot tags), or E2B's 404. */
-async function templateSnapshot(templateID: string) {
-  try {
-    return await getSnapshot(templateID);
-  } catch (err) {
-    if (isForkdError(err) && (err.code === "snapshot_not_found" || err.code === "invalid_tag"))
-      throw new E2bHttpError(
-        404,
-        `template '${templateID.slice(0, 64)}' not found (forkd's templates are its snapshot tags: forkd images)`,
-      );
-    throw err;
-  }
-}
-
 export async function createE2bSandbox(e2b: E2bContext, opts: CreateOpts): Promise<E2bSandboxRecord> {
-  const snapshot = await templateSnapshot(opts.templateID);
+  const { snapshot, alias } = await templateSnapshot(e2b, opts.templateID);
   const [child] = await forkAllOrNothing({
     tag: snapshot.tag,
     n: 1,
@@ -53,7 +40,7 @@ export async function createE2bSandbox(e2b: E2bContext, opts: CreateOpts): Promi
   const record: E2bSandboxRecord = {
     sandboxID: newE2bSandboxId(),
     templateID: snapshot.tag,
-    alias: null,
+    alias,
     clientID: CLIENT_ID,
     forkdId: child.id,
     pausedTag: null,
@@ -103,7 +90,8 @@ export async function killE2bSandbox(e2b: E2bContext, sandboxID: string): Promis
 async function removeOwnedTags(e2b: E2bContext, tags: string[]): Promise<void> {
   for (const tag of [...tags].reverse()) {
     try {
-      await removeSnapshot(tag, { force: true });
+      // Never forced: a capture a sibling still runs from (conflict) stays for its last user.
+      await removeSnapshot(tag);
     } catch (err) {
       if (isForkdError(err) && (err.code === "conflict" || err.code === "snapshot_not_found")) continue;
       e2b.log(`removing snapshot ${tag} failed: ${(err as Error).message}`);
@@ -155,6 +143,42 @@ export async function connectE2bSandbox(
     });
     if (!child) throw new E2bHttpError(500, "the resume returned no sandbox");
     return { record: await e2b.sandboxes.update(sandboxID, { forkdId: child.id, endAtMs }), resumed: true };
+  });
+}
+
+/**
+ * E2B's fork {count}: forkd's live fork-to-many (the source paused only while the
+ * pages it wrote are copied; children restored from that capture), all or nothing.
+ * Each child is a new E2B sandbox with the source's template, metadata and envVars.
+ */
+export async function forkE2bSandbox(
+  e2b: E2bContext,
+  sandboxID: string,
+  count: number,
+  timeoutS: number | undefined,
+): Promise<E2bSandboxRecord[]> {
+  return e2b.sandboxes.exclusive(sandboxID, async () => {
+    const source = e2b.sandboxes.require(sandboxID);
+    if (!source.forkdId) throw new E2bHttpError(409, `sandbox ${sandboxID} is paused; connect to it (resume) before forking`);
+    const live = await forkLiveAllOrNothing(source.forkdId, { n: count, concurrency: 4, ...e2b.deps.forkSteps(() => {}) });
+    // The durable snapshot is written after the answer, off the children's path (as forkd's own fork route does).
+    live.register().catch((err: Error) => e2b.log(`registering the fork capture ${live.tag} failed: ${err.message}`));
+    const now = Date.now();
+    const children = live.children.map(
+      (child): E2bSandboxRecord => ({
+        ...source,
+        sandboxID: newE2bSandboxId(),
+        forkdId: child.id,
+        pausedTag: null,
+        // The capture goes with the last of its children.
+        ownedTags: [live.tag],
+        envdAccessToken: newAccessToken(),
+        startedAtMs: now,
+        endAtMs: now + (timeoutS ?? DEFAULT_TIMEOUT_S) * 1000,
+      }),
+    );
+    for (const child of children) await e2b.sandboxes.put(child);
+    return children;
   });
 }
 

@@ -18,10 +18,11 @@ const ListQuery = z.looseObject({
   nextToken: z.string().max(512).optional(),
 });
 
-type Cursor = { startedAtMs: number; sandboxID: string };
+/** Where a page ended: the last item's time and id (items are sorted newest first, then by id). */
+type Cursor = { atMs: number; id: string };
 
 function signCursor(secret: Buffer, cursor: Cursor): string {
-  const payload = Buffer.from(JSON.stringify([cursor.startedAtMs, cursor.sandboxID])).toString("base64url");
+  const payload = Buffer.from(JSON.stringify([cursor.atMs, cursor.id])).toString("base64url");
   return `${payload}.${mac(secret, payload)}`;
 }
 
@@ -34,7 +35,7 @@ function verifyCursor(secret: Buffer, token: string): Cursor {
   if (expected.length !== given.length || !timingSafeEqual(expected, given)) throw bad();
   const value = JSON.parse(Buffer.from(payload, "base64url").toString("utf8")) as unknown;
   if (!Array.isArray(value) || typeof value[0] !== "number" || typeof value[1] !== "string") throw bad();
-  return { startedAtMs: value[0], sandboxID: value[1] };
+  return { atMs: value[0], id: value[1] };
 }
 
 function mac(secret: Buffer, payload: string): string {
@@ -71,21 +72,31 @@ export function listPage(
   const q = ListQuery.parse(query ?? {});
   const states = parseStates(q.state, opts.states ?? STATES);
   const metadata = parseMetadataFilter(q.metadata);
-  const limit = q.limit ?? MAX_LIMIT;
-  const after = q.nextToken ? verifyCursor(e2b.pagingSecret, q.nextToken) : undefined;
   const matching = e2b.sandboxes
     .list()
     .filter((r) => states.includes(stateOf(r)))
     .filter((r) => !q.template || r.templateID === q.template || r.alias === q.template)
     .filter((r) => metadata.every(([k, v]) => r.metadata[k] === v))
-    .sort((a, b) => b.startedAtMs - a.startedAtMs || a.sandboxID.localeCompare(b.sandboxID))
-    .filter(
-      (r) =>
-        !after ||
-        r.startedAtMs < after.startedAtMs ||
-        (r.startedAtMs === after.startedAtMs && r.sandboxID.localeCompare(after.sandboxID) > 0),
-    );
-  const items = matching.slice(0, limit);
+    .sort((a, b) => b.startedAtMs - a.startedAtMs || a.sandboxID.localeCompare(b.sandboxID));
+  return pageOf(e2b, matching, (r) => ({ atMs: r.startedAtMs, id: r.sandboxID }), q.limit, q.nextToken);
+}
+
+/** One page of `sorted` (newest first, then by id) after the token's cursor, and the token for the next. */
+export function pageOf<T>(
+  e2b: E2bContext,
+  sorted: T[],
+  cursorOf: (item: T) => Cursor,
+  limit: number | undefined,
+  nextToken: string | undefined,
+): { items: T[]; nextToken?: string } {
+  const after = nextToken ? verifyCursor(e2b.pagingSecret, nextToken) : undefined;
+  const rest = after
+    ? sorted.filter((item) => {
+        const c = cursorOf(item);
+        return c.atMs < after.atMs || (c.atMs === after.atMs && c.id.localeCompare(after.id) > 0);
+      })
+    : sorted;
+  const items = rest.slice(0, limit ?? MAX_LIMIT);
   const last = items[items.length - 1];
-  return { items, ...(matching.length > limit && last ? { nextToken: signCursor(e2b.pagingSecret, last) } : {}) };
+  return { items, ...(rest.length > items.length && last ? { nextToken: signCursor(e2b.pagingSecret, cursorOf(last)) } : {}) };
 }

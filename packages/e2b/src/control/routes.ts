@@ -8,12 +8,15 @@ import {
   connectE2bSandbox,
   createE2bSandbox,
   DEFAULT_TIMEOUT_S,
+  forkE2bSandbox,
   killE2bSandbox,
   MAX_TIMEOUT_S,
   pauseE2bSandbox,
   setE2bTimeout,
 } from "./lifecycle.js";
-import { listPage } from "./paging.js";
+import { e2bMetrics } from "./metrics.js";
+import { listPage, pageOf } from "./paging.js";
+import { createE2bSnapshot, deleteE2bTemplate, listE2bSnapshots } from "./snapshots.js";
 import { sandboxCreatedView, sandboxDetailView, sandboxListedView } from "./views.js";
 
 export type ControlPlaneDeps = { e2b: E2bContext };
@@ -47,6 +50,17 @@ const SandboxParams = z.object({ sandboxID: z.string().min(1).max(128) });
 const ConnectBody = z.looseObject({ timeout: TimeoutS.optional(), memory: z.boolean().nullish() }).nullish();
 const TimeoutBody = z.object({ timeout: TimeoutS });
 const PauseBody = z.looseObject({ memory: z.boolean().nullish() }).nullish();
+/** forkd's live fork-to-many takes at most this many children in one call (validateForkCount). */
+const MAX_FORK_COUNT = 64;
+const ForkBody = z.looseObject({ count: z.number().int().min(1).max(MAX_FORK_COUNT).optional(), timeout: TimeoutS.optional() }).nullish();
+const SnapshotBody = z.looseObject({ name: z.string().min(1).max(64).optional() }).nullish();
+const SnapshotQuery = z.looseObject({
+  sandboxID: z.string().max(128).optional(),
+  name: z.string().max(128).optional(),
+  limit: z.coerce.number().int().min(1).max(100).optional(),
+  nextToken: z.string().max(512).optional(),
+});
+const TemplateParams = z.object({ templateID: z.string().min(1).max(128) });
 
 export function registerControlPlane(app: FastifyInstance, { e2b }: ControlPlaneDeps): void {
   const create = async (body: unknown) => {
@@ -107,6 +121,32 @@ export function registerControlPlane(app: FastifyInstance, { e2b }: ControlPlane
   app.post("/sandboxes/:sandboxID/resume", async (request, reply) => {
     const { record } = await connect(request.params, request.body, true);
     return reply.code(201).send(sandboxCreatedView(record));
+  });
+
+  app.post("/sandboxes/:sandboxID/fork", async (request, reply) => {
+    const { sandboxID } = SandboxParams.parse(request.params);
+    const b = ForkBody.parse(request.body);
+    const children = await forkE2bSandbox(e2b, sandboxID, b?.count ?? 1, b?.timeout);
+    return reply.code(201).send(children.map((child) => ({ sandbox: sandboxCreatedView(child) })));
+  });
+
+  app.get("/sandboxes/:sandboxID/metrics", async (request) => e2bMetrics(e2b, SandboxParams.parse(request.params).sandboxID));
+
+  app.post("/sandboxes/:sandboxID/snapshots", async (request, reply) => {
+    const { sandboxID } = SandboxParams.parse(request.params);
+    const snap = await createE2bSnapshot(e2b, sandboxID, SnapshotBody.parse(request.body)?.name);
+    return reply.code(201).send({ snapshotID: snap.snapshotID, names: [snap.snapshotID] });
+  });
+  app.get("/snapshots", async (request, reply) => {
+    const q = SnapshotQuery.parse(request.query ?? {});
+    const all = await listE2bSnapshots(e2b, { ...(q.sandboxID ? { sandboxID: q.sandboxID } : {}), ...(q.name ? { name: q.name } : {}) });
+    const page = pageOf(e2b, all, (s) => ({ atMs: s.createdAtMs, id: s.snapshotID }), q.limit, q.nextToken);
+    if (page.nextToken) void reply.header("x-next-token", page.nextToken);
+    return page.items.map((s) => ({ snapshotID: s.snapshotID, names: [s.snapshotID] }));
+  });
+  app.delete("/templates/:templateID", async (request, reply) => {
+    await deleteE2bTemplate(e2b, TemplateParams.parse(request.params).templateID);
+    return reply.code(204).send();
   });
 
   app.post("/sandboxes/:sandboxID/pause", async (request, reply) => {

@@ -47,5 +47,7 @@ export function sandboxDetailView(r: E2bSandboxRecord) {
     allowInternetAccess: r.allowInternetAccess,
     network: { allowOut: r.allowOut, denyOut: r.denyOut },
     lifecycle: { onTimeout: r.autoPause ? "pause" : "kill", autoResume: false },
+    /** forkd's own: the sandbox under it now (changes on resume), for forkd's /v1 API and CLI. */
+    forkdSandboxID: r.forkdId,
   };
 }
