@@ -580,7 +580,7 @@ export class AgentClient {
 
   /** The filesystem as E2B's envd presents it; every entry the guest describes is checked. */
   fs<A extends FsRequest["action"]>(
-    request: DistributiveOmit<Extract<FsRequest, { action: A }>, "op">,
+    request: { action: A } & Omit<Extract<FsRequest, { action: A }>, "op" | "action">,
     opts?: CallOpts,
   ): Promise<FsAnswer[A]> {
     return this.call(
