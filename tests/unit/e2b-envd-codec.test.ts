@@ -84,7 +84,9 @@ describe("Connect envelopes", () => {
   it("Connect-Timeout-Ms is 1-10 digits and positive; the keepalive interval is clamped", () => {
     expect(parseTimeoutMs(undefined)).toBeUndefined();
     expect(parseTimeoutMs("60000")).toBe(60000);
-    for (const bad of ["0", "-1", "1e3", "12345678901", " 5", ""]) expect(codeOf(() => parseTimeoutMs(bad))).toBe("invalid_argument");
+    expect(parseTimeoutMs("1500.0")).toBe(1500); // E2B's Python SDK
+    expect(parseTimeoutMs("0.5")).toBe(1);
+    for (const bad of ["0", "0.0", "-1", "1e3", "12345678901", " 5", "", "1."]) expect(codeOf(() => parseTimeoutMs(bad))).toBe("invalid_argument");
     expect(parseKeepaliveMs("50", 1)).toBe(50_000);
     expect(parseKeepaliveMs("0", 7)).toBe(1000);
     expect(parseKeepaliveMs("999999", 7)).toBe(600_000);

@@ -235,13 +235,17 @@ export function decodeStreamRequest(body: Buffer, maxBytes = MAX_REQUEST_MESSAGE
   return parseMessage(messages[0]!.payload);
 }
 
-/** Connect-Timeout-Ms: a positive integer of at most 10 digits, or absent. */
+/**
+ * Connect-Timeout-Ms: a positive integer of at most 10 digits, or absent. A decimal
+ * fraction is taken too (rounded up): E2B's Python SDK sends seconds × 1000 as a
+ * float's text ("1500.0") when its timeout is not a whole number.
+ */
 export function parseTimeoutMs(value: string | string[] | undefined): number | undefined {
   if (value === undefined) return undefined;
-  if (typeof value !== "string" || !/^[0-9]{1,10}$/.test(value)) {
+  if (typeof value !== "string" || !/^[0-9]{1,10}(\.[0-9]{1,9})?$/.test(value)) {
     throw new ConnectError("invalid_argument", "Connect-Timeout-Ms must be a positive integer of at most 10 digits");
   }
-  const ms = Number(value);
+  const ms = Math.ceil(Number(value));
   if (ms <= 0) throw new ConnectError("invalid_argument", "Connect-Timeout-Ms must be positive");
   return ms;
 }

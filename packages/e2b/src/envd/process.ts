@@ -148,6 +148,15 @@ export type StreamCall = {
   streams: OpenStreams;
 };
 
+function checkStreamRoom({ sandbox, streams }: StreamCall): void {
+  if (streams.count(sandbox.id) >= MAX_STREAMS_PER_SANDBOX) {
+    throw new ConnectError(
+      "resource_exhausted",
+      `sandbox ${sandbox.id} already has ${MAX_STREAMS_PER_SANDBOX} streams open; close one first`,
+    );
+  }
+}
+
 /**
  * Open a stream tied to its sandbox: killed or paused, the sandbox ends it at once; its
  * deadline ends it with deadline_exceeded; keepalives flow meanwhile. `follow` does the
@@ -161,12 +170,7 @@ export function openSandboxStream(
 ): void {
   const { req, res, sandbox, streams } = call;
   const timeoutMs = parseTimeoutMs(req.headers["connect-timeout-ms"]);
-  if (streams.count(sandbox.id) >= MAX_STREAMS_PER_SANDBOX) {
-    throw new ConnectError(
-      "resource_exhausted",
-      `sandbox ${sandbox.id} already has ${MAX_STREAMS_PER_SANDBOX} streams open; close one first`,
-    );
-  }
+  checkStreamRoom(call);
   const stream = new ServerStream(res);
   const work = new AbortController();
   const deadline = new AbortController();
@@ -216,6 +220,8 @@ async function start(call: StreamCall): Promise<void> {
     throw new ConnectError("invalid_argument", "`stdin` must be a boolean");
   const user = userOf(req);
   parseTimeoutMs(req.headers["connect-timeout-ms"]);
+  // Refused before the process starts, not after: nobody would follow it.
+  checkStreamRoom(call);
   const agent = await deps.agent(sandbox.id);
   let info: ProcInfo;
   try {
