@@ -171,6 +171,60 @@ describe("a VMM's view of the host", () => {
     expect(outside.stdout).not.toContain(daemon.token);
   });
 
+  it("cannot write the staged image its siblings map: not by path, not through its own memfd, not by dropping the seals", async () => {
+    const [a, b] = (await api.listSandboxes()).filter((s) => s.state === "running");
+    const uid = Number(/^Uid:\s*(\d+)/m.exec(fs.readFileSync(`/proc/${a!.pid}/status`, "utf8"))![1]);
+    const gid = VMM_UID_BASE - 1;
+    const imagesDir = path.join(process.env.FORKD_SHM_DIR!, "images");
+    const stagedFile = path.join(imagesDir, fs.readdirSync(imagesDir).find((d) => d.startsWith("conf@"))!, "memory.bin");
+    // The child maps a sealed memfd, not the staged file.
+    const maps = fs.readFileSync(`/proc/${a!.pid}/maps`, "utf8");
+    expect(maps).toContain("/memfd:forkd-staged-image");
+    expect(maps).not.toContain(stagedFile);
+    const before = spawnSync("sha256sum", [`/proc/${a!.pid}/fd/100`], { encoding: "utf8" }).stdout.split(" ")[0];
+    // Everything an escaped QEMU (its uid, gid and mount view, its own fds) could try.
+    const attack = `
+import fcntl, json, mmap, os
+out = {}
+def attempt(name, fn):
+    try:
+        fn(); out[name] = "ALLOWED"
+    except OSError as e:
+        out[name] = e.strerror
+attempt("open staged file", lambda: os.open(${JSON.stringify(stagedFile)}, os.O_RDWR))
+fd = os.open("/proc/${a!.pid}/fd/100", os.O_RDWR)
+attempt("write", lambda: os.pwrite(fd, b"pwned", 4096))
+attempt("shared writable map", lambda: mmap.mmap(fd, 8192, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
+attempt("truncate", lambda: os.ftruncate(fd, 4096))
+attempt("fallocate", lambda: os.posix_fallocate(fd, 0, 1 << 40))
+attempt("add seals", lambda: fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE))
+m = mmap.mmap(fd, 8192, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+m[0:5] = b"mine!"
+out["private copy"] = m[0:5].decode()
+print(json.dumps(out))
+`;
+    const run = spawnSync(
+      "nsenter",
+      ["-t", String(a!.pid), "-m", "--", "setpriv", `--reuid=${uid}`, `--regid=${gid}`, `--groups=${gid}`, "--", "python3", "-c", attack],
+      { encoding: "utf8" },
+    );
+    expect(run.status, run.stderr).toBe(0);
+    const results = JSON.parse(run.stdout) as Record<string, string>;
+    for (const name of ["open staged file", "write", "shared writable map", "truncate", "fallocate", "add seals"]) {
+      expect(results[name], name).not.toBe("ALLOWED");
+    }
+    // What QEMU itself does still works: a private, copy-on-write mapping of its own.
+    expect(results["private copy"]).toBe("mine!");
+    // Outside its mount view the same uid cannot reach the staged file either.
+    const outside = spawnSync("setpriv", [`--reuid=${uid}`, `--regid=${gid}`, `--groups=${gid}`, "--", "cat", stagedFile], {
+      encoding: "utf8",
+    });
+    expect(outside.status).not.toBe(0);
+    // The bytes every child maps are unchanged, and the sibling still answers.
+    expect(spawnSync("sha256sum", [`/proc/${b!.pid}/fd/100`], { encoding: "utf8" }).stdout.split(" ")[0]).toBe(before);
+    expect((await api.exec(b!.id, { cmd: "echo alive" })).stdout.trim()).toBe("alive");
+  });
+
   it("a guest printing forever costs a bounded console, never the disk", async () => {
     const [a] = (await api.listSandboxes()).filter((s) => s.state === "running");
     const before = spawnSync("du", ["-sk", env.runDir], { encoding: "utf8" }).stdout;

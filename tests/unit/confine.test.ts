@@ -37,6 +37,16 @@ describe("VMM confinement plan", () => {
     expect(args.at(-1)).toBe("--");
   });
 
+  it("hands a child its staged image as a sealed memfd: nothing of the staging dir exposed, mem-path the inherited fd", () => {
+    const sealed: VmPlan = { ...plan, memory: { kind: "sealed", source: "/proc/4242/fd/3" } };
+    expect(exposedPaths(sealed)).toEqual(["/run/forkd/vms/sb-0123456789ab", "/var/lib/forkd/images/base/abc"]);
+    const args = launcherArgs(planConfinement(sealed, VMM_UID_BASE + 7), false);
+    expect(args.slice(args.indexOf("--memfd"), args.indexOf("--memfd") + 2)).toEqual(["--memfd", "/proc/4242/fd/3"]);
+    const qemu = buildQemuArgs(sealed).join(" ");
+    expect(qemu).toContain("memory-backend-file,id=mem,size=256M,mem-path=/proc/self/fd/100,share=off");
+    expect(qemu).not.toContain("/proc/4242");
+  });
+
   it("refuses a uid outside the reserved range, and root above all", () => {
     expect(() => planConfinement(plan, 0)).toThrow(/reserved range/);
     expect(() => planConfinement(plan, 1000)).toThrow(/reserved range/);

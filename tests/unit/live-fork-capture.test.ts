@@ -131,6 +131,21 @@ describe("the guest RAM in a VMM's memory map", () => {
     const twice = `${maps}\n7f0040000000-7f0050000000 rw-p 00000000 00:1b 548    /dev/shm/forkd/images/x@0123456789abcdef/memory.bin`;
     expect(findGuestRam(twice, 256)).toBeUndefined();
   });
+
+  it("reads a sealed staged image (a memfd named after its stage key) as that key's staged file; a name that is no key is not guest RAM", () => {
+    const sealed = maps.replace(
+      "/dev/shm/forkd/images/base@0123456789abcdef/memory.bin\n",
+      "/memfd:forkd-staged-image:base@0123456789abcdef (deleted)\n",
+    );
+    expect(findGuestRam(sealed, 256, "/dev/shm/forkd/images")).toEqual({
+      start: 0x7f0000000000,
+      pages: 65536,
+      path: "/dev/shm/forkd/images/base@0123456789abcdef/memory.bin",
+      inode: 547,
+      deleted: false,
+    });
+    expect(findGuestRam(sealed.replace("base@0123", "../x@0123"), 256, "/dev/shm/forkd/images")).toBeUndefined();
+  });
 });
 
 describe("which sources can be captured live (judgeGuestRam)", () => {

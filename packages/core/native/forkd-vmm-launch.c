@@ -5,10 +5,15 @@
 //
 //   forkd-vmm-launch [--uid N --gid G] [--groups G1,G2] [--netns PATH]
 //                    [--hide PATH]... [--expose PATH]... [--parent-pid PID] [--die-with-parent]
-//                    [--listen-unix PATH [--socket-owner UID:GID]] -- VMM ARGS...
+//                    [--listen-unix PATH [--socket-owner UID:GID]] [--memfd PATH] -- VMM ARGS...
+//
+// --memfd PATH: open PATH (/proc/HOLDER/fd/3 of a forkd-seal-image) as root, refuse it
+//   unless it is a memfd carrying every seal (write, shrink, grow, seal), and hand it
+//   to the VMM as fd 100 (QEMU's mem-path=/proc/self/fd/100): the staged image the
+//   VMM maps copy-on-write, which neither it nor anyone else can write.
 //
 // --listen-unix PATH: (for a migration stream copier) listen on a unix socket at
-//   PATH (0600, chowned to --socket-owner), write "ready\n" to stderr, accept one
+//   PATH (0600, created as --socket-owner, never chowned), write "ready\n" to stderr, accept one
 //   connection, remove PATH, and run the command with that connection as stdin.
 //   The socket belongs to this process from the start, so a forkd that dies after
 //   pointing a VMM at it leaves a copier to take the stream, never a dead listener.
@@ -31,6 +36,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mount.h>
+#include <sys/fsuid.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -39,6 +45,8 @@
 #include <unistd.h>
 
 #define MAX_PATHS 64
+#define MEMFD_TARGET_FD 100
+#define ALL_SEALS (F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)
 #define MAX_GROUPS 16
 
 static _Noreturn void die(const char *what, const char *arg) {
@@ -178,6 +186,7 @@ int main(int argc, char **argv) {
   const char *expose[MAX_PATHS];
   int nhide = 0, nexpose = 0, die_with_parent = 0;
   const char *listen_path = NULL;
+  const char *memfd_path = NULL;
   pid_t expected_parent = 0;
   uid_t sock_uid = (uid_t)-1;
   gid_t sock_gid = (gid_t)-1;
@@ -206,6 +215,7 @@ int main(int argc, char **argv) {
       if (nexpose == MAX_PATHS) usage("too many --expose");
       expose[nexpose++] = argv[++i];
     } else if (!strcmp(a, "--listen-unix")) listen_path = argv[++i];
+    else if (!strcmp(a, "--memfd")) memfd_path = argv[++i];
     else if (!strcmp(a, "--parent-pid")) expected_parent = (pid_t)parse_id(argv[++i], "--parent-pid must be a whole number above 0");
     else if (!strcmp(a, "--socket-owner")) {
       char *owner = argv[++i];
@@ -224,6 +234,7 @@ int main(int argc, char **argv) {
   for (int k = 0; k < nexpose; k++)
     if (expose[k][0] != '/') usage("--expose paths must be absolute");
   if (listen_path && listen_path[0] != '/') usage("--listen-unix path must be absolute");
+  if (memfd_path && memfd_path[0] != '/') usage("--memfd path must be absolute");
   pid_t parent = expected_parent ? expected_parent : getppid();
   // Early too (it is set again after the credentials change, which clears it): the
   // copier must not outlive its parent while it waits for the VMM to connect.
@@ -232,25 +243,75 @@ int main(int argc, char **argv) {
     if (getppid() != parent) _exit(1);
   }
   if (listen_path) {
+    // The socket goes in the VMM's own runtime dir, which that VMM's uid can change:
+    // root never resolves a name there after its parent dir is opened, and never
+    // chowns by path. The socket is bound relative to that dir with the owner's
+    // filesystem ids, so it is born theirs (0600 by the umask): nothing to chown, and
+    // no window in which a name swapped for a symlink gets a host file chowned.
+    const char *slash = strrchr(listen_path, '/');
+    const char *name = slash + 1;
     struct sockaddr_un addr;
     memset(&addr, 0, sizeof addr);
     addr.sun_family = AF_UNIX;
-    if (strlen(listen_path) >= sizeof addr.sun_path) usage("--listen-unix path too long");
-    strcpy(addr.sun_path, listen_path);
+    if (!*name || strlen(name) >= sizeof addr.sun_path) usage("--listen-unix wants a short file name in a directory");
+    strcpy(addr.sun_path, name);
+    char dir_path[4096];
+    size_t dir_len = slash == listen_path ? 1 : (size_t)(slash - listen_path);
+    if (dir_len >= sizeof dir_path) usage("--listen-unix path too long");
+    memcpy(dir_path, listen_path, dir_len);
+    dir_path[dir_len] = 0;
+    int dir = open(dir_path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (dir < 0) die("open socket dir", dir_path);
+    if (fchdir(dir)) die("enter socket dir", dir_path);
     int listener = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (listener < 0) die("socket", NULL);
     mode_t old = umask(0177);
-    if (bind(listener, (struct sockaddr *)&addr, sizeof addr)) die("bind", listen_path);
+    if (sock_uid != (uid_t)-1) {
+      setfsgid(sock_gid);
+      setfsuid(sock_uid);
+      if ((uid_t)setfsuid((uid_t)-1) != sock_uid || (gid_t)setfsgid((gid_t)-1) != sock_gid) {
+        errno = EPERM;
+        die("take the socket owner's filesystem ids", NULL);
+      }
+    }
+    int bound = bind(listener, (struct sockaddr *)&addr, sizeof addr);
+    int bind_errno = errno;
+    if (sock_uid != (uid_t)-1) {
+      setfsuid(0);
+      setfsgid(0);
+      if (setfsuid((uid_t)-1) != 0) _exit(126);
+    }
+    errno = bind_errno;
+    if (bound) die("bind", listen_path);
     umask(old);
-    if (sock_uid != (uid_t)-1 && chown(listen_path, sock_uid, sock_gid)) die("chown", listen_path);
     if (listen(listener, 1)) die("listen", listen_path);
     if (write(2, "ready\n", 6) != 6) die("write ready", NULL);
     int conn = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
     if (conn < 0) die("accept", listen_path);
     close(listener);
-    unlink(listen_path);
+    unlinkat(dir, name, 0);
+    close(dir);
+    if (chdir("/")) die("chdir", "/");
     if (dup2(conn, 0) < 0) die("dup2", NULL);
     close(conn);
+  }
+
+  if (memfd_path) {
+    // Opened as root (the holder's /proc/PID/fd is root's), checked, then inherited.
+    int fd = open(memfd_path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) die("open staged image", memfd_path);
+    int seals = fcntl(fd, F_GET_SEALS);
+    if (seals < 0) die("staged image is not a sealable memfd", memfd_path);
+    if ((seals & ALL_SEALS) != ALL_SEALS) {
+      errno = EPERM;
+      die("staged image is not sealed against writes", memfd_path);
+    }
+    if (fd == MEMFD_TARGET_FD) {
+      if (fcntl(fd, F_SETFD, 0)) die("inherit staged image", NULL);
+    } else {
+      if (dup2(fd, MEMFD_TARGET_FD) < 0) die("dup2 staged image", NULL);
+      close(fd);
+    }
   }
 
   if (netns) {

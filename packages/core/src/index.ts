@@ -68,7 +68,7 @@ export { connectSandbox, expireSandboxes, getSandbox, killSandbox, listSandboxes
 export { physicalBytes, type SnapshotDetails, snapshotDetails, stageSnapshot } from "./store/chains.js";
 export { poolSettings } from "./store/pools.js";
 export { getSnapshot, listSnapshots } from "./store/snapshots.js";
-export { stagedPath } from "./store/staging.js";
+export { sealedSource, stagedPath } from "./store/staging.js";
 export { branches, staged } from "./store/state.js";
 export { parseAccel } from "./vmm/accel.js";
 export { type Accel, runtimePaths, validateResources } from "./vmm/plan.js";
@@ -85,6 +85,7 @@ export { deviceSplice, ramSectionId, spliceDevices } from "./branch/vmstate.js";
 export { shmDir, snapshotsDir, vmsRunDir } from "./common/config.js";
 export { ensurePrivateDir, parentDirVerdict, privateDirVerdict } from "./common/dirs.js";
 export { type FaultStep, faultPoint } from "./common/fault.js";
+export { readVmmFile, writeVmmFile } from "./common/fsutil.js";
 export { isAlive, withPidLock } from "./common/pid.js";
 export { clientSocketPath, SETTINGS, settingsMarkdown } from "./common/settings.js";
 export { UndoStack, withTeardownFailures } from "./common/undo.js";
@@ -152,7 +153,7 @@ export {
 } from "./store/state-rules.js";
 export { accelFromHost } from "./vmm/accel.js";
 export { capturePagesPath, findGuestRam } from "./vmm/capture-pages.js";
-export { exposedPaths, hiddenPaths, launcherArgs, planConfinement, VMM_GID, VMM_UID_BASE } from "./vmm/confine.js";
+export { exposedPaths, hiddenPaths, launcherArgs, launcherPath, planConfinement, VMM_GID, VMM_UID_BASE } from "./vmm/confine.js";
 export { buildQemuArgs, guestAppend, type VmPlan } from "./vmm/plan.js";
-export { runDirUid } from "./vmm/process.js";
+export { keepFromVmms, keepLogs, runDirUid } from "./vmm/process.js";
 export { MAX_QMP_EVENTS_PER_SECOND, MAX_QMP_LINE_CHARS, type QmpEvent } from "./vmm/qmp.js";

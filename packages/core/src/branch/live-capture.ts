@@ -14,6 +14,7 @@ import path from "node:path";
 import { shmDir } from "../common/config.js";
 import { ForkdError } from "../common/errors.js";
 import { faultPoint } from "../common/fault.js";
+import { readVmmFile } from "../common/fsutil.js";
 import { UndoStack, withTeardownFailures } from "../common/undo.js";
 import { getSandbox } from "../sandbox/lifecycle.js";
 import { type CaptureSource, offerCapture } from "../sandbox/offered-captures.js";
@@ -69,6 +70,9 @@ export function judgeGuestRam(
   return { ok: true, restage: ram.deleted || opts.currentInode !== ram.inode };
 }
 
+/** A microvm's device state (no RAM) is tens of KiB; anything near this is not QEMU's. */
+const MAX_DEVICE_STATE_BYTES = 64 * 1024 * 1024;
+
 export type MappedImage = {
   /** The snapshot whose staged image the source maps (not always its own tag: a child of a live capture maps its grandparent's). */
   snapshot: SnapshotInfo;
@@ -87,8 +91,8 @@ function readMaps(pid: number): string {
 
 async function inspectSource(sourceId: string): Promise<{ verdict: LiveCaptureVerdict; ram?: GuestRam; snapshot?: SnapshotInfo }> {
   const row = getSandbox(sourceId);
-  const ram = findGuestRam(readMaps(row.pid), row.memory_mib);
   const imagesDir = path.join(shmDir(), "images");
+  const ram = findGuestRam(readMaps(row.pid), row.memory_mib, imagesDir);
   const tag = ram ? (path.basename(path.dirname(ram.path)).split("@")[0] ?? "") : "";
   const snapshot = tag ? await getSnapshot(tag).catch(() => undefined) : undefined;
   const currentInode = ram
@@ -194,9 +198,22 @@ export async function captureLive(sourceId: string, tag: string, opts: { started
     try {
       ({ pauseMs, capturedPages } = await pauseAndCopy(row.run_dir, tag, devicesPath, capture));
       faultPoint("branch.live-captured");
-      const devices = await fsp.readFile(devicesPath);
+      // QEMU wrote it in its own runtime dir: read once, without following a link
+      // there, and handed on from a copy of root's, never from that path again.
+      const devices = await readVmmFile(devicesPath, MAX_DEVICE_STATE_BYTES);
+      if (!devices) {
+        throw new ForkdError(
+          "invalid_state",
+          `the device state ${sourceId}'s VMM saved is not a plain file of at most ${MAX_DEVICE_STATE_BYTES} bytes`,
+          {
+            id: sourceId,
+          },
+        );
+      }
+      const devicesCopy = path.join(captureDir, "capture.devices");
+      await fsp.writeFile(devicesCopy, devices, { mode: 0o600 });
       // The children's stream: the snapshot's start, the written pages, the source's devices.
-      await capture.finish(devicesPath, deviceSplice(prefix, devices));
+      await capture.finish(devicesCopy, deviceSplice(prefix, devices));
       // The durable snapshot's stream has no pages (its memory image holds them).
       await fsp.writeFile(path.join(work, "vmstate.bin"), spliceDevices(prefix, devices), { mode: 0o600 });
     } finally {

@@ -9,10 +9,12 @@ import fsp from "node:fs/promises";
 import path from "node:path";
 import { branchAbandoned, recoverBranches } from "../branch/branch.js";
 import { forkdRunDir, shmDir, snapshotsDir, vmsRunDir } from "../common/config.js";
+import { readVmmFile } from "../common/fsutil.js";
 import { isAlive } from "../common/pid.js";
 import { hubDir } from "../hub/download.js";
 import { removeEgressNamespace, removeSandboxEgress, sandboxEgressUids } from "../net/netns.js";
 import { abandonStartingSandbox, expireSandboxes, reapSandbox, sandboxAlive, startingOwned } from "../sandbox/lifecycle.js";
+import { removeStaleHolderRecords } from "../store/sealed-images.js";
 import { listSnapshots, tagDir } from "../store/snapshots.js";
 import { stageKey } from "../store/staging.js";
 import { branches, sandboxes, staged } from "../store/state.js";
@@ -98,10 +100,10 @@ export async function cleanup(opts: { dryRun?: boolean } = {}): Promise<CleanupR
     if (owner === true) continue; // a VM its maker is still starting or running (`forkd run`, a snapshot parent)
     if (owner === undefined) {
       // A dir from before owners were recorded: judged by its QEMU and its age.
-      const pid = Number((await fsp.readFile(runtimePaths(dir).pidfile, "utf8").catch(() => "")).trim());
+      const pid = Number(((await readVmmFile(runtimePaths(dir).pidfile, 32)) ?? "").toString().trim());
       if (Number.isInteger(pid) && pid > 0 && isOurVmm(pid, dir)) continue;
       const stat = await fsp.stat(dir).catch(() => undefined);
-      if (stat && Date.now() - stat.mtimeMs < 60_000 && !(await fsp.readFile(runtimePaths(dir).pidfile).catch(() => undefined))) {
+      if (stat && Date.now() - stat.mtimeMs < 60_000 && !(await readVmmFile(runtimePaths(dir).pidfile, 32))) {
         continue; // just created; QEMU has not written its pid file yet
       }
     } else if (act) {
@@ -113,6 +115,8 @@ export async function cleanup(opts: { dryRun?: boolean } = {}): Promise<CleanupR
   }
   if (!act) return { ...report, strayTempDirs: await strayTempDirs(), strayStaged: await strayStaged(false) };
   await releaseStaleUids();
+  // A holder exits once its staged file is gone; its record is then stale.
+  await removeStaleHolderRecords();
   for (const uid of await sandboxEgressUids().catch(() => [])) {
     if (fs.existsSync(path.join(forkdRunDir(), "uids", String(uid)))) continue;
     await removeSandboxEgress(uid);

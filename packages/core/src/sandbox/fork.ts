@@ -1,7 +1,6 @@
 // Fork: restore N children copy-on-write from a snapshot, each its own QEMU.
 import { randomBytes } from "node:crypto";
 import fs from "node:fs";
-import fsp from "node:fs/promises";
 import os from "node:os";
 import { ForkdError } from "../common/errors.js";
 import { faultPoint } from "../common/fault.js";
@@ -13,7 +12,7 @@ import { type EgressPolicy, isEmptyPolicy, parseEgressPolicy, policyView } from 
 import { stageSnapshot } from "../store/chains.js";
 import { pooledRows } from "../store/pools.js";
 import { getSnapshot, type SnapshotInfo } from "../store/snapshots.js";
-import { holdStaged, stageKey } from "../store/staging.js";
+import { holdStaged, sealedSource, stageKey } from "../store/staging.js";
 import { sandboxes } from "../store/state.js";
 import { runtimePaths, type VmPlan } from "../vmm/plan.js";
 import {
@@ -23,6 +22,7 @@ import {
   makeRunDir,
   newSandboxId,
   processStartTime,
+  qemuLogTail,
   removeRunDir,
   runDirUid,
   saveConsole,
@@ -135,7 +135,9 @@ export async function forkSandboxes(opts: ForkOpts): Promise<ForkChildResult[]> 
 }
 
 async function forkStaged(snapshot: SnapshotInfo, n: number, opts: ForkOpts, policy: EgressPolicy): Promise<ForkChildResult[]> {
-  const memoryPath = opts.from?.memoryPath ?? (await stageSnapshot(snapshot));
+  const stagedFile = opts.from?.memoryPath ?? (await stageSnapshot(snapshot));
+  // Children map the staged image's sealed memfd copy, which no VMM can write.
+  const memory: VmPlan["memory"] = { kind: "sealed", source: await sealedSource(stagedFile) };
   const netns = await ensureEgressNamespace();
   const concurrency = Math.max(1, Math.min(opts.concurrency ?? defaultRestoreConcurrency(), n));
   const results: ForkChildResult[] = new Array(n);
@@ -144,7 +146,7 @@ async function forkStaged(snapshot: SnapshotInfo, n: number, opts: ForkOpts, pol
     while (next < n) {
       const index = next++;
       opts.signal?.throwIfAborted();
-      const result = await restoreChild(snapshot, memoryPath, opts, { policy, netns });
+      const result = await restoreChild(snapshot, memory, opts, { policy, netns });
       results[index] = result;
       opts.onChild?.(result);
     }
@@ -178,7 +180,7 @@ export function planRestore(
 
 async function restoreChild(
   snapshot: SnapshotInfo,
-  memoryPath: string,
+  memory: VmPlan["memory"],
   opts: ForkOpts,
   egress: { policy: EgressPolicy; netns: string | undefined },
 ): Promise<ForkChildResult> {
@@ -187,7 +189,7 @@ async function restoreChild(
   // Whatever this child holds is given back newest first if it fails, every step even if one throws.
   const undo = new UndoStack();
   undo.push("remove the runtime dir", () => removeRunDir(runDir));
-  const plan = planRestore(snapshot, { runDir, memory: { kind: "file", path: memoryPath, share: false }, network: opts.network ?? true });
+  const plan = planRestore(snapshot, { runDir, memory, network: opts.network ?? true });
   const uid = runDirUid(runDir);
   const mode = plan.network === "user" ? (egress.netns ? "public" : "unfiltered") : "none";
   let pid: number | undefined;
@@ -261,7 +263,7 @@ async function restoreChild(
     });
     sandboxes.setCgroup(id, cgroup ?? null);
     const exited = launched.exited.then(async ({ code, signal }) => {
-      const log = await fsp.readFile(runtimePaths(runDir).qemuLog, "utf8").catch(() => "");
+      const log = await qemuLogTail(runDir);
       throw new ForkdError(
         "vm_start_failed",
         `QEMU exited (${signal ?? `code ${code}`}) during restore: ${log.trim().slice(-1500) || "no output"}`,

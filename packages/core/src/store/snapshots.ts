@@ -12,7 +12,7 @@ import { exists, fsyncDir, readJson, sha256File, writeFileAtomic } from "../comm
 import { validateName } from "../common/validate.js";
 import { imageFiles } from "../guest/image.js";
 import type { Accel, MachineProfile } from "../vmm/plan.js";
-import { shareWithVmms } from "../vmm/process.js";
+import { keepFromVmms } from "../vmm/process.js";
 import { PAGE_BYTES, pagemapBytes, writeDiffLayer } from "./layers.js";
 import { enforceStageBudget, rememberVerified, stagedPath, stageKey } from "./staging.js";
 import { type BranchRow, branches, staged } from "./state.js";
@@ -143,6 +143,9 @@ export async function registerSnapshot(opts: RegisterOpts): Promise<SnapshotInfo
   const { work, stageWork, base } = opts;
   const memoryPath = path.join(stageWork, "memory.bin");
   const vmstatePath = path.join(work, "vmstate.bin");
+  // The parent or materialiser wrote it as its own uid, in a dir it was given: taken
+  // back before anything reads it, so no link a VMM left there is followed.
+  keepFromVmms(memoryPath);
   const memorySha256 = await sha256File(memoryPath);
   let layer: SnapshotManifest["layer"];
   if (opts.diffFrom) {
@@ -190,8 +193,7 @@ export async function registerSnapshot(opts: RegisterOpts): Promise<SnapshotInfo
   }
   await fsyncDir(snapshotsDir());
   faultPoint("register.committed");
-  // The RAM file is already on shmem: it becomes the staged image.
-  shareWithVmms(memoryPath);
+  // The RAM file is already on shmem (root's since the top): it becomes the staged image.
   // Hashed above by us: forks from this process need not hash it again.
   await rememberVerified(memoryPath, memorySha256);
   const finalStage = path.dirname(stagedPath(manifest));

@@ -12,8 +12,8 @@ import { ensureStagingDir } from "../common/dirs.js";
 import { ForkdError } from "../common/errors.js";
 import { sha256File } from "../common/fsutil.js";
 import { isAlive } from "../common/pid.js";
-import { confinementEnabled, VMM_GID } from "../vmm/confine.js";
-import { shareWithVmms } from "../vmm/process.js";
+import { keepFromVmms } from "../vmm/process.js";
+import { sealedStagedImage } from "./sealed-images.js";
 import { type StagedRow, sandboxes, staged } from "./state.js";
 
 /** What staging needs to know of a snapshot. */
@@ -69,15 +69,10 @@ async function checkStaged(file: string, snapshot: VerifiableSnapshot): Promise<
   const euid = BigInt(process.geteuid?.() ?? 0);
   if (!st.isFile()) return { ok: false, missing: false, why: "is not a regular file" };
   if (st.uid !== euid) return { ok: false, missing: false, why: `is owned by uid ${st.uid}` };
-  // Confined VMMs open it read-write through their group (QEMU 7.2 insists, even for a
-  // private mapping); anyone else writing it, or a stranger group, is tampering.
-  const writableBy = confinementEnabled() ? 0o002n : 0o222n;
-  if ((st.mode & writableBy) !== 0n || (confinementEnabled() && st.gid !== BigInt(VMM_GID))) {
-    return {
-      ok: false,
-      missing: false,
-      why: `is writable or has a foreign group (mode ${(st.mode & 0o7777n).toString(8)}, gid ${st.gid})`,
-    };
+  // Children map a sealed memfd copy (sealed-images.ts), never this file: nobody but
+  // forkd has any business reading it, and nobody, forkd included, writes it.
+  if ((st.mode & 0o277n) !== 0n) {
+    return { ok: false, missing: false, why: `is writable or open to others (mode ${(st.mode & 0o7777n).toString(8)})` };
   }
   if (st.size !== BigInt(snapshot.sizes.memoryBytes)) {
     return { ok: false, missing: false, why: `is ${st.size} bytes, not the ${snapshot.sizes.memoryBytes} recorded` };
@@ -107,7 +102,7 @@ async function stageFromStore(snapshot: VerifiableSnapshot, target: string): Pro
     const copy = path.join(temp, "memory.bin");
     if (snapshot.assemble) await snapshot.assemble(copy);
     else await fsp.copyFile(snapshot.memoryPath, copy, fs.constants.COPYFILE_FICLONE);
-    shareWithVmms(copy);
+    keepFromVmms(copy);
     // Hashing the copy checks the durable bytes and the copy at once: what children map is what was hashed.
     const sha256 = await sha256File(copy);
     if (sha256 !== snapshot.memorySha256) throw integrityError(snapshot, `has sha256 ${sha256.slice(0, 16)}…`);
@@ -162,6 +157,18 @@ export async function ensureStaged(snapshot: VerifiableSnapshot): Promise<string
   staged.upsert({ key, tag: snapshot.tag, path: target, bytes: stat.blocks * 512, last_used_ms: Date.now() });
   await enforceStageBudget(key);
   return target;
+}
+
+/**
+ * What children map for a staged image: its sealed memfd copy (the path the root
+ * launcher opens). The file was verified by ensureStaged in this process, so its
+ * digest is known by identity; one staged elsewhere is hashed here first.
+ */
+export async function sealedSource(stagedFile: string): Promise<string> {
+  const { key, identity } = identityOf(await fsp.lstat(stagedFile, { bigint: true }));
+  const known = verified.get(key);
+  const sha256 = known?.identity === identity ? known.sha256 : await sha256File(stagedFile);
+  return sealedStagedImage(stagedFile, sha256);
 }
 
 /**

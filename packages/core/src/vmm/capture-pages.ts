@@ -16,11 +16,17 @@ export function capturePagesPath(): string {
 
 export type GuestRam = { start: number; pages: number; path: string; inode: number; deleted: boolean };
 
+/** How forkd-seal-image names its memfd: this prefix, then the stage key of the image it copies. */
+const SEALED_NAME = "/memfd:forkd-staged-image:";
+
 /**
  * The guest RAM mapping in a VMM's /proc/PID/maps text: the one private mapping of
- * exactly the guest's size backed by a memory image (pure, for tests).
+ * exactly the guest's size backed by a memory image (pure, for tests). A sealed
+ * staged image (a memfd named after its stage key) stands for the staged file of
+ * that key under `imagesDir`: the seals keep its bytes that file's, so `deleted`
+ * only says whether the file must be staged again.
  */
-export function findGuestRam(maps: string, memoryMib: number): GuestRam | undefined {
+export function findGuestRam(maps: string, memoryMib: number, imagesDir = "/nonexistent"): GuestRam | undefined {
   const size = memoryMib * 2 ** 20;
   const found: GuestRam[] = [];
   for (const line of maps.split("\n")) {
@@ -30,7 +36,14 @@ export function findGuestRam(maps: string, memoryMib: number): GuestRam | undefi
     const end = Number.parseInt(m[2]!, 16);
     const deleted = m[6]!.endsWith(" (deleted)");
     const file = deleted ? m[6]!.slice(0, -" (deleted)".length) : m[6]!;
-    if (end - start !== size || m[3] !== "rw-p" || Number.parseInt(m[4]!, 16) !== 0 || !file.endsWith("/memory.bin")) continue;
+    if (end - start !== size || m[3] !== "rw-p" || Number.parseInt(m[4]!, 16) !== 0) continue;
+    const sealedKey = file.startsWith(SEALED_NAME) ? file.slice(SEALED_NAME.length) : undefined;
+    if (sealedKey !== undefined) {
+      if (!/^[A-Za-z0-9._-]+@[0-9a-f]+$/.test(sealedKey)) continue;
+      found.push({ start, pages: size / 4096, path: `${imagesDir}/${sealedKey}/memory.bin`, inode: Number(m[5]), deleted: false });
+      continue;
+    }
+    if (!file.endsWith("/memory.bin")) continue;
     found.push({ start, pages: size / 4096, path: file, inode: Number(m[5]), deleted });
   }
   return found.length === 1 ? found[0] : undefined;

@@ -14,7 +14,7 @@ import type { VmPlan } from "./plan.js";
 /** uids handed to VMMs: no account needed, above the ranges distributions and container tools hand out. */
 export const VMM_UID_BASE = 2_013_265_920;
 export const VMM_UID_COUNT = 65_536;
-/** The group every VMM has: images and staged memory are readable (and the latter writable, see README) through it. */
+/** The group every VMM has: images are readable through it (staged memory reaches a VMM only as a sealed memfd). */
 export const VMM_GID = VMM_UID_BASE - 1;
 
 export type Confinement = {
@@ -26,6 +26,8 @@ export type Confinement = {
   netns?: string;
   hide: string[];
   expose: string[];
+  /** A sealed staged image to hand over (the holder's /proc/PID/fd/3). */
+  memfd?: string;
 };
 
 /** Off only when asked: FORKD_CONFINE=off (the doctor then reports a failed check). */
@@ -63,6 +65,7 @@ export function planConfinement(plan: VmPlan, uid: number, opts: { netns?: strin
     ...(opts.netns ? { netns: opts.netns } : {}),
     hide: hiddenPaths(),
     expose: exposedPaths(plan),
+    ...(plan.memory.kind === "sealed" ? { memfd: plan.memory.source } : {}),
   };
 }
 
@@ -72,6 +75,7 @@ export function launcherArgs(c: Confinement, dieWithParent: boolean, parentPid =
   if (c.netns) args.push("--netns", c.netns);
   for (const p of c.hide) args.push("--hide", p);
   for (const p of c.expose) args.push("--expose", p);
+  if (c.memfd) args.push("--memfd", c.memfd);
   if (dieWithParent) args.push("--parent-pid", String(parentPid), "--die-with-parent");
   args.push("--");
   return args;

@@ -9,7 +9,17 @@ type MemoryBacking =
   /** Private anonymous RAM: a throwaway VM. */
   | { kind: "anon" }
   /** RAM in a file: share=true for a parent whose RAM becomes the snapshot, false for a copy-on-write child. */
-  | { kind: "file"; path: string; share: boolean };
+  | { kind: "file"; path: string; share: boolean }
+  /**
+   * A copy-on-write child of a staged image held as a sealed memfd (forkd-seal-image):
+   * `source` is the holder's /proc/PID/fd/3, which the launcher opens as root, checks
+   * and hands to QEMU as fd SEALED_MEMORY_FD. QEMU 7.2 opens mem-path read-write even
+   * for share=off; the seals, not file modes, are what keep every VMM from writing it.
+   */
+  | { kind: "sealed"; source: string };
+
+/** The fd a sealed staged image has in its VMM (forkd-vmm-launch's MEMFD_TARGET_FD). */
+const SEALED_MEMORY_FD = 100;
 
 export type VmPlan = {
   accel: Accel;
@@ -173,6 +183,13 @@ export function buildQemuArgs(plan: VmPlan): string[] {
     args.push(
       "-object",
       `memory-backend-file,id=mem,size=${size},mem-path=${plan.memory.path},share=${plan.memory.share ? "on" : "off"}`,
+      "-numa",
+      "node,memdev=mem",
+    );
+  } else if (plan.memory.kind === "sealed") {
+    args.push(
+      "-object",
+      `memory-backend-file,id=mem,size=${size},mem-path=/proc/self/fd/${SEALED_MEMORY_FD},share=off`,
       "-numa",
       "node,memdev=mem",
     );

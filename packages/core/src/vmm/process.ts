@@ -7,6 +7,7 @@ import path from "node:path";
 import { forkdRunDir, qemuBinary, vmsRunDir } from "../common/config.js";
 import { ensurePrivateDir, ensureRuntimeDir } from "../common/dirs.js";
 import { ForkdError } from "../common/errors.js";
+import { readVmmFile, readVmmFileSync, writeVmmFile } from "../common/fsutil.js";
 import { isAlive, procStatFields } from "../common/pid.js";
 import {
   confinementEnabled,
@@ -56,12 +57,9 @@ const OWNER_FILE = "owner";
  * worst it can do is keep its dir from being removed after it died.)
  */
 export function runDirOwnerAlive(runDir: string): boolean | undefined {
-  let text: string;
-  try {
-    text = fs.readFileSync(path.join(runDir, OWNER_FILE), "utf8");
-  } catch {
-    return undefined;
-  }
+  const bytes = readVmmFileSync(path.join(runDir, OWNER_FILE), 64);
+  if (bytes === undefined) return undefined;
+  const text = bytes.toString("utf8");
   const [pid, start] = text.trim().split(" ");
   return sameProcess(Number(pid), start ?? "");
 }
@@ -197,22 +195,42 @@ function requireRoot(): void {
 }
 
 /**
- * Make a staged memory image usable by every VMM and owned by forkd again (a
- * snapshot parent or materialiser wrote it as its own uid). QEMU 7.2 opens a
- * memory-backend-file read-write even for a private (copy-on-write) mapping, so
- * the VMM group may write it: see the security model in the README.
+ * Take a staged memory image back from the VMM that wrote it (a snapshot parent or
+ * a materialiser, as its own uid): root's, read-only, in a dir only root enters.
+ * Children never open it: they map its sealed memfd copy (store/sealed-images.ts),
+ * since QEMU 7.2 opens mem-path read-write even for a private mapping.
  */
-export function shareWithVmms(file: string): void {
+export function keepFromVmms(file: string): void {
   const dir = path.dirname(file);
   const owner = process.geteuid?.() ?? 0;
-  if (!confinementEnabled()) {
-    fs.chmodSync(file, 0o444);
-    return;
+  const group = process.getegid?.() ?? 0;
+  // The dir first (root made it, in root's staging dir: it is no link): once it is
+  // root's 0700 no VMM can change what its names point to. Then the file, by
+  // descriptor, and only a plain file with one name: a VMM that put a symlink or a
+  // hard link to a host file there gets neither that file chowned nor its bytes taken.
+  const dirStat = fs.lstatSync(dir);
+  if (!dirStat.isDirectory()) throw new ForkdError("integrity_failed", `${dir} is not a directory`);
+  fs.chownSync(dir, owner, group);
+  fs.chmodSync(dir, 0o700);
+  let fd: number;
+  try {
+    fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK);
+  } catch (err) {
+    throw new ForkdError(
+      "integrity_failed",
+      `the memory image ${file} a VMM wrote cannot be opened as a plain file: ${(err as Error).message}`,
+    );
   }
-  fs.chownSync(dir, owner, VMM_GID);
-  fs.chmodSync(dir, 0o750);
-  fs.chownSync(file, owner, VMM_GID);
-  fs.chmodSync(file, 0o660);
+  try {
+    const st = fs.fstatSync(fd);
+    if (!st.isFile() || st.nlink !== 1) {
+      throw new ForkdError("integrity_failed", `the memory image ${file} a VMM wrote is not a plain file with one name`);
+    }
+    fs.fchownSync(fd, owner, group);
+    fs.fchmodSync(fd, 0o400);
+  } finally {
+    fs.closeSync(fd);
+  }
 }
 
 /** Give the VMM of `runDir` a file or dir it must write (a snapshot parent's memory file, say). */
@@ -241,7 +259,12 @@ export function launchQemu(opts: LaunchOpts): Launched {
     throw new ForkdError("missing_dependency", `${binary} not found; install QEMU with: apt-get install qemu-system-x86 qemu-utils`);
   }
   const args = buildQemuArgs(plan);
-  const log = fs.openSync(paths.qemuLog, "a", 0o600);
+  // The runtime dir is the VMM's: never append through a link someone left there.
+  const log = fs.openSync(
+    paths.qemuLog,
+    fs.constants.O_WRONLY | fs.constants.O_APPEND | fs.constants.O_CREAT | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK,
+    0o600,
+  );
   // Sockets QEMU creates must be 0600: the umask is inherited at spawn and restored right after.
   const oldUmask = process.umask(0o077);
   let child: ReturnType<typeof spawn>;
@@ -262,6 +285,7 @@ export function launchQemu(opts: LaunchOpts): Launched {
         ? launcherArgs(planConfinement(plan, uid, { kvmGid: kvmGroup(), ...(opts.netns ? { netns: opts.netns } : {}) }), opts.dieWithParent)
         : [
             ...(opts.netns ? ["--netns", opts.netns] : []),
+            ...(plan.memory.kind === "sealed" ? ["--memfd", plan.memory.source] : []),
             ...(opts.dieWithParent ? ["--parent-pid", String(process.pid), "--die-with-parent"] : []),
             "--",
           ];
@@ -380,7 +404,7 @@ export async function saveConsole(qmp: QmpClient | undefined, runDir: string): P
   if (!qmp || qmp.isClosed) return;
   try {
     const text = await qmp.execute("ringbuf-read", { device: "console", size: CONSOLE_RING_BYTES, format: "utf8" }, { timeoutMs: 2000 });
-    await fsp.writeFile(runtimePaths(runDir).console, text, { mode: 0o600 });
+    if (typeof text === "string") await writeVmmFile(runtimePaths(runDir).console, text);
   } catch {
     // QEMU is gone or wedged: there is no console to keep
   }
@@ -392,18 +416,28 @@ export async function keepLogs(id: string, runDir: string): Promise<string | und
   try {
     ensureRuntimeDir();
     ensurePrivateDir(logsDir, { kind: "runtime dir (FORKD_RUN_DIR)" });
+    // Both files lie in the VMM's own dir: read without following links, at most the ring's size.
     const consoleLog = path.join(logsDir, `${id}.console.log`);
-    await fsp.copyFile(runtimePaths(runDir).console, consoleLog).catch(() => fsp.writeFile(consoleLog, ""));
-    await fsp.copyFile(runtimePaths(runDir).qemuLog, path.join(logsDir, `${id}.qemu.log`)).catch(() => {});
+    await fsp.writeFile(consoleLog, (await readVmmFile(runtimePaths(runDir).console, CONSOLE_RING_BYTES)) ?? "", { mode: 0o600 });
+    const qemuLog = await readVmmFile(runtimePaths(runDir).qemuLog, KEPT_QEMU_LOG_BYTES);
+    if (qemuLog) await fsp.writeFile(path.join(logsDir, `${id}.qemu.log`), qemuLog, { mode: 0o600 });
     return consoleLog;
   } catch {
     return undefined;
   }
 }
 
+/** What QEMU's own log may hold that forkd keeps or quotes: its last 64 KiB. */
+const KEPT_QEMU_LOG_BYTES = 64 * 1024;
+
+/** The end of a VM's QEMU log (stdout and stderr), for an error message; empty when it is not a plain file. */
+export async function qemuLogTail(runDir: string, maxBytes = 4096): Promise<string> {
+  return ((await readVmmFile(runtimePaths(runDir).qemuLog, maxBytes)) ?? Buffer.alloc(0)).toString("utf8");
+}
+
 export async function raceExit<T>(work: Promise<T>, launched: Launched, runDir: string): Promise<T> {
   const exited = launched.exited.then(async ({ code, signal }) => {
-    const log = await fsp.readFile(runtimePaths(runDir).qemuLog, "utf8").catch(() => "");
+    const log = await qemuLogTail(runDir);
     throw new ForkdError(
       "vm_start_failed",
       `QEMU exited (${signal ?? `code ${code}`}) before the guest was up: ${log.trim().slice(-1500) || "no output"}; console log: ${runtimePaths(runDir).console}`,

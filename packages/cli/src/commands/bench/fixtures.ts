@@ -15,6 +15,7 @@ import {
   QmpClient,
   removeRunDir,
   runtimePaths,
+  sealedSource,
   stageSnapshot,
   Vm,
 } from "@forkd/core";
@@ -34,11 +35,11 @@ export async function coldBootsMs(runs: number, image: string, accel: "kvm" | "t
 /** PSS of a QEMU started exactly like a child (same flags, same memory file) but with no guest running. */
 export async function vmmFloorBytes(tag: string): Promise<number> {
   const snapshot = await getSnapshot(tag);
-  const memoryPath = await stageSnapshot(snapshot);
+  const source = await sealedSource(await stageSnapshot(snapshot));
   const id = newSandboxId();
   const runDir = await makeRunDir(id);
   const launched = launchQemu({
-    plan: planRestore(snapshot, { runDir, memory: { kind: "file", path: memoryPath, share: false }, network: true }),
+    plan: planRestore(snapshot, { runDir, memory: { kind: "sealed", source }, network: true }),
     dieWithParent: true,
   });
   try {
