@@ -2,10 +2,14 @@
 // references, the http rule, WWW-Authenticate challenges, docker's config.json
 // credentials, and hub index shapes.
 import fs from "node:fs";
+import http from "node:http";
+import type { AddressInfo } from "node:net";
 import os from "node:os";
 import path from "node:path";
 import {
+  checkRedirect,
   ForkdError,
+  fetchFollowing,
   parseChallenges,
   parsePullSource,
   parseRegistryRef,
@@ -188,5 +192,81 @@ describe("documents from the network", () => {
     expect(refusal(() => validateOciManifest(ref, { schemaVersion: 2, config, layers: [{ ...layer, annotations: {} }] })).message).toMatch(
       /title/,
     );
+    // Sizes and counts are bounded before anything is fetched.
+    expect(refusal(() => validateOciManifest(ref, { schemaVersion: 2, config, layers: [{ ...layer, size: -1 }] })).message).toMatch(
+      /declares -1/,
+    );
+    expect(
+      refusal(() => validateOciManifest(ref, { schemaVersion: 2, config: { ...config, size: 2 ** 30 }, layers: [layer] })).message,
+    ).toMatch(/index is \d+ bytes/);
+    expect(refusal(() => validateOciManifest(ref, { schemaVersion: 2, config, layers: Array(4097).fill(layer) })).message).toMatch(
+      /4097 layers \(at most 4096\)/,
+    );
+  });
+});
+
+describe("where a registry may redirect a download", () => {
+  // A public registry's name, resolved by the test: no DNS, nothing leaves this machine.
+  const names: Record<string, string[]> = {
+    "registry.example": ["203.0.113.10"],
+    "cdn.example": ["198.51.100.7", "2001:db8::7"],
+    "sneaky.example": ["198.51.100.8", "10.1.2.3"],
+    "in-house.example": ["10.0.0.2"],
+  };
+  const resolve = async (host: string) => names[host] ?? [host.replace(/^\[|\]$/g, "")];
+  const at = (u: string) => new URL(u);
+
+  it("lets a public registry send forkd to another public host", async () => {
+    await expect(
+      checkRedirect(at("https://registry.example/v2/"), at("https://cdn.example/blob"), "pull", resolve),
+    ).resolves.toBeUndefined();
+  });
+
+  it("refuses loopback, link-local (cloud metadata), private, ULA and names resolving to any of them", async () => {
+    for (const target of [
+      "http://127.0.0.1:5000/x",
+      "http://169.254.169.254/latest/meta-data/",
+      "http://192.168.1.1/",
+      "http://[::1]:8080/",
+      "http://[fd00::1]/",
+      "http://[::ffff:127.0.0.1]/",
+      "https://sneaky.example/blob",
+    ]) {
+      const err = await checkRedirect(at("https://registry.example/v2/"), at(target), "pull", resolve).catch((e: unknown) => e);
+      expect(err, target).toBeInstanceOf(ForkdError);
+      expect((err as ForkdError).message, target).toMatch(/redirected to .*loopback, private or link-local address; refused/);
+    }
+  });
+
+  it("lets a registry that is itself local or in-house redirect anywhere", async () => {
+    await expect(checkRedirect(at("http://127.0.0.1:5000/v2/"), at("http://127.0.0.1:5001/b"), "pull", resolve)).resolves.toBeUndefined();
+    await expect(checkRedirect(at("https://in-house.example/v2/"), at("http://10.9.9.9/b"), "pull", resolve)).resolves.toBeUndefined();
+  });
+
+  it("checks every hop of a real download (local servers): a loopback source may redirect to loopback, a public one may not", async () => {
+    const target = http.createServer((_req, res) => res.end("the blob"));
+    const source = http.createServer((_req, res) => {
+      res.writeHead(302, { location: `http://127.0.0.1:${(target.address() as AddressInfo).port}/blob` });
+      res.end();
+    });
+    await new Promise<void>((r) => target.listen(0, "127.0.0.1", r));
+    await new Promise<void>((r) => source.listen(0, "127.0.0.1", r));
+    try {
+      const port = (source.address() as AddressInfo).port;
+      const res = await fetchFollowing(at(`http://127.0.0.1:${port}/start`), { what: "read the hub index" });
+      expect(await res.text()).toBe("the blob");
+      // The same start, as if its name were a public registry's (the origin is resolved
+      // first, every hop after it as it is): its redirect into loopback is refused.
+      let calls = 0;
+      const originLooksPublic = async (host: string) => (calls++ === 0 ? ["203.0.113.10"] : [host]);
+      const err = await fetchFollowing(at(`http://127.0.0.1:${port}/start`), {
+        what: "read the hub index",
+        resolve: originLooksPublic,
+      }).catch((e: unknown) => e);
+      expect((err as Error).message).toMatch(/redirected to 127\.0\.0\.1:\d+, a loopback, private or link-local address; refused/);
+    } finally {
+      source.close();
+      target.close();
+    }
   });
 });

@@ -13,6 +13,7 @@ import { ForkdError } from "../common/errors.js";
 import { fsyncDir } from "../common/fsutil.js";
 import { isAlive, withPidLock } from "../common/pid.js";
 import { setting } from "../common/settings.js";
+import { checkRedirect, type ResolveHost } from "./redirects.js";
 import { plainHttpAllowed, type RefOpts } from "./reference.js";
 import { unreachable } from "./registry-client.js";
 
@@ -31,12 +32,14 @@ function stallMs(): number {
   return setting("registryTimeoutMs");
 }
 
-/** GET `url` following redirects by hand, each hop under the same http rule; no credentials are ever sent. */
+/** GET `url` following redirects by hand, each hop under the same http and address rules; no credentials are ever sent. */
 export async function fetchFollowing(
   url: URL,
-  opts: RefOpts & { headers?: Record<string, string>; signal?: AbortSignal; what: string },
+  opts: RefOpts & { headers?: Record<string, string>; signal?: AbortSignal; what: string; resolve?: ResolveHost },
 ): Promise<Response> {
+  const origin = url;
   for (let hop = 0; ; hop++) {
+    if (hop > 0) await checkRedirect(origin, url, opts.what, opts.resolve);
     if (url.protocol === "http:" && !plainHttpAllowed(url.host, opts)) {
       throw new ForkdError(
         "bad_request",

@@ -6,6 +6,7 @@
 import { ForkdError } from "../common/errors.js";
 import { setting } from "../common/settings.js";
 import { basicHeader, type Credentials, dockerConfigPath, parseChallenges, registryCredentials } from "./auth.js";
+import { checkRedirect } from "./redirects.js";
 import { plainHttpAllowed, type RefOpts, type RegistryRef } from "./reference.js";
 
 const MAX_REDIRECTS = 5;
@@ -143,7 +144,9 @@ export class RegistryClient {
         await drain(res);
         if (hop >= MAX_REDIRECTS)
           throw new ForkdError("registry_unreachable", `${opts.what}: more than ${MAX_REDIRECTS} redirects from ${where(url)}`);
-        url = new URL(location, url);
+        const next = new URL(location, url);
+        await checkRedirect(new URL(`https://${this.ref.host}`), next, opts.what);
+        url = next;
         if (res.status === 303) {
           method = "GET";
           body = undefined;

@@ -284,6 +284,13 @@ function notForkd(ref: RegistryRef, why: string): ForkdError {
   return new ForkdError("bad_request", `${ref.display} is not a forkd snapshot: ${why}; nothing was registered`, { ref: ref.display });
 }
 
+/**
+ * A pack's members: each snapshot's manifest, memory or layer, pagemap and device
+ * state, and its image's three files. A 64-deep chain is a few hundred; a manifest
+ * naming more is not a forkd snapshot, and is refused before anything is fetched.
+ */
+const MAX_PACK_MEMBERS = 4096;
+
 /** The manifest's shape, checked before anything it names is fetched. */
 export function validateOciManifest(ref: RegistryRef, value: unknown): SnapshotManifestOci {
   const m = value as SnapshotManifestOci;
@@ -299,6 +306,7 @@ export function validateOciManifest(ref: RegistryRef, value: unknown): SnapshotM
   }
   const descriptors = [m.config, ...(Array.isArray(m.layers) ? m.layers : [])];
   if (!Array.isArray(m.layers) || m.layers.length === 0) throw notForkd(ref, "its manifest has no layers");
+  if (m.layers.length > MAX_PACK_MEMBERS) throw notForkd(ref, `its manifest names ${m.layers.length} layers (at most ${MAX_PACK_MEMBERS})`);
   for (const d of descriptors) {
     if (!BLOB_DIGEST_RE.test(String(d?.digest)))
       throw notForkd(ref, `a blob digest '${String(d?.digest).slice(0, 80)}' is not sha256:<hex>`);

@@ -375,3 +375,19 @@ function inV6Cidr(ip: string, cidr: string): boolean {
   const [net, prefix] = cidr.split("/") as [string, string];
   return canonicalCidr(ip, Number(prefix)).cidr === canonicalCidr(net, Number(prefix)).cidr;
 }
+
+/**
+ * Is `ip` somewhere the default egress policy denies (loopback, link-local and cloud
+ * metadata, private, shared, ULA, multicast, reserved)? The same list decides where a
+ * registry may send forkd's own downloads (hub/download.ts).
+ */
+export function isNonPublicAddress(ip: string): boolean {
+  const bare = ip.replace(/^\[|\]$/g, "");
+  if (isIPv4(bare)) return DEFAULT_DENY_V4.some((c) => inV4Cidr(bare, c));
+  if (isIPv6(bare)) {
+    const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(bare);
+    if (mapped) return true;
+    return DEFAULT_DENY_V6.some((c) => inV6Cidr(bare, c));
+  }
+  return false;
+}
