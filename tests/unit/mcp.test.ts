@@ -10,7 +10,7 @@ import { describe, expect, it } from "vitest";
 
 describe("resolveTarget", () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "forkd-mcp-"));
-  fs.writeFileSync(path.join(dir, "token"), "local-token-0123456789\n");
+  fs.writeFileSync(path.join(dir, "token"), "local-token-0123456789\n", { mode: 0o600 });
 
   it("takes FORKD_URL and FORKD_TOKEN as forkd's clients do", () => {
     expect(resolveTarget({ FORKD_URL: "http://10.0.0.5:8889/", FORKD_TOKEN: " t0k3n-abcdefghijkl \n" })).toEqual({
@@ -35,6 +35,15 @@ describe("resolveTarget", () => {
   it("offers the local token file to a local daemon only, never to a remote FORKD_URL", () => {
     expect(resolveTarget({ FORKD_URL: "http://127.0.0.1:9999", FORKD_HOME: dir }).token).toBe("local-token-0123456789");
     expect(resolveTarget({ FORKD_URL: "https://forkd.example.net", FORKD_HOME: dir }).token).toBeUndefined();
+  });
+
+  it("refuses a token file group or others can read, naming chmod 600 (the CLI finds its daemon through this too)", () => {
+    const loose = fs.mkdtempSync(path.join(os.tmpdir(), "forkd-token-"));
+    fs.writeFileSync(path.join(loose, "token"), "local-token-0123456789\n", { mode: 0o644 });
+    fs.chmodSync(path.join(loose, "token"), 0o644);
+    expect(() => resolveTarget({ FORKD_URL: "http://127.0.0.1:9999", FORKD_HOME: loose })).toThrow(/mode 0644.*chmod 600/);
+    fs.chmodSync(path.join(loose, "token"), 0o600);
+    expect(resolveTarget({ FORKD_URL: "http://127.0.0.1:9999", FORKD_HOME: loose }).token).toBe("local-token-0123456789");
   });
 });
 

@@ -2,6 +2,7 @@
 // and the local socket, shared by the Controller, the CLI and the MCP server.
 import fs from "node:fs";
 import path from "node:path";
+import { ForkdApiError } from "./api-error.js";
 import { processEnvironment } from "./environment.js";
 
 export type DaemonTarget = {
@@ -68,11 +69,36 @@ export function resolveTarget(env: NodeJS.ProcessEnv = processEnvironment()): Da
   // The local token file is offered only to a local daemon: sending it to a remote
   // FORKD_URL would hand this host's credential to another machine.
   if (!token && (target.socketPath || isLoopbackUrl(target.base))) {
-    try {
-      token = fs.readFileSync(path.join(env.FORKD_HOME ?? "/var/lib/forkd", "token"), "utf8").trim() || undefined;
-    } catch {
-      // none readable: the socket needs none, and a TCP daemon will say 401 with what to do
-    }
+    token = readLocalToken(path.join(env.FORKD_HOME ?? "/var/lib/forkd", "token"));
   }
   return token ? { ...target, token } : target;
+}
+
+/**
+ * The daemon's token file, unless group or others may read or change it: such a
+ * token is anyone's on this host, and a client using it would hide that (the
+ * daemon refuses to start with it, the MCP server too). Missing or unreadable: none.
+ */
+function readLocalToken(file: string): string | undefined {
+  let fd: number;
+  try {
+    fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW);
+  } catch {
+    return undefined; // none readable: the socket needs none, and a TCP daemon will say 401 with what to do
+  }
+  try {
+    const mode = fs.fstatSync(fd).mode & 0o777;
+    if (mode & 0o077) {
+      throw new ForkdApiError(
+        0,
+        "insecure_token_file",
+        `the token file ${file} has mode ${mode.toString(8).padStart(4, "0")}: group or others can read or change it, so anyone on this host could use the daemon's token; run: chmod 600 ${file}`,
+        { path: file },
+        `chmod 600 ${file}`,
+      );
+    }
+    return fs.readFileSync(fd, "utf8").trim() || undefined;
+  } finally {
+    fs.closeSync(fd);
+  }
 }

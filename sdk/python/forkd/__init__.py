@@ -13,6 +13,7 @@ or ``unix:/path/to/forkd.sock``), the local socket ``$FORKD_RUN_DIR/forkd.sock``
 or ``http://127.0.0.1:8889``; the token comes from ``token`` or ``$FORKD_TOKEN``.
 """
 
+from ._transport import InsecureTokenFileError
 from ._version import __version__
 from .controller import BranchMode, Controller, SnapshotFailedError
 from .errors import (
@@ -57,6 +58,7 @@ __all__ = [
     "EntryInfo",
     "Execution",
     "ExecutionError",
+    "InsecureTokenFileError",
     "Logs",
     "NotFoundError",
     "NotSupportedError",

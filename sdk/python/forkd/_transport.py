@@ -23,14 +23,29 @@ def is_loopback(host: str) -> bool:
     return len(parts) == 4 and parts[0] == "127" and all(p.isdigit() for p in parts)
 
 
+class InsecureTokenFileError(PermissionError):
+    """The daemon's token file is open to group or others: anyone on the host could use it."""
+
+
 def local_token() -> Optional[str]:
-    """The local daemon's token, ``$FORKD_HOME/token`` (``/var/lib/forkd/token``), if readable."""
+    """The local daemon's token, ``$FORKD_HOME/token`` (``/var/lib/forkd/token``), if readable.
+
+    Refused (InsecureTokenFileError) when group or others may read or change it, as the
+    daemon itself refuses it: such a token is anyone's on this host.
+    """
     path = os.path.join(os.environ.get("FORKD_HOME") or "/var/lib/forkd", "token")
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip() or None
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return None
+    with os.fdopen(fd, encoding="utf-8") as f:
+        mode = os.fstat(fd).st_mode & 0o777
+        if mode & 0o077:
+            raise InsecureTokenFileError(
+                f"the token file {path} has mode {mode:04o}: group or others can read or change it, "
+                f"so anyone on this host could use the daemon's token; run: chmod 600 {path}"
+            )
+        return f.read().strip() or None
 
 
 def default_socket_path() -> str:

@@ -69,6 +69,11 @@ def test_default_is_the_local_socket_then_env(daemon: Daemon, monkeypatch: pytes
     monkeypatch.setenv("FORKD_HOME", str(daemon.home))
     (daemon.home / "token").write_text(daemon.token + "\n")
     try:
+        # A token file group or others can read is anyone's: refused, naming the fix.
+        (daemon.home / "token").chmod(0o644)
+        with pytest.raises(forkd.InsecureTokenFileError, match="chmod 600"):
+            forkd.Controller()
+        (daemon.home / "token").chmod(0o600)
         assert TAG in _tags(forkd.Controller().list_snapshots())
         assert forkd.Controller(base_url="http://192.0.2.1:8889").token is None
         with pytest.raises(forkd.AuthError):
