@@ -24,6 +24,7 @@ export const COMMAND_MODULES: readonly CommandModule[] = [
   { commands: ["pool"], load: async () => (await import("./pool.js")).registerPool },
   { commands: ["workspace"], load: async () => (await import("./workspaces.js")).registerWorkspaces },
   { commands: ["image"], load: async () => (await import("./image.js")).registerImage },
+  { commands: ["recipe"], load: async () => (await import("./recipe.js")).registerRecipe },
   { commands: ["doctor"], load: async () => (await import("./doctor.js")).registerDoctor },
   { commands: ["daemon"], load: async () => (await import("./daemon.js")).registerDaemon },
   { commands: ["cluster"], load: async () => (await import("./cluster.js")).registerCluster },

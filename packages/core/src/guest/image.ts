@@ -15,6 +15,7 @@ import { validateName } from "../common/validate.js";
 import { busyboxShims, patchBusybox, WGET_APPLET } from "./busybox.js";
 import { type CpioEntry, writeCpio } from "./cpio.js";
 import { GUEST_MODULES, initramfsInit, NSSWITCH_CONF, nodeWrapper, stage2Init } from "./guest-init.js";
+import { copiesDigest, type RecipeFileCopy } from "./recipe-file.js";
 
 /** Bump when the layout of what we build changes, so old caches are not reused. */
 const RECIPE_VERSION = 1;
@@ -144,10 +145,12 @@ async function gatherInputs(): Promise<Inputs> {
   return { kernel, modules, busybox, node, nodeLibs, agentBundle, guestctlSource, pyworker };
 }
 
-async function digestInputs(inputs: Inputs, base: BaseRoot): Promise<string> {
+async function digestInputs(inputs: Inputs, base: BaseRoot, copies: readonly RecipeFileCopy[]): Promise<string> {
   const hash = createHash("sha256");
   hash.update(`recipe ${RECIPE_VERSION}\n`);
   hash.update(`base ${base.kind === "busybox" ? "busybox" : base.digest}\n`);
+  // Left out when empty, so images without copied files keep the digests they had.
+  if (copies.length > 0) hash.update(`files ${await copiesDigest(copies)}\n`);
   hash.update(await fs.readFile(inputs.pyworker));
   hash.update(initramfsInit([...inputs.modules.keys()]));
   hash.update(stage2Init());
@@ -231,6 +234,13 @@ export type BuildImageOpts = {
   /** Use this root filesystem tarball (for example a `docker export`) as the base. */
   fromTar?: string;
   onProgress?: ImageProgress;
+  /**
+   * The root a name outside IMAGE_RECIPES starts from (a recipe's image):
+   * busybox alone, or debootstrapped Debian with `packages`.
+   */
+  base?: "busybox" | "debian";
+  /** Files copied into the root (a recipe's), before forkd's own layout is added. */
+  files?: readonly RecipeFileCopy[];
 };
 
 /** A debootstrapped Debian root: its packages, and a login user to add (uid 1000, home /home/NAME, bash, passwordless sudo). */
@@ -268,7 +278,10 @@ export async function buildGuestImage(
   validateName(name, "image name");
   const progress = opts.onProgress ?? (() => {});
   if (opts.fromDir && opts.fromTar) throw new ForkdError("bad_request", "--from-dir and --from-tar are alternatives; give one");
-  const recipe = IMAGE_RECIPES[name];
+  if (opts.base && (opts.fromDir || opts.fromTar || IMAGE_RECIPES[name])) {
+    throw new ForkdError("bad_request", `a base root is chosen for a new image name only, not with --from-dir/--from-tar or for '${name}'`);
+  }
+  const recipe = opts.base === "busybox" ? "busybox" : opts.base === "debian" ? { packages: [] } : IMAGE_RECIPES[name];
   if (!recipe && !opts.fromDir && !opts.fromTar) {
     throw new ForkdError(
       "bad_request",
@@ -287,7 +300,8 @@ export async function buildGuestImage(
   progress("hashing inputs");
   const inputs = await gatherInputs();
   const base = await prepareBaseRoot(opts, recipe, progress);
-  const digest = await digestInputs(inputs, base);
+  const files = opts.files ?? [];
+  const digest = await digestInputs(inputs, base, files);
   const root = imageRoot(name);
   const finalDir = path.join(root, digest);
   // A digest dir is immutable once complete (image.json is written last): snapshots
@@ -324,6 +338,9 @@ export async function buildGuestImage(
       progress("copying the base root");
       await runChecked("cp", ["-a", `${base.dir}/.`, `${tree}/`]);
     }
+    await fs.mkdir(tree, { recursive: true, mode: 0o755 });
+    if (files.length > 0) progress(`copying ${files.length} file(s) into the root`);
+    for (const file of files) await putFileNoFollow(tree, file.target.slice(1), file.source, file.mode);
     await assembleRootTree(tree, inputs, guestctl, work);
     if (recipe && recipe !== "busybox" && recipe.user) {
       progress(`adding the user ${recipe.user}`);
@@ -612,8 +629,17 @@ async function putFile(
 
 /** Copy a host file into the tree, streamed (node is ~100 MiB), with putFile's rules. */
 async function putFileFrom(tree: string, rel: string, source: string, mode: number): Promise<void> {
+  await copyInto(tree, rel, source, mode, "r");
+}
+
+/** putFileFrom for a recipe's file: a source swapped for a symlink since it was checked is refused, not followed. */
+async function putFileNoFollow(tree: string, rel: string, source: string, mode: number): Promise<void> {
+  await copyInto(tree, rel, source, mode, fsSync.constants.O_RDONLY | fsSync.constants.O_NOFOLLOW);
+}
+
+async function copyInto(tree: string, rel: string, source: string, mode: number, flags: string | number): Promise<void> {
   await createInTree(tree, rel, mode, async (handle) => {
-    const src = await fs.open(source, "r");
+    const src = await fs.open(source, flags);
     try {
       const buf = Buffer.allocUnsafe(1 << 20);
       for (;;) {
@@ -812,4 +838,23 @@ export async function pruneImageBuilds(used: ReadonlySet<string>): Promise<{ rem
     }
   }
   return { removed, keptForSnapshots };
+}
+
+/**
+ * Undo a build that its caller could not finish (a recipe whose warm-up failed):
+ * the build's directory goes, and the image's current build is put back to
+ * `previous` (or the image is gone if it had none), so nothing stays registered.
+ */
+export async function forgetImageBuild(name: string, digest: string, previousDigest: string | undefined): Promise<void> {
+  validateName(name, "image name");
+  if (!/^[0-9a-f]{64}$/.test(digest)) throw new ForkdError("bad_request", `'${digest}' is not an image digest`);
+  const root = imageRoot(name);
+  // image.json is the build's manifest as stored (paths relative to its dir), written last: its presence means complete.
+  const previous =
+    previousDigest && previousDigest !== digest ? await readJson<ImageManifest>(path.join(root, previousDigest, "image.json")) : undefined;
+  if (previous) await writeFileAtomic(path.join(root, "current.json"), `${JSON.stringify(previous, null, 2)}\n`);
+  else await fs.rm(path.join(root, "current.json"), { force: true });
+  await fs.rm(path.join(root, digest), { recursive: true, force: true });
+  // An image name with nothing left in it is no image at all.
+  await fs.rmdir(root).catch(() => {});
 }
