@@ -6,7 +6,8 @@
 set -eu
 datadir=$1
 port=$2
-bin=$(ls -d /usr/lib/postgresql/*/bin | tail -n 1)
+# The one server version Debian installed (the last in glob order if ever more).
+for bin in /usr/lib/postgresql/*/bin; do :; done
 mkdir -p "$datadir" /var/run/postgresql
 chown postgres:postgres "$datadir" /var/run/postgresql
 as_pg() { runuser -u postgres -- "$@"; }

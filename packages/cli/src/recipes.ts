@@ -28,7 +28,7 @@ export function defaultRecipesDir(): string {
 }
 
 /** The image a recipe builds; its own namespace, so a recipe cannot replace `base` or `python`. */
-export function recipeImageName(name: string): string {
+function recipeImageName(name: string): string {
   return `recipe-${name}`;
 }
 

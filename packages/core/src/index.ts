@@ -14,8 +14,8 @@ export { configureSettings, defaultSocketPath, setting, settings, settingsEnv, w
 export { validateName, validateSandboxId } from "./common/validate.js";
 export { AgentCallError, AgentClient } from "./guest/agent-client.js";
 export { forgetImageBuild, getImage, type ImageManifest, listImages } from "./guest/image.js";
-export { listRecipeNames, loadRecipe, parseRecipeSpec, type Recipe, recipeDigest } from "./guest/recipe-file.js";
 export { checkGuestPayload, guestPayloadLimitBytes } from "./guest/payload-limit.js";
+export { listRecipeNames, loadRecipe, parseRecipeSpec, type Recipe, recipeDigest } from "./guest/recipe-file.js";
 export { packSnapshot, unpackFile } from "./hub/pack.js";
 export { pullSnapshot, pullSource } from "./hub/pull.js";
 export { type PullResult, pushSnapshot, pushTarget } from "./hub/registry.js";

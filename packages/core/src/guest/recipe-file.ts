@@ -11,7 +11,7 @@ import { sha256File } from "../common/fsutil.js";
 import { NAME_RE } from "../common/validate.js";
 
 /** The file each recipe directory holds. */
-export const RECIPE_FILE = "recipe.json";
+const RECIPE_FILE = "recipe.json";
 
 /** Debian package names as dpkg allows them. */
 const DEBIAN_PACKAGE = z.string().regex(/^[a-z0-9][a-z0-9+.-]+$/, "not a Debian package name");

@@ -11,6 +11,7 @@ import { registerForkLiveBench } from "./fork-live.js";
 import { registerFuzzBench } from "./fuzz.js";
 import { registerPackBench } from "./pack.js";
 import { registerPoolBench } from "./pool.js";
+import { registerRecipesBench } from "./recipes.js";
 import { registerSoakBench } from "./soak.js";
 import { registerSpawnBench } from "./spawn.js";
 
@@ -30,6 +31,7 @@ export function registerBench(program: Command): void {
     registerSoakBench,
     registerFuzzBench,
     registerChaosBench,
+    registerRecipesBench,
   ])
     register(bench);
 }
