@@ -65,7 +65,10 @@ export function registerRecipesBench(bench: Command): void {
               daemon.env,
               { capture: true },
             );
-            const line = run.stdout.split("\n").filter((l) => l.startsWith("{")).at(-1);
+            const line = run.stdout
+              .split("\n")
+              .filter((l) => l.startsWith("{"))
+              .at(-1);
             if (run.code !== 0 || !line) {
               skip(`recipe ${name}'s example failed (exit ${run.code})`);
               continue;
