@@ -18,7 +18,17 @@ process.env.FORKD_SHM_DIR = fs.mkdtempSync("/dev/shm/forkd-test-");
 const root = path.dirname(env.home);
 const VMM_UID_BASE = 2_013_265_920;
 
-type Seen = { pid: number; uid: number; seccomp: string; noNewPrivs: string; capEff: string; capBnd: string; cmdline: string };
+type Seen = {
+  pid: number;
+  uid: number;
+  seccomp: string;
+  noNewPrivs: string;
+  capEff: string;
+  capBnd: string;
+  cmdline: string;
+  netns: string;
+};
+const HOST_NETNS = fs.readlinkSync("/proc/self/ns/net");
 
 function statusOf(pid: number): Seen | undefined {
   try {
@@ -35,6 +45,7 @@ function statusOf(pid: number): Seen | undefined {
       capEff: field("CapEff"),
       capBnd: field("CapBnd"),
       cmdline,
+      netns: fs.readlinkSync(`/proc/${pid}/ns/net`),
     };
   } catch {
     return undefined;
@@ -71,6 +82,8 @@ function expectConfined(seen: Map<number, Seen>): void {
     expect(s.capEff, s.cmdline).toBe("0000000000000000");
     expect(s.capBnd, s.cmdline).toBe("0000000000000000");
     expect(s.cmdline).not.toContain("exec:");
+    // In the egress namespace or an empty one of its own (a materialiser, no NIC): never the host's.
+    expect(s.netns, s.cmdline).not.toBe(HOST_NETNS);
   }
 }
 

@@ -7,6 +7,10 @@
 //                    [--hide PATH]... [--expose PATH]... [--parent-pid PID] [--die-with-parent]
 //                    [--listen-unix PATH [--socket-owner UID:GID]] [--memfd PATH] -- VMM ARGS...
 //
+// --unshare-net: a new, empty network namespace (its loopback down, no other link):
+//   for a VMM that needs no network (a BRANCH materialiser, a VM without a NIC or
+//   with an isolated one), so an escaped QEMU reaches neither the host's loopback
+//   nor its networks. Not with --netns.
 // --memfd PATH: open PATH (/proc/HOLDER/fd/3 of a forkd-seal-image) as root, refuse it
 //   unless it is a memfd carrying every seal (write, shrink, grow, seal), and hand it
 //   to the VMM as fd 100 (QEMU's mem-path=/proc/self/fd/100): the staged image the
@@ -187,6 +191,7 @@ int main(int argc, char **argv) {
   int nhide = 0, nexpose = 0, die_with_parent = 0;
   const char *listen_path = NULL;
   const char *memfd_path = NULL;
+  int unshare_net = 0;
   pid_t expected_parent = 0;
   uid_t sock_uid = (uid_t)-1;
   gid_t sock_gid = (gid_t)-1;
@@ -196,6 +201,10 @@ int main(int argc, char **argv) {
     if (!strcmp(a, "--")) {
       i++;
       break;
+    }
+    if (!strcmp(a, "--unshare-net")) {
+      unshare_net = 1;
+      continue;
     }
     if (i + 1 >= argc && strcmp(a, "--die-with-parent")) usage("option without a value");
     if (!strcmp(a, "--uid")) uid = (uid_t)parse_id(argv[++i], "--uid must be a whole number above 0");
@@ -314,6 +323,8 @@ int main(int argc, char **argv) {
     }
   }
 
+  if (unshare_net && netns) usage("--unshare-net and --netns exclude each other");
+  if (unshare_net && unshare(CLONE_NEWNET)) die("unshare network namespace", NULL);
   if (netns) {
     int fd = open(netns, O_RDONLY | O_CLOEXEC);
     if (fd < 0) die("open network namespace", netns);

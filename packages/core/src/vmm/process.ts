@@ -280,10 +280,20 @@ export function launchQemu(opts: LaunchOpts): Launched {
     if (confinementEnabled() && uid === undefined) {
       throw new ForkdError("internal", `runtime dir ${plan.runDir} has no VMM uid; it was not made by makeRunDir`);
     }
+    // A VMM that sends nothing (no NIC, an isolated one, a materialiser) and is not
+    // put in the egress namespace gets an empty one of its own, never the host's.
+    const emptyNetns = !opts.netns && plan.network !== "user" ? ["--unshare-net"] : [];
     const prefix =
       uid !== undefined
-        ? launcherArgs(planConfinement(plan, uid, { kvmGid: kvmGroup(), ...(opts.netns ? { netns: opts.netns } : {}) }), opts.dieWithParent)
+        ? [
+            ...emptyNetns,
+            ...launcherArgs(
+              planConfinement(plan, uid, { kvmGid: kvmGroup(), ...(opts.netns ? { netns: opts.netns } : {}) }),
+              opts.dieWithParent,
+            ),
+          ]
         : [
+            ...emptyNetns,
             ...(opts.netns ? ["--netns", opts.netns] : []),
             ...(plan.memory.kind === "sealed" ? ["--memfd", plan.memory.source] : []),
             ...(opts.dieWithParent ? ["--parent-pid", String(process.pid), "--die-with-parent"] : []),
