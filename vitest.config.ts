@@ -104,6 +104,19 @@ export default defineConfig({
           sequence: { groupOrder: 2 },
         },
       },
+      {
+        extends: true,
+        test: {
+          name: "cluster",
+          // A real etcd and several daemons as processes (tests/cluster/helpers.ts), with VMs on some.
+          include: ["tests/cluster/**/*.test.ts"],
+          globalSetup: VM_GLOBAL_SETUP,
+          fileParallelism: false,
+          testTimeout: 180_000,
+          hookTimeout: 600_000,
+          sequence: { groupOrder: 3 },
+        },
+      },
     ],
   },
 });

@@ -10,8 +10,8 @@
 //   tags/TAG                the node that created the tag (its name): one tag namespace
 //   deletes/NODE/KIND/KEY   a delete asked for while NODE was away (KIND sandbox or snapshot), applied when it rejoins
 import { ForkdError } from "@forkd/core";
-import { noop } from "cockatiel";
-import { Etcd3, type Lease } from "etcd3";
+import { ConsecutiveBreaker, circuitBreaker, handleWhen, noop, retry } from "cockatiel";
+import { Etcd3, isRecoverableError, type Lease } from "etcd3";
 
 const KEY_PREFIX = "/forkd/";
 
@@ -61,9 +61,10 @@ function unavailable(what: string, err: unknown): ForkdError {
 }
 
 /**
- * etcd, as forkd uses it. No retries inside the client: a call that cannot reach etcd
- * fails within `timeoutMs`, and the caller decides (the membership loop retries, a
- * route answers 503 `cluster_unavailable`).
+ * etcd, as forkd uses it. A call that cannot reach a member tries the next one (a
+ * member that failed is skipped for 5 s), and fails once each member has had its
+ * `timeoutMs`: then the caller decides (the membership loop retries, a route answers
+ * 503 `cluster_unavailable`). No other retries: a hung call is worse than a clear 503.
  */
 export class EtcdStore {
   readonly client: Etcd3;
@@ -75,7 +76,10 @@ export class EtcdStore {
     this.client = new Etcd3({
       hosts: endpoints,
       dialTimeout: timeoutMs,
-      faultHandling: { host: () => noop, global: noop },
+      faultHandling: {
+        host: () => circuitBreaker(handleWhen(isRecoverableError), { halfOpenAfter: 5000, breaker: new ConsecutiveBreaker(1) }),
+        global: endpoints.length > 1 ? retry(handleWhen(isRecoverableError), { maxAttempts: endpoints.length - 1 }) : noop,
+      },
       defaultCallOptions: (context) => (context.isStream ? {} : { deadline: Date.now() + timeoutMs }),
     });
   }

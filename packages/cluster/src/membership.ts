@@ -138,6 +138,10 @@ export class Membership {
   private timer: NodeJS.Timeout | undefined;
   private joining: Promise<void> | undefined;
   private lastError = "";
+  /** When etcd last renewed the lease: past the TTL without one, etcd has let it go (or will), whatever the client thinks. */
+  private lastRenewal = 0;
+  /** Did the last heartbeat reach etcd? New work waits while it does not (the lease may lapse any moment). */
+  private etcdAnswers = true;
 
   constructor(private readonly opts: MembershipOpts) {}
 
@@ -187,8 +191,21 @@ export class Membership {
   }
 
   private async tick(): Promise<void> {
+    const lease = this.lease;
+    if (this.stateNow === "joined" && lease && Date.now() - this.lastRenewal > this.opts.leaseTtlS * 1000) {
+      // The client would wait 2 TTLs before calling it lost (etcd3's keepalive); etcd drops it after one. A stopped
+      // process (SIGSTOP) wakes here too: its lease is gone, so it rejoins now rather than serve as a ghost.
+      lease.release();
+      this.onLost(lease, new Error(`no renewal for ${Math.round((Date.now() - this.lastRenewal) / 1000)} s`));
+    }
     if (this.stateNow === "joined") {
-      await this.putRecord();
+      try {
+        await this.putRecord();
+        this.etcdAnswers = true;
+      } catch (err) {
+        this.etcdAnswers = false;
+        throw err;
+      }
       await this.opts.onHeartbeat?.();
     } else if (this.stateNow === "lost" || this.stateNow === "joining") {
       await this.joinOnce();
@@ -200,7 +217,11 @@ export class Membership {
     this.joining ??= (async () => {
       const { etcd, name, leaseTtlS } = this.opts;
       const lease = await etcd.grantLease(leaseTtlS);
+      this.lastRenewal = Date.now();
       lease.on("lost", (err) => this.onLost(lease, err));
+      lease.on("keepaliveSucceeded", () => {
+        if (lease === this.lease) this.lastRenewal = Date.now();
+      });
       const record = JSON.stringify(await this.record());
       // The name is this node's only while no live lease holds its record: a second daemon with the same name is refused.
       const created = await etcd.client
@@ -220,6 +241,10 @@ export class Membership {
         } catch {
           // an unreadable record is someone else's too
         }
+        // This process's own record under a lease it gave up (etcd was away, or it was stopped): remove it and join afresh.
+        if (instance === this.instance && holder !== null && (await etcd.deleteIfValue(keys.node(name), holder))) {
+          throw new ForkdError("cluster_unavailable", `node ${name} removed its stale record; joining again`);
+        }
         throw new ForkdError(
           "conflict",
           `another daemon holds the node name '${name}' in the cluster (instance ${instance.slice(0, 8) || "unknown"}); pick another --node-name, or wait ${leaseTtlS} s for its lease to lapse`,
@@ -237,6 +262,8 @@ export class Membership {
       }
       if (this.stateNow !== "closed") {
         this.stateNow = "joined";
+        this.etcdAnswers = true;
+        this.lastRenewal = Date.now();
         this.lastError = "";
         this.opts.log(`forkd cluster: node ${name} joined (lease ${leaseTtlS} s)`);
       }
@@ -281,7 +308,13 @@ export class Membership {
 
   /** Throws `cluster_unavailable` unless the node holds its lease: new work waits for a rejoin. */
   assertJoined(what: string): void {
-    if (this.stateNow === "joined") return;
+    if (this.stateNow === "joined" && this.etcdAnswers) return;
+    if (this.stateNow === "joined") {
+      throw new ForkdError("cluster_unavailable", `${what} refused: etcd does not answer node ${this.opts.name} (${this.lastError})`, {
+        node: this.opts.name,
+        state: "etcd_unreachable",
+      });
+    }
     throw new ForkdError("cluster_unavailable", `${what} refused: ${this.reason || `node ${this.opts.name} has not joined the cluster`}`, {
       node: this.opts.name,
       state: this.stateNow,
