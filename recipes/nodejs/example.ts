@@ -34,7 +34,7 @@ async function main(): Promise<void> {
     const forkMs = median(forks);
     report(
       args,
-      `nodejs: ${n} forks, each requiring the project (express + lodash) and running it over ${N_ORDERS} orders`,
+      `nodejs: ${n} forks, each requiring the project (lodash, semver, js-yaml) and running it over ${N_ORDERS} orders`,
       [
         ["fork → require + run (median)", `${ms(forkMs)}  (each: ${forks.map(ms).join(", ")})`],
         ["cold: new node process, require + run", ms(cold.ms)],
