@@ -2,7 +2,7 @@
 // already compiled and collected it, against the same suite run serially in one
 // sandbox, in the same run. The figure is the wall-time ratio serial / parallel.
 import { Sandbox } from "@forkd/sdk";
-import { exampleArgs, ms, report, round, timed } from "../shared/report.js";
+import { exampleArgs, ms, report, round, SANDBOX_LIFETIME_MS, timed } from "../shared/report.js";
 
 const TAG = "ci-parallel-pytest";
 const PYTEST = "cd /opt/recipe/project && python3 -m pytest -q -p no:cacheprovider";
@@ -18,12 +18,12 @@ async function main(): Promise<void> {
   const sandboxes: Sandbox[] = [];
   try {
     const serial = await timed(async () => {
-      const sb = await Sandbox.create({ template: TAG });
+      const sb = await Sandbox.create({ template: TAG, timeoutMs: SANDBOX_LIFETIME_MS });
       sandboxes.push(sb);
       return passed((await sb.commands.run(PYTEST, { timeoutMs: 900_000 })).stdout);
     });
     const parallel = await timed(async () => {
-      const forks = await Sandbox.fork(TAG, n);
+      const forks = await Sandbox.fork(TAG, n, { timeoutMs: SANDBOX_LIFETIME_MS });
       sandboxes.push(...forks);
       const counts = await Promise.all(
         forks.map(async (sb, i) => passed((await sb.commands.run(`${PYTEST} --shard ${i}/${n}`, { timeoutMs: 900_000 })).stdout)),

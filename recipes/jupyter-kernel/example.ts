@@ -4,7 +4,7 @@
 // parallel, each starting from the session's variables, and the original
 // session goes on with its state untouched.
 import { Sandbox } from "@forkd/sdk";
-import { exampleArgs, ms, report, round, timed } from "../shared/report.js";
+import { exampleArgs, ms, report, round, SANDBOX_LIFETIME_MS, timed } from "../shared/report.js";
 
 const TAG = "jupyter-kernel";
 
@@ -19,12 +19,12 @@ async function main(): Promise<void> {
   const sandboxes: Sandbox[] = [];
   const py = (sb: Sandbox, code: string) => sb.runCode(code, { language: "python", timeoutMs: 300_000 });
   try {
-    const session = await Sandbox.create({ template: TAG });
+    const session = await Sandbox.create({ template: TAG, timeoutMs: SANDBOX_LIFETIME_MS });
     sandboxes.push(session);
     // The session so far: cells that built state worth keeping.
     await py(session, "import numpy as np\ndata = np.arange(1_000_000, dtype=np.float64)\nruns = 1");
     const before = Number((await py(session, "float(data.sum())")).value);
-    const branch = await timed(() => session.fork(CELLS.length));
+    const branch = await timed(() => session.fork(CELLS.length, { timeoutMs: SANDBOX_LIFETIME_MS }));
     sandboxes.push(...branch.value);
     const results = await Promise.all(branch.value.map(async (child, i) => Number((await py(child, CELLS[i]![1])).value)));
     const after = Number((await py(session, "runs += 1\nfloat(data.sum())")).value);

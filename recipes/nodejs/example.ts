@@ -3,7 +3,7 @@
 // runs a function; the cold way starts a new Node process that requires it from
 // disk and runs the same function, in a sandbox of the same kind.
 import { Sandbox } from "@forkd/sdk";
-import { exampleArgs, median, ms, report, round, timed } from "../shared/report.js";
+import { exampleArgs, median, ms, report, round, SANDBOX_LIFETIME_MS, timed } from "../shared/report.js";
 
 const TAG = "nodejs";
 const N_ORDERS = 10_000;
@@ -17,7 +17,7 @@ async function main(): Promise<void> {
     let answer = "";
     for (let i = 0; i < n; i++) {
       const { value, ms: took } = await timed(async () => {
-        const sb = await Sandbox.create({ template: TAG });
+        const sb = await Sandbox.create({ template: TAG, timeoutMs: SANDBOX_LIFETIME_MS });
         sandboxes.push(sb);
         const res = await sb.runCode(`JSON.stringify(require('/opt/recipe/project/index.js').run(${N_ORDERS}))`);
         return String(res.value);
@@ -25,7 +25,7 @@ async function main(): Promise<void> {
       forks.push(took);
       answer = value;
     }
-    const coldBox = await Sandbox.create({ template: TAG });
+    const coldBox = await Sandbox.create({ template: TAG, timeoutMs: SANDBOX_LIFETIME_MS });
     sandboxes.push(coldBox);
     const cold = await timed(async () =>
       (await coldBox.commands.run(`/opt/forkd/bin/node /opt/recipe/project/cli.js ${N_ORDERS}`)).stdout.trim(),

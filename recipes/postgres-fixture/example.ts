@@ -3,7 +3,7 @@
 // same run: fork → first query answered, against the cold way (initdb, start,
 // schema, seed, first query) in a sandbox of the same kind.
 import { Sandbox } from "@forkd/sdk";
-import { exampleArgs, median, ms, report, round, timed } from "../shared/report.js";
+import { exampleArgs, median, ms, report, round, SANDBOX_LIFETIME_MS, timed } from "../shared/report.js";
 
 const TAG = "postgres-fixture";
 const QUERY = "SELECT count(*) FROM orders JOIN customers ON customers.id = orders.customer_id WHERE country = 'JP'";
@@ -22,7 +22,7 @@ async function main(): Promise<void> {
   try {
     for (let i = 0; i < n; i++) {
       const { value, ms: took } = await timed(async () => {
-        const sb = await Sandbox.create({ template: TAG });
+        const sb = await Sandbox.create({ template: TAG, timeoutMs: SANDBOX_LIFETIME_MS });
         sandboxes.push(sb);
         return (await sb.commands.run(psql(5432, QUERY))).stdout.trim();
       });
@@ -41,7 +41,7 @@ async function main(): Promise<void> {
       if (!isolated) throw new Error(`forks share a database: ${mine} rows in one, ${theirs} in the other`);
     }
     // The cold way, in a sandbox of the same kind: a fresh cluster on another port.
-    const coldBox = await Sandbox.create({ template: TAG });
+    const coldBox = await Sandbox.create({ template: TAG, timeoutMs: SANDBOX_LIFETIME_MS });
     sandboxes.push(coldBox);
     const cold = await timed(async () => {
       await coldBox.commands.run("/opt/recipe/pg-fixture.sh /var/lib/recipe/cold 5433", { timeoutMs: 600_000 });

@@ -4,6 +4,12 @@
 import fs from "node:fs";
 import os from "node:os";
 
+/**
+ * How long the examples' sandboxes may live: the SDK's default (5 minutes, as
+ * E2B's) kills a sandbox mid-measurement on a loaded TCG host.
+ */
+export const SANDBOX_LIFETIME_MS = 30 * 60_000;
+
 export type ExampleArgs = { json: boolean; n: number | undefined };
 
 export function exampleArgs(argv = process.argv.slice(2)): ExampleArgs {

@@ -6,7 +6,7 @@
 // each explored state from scratch: a fresh sandbox, a fresh clone, the path's
 // edits replayed, then the candidate and the tests.
 import { Sandbox } from "@forkd/sdk";
-import { exampleArgs, ms, report, round } from "../shared/report.js";
+import { exampleArgs, ms, report, round, SANDBOX_LIFETIME_MS } from "../shared/report.js";
 
 const TAG = "tree-search";
 const REPO = "/work";
@@ -61,12 +61,12 @@ async function main(): Promise<void> {
   const scores: number[][] = [];
   let branches = 0;
   const started = performance.now();
-  let current = await Sandbox.create({ template: TAG });
+  let current = await Sandbox.create({ template: TAG, timeoutMs: SANDBOX_LIFETIME_MS });
   live.push(current);
   try {
     for (const candidates of levels) {
       // Live fork-to-many: N children of the running sandbox, at its state now.
-      const children = await current.fork(candidates.length);
+      const children = await current.fork(candidates.length, { timeoutMs: SANDBOX_LIFETIME_MS });
       live.push(...children);
       const levelScores = await Promise.all(
         children.map(async (child, i) => {
@@ -91,7 +91,7 @@ async function main(): Promise<void> {
     let coldStates = 0;
     for (const [level, candidates] of levels.entries()) {
       for (const [i, candidate] of candidates.entries()) {
-        const sb = await Sandbox.create({ template: TAG });
+        const sb = await Sandbox.create({ template: TAG, timeoutMs: SANDBOX_LIFETIME_MS });
         try {
           await sb.commands.run(
             "rm -rf /tmp/cold && git clone -q /work /tmp/cold && cd /tmp/cold && git reset -q --hard $(git rev-list --max-parents=0 HEAD)",
