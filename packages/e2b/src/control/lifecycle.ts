@@ -7,8 +7,8 @@ import { E2bHttpError } from "../errors.js";
 import { type E2bSandboxRecord, newAccessToken, newE2bSandboxId } from "../sandboxes.js";
 import { templateSnapshot } from "./templates.js";
 
-/** E2B's API default when the body names no timeout (the SDKs always send one: 300 s). */
-export const DEFAULT_TIMEOUT_S = 15;
+/** The time limit when the body names none: E2B's documented default, 5 minutes (the JS SDK 2.x leaves it to the server). */
+export const DEFAULT_TIMEOUT_S = 300;
 /** E2B's ceiling for a sandbox's time limit (its Pro tier): 24 hours. */
 export const MAX_TIMEOUT_S = 24 * 3600;
 /** Reported as E2B's clientID: one machine, one client. */
@@ -23,6 +23,8 @@ export type CreateOpts = {
   allowOut: string[];
   denyOut: string[];
   autoPause: boolean;
+  /** E2B's `secure` (the Python SDK sends it; the JS SDK 2.x never does): false gives no access token, so envd is open to anyone reaching the port. */
+  secure: boolean;
 };
 
 export async function createE2bSandbox(e2b: E2bContext, opts: CreateOpts): Promise<E2bSandboxRecord> {
@@ -45,7 +47,7 @@ export async function createE2bSandbox(e2b: E2bContext, opts: CreateOpts): Promi
     forkdId: child.id,
     pausedTag: null,
     ownedTags: [],
-    envdAccessToken: newAccessToken(),
+    envdAccessToken: opts.secure ? newAccessToken() : "",
     envVars: opts.envVars,
     metadata: opts.metadata,
     startedAtMs: now,
@@ -179,6 +181,14 @@ export async function forkE2bSandbox(
     );
     for (const child of children) await e2b.sandboxes.put(child);
     return children;
+  });
+}
+
+/** E2B's refresh (keep-alive, the Python SDK's): the limit becomes at least now + duration, never shorter. */
+export async function refreshE2bSandbox(e2b: E2bContext, sandboxID: string, durationS: number): Promise<void> {
+  await e2b.sandboxes.exclusive(sandboxID, async () => {
+    const record = e2b.sandboxes.require(sandboxID);
+    await e2b.sandboxes.update(sandboxID, { endAtMs: Math.max(record.endAtMs, Date.now() + durationS * 1000) });
   });
 }
 

@@ -14,6 +14,12 @@ const ListQuery = z.looseObject({
   metadata: z.string().max(8192).optional(),
   state: z.union([z.string().max(64), z.array(z.string().max(64)).max(4)]).optional(),
   template: z.string().max(128).optional(),
+  // ISO 8601 as each SDK writes it (Python's isoformat may carry no zone: read as UTC by Date.parse's rules).
+  startedAfter: z
+    .string()
+    .max(64)
+    .refine((s) => /^\d{4}-\d\d-\d\dT/.test(s) && Number.isFinite(Date.parse(s)), "an ISO 8601 date-time")
+    .optional(),
   limit: z.coerce.number().int().min(1).max(MAX_LIMIT).optional(),
   nextToken: z.string().max(512).optional(),
 });
@@ -77,6 +83,7 @@ export function listPage(
     .filter((r) => states.includes(stateOf(r)))
     .filter((r) => !q.template || r.templateID === q.template || r.alias === q.template)
     .filter((r) => metadata.every(([k, v]) => r.metadata[k] === v))
+    .filter((r) => !q.startedAfter || r.startedAtMs > Date.parse(q.startedAfter))
     .sort((a, b) => b.startedAtMs - a.startedAtMs || a.sandboxID.localeCompare(b.sandboxID));
   return pageOf(e2b, matching, (r) => ({ atMs: r.startedAtMs, id: r.sandboxID }), q.limit, q.nextToken);
 }

@@ -12,6 +12,7 @@ import {
   killE2bSandbox,
   MAX_TIMEOUT_S,
   pauseE2bSandbox,
+  refreshE2bSandbox,
   setE2bTimeout,
 } from "./lifecycle.js";
 import { e2bMetrics } from "./metrics.js";
@@ -49,6 +50,7 @@ const CreateBody = z.looseObject({
 const SandboxParams = z.object({ sandboxID: z.string().min(1).max(128) });
 const ConnectBody = z.looseObject({ timeout: TimeoutS.optional(), memory: z.boolean().nullish() }).nullish();
 const TimeoutBody = z.object({ timeout: TimeoutS });
+const RefreshBody = z.looseObject({ duration: TimeoutS.optional() }).nullish();
 const PauseBody = z.looseObject({ memory: z.boolean().nullish() }).nullish();
 /** forkd's live fork-to-many takes at most this many children in one call (validateForkCount). */
 const MAX_FORK_COUNT = 64;
@@ -74,6 +76,7 @@ export function registerControlPlane(app: FastifyInstance, { e2b }: ControlPlane
       allowOut: b.network?.allowOut ?? [],
       denyOut: b.network?.denyOut ?? [],
       autoPause: b.autoPause ?? false,
+      secure: b.secure ?? true,
     });
   };
   for (const url of ["/sandboxes", "/v2/sandboxes"]) {
@@ -102,6 +105,12 @@ export function registerControlPlane(app: FastifyInstance, { e2b }: ControlPlane
   app.post("/sandboxes/:sandboxID/timeout", async (request, reply) => {
     const { sandboxID } = SandboxParams.parse(request.params);
     await setE2bTimeout(e2b, sandboxID, TimeoutBody.parse(request.body).timeout);
+    return reply.code(204).send();
+  });
+
+  app.post("/sandboxes/:sandboxID/refreshes", async (request, reply) => {
+    const { sandboxID } = SandboxParams.parse(request.params);
+    await refreshE2bSandbox(e2b, sandboxID, RefreshBody.parse(request.body)?.duration ?? DEFAULT_TIMEOUT_S);
     return reply.code(204).send();
   });
 

@@ -13,7 +13,8 @@ export function sandboxCreatedView(r: E2bSandboxRecord) {
     ...(r.alias ? { alias: r.alias } : {}),
     clientID: r.clientID,
     envdVersion: ENVD_VERSION,
-    envdAccessToken: r.envdAccessToken,
+    // None for a sandbox created with secure: false (then envd asks for no token).
+    envdAccessToken: r.envdAccessToken || null,
     trafficAccessToken: null,
     domain: null,
   };
@@ -42,7 +43,7 @@ export function sandboxListedView(r: E2bSandboxRecord) {
 export function sandboxDetailView(r: E2bSandboxRecord) {
   return {
     ...sandboxListedView(r),
-    envdAccessToken: r.envdAccessToken,
+    envdAccessToken: r.envdAccessToken || null,
     domain: null,
     allowInternetAccess: r.allowInternetAccess,
     network: { allowOut: r.allowOut, denyOut: r.denyOut },
