@@ -6,6 +6,7 @@ import { registerBranchBench } from "./branch.js";
 import { registerChainBench } from "./chain.js";
 import { registerChaosBench } from "./chaos.js";
 import { registerConfineBench } from "./confine.js";
+import { registerE2bBench } from "./e2b.js";
 import { registerFanoutBench } from "./fanout.js";
 import { registerForkLiveBench } from "./fork-live.js";
 import { registerFuzzBench } from "./fuzz.js";
@@ -32,6 +33,7 @@ export function registerBench(program: Command): void {
     registerFuzzBench,
     registerChaosBench,
     registerRecipesBench,
+    registerE2bBench,
   ])
     register(bench);
 }
