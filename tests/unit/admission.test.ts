@@ -49,6 +49,11 @@ describe("what work needs", () => {
     const unstaged = forkNeeds({ n: 10, guestMemoryBytes: 256 * MIB, unstagedBytes: 256 * MIB, dirtyFraction: 0.25 });
     expect(unstaged.memoryBytes - staged.memoryBytes).toBe(256 * MIB);
     expect(unstaged.shmBytes).toBe(256 * MIB);
+    // Children map a sealed memfd copy of the staged image: made once, memory, not room on FORKD_SHM_DIR.
+    const unsealed = forkNeeds({ n: 10, guestMemoryBytes: 256 * MIB, unstagedBytes: 0, unsealedBytes: 256 * MIB, dirtyFraction: 0.25 });
+    expect(unsealed.memoryBytes - staged.memoryBytes).toBe(256 * MIB);
+    expect(unsealed.shmBytes).toBe(0);
+    expect(unsealed.why).toMatch(/256 MiB for its sealed copy/);
     // The worst case, asked for: every page written.
     expect(forkNeeds({ n: 1, guestMemoryBytes: 256 * MIB, unstagedBytes: 0, dirtyFraction: 1 }).memoryBytes).toBe(
       VMM_OVERHEAD_BYTES + 256 * MIB,

@@ -7,7 +7,7 @@ import os from "node:os";
 import { ForkdError } from "../common/errors.js";
 import type { AgentClient } from "../guest/agent-client.js";
 import { type AdmissionLedger, decide, forkNeeds, type Limits, refusalError } from "../sandbox/admission.js";
-import { readCapacity, unstagedChainBytes } from "../sandbox/admission-host.js";
+import { readCapacity, unsealedBytes, unstagedChainBytes } from "../sandbox/admission-host.js";
 import { type ForkChildResult, forkSandboxes, MAX_FORK } from "../sandbox/fork.js";
 import { killSandbox, reapSandbox, sandboxAlive } from "../sandbox/lifecycle.js";
 import { setSandboxPriority } from "../sandbox/priority.js";
@@ -254,6 +254,7 @@ export async function checkPoolFits(ledger: AdmissionLedger, tag: string, size: 
     n: more,
     guestMemoryBytes: snapshot.memoryMib * 2 ** 20,
     unstagedBytes: await unstagedChainBytes(snapshot),
+    unsealedBytes: unsealedBytes(snapshot),
     dirtyFraction: ledger.limits.dirtyFraction,
   });
   const verdict = decide(needs, readCapacity(), ledger.reserved(), ledger.limits);

@@ -5,8 +5,9 @@ import fs from "node:fs";
 import path from "node:path";
 import { shmDir } from "../common/config.js";
 import { setting } from "../common/settings.js";
+import { hasSealedCopy } from "../store/sealed-images.js";
 import { getSnapshot, type SnapshotInfo } from "../store/snapshots.js";
-import { evictableStagedBytes, evictStaged } from "../store/staging.js";
+import { evictableStagedBytes, evictStaged, stagedPath } from "../store/staging.js";
 import {
   type AdmissionLedger,
   branchNeeds,
@@ -72,6 +73,11 @@ export async function unstagedChainBytes(snapshot: SnapshotInfo): Promise<number
   return total;
 }
 
+/** The image's size when children of it would need a sealed copy made first (none held yet), else 0. */
+export function unsealedBytes(snapshot: SnapshotInfo): number {
+  return hasSealedCopy(stagedPath(snapshot)) ? 0 : snapshot.sizes.memoryBytes;
+}
+
 /**
  * Reserve `needs` or throw the 503 naming what is short. The check and the
  * reservation are one synchronous step; idle staged images the verdict counted on
@@ -105,6 +111,7 @@ export async function admitFork(
       guestMemoryBytes: snapshot.memoryMib * MIB,
       memoryLimitMib: opts.memoryLimitMib,
       unstagedBytes: await unstagedChainBytes(snapshot),
+      unsealedBytes: unsealedBytes(snapshot),
       dirtyFraction: ledger.limits.dirtyFraction,
     }),
   );

@@ -95,15 +95,20 @@ export function parseMemInfo(text: string): { memTotalBytes: number; memAvailabl
  * A fork of `n` children: each its VMM plus the guest memory it may write (all of
  * it up to its memory limit when it has one, since the cgroup caps it there; a
  * fraction otherwise), and, when the snapshot is not staged yet, its memory image
- * (and those of unstaged ancestors a layer is assembled from) on shmem, once.
+ * (and those of unstaged ancestors a layer is assembled from) on shmem, once, and
+ * the sealed memfd copy children map (store/sealed-images.ts) when it does not exist
+ * yet: memory, not room on FORKD_SHM_DIR.
  */
 export function forkNeeds(opts: {
   n: number;
   guestMemoryBytes: number;
   memoryLimitMib?: number | undefined;
   unstagedBytes: number;
+  /** The image's size when its sealed copy is still to be made, else 0. */
+  unsealedBytes?: number;
   dirtyFraction: number;
 }): Needs {
+  const unsealed = Math.max(0, opts.unsealedBytes ?? 0);
   const perChild = Math.max(
     0,
     opts.memoryLimitMib !== undefined
@@ -111,13 +116,14 @@ export function forkNeeds(opts: {
       : VMM_OVERHEAD_BYTES + Math.ceil(opts.guestMemoryBytes * opts.dirtyFraction),
   );
   return {
-    memoryBytes: opts.n * perChild + opts.unstagedBytes,
+    memoryBytes: opts.n * perChild + opts.unstagedBytes + unsealed,
     shmBytes: opts.unstagedBytes,
     sandboxes: opts.n,
     branches: 0,
     why:
       `${opts.n} × ${mib(perChild)} per child` +
-      (opts.unstagedBytes > 0 ? ` + ${mib(opts.unstagedBytes)} memory image to stage` : ", image already staged"),
+      (opts.unstagedBytes > 0 ? ` + ${mib(opts.unstagedBytes)} memory image to stage` : ", image already staged") +
+      (unsealed > 0 ? ` + ${mib(unsealed)} for its sealed copy` : ""),
   };
 }
 

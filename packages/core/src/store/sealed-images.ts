@@ -155,6 +155,12 @@ async function sealOnce(stagedFile: string, sha256: string): Promise<string> {
   return holderFd(pid);
 }
 
+/** Is a holder alive for this staged file (a cheap check, for admission's sizing; forks validate fully)? */
+export function hasSealedCopy(stagedFile: string): boolean {
+  const record = readRecord(recordPath(stagedFile));
+  return record !== undefined && sameProcess(record.pid, record.start);
+}
+
 /** Holder records whose holder is gone (it exits once its staged file is removed): removed by cleanup. */
 export async function removeStaleHolderRecords(): Promise<string[]> {
   const dir = path.join(forkdRunDir(), "sealed");
