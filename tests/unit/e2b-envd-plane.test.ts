@@ -13,7 +13,7 @@ import path from "node:path";
 import { encodeFrame, FrameDecoder } from "@forkd/agent/protocol";
 import { AgentServer } from "@forkd/agent/server";
 import { AgentClient } from "@forkd/core";
-import { createEnvdPlane, ENVD_VERSION, type EnvdSandbox } from "@forkd/e2b/envd";
+import { createEnvdPlane, ENVD_VERSION, type EnvdSandbox, fileSignature } from "@forkd/e2b/envd";
 import { CommandExitError, FileNotFoundError, NotFoundError, Sandbox, SandboxError } from "e2b";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 
@@ -92,6 +92,20 @@ describe("process.Process through the SDK", () => {
     expect(((await again.wait().catch((e: unknown) => e)) as CommandExitError).exitCode).toBe(-1);
     expect(await sandbox.commands.kill(s.pid)).toBe(false);
     await expect(sandbox.commands.connect(999_999)).rejects.toBeInstanceOf(NotFoundError);
+  });
+
+  it("refuses a call without the sandbox's access token, and a signed URL made with another token", async () => {
+    const list = (headers: Record<string, string>) =>
+      fetch(`${url}/process.Process/List`, {
+        method: "POST",
+        headers: { "content-type": "application/json", "e2b-sandbox-id": record.id, ...headers },
+        body: "{}",
+      });
+    expect((await list({})).status).toBe(401);
+    expect((await list({ "x-access-token": "wrong" })).status).toBe(401);
+    expect((await list({ "x-access-token": TOKEN })).status).toBe(200);
+    const forged = `${url}/files?path=%2Fetc%2Fhostname&signature=${encodeURIComponent(fileSignature("/etc/hostname", "read", "", "not-the-token"))}`;
+    expect((await fetch(forged)).status).toBe(401);
   });
 
   it("a PTY is refused plainly", async () => {

@@ -73,8 +73,9 @@ export function registerEnvdPlane(app: FastifyInstance, deps: EnvdPlaneDeps): vo
   app.removeAllContentTypeParsers();
   app.addContentTypeParser("*", (_request, _payload, done) => done(null, undefined));
   const handler = (request: FastifyRequest, reply: FastifyReply) => {
+    // No header: a signed /files URL (planes.ts routes those here); its signature names the sandbox.
     const id = request.headers["e2b-sandbox-id"];
-    return handOver(deps.e2b, request, reply, typeof id === "string" ? id : "");
+    return handOver(deps.e2b, request, reply, id === undefined ? undefined : typeof id === "string" ? id : "");
   };
   app.route({ method: ["GET", "POST", "PUT", "DELETE", "PATCH"], url: "/*", handler });
   app.route({ method: ["GET", "POST", "PUT", "DELETE", "PATCH"], url: "/", handler });
