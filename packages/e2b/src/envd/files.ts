@@ -19,6 +19,12 @@ import { boundaryOf, MultipartError, readMultipart } from "./multipart.js";
 const MAX_UPLOAD_BYTES = 1024 * 1024 * 1024;
 /** One piece of a file on its way through the agent (and at most the guest-payload limit). */
 const PIECE_BYTES = 1024 * 1024;
+/**
+ * How long one piece may take: a guest starved of CPU (TCG on a loaded host) was seen
+ * to need over a minute for a 1 MiB piece, and a piece given up on is cancelled, which
+ * a guest that slow also answers late, and is then judged hung.
+ */
+const PIECE_DEADLINE_MS = 300_000;
 
 /** envd's error body: {code: <HTTP status>, message}. */
 export function sendJsonError(res: ServerResponse, status: number, message: string): void {
@@ -131,9 +137,11 @@ export async function getFile(
   if (q.path === undefined || q.path === "") throw new ConnectError("invalid_argument", "`path` is required");
   const user = q.username ?? DEFAULT_USER;
   const piece = Math.min(PIECE_BYTES, guestPayloadLimitBytes(sandbox.memoryMib));
-  const first = await agent.fs({ action: "read", path: q.path, offset: 0, length: piece, user }).catch((err: unknown) => {
-    throw toConnectError(err);
-  });
+  const first = await agent
+    .fs({ action: "read", path: q.path, offset: 0, length: piece, user }, { timeoutMs: PIECE_DEADLINE_MS })
+    .catch((err: unknown) => {
+      throw toConnectError(err);
+    });
   const size = first.size;
   const name = path.basename(first.path);
   const gzip = acceptsGzip(req);
@@ -160,7 +168,10 @@ export async function getFile(
       if (chunk.length > 0 && !body.write(chunk)) await new Promise((r) => body.once("drain", r));
       offset += chunk.length;
       if (offset >= size || data.length === 0 || aborted.signal.aborted) break;
-      const next = await agent.fs({ action: "read", path: first.path, offset, length: piece, user: "root" }, { signal: aborted.signal });
+      const next = await agent.fs(
+        { action: "read", path: first.path, offset, length: piece, user: "root" },
+        { signal: aborted.signal, timeoutMs: PIECE_DEADLINE_MS },
+      );
       data = Buffer.from(next.data, "base64");
     }
   } catch {
@@ -232,7 +243,10 @@ export async function postFiles(
       body,
       piece,
       async (data, append) => {
-        const r = await agent.fs({ action: "write", path: target, data: data.toString("base64"), append, user });
+        const r = await agent.fs(
+          { action: "write", path: target, data: data.toString("base64"), append, user },
+          { timeoutMs: PIECE_DEADLINE_MS },
+        );
         entry = r.entry;
       },
       budget,
