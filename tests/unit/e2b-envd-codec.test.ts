@@ -86,7 +86,8 @@ describe("Connect envelopes", () => {
     expect(parseTimeoutMs("60000")).toBe(60000);
     expect(parseTimeoutMs("1500.0")).toBe(1500); // E2B's Python SDK
     expect(parseTimeoutMs("0.5")).toBe(1);
-    for (const bad of ["0", "0.0", "-1", "1e3", "12345678901", " 5", "", "1."]) expect(codeOf(() => parseTimeoutMs(bad))).toBe("invalid_argument");
+    for (const bad of ["0", "0.0", "-1", "1e3", "12345678901", " 5", "", "1."])
+      expect(codeOf(() => parseTimeoutMs(bad))).toBe("invalid_argument");
     expect(parseKeepaliveMs("50", 1)).toBe(50_000);
     expect(parseKeepaliveMs("0", 7)).toBe(1000);
     expect(parseKeepaliveMs("999999", 7)).toBe(600_000);
