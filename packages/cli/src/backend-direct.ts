@@ -1,33 +1,12 @@
 // The CLI's backend when no daemon answers: core, in this process. Loaded only then
-// (it brings all of core with it; a command that goes through the daemon never needs it).
-import {
-  AdmissionLedger,
-  admissionLimits,
-  apiSandboxView,
-  apiSnapshotView,
-  apiWorkspaceView,
-  branchesBySource,
-  childTimingsView,
-  compactSnapshot,
-  connectSandbox,
-  createSnapshot,
-  createWorkspace,
-  deleteWorkspace,
-  ForkdError,
-  forkAllOrNothing,
-  forkLiveAllOrNothing,
-  getSandbox,
-  killSandbox,
-  listPools,
-  listSandboxes,
-  listSnapshots,
-  listWorkspaces,
-  removeSnapshot,
-  resumeWorkspace,
-  snapshotDetails,
-  startBranch,
-  suspendWorkspace,
-} from "@forkd/core";
+// (a command that goes through the daemon never needs it). The short commands (ls,
+// exec, eval, files, ping, kill) load only core's sandbox-access entry; the rest load
+// all of core when they run (\`core()\`).
+const core = () => import("@forkd/core");
+
+import type { AdmissionLedger } from "@forkd/core";
+import { ForkdError } from "@forkd/core/errors";
+import { apiSandboxView, branchesBySource, connectSandbox, getSandbox, killSandbox, listSandboxes } from "@forkd/core/sandbox-access";
 import type { Backend, BranchRow, ExecArgs, FilesArgs, SnapshotArgs } from "./backend-types.js";
 import { forkRowOf } from "./fork-row.js";
 
@@ -36,7 +15,8 @@ import { forkRowOf } from "./fork-row.js";
  * limits. It holds no other work, so it checks the fork against what the host has
  * now, and refuses (over_limit) what the daemon would refuse on an idle host.
  */
-function directAdmission(): AdmissionLedger {
+async function directAdmission(): Promise<AdmissionLedger> {
+  const { AdmissionLedger, admissionLimits } = await core();
   return new AdmissionLedger(admissionLimits({ maxSandboxes: 1000, maxBranches: 4 }));
 }
 
@@ -50,6 +30,7 @@ export class DirectBackend implements Backend {
         "--no-wait needs the daemon (it finishes the snapshot after this command exits); start `forkd daemon` or drop --no-wait",
       );
     }
+    const { startBranch } = await core();
     const started = await startBranch(id, { tag: a.tag, mode: a.mode });
     const done = await started.done;
     if (done.status === "failed") throw new ForkdError("vm_start_failed", `BRANCH failed: ${done.error}`);
@@ -57,6 +38,7 @@ export class DirectBackend implements Backend {
   }
 
   async createSnapshot(a: SnapshotArgs) {
+    const { apiSnapshotView, createSnapshot } = await core();
     return apiSnapshotView(
       await createSnapshot({
         tag: a.tag,
@@ -70,19 +52,22 @@ export class DirectBackend implements Backend {
     );
   }
   async listSnapshots() {
+    const { apiSnapshotView, listSnapshots } = await core();
     return (await listSnapshots()).map(apiSnapshotView);
   }
-  snapshotInfo(tag: string) {
-    return snapshotDetails(tag);
+  async snapshotInfo(tag: string) {
+    return (await core()).snapshotDetails(tag);
   }
   async compactSnapshot(tag: string, to: string) {
+    const { apiSnapshotView, compactSnapshot } = await core();
     return apiSnapshotView(await compactSnapshot(tag, to));
   }
   async removeSnapshot(tag: string, opts: { force?: boolean; cascade?: boolean }) {
-    await removeSnapshot(tag, opts);
+    await (await core()).removeSnapshot(tag, opts);
   }
   async fork(a: Parameters<Backend["fork"]>[0]) {
     // The same policy as the daemon's POST /v1/sandboxes (core's fork-policy.ts): all children or none.
+    const { childTimingsView, forkAllOrNothing } = await core();
     const children = await forkAllOrNothing({
       tag: a.tag,
       n: a.n,
@@ -93,7 +78,7 @@ export class DirectBackend implements Backend {
       ...(a.denyOut?.length ? { denyOut: a.denyOut } : {}),
       concurrency: a.concurrency,
       onChild: a.onChild,
-      admission: directAdmission(),
+      admission: await directAdmission(),
     });
     return children.map((c) => forkRowOf({ id: c.id, timings: childTimingsView(c) }));
   }
@@ -104,15 +89,16 @@ export class DirectBackend implements Backend {
       .map((sb) => apiSandboxView(sb, bySource));
   }
   async listPools() {
-    return listPools();
+    return (await core()).listPools();
   }
   async forkLive(id: string, a: { n: number; tag?: string; concurrency?: number }) {
     const started = performance.now();
+    const { childTimingsView, forkLiveAllOrNothing } = await core();
     const result = await forkLiveAllOrNothing(id, {
       n: a.n,
       ...(a.tag ? { tag: a.tag } : {}),
       concurrency: a.concurrency,
-      admission: directAdmission(),
+      admission: await directAdmission(),
     });
     // Without a daemon this process is the writer: the snapshot is registered before it exits.
     await result.register();
@@ -177,11 +163,22 @@ export class DirectBackend implements Backend {
     }
   }
   readonly workspaces = {
-    list: async () => listWorkspaces().map(apiWorkspaceView),
-    create: async (name: string, snapshotTag: string, memoryLimitMib?: number) =>
-      apiWorkspaceView(await createWorkspace({ name, snapshotTag, ...(memoryLimitMib !== undefined ? { memoryLimitMib } : {}) })),
-    suspend: async (name: string, diff: boolean) => apiWorkspaceView(await suspendWorkspace(name, { diff })),
-    resume: async (name: string) => apiWorkspaceView(await resumeWorkspace(name)),
-    remove: (name: string) => deleteWorkspace(name),
+    list: async () => {
+      const { apiWorkspaceView, listWorkspaces } = await core();
+      return listWorkspaces().map(apiWorkspaceView);
+    },
+    create: async (name: string, snapshotTag: string, memoryLimitMib?: number) => {
+      const { apiWorkspaceView, createWorkspace } = await core();
+      return apiWorkspaceView(await createWorkspace({ name, snapshotTag, ...(memoryLimitMib !== undefined ? { memoryLimitMib } : {}) }));
+    },
+    suspend: async (name: string, diff: boolean) => {
+      const { apiWorkspaceView, suspendWorkspace } = await core();
+      return apiWorkspaceView(await suspendWorkspace(name, { diff }));
+    },
+    resume: async (name: string) => {
+      const { apiWorkspaceView, resumeWorkspace } = await core();
+      return apiWorkspaceView(await resumeWorkspace(name));
+    },
+    remove: async (name: string) => (await core()).deleteWorkspace(name),
   };
 }

@@ -1,7 +1,7 @@
 // `forkd cluster`: the nodes of the cluster the daemon belongs to (capacity, load,
 // what each holds) and drain/undrain of one (no new work placed there).
 import type { Command } from "commander";
-import { viaApi } from "../backend.js";
+import { viaApi } from "../backend-daemon.js";
 import { fmtBytes, plainTable } from "../ui.js";
 import { daemonController } from "./pool.js";
 

@@ -4,7 +4,7 @@ import { ForkdError } from "@forkd/core";
 import { clientSocketPath, setting } from "@forkd/core/settings";
 import type { Controller } from "@forkd/sdk";
 import type { Command } from "commander";
-import { configuredController, viaApi } from "../backend.js";
+import { configuredController, viaApi } from "../backend-daemon.js";
 import { parseIntOption, plainTable } from "../ui.js";
 
 /** The daemon to talk to (FORKD_URL, or one answering on the local socket); a pool needs one. */

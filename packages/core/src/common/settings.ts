@@ -13,7 +13,7 @@
 // a value is cached with the raw text it came from: tests point FORKD_HOME and
 // FORKD_RUN_DIR at a scratch store per file after core is loaded. zod is loaded
 // only when a variable that needs parsing is set (a number, a choice, a list; not
-// PATH or a path): a CLI command on a host that sets none does not pay for it
+// PATH, text or a path): a CLI command on a host that sets none does not pay for it
 // (loading zod measured 170 ms of CPU on this loaded 2-core machine, undici 275).
 import { createRequire } from "node:module";
 import path from "node:path";
@@ -519,6 +519,8 @@ function parseSetting<K extends SettingName>(name: K, raw: string | undefined): 
   const spec = SETTINGS[name] as SettingSpec<Settings[K]>;
   if (raw === undefined || (raw === "" && !spec.keepsEmpty)) return spec.default;
   if ((spec.schema as unknown) === anyText) return raw as Settings[K];
+  // A path (FORKD_HOME, FORKD_RUN_DIR: set by most scripted uses) is made absolute without loading zod.
+  if ((spec.schema as unknown) === resolvedPath) return path.resolve(raw) as Settings[K];
   const result = spec.schema(loadZod()).safeParse(raw);
   if (result.success) return result.data;
   const shown = spec.secret ? "(hidden)" : `'${raw.length > 200 ? `${raw.slice(0, 200)}…` : raw}'`;
