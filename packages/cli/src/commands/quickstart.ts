@@ -72,13 +72,24 @@ export function registerQuickstart(program: Command): void {
       const started = performance.now();
       const results = await withSpinner(`forking ${opts.count} children`, () => forkSandboxes({ tag: QUICKSTART_TAG, n: opts.count }));
       const wallMs = performance.now() - started;
-      const table = plainTable(["CHILD", "RESTORE", "FIRST ANSWER", "TOTAL", "EXEC hostname", "EVAL greet()", "HOST MEMORY (PSS)"]);
+      // Each child's first exec (answered by the guest's small native gate, without waking its JavaScript
+      // runtime) and first eval (which wakes it), and the host memory it had before and after them.
+      const table = plainTable([
+        "CHILD",
+        "RESTORE",
+        "FIRST ANSWER",
+        "TOTAL",
+        "FIRST EXEC hostname",
+        "FIRST EVAL greet()",
+        "HOST MEMORY (PSS) idle → after",
+      ]);
       try {
         for (const r of results) {
           if (!r.ok) {
             table.push([r.id, { colSpan: 6, content: `FAILED: ${r.error.message}` }]);
             continue;
           }
+          const idlePss = pssBytes(r.pid) ?? 0;
           const agent = await connectSandbox(r.id);
           try {
             let host = "";
@@ -95,7 +106,7 @@ export function registerQuickstart(program: Command): void {
               fmtMs(r.timings.totalMs),
               `${host.trim() === r.id ? "own hostname" : host.trim()} (${fmtMs(execMs)})`,
               `${String(greeting.value).length > 0 ? "ok" : "?"} (${fmtMs(evalMs)})`,
-              `${((pssBytes(r.pid) ?? 0) / 2 ** 20).toFixed(1)} MiB`,
+              `${(idlePss / 2 ** 20).toFixed(1)} → ${((pssBytes(r.pid) ?? 0) / 2 ** 20).toFixed(1)} MiB`,
             ]);
           } finally {
             agent.close();
