@@ -6,7 +6,7 @@ import fs from "node:fs";
 import { ForkdError } from "@forkd/core";
 import { clientSocketPath, setting } from "@forkd/core/settings";
 import type { Command } from "commander";
-import { configuredController, viaApi } from "../backend.js";
+import { configuredController, viaApi } from "../backend-daemon.js";
 
 /** The variables E2B's JS and Python SDKs read. E2B_DEBUG stays unset: in debug mode the SDK skips kill and metrics. */
 type E2bEnvLines = { E2B_API_URL: string; E2B_SANDBOX_URL: string; E2B_API_KEY: string };
