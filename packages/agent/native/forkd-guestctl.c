@@ -11,6 +11,10 @@
  *   forkd-guestctl gate VERSION RUNTIMES STARTED_MS
  *                                        the agent port's gatekeeper (port on fd 3, the agent on stdin and stdout):
  *                                        see "The gate" below
+ *   forkd-guestctl pty ROWS COLS PROG [ARG...]
+ *                                        run PROG on a new pseudo-terminal of ROWS x COLS, relaying
+ *                                        stdin to it and its output to stdout: the dashboard's terminal
+ *                                        (Node has no openpty without a native addon)
  * Children restored from one snapshot start with identical CRNG state; writing to
  * /dev/urandom only mixes the input pool, so without RNDRESEEDCRNG they would keep
  * producing the same bytes until the kernel's next timed reseed.
@@ -1538,12 +1542,84 @@ static int set_fasync(const char *fd_text, const char *pid_text) {
   return 0;
 }
 
+static int parse_dimension(const char *text, unsigned short *out) {
+  char *end = NULL;
+  long v = strtol(text, &end, 10);
+  if (end == text || *end != '\0' || v < 1 || v > 1000) return -1;
+  *out = (unsigned short)v;
+  return 0;
+}
+
+/*
+ * The pty relay. The shell runs as the session leader of a new pseudo-terminal
+ * (so job control, echo and line editing work); bytes on our stdin go to the
+ * terminal, what it prints comes out on our stdout. Ends with the shell: its
+ * exit status is ours (128+signal when killed).
+ */
+static int pty_run(int argc, char **argv) {
+  struct winsize ws = {0};
+  if (parse_dimension(argv[2], &ws.ws_row) < 0 || parse_dimension(argv[3], &ws.ws_col) < 0) {
+    fprintf(stderr, "forkd-guestctl: pty wants ROWS COLS (1-1000) PROG [ARG...]\n");
+    return 2;
+  }
+  int master = posix_openpt(O_RDWR | O_NOCTTY);
+  if (master < 0 || grantpt(master) < 0 || unlockpt(master) < 0) { perror("forkd-guestctl: posix_openpt"); return 1; }
+  const char *slave_name = ptsname(master);
+  if (!slave_name) { perror("forkd-guestctl: ptsname"); return 1; }
+  char slave_path[128];
+  snprintf(slave_path, sizeof slave_path, "%s", slave_name);
+  if (ioctl(master, TIOCSWINSZ, &ws) < 0) { perror("forkd-guestctl: TIOCSWINSZ"); return 1; }
+  pid_t child = fork();
+  if (child < 0) { perror("forkd-guestctl: fork"); return 1; }
+  if (child == 0) {
+    close(master);
+    if (setsid() < 0) _exit(127);
+    int slave = open(slave_path, O_RDWR);
+    if (slave < 0 || ioctl(slave, TIOCSCTTY, 0) < 0) _exit(127);
+    if (dup2(slave, 0) < 0 || dup2(slave, 1) < 0 || dup2(slave, 2) < 0) _exit(127);
+    if (slave > 2) close(slave);
+    setenv("TERM", "xterm-256color", 0);
+    execvp(argv[4], &argv[4]);
+    _exit(127);
+  }
+  (void)argc;
+  struct pollfd fds[2] = {{.fd = 0, .events = POLLIN}, {.fd = master, .events = POLLIN}};
+  char buf[16384];
+  for (;;) {
+    int ready = poll(fds, 2, -1);
+    if (ready < 0) {
+      if (errno == EINTR) continue;
+      break;
+    }
+    if (fds[1].revents & (POLLIN | POLLHUP | POLLERR)) {
+      ssize_t n = read(master, buf, sizeof buf);
+      /* EIO: every slave descriptor is closed, the shell (and what it started) has gone. */
+      if (n <= 0 && !(n < 0 && errno == EINTR)) break;
+      if (n > 0 && write_all(1, buf, (size_t)n) < 0) break;
+    }
+    if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+      ssize_t n = read(0, buf, sizeof buf);
+      if (n > 0) {
+        if (write_all(master, buf, (size_t)n) < 0) break;
+      } else if (!(n < 0 && errno == EINTR)) {
+        /* stdin closed: nothing more to type; the shell runs on until it exits or is killed. */
+        fds[0].fd = -1;
+      }
+    }
+  }
+  close(master);
+  int status = 0;
+  while (waitpid(child, &status, 0) < 0 && errno == EINTR) {}
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+}
+
 int main(int argc, char **argv) {
   if (argc == 2 && strcmp(argv[1], "reseed") == 0) return reseed();
   if (argc == 3 && strcmp(argv[1], "settime") == 0) return settime(argv[2]);
   if (argc == 2 && strcmp(argv[1], "serve") == 0) return serve();
   if (argc == 4 && strcmp(argv[1], "fasync") == 0) return set_fasync(argv[2], argv[3]);
   if (argc == 5 && strcmp(argv[1], "gate") == 0) return gate(argv[2], argv[3], argv[4]);
-  fprintf(stderr, "usage: forkd-guestctl reseed < entropy | settime MS | serve | fasync FD PID | gate VERSION RUNTIMES STARTED_MS\n");
+  if (argc >= 5 && strcmp(argv[1], "pty") == 0) return pty_run(argc, argv);
+  fprintf(stderr, "usage: forkd-guestctl reseed < entropy | settime MS | serve | fasync FD PID | gate VERSION RUNTIMES STARTED_MS | pty ROWS COLS PROG [ARG...]\n");
   return 2;
 }
