@@ -5,6 +5,8 @@ const CORE_LAYERS = ["common", "vmm", "guest", "store", "net", "hub", "boot", "w
 /** Packages, lowest first, with the packages each may import. */
 const PACKAGES = {
   atomic: [],
+  // The page: a browser bundle that talks to the daemon over HTTP only.
+  dashboard: [],
   agent: ["atomic"],
   core: ["atomic", "agent"],
   e2b: ["atomic", "agent", "core"],

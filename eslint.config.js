@@ -10,7 +10,10 @@ export default tseslint.config(
     files: ["packages/*/src/**/*.ts", "tests/**/*.ts"],
     languageOptions: {
       parser: tseslint.parser,
-      parserOptions: { project: ["./tsconfig.check.json", "./tests/tsconfig.json"], tsconfigRootDir: import.meta.dirname },
+      parserOptions: {
+        project: ["./tsconfig.check.json", "./tests/tsconfig.json", "./packages/dashboard/tsconfig.json"],
+        tsconfigRootDir: import.meta.dirname,
+      },
     },
     plugins: { "@typescript-eslint": tseslint.plugin },
     linterOptions: { reportUnusedDisableDirectives: "error" },

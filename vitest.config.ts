@@ -117,6 +117,19 @@ export default defineConfig({
           sequence: { groupOrder: 3 },
         },
       },
+      {
+        extends: true,
+        test: {
+          name: "browser",
+          // The dashboard in headless chromium against a real daemon with real VMs.
+          include: ["tests/browser/**/*.test.ts"],
+          globalSetup: VM_GLOBAL_SETUP,
+          fileParallelism: false,
+          testTimeout: 120_000,
+          hookTimeout: 900_000,
+          sequence: { groupOrder: 4 },
+        },
+      },
     ],
   },
 });

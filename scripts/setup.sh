@@ -4,9 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# cppcheck, shellcheck, python3-mypy, pyflakes3: npm run lint. docker-registry: the hub tests and `forkd bench pack` start their own instance on loopback (never the packaged service).
+# cppcheck, shellcheck, python3-mypy, pyflakes3: npm run lint. chromium: the dashboard's browser tests (tests/browser, driven by playwright-core). docker-registry: the hub tests and `forkd bench pack` start their own instance on loopback (never the packaged service).
 # etcd-server, etcd-client: the cluster tests start their own etcd on loopback (never the packaged service).
-APT_PACKAGES=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static e2fsprogs zstd gcc g++ make python3 libc6-dev binutils util-linux debootstrap nftables iproute2 docker-registry python3-pytest cppcheck shellcheck python3-mypy pyflakes3 etcd-server etcd-client)
+APT_PACKAGES=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static e2fsprogs zstd gcc g++ make python3 libc6-dev binutils util-linux debootstrap nftables iproute2 docker-registry python3-pytest cppcheck shellcheck python3-mypy pyflakes3 etcd-server etcd-client chromium)
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 

@@ -6,9 +6,10 @@
 export { chooseAccel, Vm } from "./boot/vm.js";
 export { startBranch } from "./branch/branch.js";
 export { forkLiveAllOrNothing } from "./branch/fork-live.js";
-export { forkdHome, forkdRunDir } from "./common/config.js";
+export { forkdHome, forkdRunDir, shmDir } from "./common/config.js";
 export { ensureRuntimeDir, ensureStateDir } from "./common/dirs.js";
 export { ERROR_STATUS, type ErrorCode, ForkdError, isForkdError } from "./common/errors.js";
+export { procStatFields } from "./common/pid.js";
 export { pssBytes } from "./common/procmem.js";
 export { configureSettings, defaultSocketPath, setting, settings, settingsEnv, withSettings } from "./common/settings.js";
 export { validateName, validateSandboxId } from "./common/validate.js";
@@ -63,6 +64,7 @@ export {
 } from "./pool/pool.js";
 export { AdmissionLedger } from "./sandbox/admission.js";
 export { admissionLimits, admitBranch, admitFork, admitSnapshot, readCapacity } from "./sandbox/admission-host.js";
+export { cgroupDirs } from "./sandbox/cgroup.js";
 export { defaultRestoreConcurrency, type ForkChildResult, forkSandboxes, planRestore, validateForkCount } from "./sandbox/fork.js";
 export { forkAllOrNothing } from "./sandbox/fork-policy.js";
 export { connectSandbox, expireSandboxes, getSandbox, killSandbox, listSandboxes, watchAgentHealth } from "./sandbox/lifecycle.js";
@@ -83,7 +85,7 @@ export { createSnapshot } from "./warm/create.js";
 
 export { judgeGuestRam } from "./branch/live-capture.js";
 export { deviceSplice, ramSectionId, spliceDevices } from "./branch/vmstate.js";
-export { shmDir, snapshotsDir, vmsRunDir } from "./common/config.js";
+export { snapshotsDir, vmsRunDir } from "./common/config.js";
 export { ensurePrivateDir, parentDirVerdict, privateDirVerdict } from "./common/dirs.js";
 export { type FaultStep, faultPoint } from "./common/fault.js";
 export { readVmmFile, writeVmmFile } from "./common/fsutil.js";
@@ -126,7 +128,7 @@ export {
   snapshotNeeds,
   VMM_OVERHEAD_BYTES,
 } from "./sandbox/admission.js";
-export { cgroupDirs, cpuSettings, detectCgroups, readCpuLimit, validateCpuLimit } from "./sandbox/cgroup.js";
+export { cpuSettings, detectCgroups, readCpuLimit, validateCpuLimit } from "./sandbox/cgroup.js";
 export { allOrNothing } from "./sandbox/fork-policy.js";
 export { offerCapture, useOfferedCapture } from "./sandbox/offered-captures.js";
 export { priorityValues, setSandboxPriority } from "./sandbox/priority.js";

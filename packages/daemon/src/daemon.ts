@@ -28,11 +28,14 @@ import { AgentConnections } from "./agent-connections.js";
 import { AuditLog } from "./audit.js";
 import { ensureLocalToken, isLoopback, readTokenFile } from "./auth.js";
 import { startCluster } from "./cluster.js";
+import { EventHub, StateWatcher } from "./events.js";
 import { HotPools } from "./hot-pools.js";
 import { JobRegistry } from "./jobs.js";
 import { createMetrics } from "./metrics.js";
+import { sampleState } from "./routes/events.js";
 import { daemonForkSteps } from "./routes/fork-steps.js";
 import { buildServer, FORKD_VERSION, type ServerContext } from "./server.js";
+import { metricsSummary, SpawnRecorder } from "./usage.js";
 
 export type DaemonOpts = {
   socket?: string;
@@ -103,11 +106,23 @@ export function createServerContext(opts: {
   const { token, log } = opts;
   const audit = new AuditLog(opts.auditLog);
   const metrics = createMetrics(FORKD_VERSION);
+  const events = new EventHub();
   const agents = new AgentConnections((id, reason) => {
     audit.write({ ts: new Date().toISOString(), event: "sandbox_unhealthy", sandboxes: [id], reason });
+    events.publish({ type: "sandbox.unhealthy", data: { id, reason } });
     log(`forkd daemon: sandbox ${id} is unhealthy: ${reason}`);
   });
   const admission = new AdmissionLedger(admissionLimits({ maxSandboxes: opts.maxSandboxes ?? 1000, maxBranches: opts.maxBranches ?? 4 }));
+  const jobs = new JobRegistry();
+  const hotPools = new HotPools({ agents, admission, metrics, log });
+  const spawns = new SpawnRecorder();
+  // Polled only while a client listens; metrics every 2 s.
+  const watcher = new StateWatcher(
+    events,
+    () => sampleState(hotPools, jobs),
+    async () => metricsSummary(spawns, admission),
+    { intervalMs: 500, metricsEvery: 4, log },
+  );
   const ctx: ServerContext = {
     token,
     log,
@@ -115,8 +130,11 @@ export function createServerContext(opts: {
     metrics,
     agents,
     admission,
-    jobs: new JobRegistry(),
-    hotPools: new HotPools({ agents, admission, metrics, log }),
+    jobs,
+    hotPools,
+    events,
+    watcher,
+    spawns,
     e2b: new E2bContext({ home: forkdHome(), agents, admission, forkSteps: (onEachChild) => daemonForkSteps(ctx, onEachChild), log }),
   };
   return ctx;
@@ -248,6 +266,8 @@ export async function startDaemon(opts: DaemonOpts = {}): Promise<RunningDaemon>
     process.off("SIGHUP", onHup);
     clearInterval(reaper);
     stopE2b();
+    ctx.events.closeAll();
+    ctx.watcher.stop();
     await Promise.all(servers.map((s) => s.close()));
     // Leave the cluster at once (the lease is revoked): the others do not wait out the TTL.
     await ctx.cluster?.close().catch((err: Error) => log(`forkd daemon: leaving the cluster: ${err.message}`));

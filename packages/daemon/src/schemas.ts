@@ -466,3 +466,26 @@ const ClusterNodeView = z.object({
 });
 export const ClusterNodeList = z.array(ClusterNodeView);
 export const DrainResult = z.object({ name: z.string(), draining: z.boolean() });
+
+/** GET /v1/metrics/summary: what the dashboard charts, as JSON (Prometheus text stays at /metrics). */
+export const MetricsSummary = z.object({
+  ts: z.string(),
+  sandboxes_active: z.number(),
+  /** Children restored in the last minute. */
+  forks_per_min: z.number(),
+  /** Over the last 512 restores (null before any). */
+  spawn_p50_ms: z.number().nullable(),
+  spawn_p99_ms: z.number().nullable(),
+  spawns_seen: z.number(),
+  host: z.object({
+    mem_total_bytes: z.number(),
+    mem_available_bytes: z.number(),
+    shm_total_bytes: z.number(),
+    shm_free_bytes: z.number(),
+    /** Held on the staging filesystem by work admitted and in flight. */
+    shm_reserved_bytes: z.number(),
+  }),
+  /** Each live sandbox's memory and CPU time from its cgroup (null where the host has none). */
+  sandboxes: z.record(z.string(), z.object({ memory_bytes: z.number().nullable(), cpu_usec: z.number().nullable() })),
+});
+export type MetricsSummaryT = z.infer<typeof MetricsSummary>;

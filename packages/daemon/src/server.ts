@@ -15,6 +15,7 @@ import { registerAgentCallRoutes } from "./routes/agent-calls.js";
 import { registerBranchRoutes } from "./routes/branch.js";
 import { registerClusterRoutes } from "./routes/cluster.js";
 import { ERROR_RESPONSES, type RouteDeps, type ServerContext, touch } from "./routes/context.js";
+import { registerEventRoutes } from "./routes/events.js";
 import { registerForkLiveRoutes } from "./routes/fork-live.js";
 import { registerJobRoutes } from "./routes/jobs.js";
 import { registerPoolRoutes } from "./routes/pools.js";
@@ -23,6 +24,7 @@ import { registerRegistryRoutes } from "./routes/registry.js";
 import { registerSandboxRoutes } from "./routes/sandboxes.js";
 import { registerSnapshotRoutes } from "./routes/snapshots.js";
 import { registerSystemRoutes } from "./routes/system.js";
+import { isUiPath, registerUiRoutes } from "./routes/ui.js";
 import { registerWorkspaceRoutes } from "./routes/workspaces.js";
 
 export type { ServerContext } from "./routes/context.js";
@@ -84,7 +86,8 @@ export async function buildServer(ctx: ServerContext, opts: ServerOpts = { requi
 
   app.addHook("onRequest", async (request, reply) => {
     (request as FastifyRequest & { startedAt: number }).startedAt = performance.now();
-    if (request.url === "/healthz") return;
+    // The dashboard's static files hold no secret: the page logs in with the token itself.
+    if (request.url === "/healthz" || isUiPath(request.url)) return;
     // A node-to-node call (cluster) carries the cluster secret instead of a client's token, on any listener.
     if (ctx.cluster && isForwarded(request)) {
       if (tokenMatches(ctx.cluster.token, clusterTokenOf(request))) return;
@@ -163,6 +166,8 @@ export async function buildServer(ctx: ServerContext, opts: ServerOpts = { requi
     registerWorkspaceRoutes,
     registerRegistryRoutes,
     registerClusterRoutes,
+    registerEventRoutes,
+    registerUiRoutes,
   ]) {
     register(deps);
   }

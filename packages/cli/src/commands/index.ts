@@ -28,6 +28,7 @@ export const COMMAND_MODULES: readonly CommandModule[] = [
   { commands: ["doctor"], load: async () => (await import("./doctor.js")).registerDoctor },
   { commands: ["daemon"], load: async () => (await import("./daemon.js")).registerDaemon },
   { commands: ["cluster"], load: async () => (await import("./cluster.js")).registerCluster },
+  { commands: ["ui"], load: async () => (await import("./dashboard.js")).registerDashboard },
   { commands: ["mcp"], load: async () => (await import("./mcp.js")).registerMcp },
   { commands: ["e2b"], load: async () => (await import("./e2b.js")).registerE2b },
   { commands: ["bench"], load: async () => (await import("./bench/index.js")).registerBench },

@@ -14,10 +14,12 @@ import type {
 import type { ZodTypeProvider } from "fastify-type-provider-zod";
 import type { AgentConnections } from "../agent-connections.js";
 import type { AuditLog } from "../audit.js";
+import type { EventHub, StateWatcher } from "../events.js";
 import type { HotPools } from "../hot-pools.js";
 import type { JobRegistry } from "../jobs.js";
 import type { Metrics } from "../metrics.js";
 import * as S from "../schemas.js";
+import type { SpawnRecorder } from "../usage.js";
 
 export const ERROR_RESPONSES = { 400: S.ErrorBody, 401: S.ErrorBody, 404: S.ErrorBody, 409: S.ErrorBody, 422: S.ErrorBody };
 
@@ -38,6 +40,12 @@ export type ServerContext = {
   log: (line: string) => void;
   /** This node's cluster membership, set once it has joined (undefined: a single host, forkd's behaviour unchanged). */
   cluster?: ClusterNode;
+  /** Clients of GET /v1/events, each with a bounded backlog. */
+  events: EventHub;
+  /** Finds what changed while anyone listens, and publishes it on `events`. */
+  watcher: StateWatcher;
+  /** Recent child restores, for the metrics summary's rate and percentiles. */
+  spawns: SpawnRecorder;
 };
 
 export type RouteDeps = {

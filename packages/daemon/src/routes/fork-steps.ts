@@ -15,7 +15,9 @@ export function daemonForkSteps(ctx: ServerContext, onEachChild: (child: ForkChi
     keepAgent: (id: string, agent: AgentClient) => ctx.agents.adopt(id, agent),
     onChild: (child: ForkChildResult) => {
       onEachChild(child);
-      if (child.ok) ctx.metrics.spawnSeconds.observe(child.timings.totalMs / 1000);
+      if (!child.ok) return;
+      ctx.metrics.spawnSeconds.observe(child.timings.totalMs / 1000);
+      ctx.spawns.record(child.timings.totalMs);
     },
     killChild: async (id: string) => {
       ctx.agents.drop(id);
