@@ -26,6 +26,7 @@ let browser: Browser;
 let page: Page;
 let first: string;
 let branchTag: string;
+let victim: string;
 
 type Res = { status: number; body: unknown };
 async function call(method: string, route: string, body?: unknown): Promise<Res> {
@@ -52,6 +53,16 @@ beforeAll(async () => {
   await ok("POST", "/v1/snapshots", { tag: TAG, memory_mib: 128 });
   first = (await ok<{ id: string }[]>("POST", "/v1/sandboxes", { snapshot_tag: TAG, n: 1 }))[0]!.id;
   branchTag = (await ok<{ tag: string }>("POST", `/v1/sandboxes/${first}/branch`, { mode: "live", tag: "ui-live", wait: false })).tag;
+  // Turned hostile now: the rogue agent takes long to start under TCG, so it starts while the other tests run.
+  victim = (await ok<{ id: string }[]>("POST", "/v1/sandboxes", { snapshot_tag: TAG, n: 1 }))[0]!.id;
+  await ok("POST", `/v1/sandboxes/${victim}/files`, { action: "write", path: "/root/rogue.mjs", data: ROGUE });
+  const frame = Buffer.from('{"id":1,"kind":"surprise","value":1}');
+  const header = Buffer.alloc(4);
+  header.writeUInt32BE(frame.length);
+  const bytes = Buffer.concat([header, frame]).toString("base64");
+  await ok("POST", `/v1/sandboxes/${victim}/exec`, {
+    cmd: `/opt/forkd/bin/node /root/rogue.mjs raw 300 ${bytes} </dev/null >/root/rogue.log 2>&1 &`,
+  });
   browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: ["--no-sandbox"] });
   page = await browser.newPage({ viewport: { width: 1280, height: 800 }, acceptDownloads: true });
   page.on("dialog", (d) => {
@@ -147,16 +158,7 @@ describe("the dashboard in headless chromium", () => {
   });
 
   it("marks a sandbox whose guest broke the protocol unhealthy, with its reason", async () => {
-    const victim = (await ok<{ id: string }[]>("POST", "/v1/sandboxes", { snapshot_tag: TAG, n: 1 }))[0]!.id;
-    await ok("POST", `/v1/sandboxes/${victim}/files`, { action: "write", path: "/root/rogue.mjs", data: ROGUE });
-    const frame = Buffer.from('{"id":1,"kind":"surprise","value":1}');
-    const header = Buffer.alloc(4);
-    header.writeUInt32BE(frame.length);
-    const bytes = Buffer.concat([header, frame]).toString("base64");
-    await ok("POST", `/v1/sandboxes/${victim}/exec`, {
-      cmd: `/opt/forkd/bin/node /root/rogue.mjs raw 300 ${bytes} </dev/null >/root/rogue.log 2>&1 &`,
-    });
-    // The rogue's bytes reach the daemon on its next call.
+    // The rogue (started in beforeAll) took the port; its bytes reach the daemon on its next call.
     await expect
       .poll(
         async () => {
@@ -173,10 +175,10 @@ describe("the dashboard in headless chromium", () => {
   });
 
   it("kills a sandbox from the table", async () => {
-    const victim = (await sandboxIds()).find((id) => id !== first)!;
-    await page.getByRole("button", { name: `Kill ${victim}` }).click();
-    await page.locator(`tr[data-sandbox="${victim}"]`).waitFor({ state: "detached", timeout: 60_000 });
-    expect(await sandboxIds()).not.toContain(victim);
+    const target = (await sandboxIds()).find((id) => id !== first)!;
+    await page.getByRole("button", { name: `Kill ${target}` }).click();
+    await page.locator(`tr[data-sandbox="${target}"]`).waitFor({ state: "detached", timeout: 60_000 });
+    expect(await sandboxIds()).not.toContain(target);
   });
 
   it("fits a phone's width: one column, nothing wider than the screen", async () => {
