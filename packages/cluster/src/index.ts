@@ -13,5 +13,7 @@ export {
   proxyRequest,
   sandboxIdOf,
 } from "./forward.js";
-export { type NodeStatus, type SnapshotPresence, validateAdvertiseUrl, validateNodeName } from "./membership.js";
+export { type NodeRecord, type NodeStatus, type SnapshotPresence, validateAdvertiseUrl, validateNodeName } from "./membership.js";
+export { type Locality, localityOf, type NodeOffer } from "./placement.js";
+export { type Prepared, ShareRefused, type SpreadChild, type SpreadPeers, spreadFork } from "./spread.js";
 export { tagCreatedBy } from "./tags.js";

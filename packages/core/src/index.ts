@@ -63,7 +63,7 @@ export {
   validatePoolSize,
 } from "./pool/pool.js";
 export { AdmissionLedger } from "./sandbox/admission.js";
-export { admissionLimits, admitBranch, admitFork, admitSnapshot, readCapacity } from "./sandbox/admission-host.js";
+export { admissionLimits, admitBranch, admitFork, admitSnapshot, forkRoom, readCapacity } from "./sandbox/admission-host.js";
 export { cgroupDirs } from "./sandbox/cgroup.js";
 export { defaultRestoreConcurrency, type ForkChildResult, forkSandboxes, planRestore, validateForkCount } from "./sandbox/fork.js";
 export { forkAllOrNothing } from "./sandbox/fork-policy.js";

@@ -226,6 +226,8 @@ export const Sandbox = z.object({
       pool_claim_ms: z.number().optional(),
     })
     .optional(),
+  /** In a cluster: the node the sandbox runs on. */
+  node: z.string().optional(),
 });
 export const SandboxList = z.array(Sandbox);
 /** forkd answers a fork with the children's SandboxInfo, as a bare array. */
@@ -270,6 +272,23 @@ export const ForkLiveResponse = z.object({
   /** Pages the source had written since it was restored: the only memory the capture copied. */
   captured_pages: z.number(),
   sandboxes: z.array(Sandbox),
+  /** In a cluster, when the children outnumbered the source's node's room: where they went and what moved. */
+  spread: z
+    .object({
+      /** Children per node (the source's node first: it forks from the capture itself). */
+      shares: z.array(z.object({ node: z.string(), n: z.number(), locality: z.string() })),
+      refused: z.array(z.object({ node: z.string(), reason: z.string() })),
+      /** Per node that fetched the capture: bytes it downloaded, and what the whole chain would have been. */
+      pulled: z.array(z.object({ node: z.string(), downloaded_bytes: z.number(), transfer_bytes: z.number() })),
+      /** Bytes the source's node uploaded to the registry (the layer only, when the base is there). */
+      pushed_bytes: z.number(),
+      owner_n: z.number(),
+      /** The capture's own files on disk: its written pages, their page map and the device state. */
+      layer_bytes: z.number(),
+      /** The registry's bytes for the whole chain: what a node with nothing pulls. */
+      full_pack_bytes: z.number(),
+    })
+    .optional(),
 });
 
 export const ExecBody = z

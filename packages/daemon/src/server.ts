@@ -14,6 +14,7 @@ import { BODY_LIMIT_BYTES, classify, errorBody } from "./http-errors.js";
 import { registerAgentCallRoutes } from "./routes/agent-calls.js";
 import { registerBranchRoutes } from "./routes/branch.js";
 import { registerClusterRoutes } from "./routes/cluster.js";
+import { registerClusterOfferRoutes } from "./routes/cluster-offer.js";
 import { ERROR_RESPONSES, type RouteDeps, type ServerContext, touch } from "./routes/context.js";
 import { registerEventRoutes } from "./routes/events.js";
 import { registerForkLiveRoutes } from "./routes/fork-live.js";
@@ -168,6 +169,7 @@ export async function buildServer(ctx: ServerContext, opts: ServerOpts = { requi
     registerClusterRoutes,
     registerEventRoutes,
     registerUiRoutes,
+    registerClusterOfferRoutes,
   ]) {
     register(deps);
   }

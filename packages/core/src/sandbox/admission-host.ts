@@ -117,6 +117,34 @@ export async function admitFork(
   );
 }
 
+/**
+ * How many children of `tag` a fork here would be admitted for now, beside the work
+ * in flight: what a cluster asks each node before placing a share there. A snapshot
+ * this host lacks is sized from `absent` (its RAM, all of it to stage).
+ */
+export async function forkRoom(
+  ledger: AdmissionLedger,
+  opts: { tag: string; memoryLimitMib?: number | undefined; absent?: { memoryMib: number } },
+): Promise<number> {
+  const snapshot = await getSnapshot(opts.tag).catch(() => undefined);
+  const memoryMib = snapshot?.memoryMib ?? opts.absent?.memoryMib;
+  if (memoryMib === undefined) return 0;
+  const unstagedBytes = snapshot ? await unstagedChainBytes(snapshot) : memoryMib * MIB;
+  const capacity = readCapacity();
+  return ledger.room(
+    (n) =>
+      forkNeeds({
+        n,
+        guestMemoryBytes: memoryMib * MIB,
+        memoryLimitMib: opts.memoryLimitMib,
+        unstagedBytes,
+        dirtyFraction: ledger.limits.dirtyFraction,
+      }),
+    capacity,
+    ledger.limits.maxSandboxes - capacity.sandboxesAlive,
+  );
+}
+
 /** A live fork-to-many of a running sandbox whose guest has `guestMemoryMib` of RAM. */
 export function admitLiveFork(ledger: AdmissionLedger, opts: { n: number; guestMemoryMib: number }): Promise<Ticket> {
   return admit(

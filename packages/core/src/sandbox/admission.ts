@@ -268,6 +268,29 @@ export class AdmissionLedger {
     return { ...this.held };
   }
 
+  /**
+   * The largest count `needsOf(count)` admits now (0 when not even one fits), by the
+   * same verdict `admit` gives; needs grow with the count, so a binary search finds it.
+   * Nothing is reserved: a cluster asks each node this before placing a fork there.
+   */
+  room(needsOf: (count: number) => Needs, capacity: Capacity, max: number): number {
+    const fits = (count: number) =>
+      decide(
+        needsOf(count),
+        { ...capacity, shmEvictableBytes: Math.max(0, capacity.shmEvictableBytes - this.evictionClaims) },
+        this.held,
+        this.limits,
+      ).ok;
+    let lo = 0;
+    let hi = Math.max(0, Math.floor(max));
+    while (lo < hi) {
+      const mid = Math.ceil((lo + hi) / 2);
+      if (fits(mid)) lo = mid;
+      else hi = mid - 1;
+    }
+    return lo;
+  }
+
   /** The reservation, or a refusal (never both). */
   admit(needs: Needs, capacity: Capacity): { ok: true; ticket: Ticket; evictBytes: number } | { ok: false; refusal: Refusal } {
     const verdict = decide(

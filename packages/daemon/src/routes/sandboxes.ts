@@ -13,6 +13,8 @@ import {
   validateSandboxId,
 } from "@forkd/core";
 import { z } from "zod";
+import { isForwarded } from "../cluster-hooks.js";
+import { clusterFork } from "../cluster-spread.js";
 import { boundedTimeout } from "../request-checks.js";
 import * as S from "../schemas.js";
 import type { RouteDeps } from "./context.js";
@@ -31,22 +33,38 @@ export function registerSandboxRoutes({ r, ctx, err, touch }: RouteDeps): void {
     const n = validateForkCount(request.body.n ?? 1);
     const opts = forkOptsOf(request.body, boundedTimeout(request.body.timeout_ms, "timeout_ms", "sandbox"));
     touch(request, "snapshots", opts.tag);
-    // The snapshot's hot pool first: a pooled child is handed out in the time of an identity call.
-    const pooled = poolCanServe(opts) ? await ctx.hotPools.claim(opts.tag, n, { ttlMs: opts.ttlMs, metadata: opts.metadata }) : [];
-    for (const c of pooled) touch(request, "sandboxes", c.id);
-    const restored =
-      pooled.length === n
-        ? []
-        : await forkAllOrNothing({
-            ...opts,
-            n: n - pooled.length,
-            held: pooled.map((c) => c.id),
-            ...daemonForkSteps(ctx, (child) => touch(request, "sandboxes", child.id)),
-          });
-    const bySource = branchesBySource();
-    return reply
-      .code(201)
-      .send([...pooled.map((c) => claimedChildView(c, bySource)), ...restored.map((c) => restoredChildView(c, bySource))]);
+    /** This node's share: the snapshot's hot pool first (a pooled child is handed out in the time of an identity call), then restores. */
+    const forkHere = async (count: number) => {
+      const pooled = poolCanServe(opts) ? await ctx.hotPools.claim(opts.tag, count, { ttlMs: opts.ttlMs, metadata: opts.metadata }) : [];
+      for (const c of pooled) touch(request, "sandboxes", c.id);
+      const restored =
+        pooled.length === count
+          ? []
+          : await forkAllOrNothing({
+              ...opts,
+              n: count - pooled.length,
+              held: pooled.map((c) => c.id),
+              ...daemonForkSteps(ctx, (child) => touch(request, "sandboxes", child.id)),
+            });
+      const bySource = branchesBySource();
+      return [...pooled.map((c) => claimedChildView(c, bySource)), ...restored.map((c) => restoredChildView(c, bySource))];
+    };
+    // In a cluster, the node a client called spreads the fork; a node another node asked serves its share here.
+    if (ctx.cluster && !isForwarded(request)) {
+      const cluster = ctx.cluster;
+      const { children } = await clusterFork({
+        ctx,
+        cluster,
+        tag: opts.tag,
+        n,
+        memoryLimitMib: opts.memoryLimitMib,
+        body: request.body,
+        forkHere: async (count) => (await forkHere(count)).map((c) => ({ ...c, node: cluster.name })),
+        killHere: (id) => daemonForkSteps(ctx, () => {}).killChild(id),
+      });
+      return reply.code(201).send(children as S.ForkResultT);
+    }
+    return reply.code(201).send(await forkHere(n));
   });
   r.get("/v1/sandboxes/:id", { schema: { params: S.IdParam, response: { 200: S.Sandbox, ...err } } }, async (request) =>
     apiSandboxView(getSandbox(request.params.id)),

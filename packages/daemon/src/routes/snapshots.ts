@@ -8,6 +8,7 @@ import {
   createSnapshot,
   ForkdError,
   getSnapshot,
+  isForkdError,
   listSnapshots,
   removeSnapshot,
   snapshotDetails,
@@ -15,6 +16,8 @@ import {
   validateResources,
 } from "@forkd/core";
 import { z } from "zod";
+import { isForwarded } from "../cluster-hooks.js";
+import { removeEverywhere } from "../cluster-wide.js";
 import { boundedTimeout } from "../request-checks.js";
 import * as S from "../schemas.js";
 import type { RouteDeps } from "./context.js";
@@ -87,15 +90,37 @@ export function registerSnapshotRoutes({ r, ctx, err, touch }: RouteDeps): void 
       },
     },
     async (request, reply) => {
-      const { killed, removed } = await removeSnapshot(request.params.tag, {
-        force: request.query.force === "true",
-        cascade: request.query.cascade === "true",
-      });
-      for (const tag of removed) touch(request, "snapshots", tag);
-      for (const id of killed) {
-        ctx.agents.drop(id);
-        touch(request, "sandboxes", id);
+      const here = async () => {
+        const { killed, removed } = await removeSnapshot(request.params.tag, {
+          force: request.query.force === "true",
+          cascade: request.query.cascade === "true",
+        });
+        for (const tag of removed) touch(request, "snapshots", tag);
+        for (const id of killed) {
+          ctx.agents.drop(id);
+          touch(request, "sandboxes", id);
+        }
+      };
+      // In a cluster, rmi removes the tag from every node that holds it.
+      if (ctx.cluster && !isForwarded(request)) {
+        const query = new URLSearchParams(request.query as Record<string, string>).toString();
+        await removeEverywhere({
+          cluster: ctx.cluster,
+          tag: request.params.tag,
+          query: query ? `?${query}` : "",
+          here: () =>
+            here().then(
+              () => true,
+              (err: unknown) => {
+                if (isForkdError(err, "not_found")) return false;
+                throw err;
+              },
+            ),
+        });
+        touch(request, "snapshots", request.params.tag);
+        return reply.code(204).send(null);
       }
+      await here();
       return reply.code(204).send(null);
     },
   );
