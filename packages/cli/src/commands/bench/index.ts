@@ -5,6 +5,7 @@ import { registerBootBench } from "./boot.js";
 import { registerBranchBench } from "./branch.js";
 import { registerChainBench } from "./chain.js";
 import { registerChaosBench } from "./chaos.js";
+import { registerClusterBench } from "./cluster.js";
 import { registerConfineBench } from "./confine.js";
 import { registerE2bBench } from "./e2b.js";
 import { registerFanoutBench } from "./fanout.js";
@@ -34,6 +35,7 @@ export function registerBench(program: Command): void {
     registerChaosBench,
     registerRecipesBench,
     registerE2bBench,
+    registerClusterBench,
   ])
     register(bench);
 }
