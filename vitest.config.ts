@@ -95,19 +95,6 @@ export default defineConfig({
       {
         extends: true,
         test: {
-          name: "cluster",
-          // Several daemons (separate processes) with a real etcd and registry: one file at a time, after the rest.
-          include: ["tests/cluster/**/*.test.ts"],
-          globalSetup: VM_GLOBAL_SETUP,
-          fileParallelism: false,
-          testTimeout: 300_000,
-          hookTimeout: 300_000,
-          sequence: { groupOrder: 3 },
-        },
-      },
-      {
-        extends: true,
-        test: {
           name: "hostile",
           include: ["tests/hostile/**/*.test.ts"],
           globalSetup: VM_GLOBAL_SETUP,

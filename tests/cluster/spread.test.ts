@@ -91,7 +91,7 @@ describe("a fork spread over the cluster", () => {
     expect(refused.body.code).toBe("over_limit");
     expect(refused.body.error).toMatch(/room for 9 of the 10/);
     for (const d of nodes) expect(await sandboxesOn(d)).toEqual([]);
-  });
+  }, 300_000);
 
   it("a live fork of a running sandbox spreads over three nodes, moving only the capture's layer", async () => {
     const [source] = (await node("a").call<Child[]>("POST", "/v1/sandboxes", { snapshot_tag: BASE, n: 1 })).body;
@@ -139,5 +139,5 @@ describe("a fork spread over the cluster", () => {
     const wrong = seen.filter((x) => !/^ok$/m.test(x.stdout ?? ""));
     expect(wrong, JSON.stringify(wrong)).toEqual([]);
     await killAll([...sandboxes, source!]);
-  });
+  }, 300_000);
 });
