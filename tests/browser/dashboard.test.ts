@@ -3,7 +3,8 @@
 // (128 MiB guests). Logs in, sees the tree after a fork and a live BRANCH, forks
 // from a node, runs a command in a terminal, uploads and downloads a file, sees an
 // unhealthy sandbox marked, kills one, and a file named like markup stays text.
-// Screenshots go to docs/screenshots (two of them are the README's).
+// Screenshots go to test-results/screenshots (ignored), so a run leaves the checkout
+// clean; FORKD_UPDATE_SCREENSHOTS=1 writes them to docs/screenshots, the README's copies.
 import fs from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -16,7 +17,7 @@ const env = isolateForkd();
 process.env.FORKD_SHM_DIR = path.join(env.runDir, "shm");
 const TAG = "ui-warm";
 const CHROMIUM = "/usr/bin/chromium";
-const SHOTS = path.join(REPO_ROOT, "docs/screenshots");
+const SHOTS = path.join(REPO_ROOT, process.env.FORKD_UPDATE_SCREENSHOTS === "1" ? "docs/screenshots" : "test-results/screenshots");
 const ROGUE = fs.readFileSync(path.join(path.dirname(fileURLToPath(import.meta.url)), "../hostile/rogue-agent.mjs"), "utf8");
 /** A file name a hostile guest could choose: markup with a handler that would set a flag if it ever ran. */
 const HOSTILE_NAME = "<img src=x onerror=window.__pwned=1>";
