@@ -4,7 +4,7 @@
 // A client that goes away only detaches (the process runs on, as in envd); the
 // stream's deadline (Connect-Timeout-Ms) kills a process it started.
 import type { IncomingMessage, ServerResponse } from "node:http";
-import type { ProcExit, ProcInfo } from "@forkd/agent/protocol";
+import { MAX_EXEC_TIMEOUT_MS, type ProcExit, type ProcInfo } from "@forkd/agent/protocol";
 import { type AgentClient, checkGuestPayload } from "@forkd/core";
 import { ConnectError, parseKeepaliveMs, parseTimeoutMs, ServerStream, sendUnary } from "./connect.js";
 import { type EnvdDeps, type EnvdSandbox, type OpenStreams, toConnectError, userOf } from "./context.js";
@@ -219,7 +219,7 @@ async function start(call: StreamCall): Promise<void> {
   if (message.stdin !== undefined && typeof message.stdin !== "boolean")
     throw new ConnectError("invalid_argument", "`stdin` must be a boolean");
   const user = userOf(req);
-  parseTimeoutMs(req.headers["connect-timeout-ms"]);
+  const timeoutMs = parseTimeoutMs(req.headers["connect-timeout-ms"]);
   // Refused before the process starts, not after: nobody would follow it.
   checkStreamRoom(call);
   const agent = await deps.agent(sandbox.id);
@@ -232,6 +232,9 @@ async function start(call: StreamCall): Promise<void> {
       user,
       // As envd: stdin is a pipe unless the request turns it off (the SDK always says which).
       stdinOpen: message.stdin !== false,
+      // The deadline bounds the process even when its client has gone (the agent kills it then);
+      // past the agent's longest timeout, the stream's own deadline kills it.
+      ...(timeoutMs !== undefined && timeoutMs <= MAX_EXEC_TIMEOUT_MS ? { timeoutMs } : {}),
       ...(typeof message.tag === "string" ? { tag: message.tag } : {}),
     });
   } catch (err) {
