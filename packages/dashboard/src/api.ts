@@ -18,6 +18,8 @@ export type Sandbox = {
   health: "healthy" | "unhealthy";
   health_reason: string | null;
   branch_count: number;
+  /** The node that runs it: present only when the daemon is part of a cluster (merged lists). */
+  node?: string;
   metadata: Record<string, string>;
 };
 

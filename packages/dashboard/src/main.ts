@@ -33,8 +33,10 @@ type State = {
   selected: Selection | undefined;
   sort: { key: SortKey; dir: 1 | -1 };
   filter: string;
+  /** The node filter's choice ("" = every node). */
+  node: string;
 };
-type SortKey = "id" | "snapshot" | "state" | "health" | "age" | "memory" | "cpu";
+type SortKey = "id" | "node" | "snapshot" | "state" | "health" | "age" | "memory" | "cpu";
 
 const state: State = {
   sandboxes: [],
@@ -46,6 +48,7 @@ const state: State = {
   selected: undefined,
   sort: { key: "age", dir: 1 },
   filter: "",
+  node: "",
 };
 
 const app = document.getElementById("app")!;
@@ -78,6 +81,9 @@ let files: FilesPanel;
 let infoEl: HTMLElement;
 let tableBody: HTMLElement;
 let tableCaption: HTMLElement;
+/** The node column and the node filter exist only in a cluster (sandboxes then carry `node`). */
+let nodeHeader: HTMLElement;
+let nodeFilter: HTMLSelectElement;
 let poolsEl: HTMLElement;
 let jobsEl: HTMLElement;
 let connEl: HTMLElement;
@@ -109,6 +115,11 @@ function layout(): void {
     state.filter = filter.value.trim().toLowerCase();
     renderTable();
   });
+  nodeFilter = h("select", { id: "sb-node", "aria-label": "Show the sandboxes of one node", hidden: true });
+  nodeFilter.addEventListener("change", () => {
+    state.node = nodeFilter.value;
+    renderTable();
+  });
   const sortHeader = (key: SortKey, label: string) => {
     const b = button(label, () => {
       state.sort = state.sort.key === key ? { key, dir: state.sort.dir === 1 ? -1 : 1 } : { key, dir: 1 };
@@ -117,6 +128,8 @@ function layout(): void {
     b.className = "linklike";
     return h("th", { scope: "col", "data-sort": key }, b);
   };
+  nodeHeader = sortHeader("node", "Node");
+  nodeHeader.hidden = true;
   app.replaceChildren(
     h(
       "header",
@@ -155,7 +168,7 @@ function layout(): void {
       section(
         "sandboxes",
         "Sandboxes",
-        h("div", { class: "row" }, h("label", { for: "sb-filter" }, "Filter"), filter),
+        h("div", { class: "row" }, h("label", { for: "sb-filter" }, "Filter"), filter, nodeFilter),
         h(
           "div",
           { class: "table-wrap" },
@@ -170,6 +183,7 @@ function layout(): void {
                 "tr",
                 {},
                 sortHeader("id", "Sandbox"),
+                nodeHeader,
                 sortHeader("snapshot", "Snapshot"),
                 sortHeader("state", "State"),
                 sortHeader("health", "Health"),
@@ -250,6 +264,8 @@ function sortValue(s: Sandbox, key: SortKey): string | number {
   switch (key) {
     case "id":
       return s.id;
+    case "node":
+      return s.node ?? "";
     case "snapshot":
       return s.snapshot_tag ?? "";
     case "state":
@@ -268,10 +284,20 @@ function sortValue(s: Sandbox, key: SortKey): string | number {
 function renderTable(): void {
   const now = Date.now();
   const { key, dir } = state.sort;
+  const nodes = [...new Set(state.sandboxes.flatMap((s) => (s.node ? [s.node] : [])))].sort();
+  const clustered = nodes.length > 0;
+  nodeHeader.hidden = !clustered;
+  nodeFilter.hidden = !clustered;
+  if (clustered && nodeFilter.options.length !== nodes.length + 1) {
+    nodeFilter.replaceChildren(h("option", { value: "" }, "all nodes"), ...nodes.map((n) => h("option", { value: n }, n)));
+    nodeFilter.value = nodes.includes(state.node) ? state.node : "";
+  }
   const rows = state.sandboxes
     .filter(
       (s) =>
-        !state.filter || [s.id, s.snapshot_tag ?? "", s.state, s.health, s.network].some((v) => v.toLowerCase().includes(state.filter)),
+        (!state.node || s.node === state.node) &&
+        (!state.filter ||
+          [s.id, s.node ?? "", s.snapshot_tag ?? "", s.state, s.health, s.network].some((v) => v.toLowerCase().includes(state.filter))),
     )
     .sort((a, b) => {
       const x = sortValue(a, key);
@@ -293,6 +319,7 @@ function renderTable(): void {
         "tr",
         { "data-sandbox": s.id, class: s.health === "unhealthy" ? "unhealthy" : undefined },
         h("th", { scope: "row", class: "mono" }, s.id),
+        clustered ? h("td", { class: "mono" }, s.node ?? "–") : null,
         h("td", {}, s.snapshot_tag ?? "–"),
         h("td", {}, s.state),
         h(
