@@ -169,3 +169,20 @@ describe("/ui", () => {
     expect((await fetch(`${base}/v1/sandboxes`)).status).toBe(401);
   });
 });
+
+describe("/v1/metrics/summary", () => {
+  it("carries the pool hand-out latency over the recorded window: null before any, then p50/p99 of what was handed out", async () => {
+    const get = async () => {
+      const res = await fetch(`${base}/v1/metrics/summary`, { headers: { authorization: `Bearer ${TOKEN}` } });
+      expect(res.status).toBe(200);
+      return (await res.json()) as { pool_claim_p50_ms: number | null; pool_claim_p99_ms: number | null; pool_claims_seen: number };
+    };
+    const before = await get();
+    expect(before).toMatchObject({ pool_claim_p50_ms: null, pool_claim_p99_ms: null, pool_claims_seen: 0 });
+    for (const ms of [3, 4, 5, 2, 40]) ctx.poolClaims.record(ms);
+    expect(await get()).toMatchObject({ pool_claim_p50_ms: 4, pool_claim_p99_ms: 40, pool_claims_seen: 5 });
+    // Only the newest 512 count: older hand-outs drop out of the percentiles.
+    for (let i = 0; i < 512; i++) ctx.poolClaims.record(1);
+    expect(await get()).toMatchObject({ pool_claim_p50_ms: 1, pool_claim_p99_ms: 1, pool_claims_seen: 512 });
+  });
+});

@@ -35,7 +35,7 @@ import { createMetrics } from "./metrics.js";
 import { sampleState } from "./routes/events.js";
 import { daemonForkSteps } from "./routes/fork-steps.js";
 import { buildServer, FORKD_VERSION, type ServerContext } from "./server.js";
-import { metricsSummary, SpawnRecorder } from "./usage.js";
+import { LatencyWindow, metricsSummary } from "./usage.js";
 
 export type DaemonOpts = {
   socket?: string;
@@ -114,13 +114,14 @@ export function createServerContext(opts: {
   });
   const admission = new AdmissionLedger(admissionLimits({ maxSandboxes: opts.maxSandboxes ?? 1000, maxBranches: opts.maxBranches ?? 4 }));
   const jobs = new JobRegistry();
-  const hotPools = new HotPools({ agents, admission, metrics, log });
-  const spawns = new SpawnRecorder();
+  const spawns = new LatencyWindow();
+  const poolClaims = new LatencyWindow();
+  const hotPools = new HotPools({ agents, admission, metrics, poolClaims, log });
   // Polled only while a client listens; metrics every 2 s.
   const watcher = new StateWatcher(
     events,
     () => sampleState(hotPools, jobs),
-    async () => metricsSummary(spawns, admission),
+    async () => metricsSummary({ spawns, poolClaims }, admission),
     { intervalMs: 500, metricsEvery: 4, log },
   );
   const ctx: ServerContext = {
@@ -135,6 +136,7 @@ export function createServerContext(opts: {
     events,
     watcher,
     spawns,
+    poolClaims,
     e2b: new E2bContext({ home: forkdHome(), agents, admission, forkSteps: (onEachChild) => daemonForkSteps(ctx, onEachChild), log }),
   };
   return ctx;

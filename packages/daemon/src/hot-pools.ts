@@ -22,6 +22,7 @@ import {
 } from "@forkd/core";
 import type { AgentConnections } from "./agent-connections.js";
 import type { Metrics } from "./metrics.js";
+import type { LatencyWindow } from "./usage.js";
 
 /** A refill starts no sooner than this after the last user fork or claim ended. */
 const REFILL_QUIET_MS = 500;
@@ -34,6 +35,8 @@ export type HotPoolsDeps = {
   agents: AgentConnections;
   admission: AdmissionLedger;
   metrics: Metrics;
+  /** Hand-out latencies for GET /v1/metrics/summary (the dashboard's pools). */
+  poolClaims: LatencyWindow;
   log: (line: string) => void;
 };
 
@@ -108,7 +111,10 @@ export class HotPools {
   async claim(tag: string, n: number, opts: { ttlMs?: number; metadata?: Record<string, string> }): Promise<Claimed[]> {
     if (!poolSettings.get(tag)) return [];
     const { claimed, failed } = await claimPooled(tag, n, { ...opts, agentFor: (id) => this.deps.agents.get(id) });
-    for (const c of claimed) this.deps.metrics.poolClaimSeconds.observe(c.claimMs / 1000);
+    for (const c of claimed) {
+      this.deps.metrics.poolClaimSeconds.observe(c.claimMs / 1000);
+      this.deps.poolClaims.record(c.claimMs);
+    }
     if (failed > 0) this.deps.log(`forkd daemon: ${failed} pooled child(ren) of ${tag} did not answer at hand-out and were killed`);
     this.quietUntil = Date.now() + REFILL_QUIET_MS;
     this.kick();

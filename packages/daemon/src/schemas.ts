@@ -496,6 +496,10 @@ export const MetricsSummary = z.object({
   spawn_p50_ms: z.number().nullable(),
   spawn_p99_ms: z.number().nullable(),
   spawns_seen: z.number(),
+  /** Pooled children handed out (taken from the pool, fresh identity answered), over the last 512 (null before any). */
+  pool_claim_p50_ms: z.number().nullable(),
+  pool_claim_p99_ms: z.number().nullable(),
+  pool_claims_seen: z.number(),
   host: z.object({
     mem_total_bytes: z.number(),
     mem_available_bytes: z.number(),

@@ -1,39 +1,39 @@
 // GET /v1/metrics/summary: the figures the dashboard charts (fork rate, spawn
-// p50/p99, host memory, the shmem budget) and each sandbox's CPU and memory from
+// p50/p99, pool hand-out p50/p99, host memory, the shmem budget) and each sandbox's CPU and memory from
 // its cgroup, as JSON. /metrics (Prometheus text) stays for scrapers.
 import fs from "node:fs";
 import path from "node:path";
 import { type AdmissionLedger, cgroupDirs, listSandboxes, procStatFields, pssBytes, readCapacity, shmDir } from "@forkd/core";
 import type { MetricsSummaryT } from "./schemas.js";
 
-/** Spawns remembered for the percentiles and the rate (the newest; older ones drop out). */
-const SPAWN_WINDOW = 512;
-/** The fork rate is counted over this window. */
+/** Events remembered for the percentiles and the rate (the newest; older ones drop out). */
+const LATENCY_WINDOW = 512;
+/** The rate is counted over this window. */
 const RATE_WINDOW_MS = 60_000;
 
-/** The last SPAWN_WINDOW child restores: when each finished and how long it took. */
-export class SpawnRecorder {
+/** The last LATENCY_WINDOW events of one kind (child restores, pool hand-outs): when each finished and how long it took. */
+export class LatencyWindow {
   private readonly at: number[] = [];
   private readonly ms: number[] = [];
 
   record(totalMs: number, now = Date.now()): void {
     this.at.push(now);
     this.ms.push(totalMs);
-    if (this.at.length > SPAWN_WINDOW) {
+    if (this.at.length > LATENCY_WINDOW) {
       this.at.shift();
       this.ms.shift();
     }
   }
 
-  /** Children restored per minute over the last minute, and p50/p99 of the window (null before any). */
-  summary(now = Date.now()): { forks_per_min: number; spawn_p50_ms: number | null; spawn_p99_ms: number | null; spawns_seen: number } {
+  /** Events in the last minute, and p50/p99 of the window (null before any). */
+  summary(now = Date.now()): { per_min: number; p50_ms: number | null; p99_ms: number | null; seen: number } {
     const sorted = [...this.ms].sort((a, b) => a - b);
     const pct = (p: number) => (sorted.length ? sorted[Math.min(sorted.length - 1, Math.ceil(p * sorted.length) - 1)]! : null);
     return {
-      forks_per_min: this.at.filter((t) => now - t <= RATE_WINDOW_MS).length,
-      spawn_p50_ms: pct(0.5),
-      spawn_p99_ms: pct(0.99),
-      spawns_seen: sorted.length,
+      per_min: this.at.filter((t) => now - t <= RATE_WINDOW_MS).length,
+      p50_ms: pct(0.5),
+      p99_ms: pct(0.99),
+      seen: sorted.length,
     };
   }
 }
@@ -97,7 +97,15 @@ function cgroupUsage(cgroup: string | null): { memory_bytes: number | null; cpu_
   return { memory_bytes: memory, cpu_usec: cpu };
 }
 
-export function metricsSummary(spawns: SpawnRecorder, admission: AdmissionLedger): MetricsSummaryT {
+function spawnFields(s: ReturnType<LatencyWindow["summary"]>) {
+  return { forks_per_min: s.per_min, spawn_p50_ms: s.p50_ms, spawn_p99_ms: s.p99_ms, spawns_seen: s.seen };
+}
+
+function poolClaimFields(s: ReturnType<LatencyWindow["summary"]>) {
+  return { pool_claim_p50_ms: s.p50_ms, pool_claim_p99_ms: s.p99_ms, pool_claims_seen: s.seen };
+}
+
+export function metricsSummary(latency: { spawns: LatencyWindow; poolClaims: LatencyWindow }, admission: AdmissionLedger): MetricsSummaryT {
   const capacity = readCapacity();
   let shmTotal = 0;
   try {
@@ -110,7 +118,8 @@ export function metricsSummary(spawns: SpawnRecorder, admission: AdmissionLedger
   return {
     ts: new Date().toISOString(),
     sandboxes_active: live.length,
-    ...spawns.summary(),
+    ...spawnFields(latency.spawns.summary()),
+    ...poolClaimFields(latency.poolClaims.summary()),
     host: {
       mem_total_bytes: capacity.memTotalBytes,
       mem_available_bytes: capacity.memAvailableBytes,

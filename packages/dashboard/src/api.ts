@@ -57,6 +57,9 @@ export type MetricsSummary = {
   forks_per_min: number;
   spawn_p50_ms: number | null;
   spawn_p99_ms: number | null;
+  pool_claim_p50_ms: number | null;
+  pool_claim_p99_ms: number | null;
+  pool_claims_seen: number;
   host: {
     mem_total_bytes: number;
     mem_available_bytes: number;

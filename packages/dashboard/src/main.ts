@@ -85,6 +85,8 @@ let tableCaption: HTMLElement;
 let nodeHeader: HTMLElement;
 let nodeFilter: HTMLSelectElement;
 let poolsEl: HTMLElement;
+/** Hand-out latency of pooled children, from the metrics summary. */
+let poolLatencyEl: HTMLElement;
 let jobsEl: HTMLElement;
 let connEl: HTMLElement;
 let stopEvents: (() => void) | undefined;
@@ -109,6 +111,7 @@ function layout(): void {
   tableBody = h("tbody", {});
   tableCaption = h("caption", {}, "Sandboxes");
   poolsEl = h("div", {});
+  poolLatencyEl = h("p", { id: "pool-latency", "aria-live": "polite" });
   jobsEl = h("div", {});
   const filter = h("input", { id: "sb-filter", type: "search", placeholder: "id, snapshot, state…", autocomplete: "off" });
   filter.addEventListener("input", () => {
@@ -200,7 +203,7 @@ function layout(): void {
         ),
       ),
       section("terminal", "Terminal and files", terminal.el, h("h3", {}, "Files"), files.el),
-      section("pools", "Pools and jobs", h("h3", {}, "Hot pools"), poolsEl, h("h3", {}, "Jobs"), jobsEl),
+      section("pools", "Pools and jobs", h("h3", {}, "Hot pools"), poolsEl, poolLatencyEl, h("h3", {}, "Jobs"), jobsEl),
       section("metrics", "Metrics", charts.el),
     ),
   );
@@ -229,6 +232,11 @@ function takeMetrics(m: MetricsSummary): void {
   state.previousMetrics = state.metrics;
   state.metrics = m;
   charts.push(m);
+  poolLatencyEl.replaceChildren(
+    m.pool_claims_seen > 0
+      ? `Hand-out (taken from a pool, fresh identity answered), last ${m.pool_claims_seen}: p50 ${m.pool_claim_p50_ms} ms, p99 ${m.pool_claim_p99_ms} ms`
+      : "No pooled child handed out yet.",
+  );
   renderTable();
 }
 

@@ -19,7 +19,7 @@ import type { HotPools } from "../hot-pools.js";
 import type { JobRegistry } from "../jobs.js";
 import type { Metrics } from "../metrics.js";
 import * as S from "../schemas.js";
-import type { SpawnRecorder } from "../usage.js";
+import type { LatencyWindow } from "../usage.js";
 
 export const ERROR_RESPONSES = { 400: S.ErrorBody, 401: S.ErrorBody, 404: S.ErrorBody, 409: S.ErrorBody, 422: S.ErrorBody };
 
@@ -45,7 +45,9 @@ export type ServerContext = {
   /** Finds what changed while anyone listens, and publishes it on `events`. */
   watcher: StateWatcher;
   /** Recent child restores, for the metrics summary's rate and percentiles. */
-  spawns: SpawnRecorder;
+  spawns: LatencyWindow;
+  /** Pool hand-outs, for the dashboard's pool latency. */
+  poolClaims: LatencyWindow;
 };
 
 export type RouteDeps = {

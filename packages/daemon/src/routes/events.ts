@@ -48,6 +48,6 @@ export function registerEventRoutes({ r, ctx, err }: RouteDeps): void {
     },
   );
   r.get("/v1/metrics/summary", { schema: { response: { 200: S.MetricsSummary, ...err } } }, async () =>
-    metricsSummary(ctx.spawns, ctx.admission),
+    metricsSummary({ spawns: ctx.spawns, poolClaims: ctx.poolClaims }, ctx.admission),
   );
 }
