@@ -140,11 +140,10 @@ describe("watchDir", () => {
 
 describe("signed URLs and the access token on /files", () => {
   // A signed URL is its own credential (no X-Access-Token). The SDK builds it from
-  // E2B_SANDBOX_URL without the sandbox's id; until the daemon's dispatch routes such a
-  // bare /files request to the envd plane, it is fetched here with E2b-Sandbox-Id (the
-  // plane finding the sandbox by the signature alone is tests/unit/e2b-envd-plane.test.ts).
-  it("download and upload URLs work with no access token; a tampered or expired signature is refused", async () => {
-    const headers = { "e2b-sandbox-id": sandbox.sandboxId };
+  // E2B_SANDBOX_URL without the sandbox's id, and a user fetches it with no header at
+  // all: the daemon routes it to the envd plane, which finds the sandbox by the signature.
+  it("download and upload URLs work with no access token and no header; a tampered or expired signature is refused", async () => {
+    const headers = {};
     await sandbox.files.write("/tmp/signed.txt", "secret");
     const url = await sandbox.downloadUrl("/tmp/signed.txt");
     expect(url).toMatch(/signature=v1_/);

@@ -71,6 +71,16 @@ describe("dispatch", () => {
     }
   });
 
+  it("sends a bare signed /files URL (no header, as the SDK's downloadUrl gives it) to envd, which checks its signature", async () => {
+    // A forged signature: answered by the envd plane in E2B's shape, not by forkd's bearer check.
+    const forged = await tcp.inject({ method: "GET", url: "/files?path=/etc/shadow&signature=v1_forged&signature_expiration=9999999999" });
+    expectE2bError(forged, 401);
+    // Without a signature a bare /files is nobody's: forkd's own refusal of a request without a token.
+    const bare = await tcp.inject({ method: "GET", url: "/files?path=/etc/shadow" });
+    expect(bare.statusCode).toBe(401);
+    expect((bare.json() as { code: string }).code).toBe("unauthorized");
+  });
+
   it("answers an unknown control route with E2B's 404 and leaves forkd's 404 alone", async () => {
     expectE2bError(await tcp.inject({ method: "GET", url: "/sandboxes/inope/nothing", headers: { "x-api-key": KEY } }), 404);
     const own = await tcp.inject({ method: "GET", url: "/v1/nothing", headers: { authorization: `Bearer ${TOKEN}` } });

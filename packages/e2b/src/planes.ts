@@ -15,11 +15,23 @@ import { e2bErrorOf, sendE2bError } from "./errors.js";
 const E2B_SANDBOX_ID_HEADER = "e2b-sandbox-id";
 
 /** E2B's control-plane resources (api.e2b.app); forkd's own routes (/v1/*, /healthz, /version, /metrics) are none of them. */
+/**
+ * A signed `/files` URL (`sandbox.downloadUrl()`/`uploadUrl()`): the SDK builds it from
+ * E2B_SANDBOX_URL alone and it is fetched with no header at all, so its signature is its
+ * credential and names the sandbox; the envd plane checks both.
+ */
+const SIGNED_FILES_URL = /^\/files\?(?:[^#]*&)?signature=v1_/;
+
+/** An envd request: it names its sandbox by header, or is a signed /files URL. */
+function isEnvdRequest(request: { url?: string; headers: IncomingHttpHeaders }): boolean {
+  return request.headers[E2B_SANDBOX_ID_HEADER] !== undefined || SIGNED_FILES_URL.test(request.url ?? "");
+}
+
 const E2B_CONTROL_PATH = /^\/(?:v[2-9]\/)?(?:sandboxes|snapshots|templates|volumes|secrets|teams|access-tokens|api-keys)(?:[/?]|$)/;
 
 /** Whether the E2B planes answer this request (and their error shape is E2B's) rather than forkd's API. */
 export function isE2bRequest(request: { url: string; headers: IncomingHttpHeaders }): boolean {
-  return request.headers[E2B_SANDBOX_ID_HEADER] !== undefined || E2B_CONTROL_PATH.test(request.url);
+  return isEnvdRequest(request) || E2B_CONTROL_PATH.test(request.url);
 }
 
 /**
@@ -33,7 +45,7 @@ export function e2bCredentialVerdict(
   request: { url: string; headers: IncomingHttpHeaders },
   bearerOk: boolean,
 ): "ok" | "envd-checks" | "refused" {
-  if (request.headers[E2B_SANDBOX_ID_HEADER] !== undefined) return "envd-checks";
+  if (isEnvdRequest(request)) return "envd-checks";
   if (bearerOk) return "ok";
   const key = request.headers["x-api-key"];
   return E2B_CONTROL_PATH.test(request.url) && e2bKeyMatches(token, typeof key === "string" ? key : undefined) ? "ok" : "refused";
@@ -57,8 +69,7 @@ const envdPlaneConstraint = {
       },
     };
   },
-  deriveConstraint: (request: { headers: IncomingHttpHeaders }) =>
-    request.headers[E2B_SANDBOX_ID_HEADER] !== undefined ? "envd" : undefined,
+  deriveConstraint: (request: { url?: string; headers: IncomingHttpHeaders }) => (isEnvdRequest(request) ? "envd" : undefined),
 };
 
 export async function registerE2bPlanes(app: FastifyInstance, e2b: E2bContext): Promise<void> {
