@@ -91,6 +91,21 @@ let jobsEl: HTMLElement;
 let connEl: HTMLElement;
 let stopEvents: (() => void) | undefined;
 
+/** Pull a snapshot (OCI reference, hub name or pack URL) into this host, as a job. */
+function pullForm(): HTMLElement {
+  const ref = h("input", { id: "pull-ref", type: "text", placeholder: "oci://registry/repo:tag", spellcheck: "false" });
+  const tag = h("input", { id: "pull-tag", type: "text", placeholder: "(its own)", spellcheck: "false", class: "narrow" });
+  return h(
+    "div",
+    { class: "row" },
+    h("label", { for: "pull-ref" }, "Pull"),
+    ref,
+    h("label", { for: "pull-tag" }, "as tag"),
+    tag,
+    button("Pull", () => pull(ref.value.trim(), tag.value.trim())),
+  );
+}
+
 function section(id: string, title: string, ...body: (Node | null)[]): HTMLElement {
   return h("section", { id, "aria-labelledby": `${id}-h` }, h("h2", { id: `${id}-h` }, title), ...body);
 }
@@ -161,6 +176,7 @@ function layout(): void {
       section(
         "tree",
         "Snapshot tree",
+        pullForm(),
         h(
           "div",
           { class: "tree-wrap" },
@@ -448,6 +464,18 @@ async function pack(tag: string, name: string): Promise<void> {
   refreshSoon();
 }
 
+async function push(tag: string, ref: string): Promise<void> {
+  const job = await call<Job>("POST", `/v1/snapshots/${enc(tag)}/push`, { ref });
+  notify(`pushing ${tag} to ${ref}: job ${job.id}`);
+  refreshSoon();
+}
+
+async function pull(ref: string, tag: string): Promise<void> {
+  const job = await call<Job>("POST", "/v1/snapshots/pull", { ref, ...(tag ? { tag } : {}) });
+  notify(`pulling ${ref}${tag ? ` as ${tag}` : ""}: job ${job.id}`);
+  refreshSoon();
+}
+
 function select(sel: Selection): void {
   state.selected = sel;
   tree.select(sel);
@@ -496,6 +524,7 @@ async function renderInfo(): Promise<void> {
   if (seq !== infoSeq) return;
   const n = h("input", { id: "fork-n", type: "number", min: 1, max: 64, value: 1, class: "narrow" });
   const packName = h("input", { id: "pack-name", type: "text", value: `${s.tag}.forkdpack`, spellcheck: "false" });
+  const pushRef = h("input", { id: "push-ref", type: "text", placeholder: "oci://registry/repo:tag", spellcheck: "false" });
   const actions =
     s.status === "ready"
       ? [
@@ -512,6 +541,13 @@ async function renderInfo(): Promise<void> {
             h("label", { for: "pack-name" }, "Pack file"),
             packName,
             button("Pack", () => pack(s.tag, packName.value.trim())),
+          ),
+          h(
+            "span",
+            { class: "group" },
+            h("label", { for: "push-ref" }, "Push to"),
+            pushRef,
+            button("Push", () => push(s.tag, pushRef.value.trim()), { "aria-label": `Push ${s.tag}` }),
           ),
           button("Remove…", () => removeSnapshot(s.tag), { class: "danger", "aria-label": `Remove snapshot ${s.tag}` }),
         ]
