@@ -24,7 +24,7 @@ export async function openBackend(): Promise<Backend> {
 }
 
 /** A bare connect, not an HTTP round trip through the daemon: as much again as a short command's own call. */
-function accepts(socket: string): Promise<boolean> {
+export function accepts(socket: string): Promise<boolean> {
   return new Promise((resolve) => {
     const conn = net.connect(socket);
     conn.once("connect", () => {

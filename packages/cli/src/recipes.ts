@@ -4,7 +4,6 @@
 // `forkd bench recipes`.
 import { type ChildProcess, spawn } from "node:child_process";
 import fs from "node:fs";
-import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -20,6 +19,7 @@ import {
   recipeDigest,
   settingsEnv,
 } from "@forkd/core";
+import { accepts } from "./backend.js";
 import type { Backend } from "./backend-types.js";
 
 /** The repository's recipes/ (this file is packages/cli/dist/recipes.js once built). */
@@ -188,17 +188,6 @@ export async function daemonForExamples(backend: Backend): Promise<{ env: NodeJS
   }
   // Over its unix socket the daemon needs no token (the socket is root's, 0600).
   return { env: settingsEnv({ url: `unix:${socket}`, token: undefined }), stop };
-}
-
-function accepts(socket: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const conn = net.connect(socket);
-    conn.once("connect", () => {
-      conn.destroy();
-      resolve(true);
-    });
-    conn.once("error", () => resolve(false));
-  });
 }
 
 /** Run the compiled example; its stdout is passed through (`capture` also keeps it). */
