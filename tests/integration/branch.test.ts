@@ -139,15 +139,14 @@ describe("live BRANCH is the page capture", () => {
     const source = await forkOne(TAG);
     await evalIn(source, "globalThis.evicted = 'yes'");
     const row = sandboxes.get(source)!;
+    // The source maps its staged image through the sealed memfd named after the stage key.
     const maps = fs.readFileSync(`/proc/${row.pid}/maps`, "utf8");
-    const image = maps
-      .split("\n")
-      .find((l) => l.includes(path.join(shmDir(), "images")) && l.endsWith("/memory.bin"))!
-      .split(/\s+/)
-      .pop()!;
-    // What an eviction does: the staged copy is removed while the source still maps it.
+    const key = /\/memfd:forkd-staged-image:(\S+) \(deleted\)$/m.exec(maps)?.[1];
+    expect(key).toBeDefined();
+    const image = path.join(shmDir(), "images", key!, "memory.bin");
+    expect(fs.existsSync(image)).toBe(true);
+    // What an eviction does: the staged copy is removed while the source still maps its memfd.
     fs.rmSync(path.dirname(image), { recursive: true, force: true });
-    expect(fs.readFileSync(`/proc/${row.pid}/maps`, "utf8")).toContain(`${image} (deleted)`);
     const branched = await api.branchSandbox(source, { tag: "b-evicted", mode: "live" });
     expect(branched).toMatchObject({ status: "ready", mode: "live" });
     expect(fs.existsSync(image)).toBe(true);

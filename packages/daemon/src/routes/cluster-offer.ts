@@ -27,7 +27,7 @@ const Offer = z.object({
 
 export function registerClusterOfferRoutes({ r, ctx, err }: RouteDeps): void {
   r.get("/v1/cluster/offer", { schema: { hide: true, querystring: OfferQuery, response: { 200: Offer, ...err } } }, async (request) => {
-    if (!ctx.cluster) throw new ForkdError("not_supported", "this daemon is not part of a cluster");
+    if (!ctx.cluster) throw new ForkdError("invalid_state", "this daemon is not part of a cluster");
     const q = request.query;
     const ancestors = (q.ancestors ?? "").split(",").filter(Boolean);
     if (ancestors.length > 64) throw new ForkdError("bad_request", "at most 64 ancestors");

@@ -5,10 +5,15 @@ import { ForkdError } from "@forkd/core";
 import * as S from "../schemas.js";
 import type { RouteDeps, ServerContext } from "./context.js";
 
+/**
+ * A daemon started without --cluster has no nodes to list or drain: the request is
+ * well formed but this daemon's state refuses it (409, like any call in the wrong
+ * state), not a server failure.
+ */
 function clusterOf(ctx: ServerContext) {
   if (!ctx.cluster) {
     throw new ForkdError(
-      "not_supported",
+      "invalid_state",
       "this daemon is not part of a cluster: start it with --cluster etcd://HOST:PORT --node-name NAME",
     );
   }
@@ -16,7 +21,7 @@ function clusterOf(ctx: ServerContext) {
 }
 
 export function registerClusterRoutes({ r, ctx, err }: RouteDeps): void {
-  const err503 = { ...err, 501: S.ErrorBody, 503: S.ErrorBody };
+  const err503 = { ...err, 503: S.ErrorBody };
   r.get("/v1/cluster/nodes", { schema: { response: { 200: S.ClusterNodeList, ...err503 } } }, async () => {
     const cluster = clusterOf(ctx);
     return (await cluster.nodes()).map((n) => ({ ...n, self: n.name === cluster.name }));
