@@ -45,6 +45,9 @@ function sendRaw(port: number, req: FuzzRequest, timeoutMs: number): Promise<Fuz
       // The status line and a bit of the body are all that is judged; streams may be long.
       if (size < 64 * 1024) chunks.push(d);
       size += d.length;
+      // An event stream (GET /v1/events) never ends by design: its head is the answer.
+      const text = Buffer.concat(chunks).toString("latin1");
+      if (text.includes("\r\n\r\n") && /^content-type: text\/event-stream/im.test(text.slice(0, text.indexOf("\r\n\r\n")))) finish();
     });
     socket.on("end", () => finish());
     socket.on("close", () => finish());
