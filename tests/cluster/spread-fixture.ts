@@ -8,6 +8,7 @@ import fs from "node:fs";
 import net from "node:net";
 import path from "node:path";
 import { CLI } from "../helpers/env.js";
+import { startEtcd as startEtcdMembers } from "./helpers.js";
 
 const ROOT = process.env.FORKD_TEST_ROOT ?? "/tmp";
 
@@ -52,31 +53,14 @@ async function stopChild(child: ChildProcess, signal: NodeJS.Signals = "SIGTERM"
   }
 }
 
-/** One etcd member on loopback, data in a temp dir. */
+/** One etcd member on loopback (the cluster tests' own starter), data in a temp dir. */
 export async function startEtcd(): Promise<Service> {
   const dir = fs.mkdtempSync(path.join(ROOT, "etcd-"));
-  const client = await freePort();
-  const peer = await freePort();
-  const child = spawn(
-    "etcd",
-    [
-      "--name=spread",
-      `--data-dir=${path.join(dir, "data")}`,
-      `--listen-client-urls=http://127.0.0.1:${client}`,
-      `--advertise-client-urls=http://127.0.0.1:${client}`,
-      `--listen-peer-urls=http://127.0.0.1:${peer}`,
-      `--initial-advertise-peer-urls=http://127.0.0.1:${peer}`,
-      `--initial-cluster=spread=http://127.0.0.1:${peer}`,
-      "--log-level=error",
-    ],
-    { stdio: ["ignore", "ignore", "pipe"] },
-  );
-  const log = captureLog(child);
-  await waitFor("etcd", async () => (await fetch(`http://127.0.0.1:${client}/health`)).ok, child, log);
+  const etcd = await startEtcdMembers(dir, 1);
   return {
-    url: `etcd://127.0.0.1:${client}`,
+    url: etcd.url,
     stop: async () => {
-      await stopChild(child);
+      await etcd.stop();
       fs.rmSync(dir, { recursive: true, force: true });
     },
   };
